@@ -1,0 +1,547 @@
+//! Configuration: a TOML file layered under `SFMIRROR__SECTION__KEY` environment variables,
+//! deserialized with serde and validated before anything starts.
+//!
+//! Owns the shape of the config and the rules that make it usable; it does not open
+//! connections. Secrets live in [`Secret`], which never prints its value, and are read from
+//! files or the environment.
+
+use crate::model::is_safe_identifier;
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sfmirror/sfmirror.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration from {path}: {source}")]
+    Load {
+        path: String,
+        source: config::ConfigError,
+    },
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("cannot read {key} from {path}: {source}")]
+    SecretFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A secret string (token, password, client secret). `Debug` and `Display` redact it.
+#[derive(Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub salesforce: SalesforceConfig,
+    pub replica: ReplicaConfig,
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFlow {
+    Jwt,
+    ClientCredentials,
+    RefreshToken,
+    Password,
+    AccessToken,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceConfig {
+    #[serde(default = "default_login_url")]
+    pub login_url: String,
+    pub auth: AuthFlow,
+    #[serde(default)]
+    pub client_id: String,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_secret: Secret,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password: Secret,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub refresh_token: Secret,
+    #[serde(default)]
+    pub refresh_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub access_token: Secret,
+    #[serde(default)]
+    pub access_token_file: Option<PathBuf>,
+    /// Required with `access_token`; otherwise taken from the token response.
+    #[serde(default)]
+    pub instance_url: Option<String>,
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    #[serde(default = "default_pubsub_endpoint")]
+    pub pubsub_endpoint: String,
+    /// PEM bundle of a private CA to trust for the Pub/Sub and REST endpoints.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Seconds to wait for one REST call.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteMode {
+    /// Keep the row, set `_sfm_deleted` and its version.
+    #[default]
+    Soft,
+    /// Remove the row, keep a tombstone with the delete's version.
+    Hard,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub url: Secret,
+    #[serde(default = "default_data_schema")]
+    pub schema: String,
+    #[serde(default = "default_control_schema")]
+    pub control_schema: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default)]
+    pub delete_mode: DeleteMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Pub/Sub topic, e.g. `/data/AccountChangeEvent` or `/data/ChangeEvents`.
+    pub name: String,
+    /// Objects (API names) this channel carries; events of other entities are ignored.
+    pub objects: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Most events applied in one transaction.
+    pub batch_max_events: usize,
+    /// Longest time an event waits in a partial batch before it is applied.
+    pub batch_max_wait_ms: u64,
+    /// First reconnect delay after a transient error; doubles up to `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Safety margin subtracted from a gap's commit time when an object is re-read.
+    pub repair_margin_secs: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            batch_max_events: 5_000,
+            batch_max_wait_ms: 100,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 60_000,
+            repair_margin_secs: 600,
+        }
+    }
+}
+
+impl SyncConfig {
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus, /healthz and /readyz listener; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".to_string(),
+        }
+    }
+}
+
+fn default_login_url() -> String {
+    "https://login.salesforce.com".to_string()
+}
+fn default_api_version() -> String {
+    "62.0".to_string()
+}
+fn default_pubsub_endpoint() -> String {
+    "https://api.pubsub.salesforce.com:7443".to_string()
+}
+fn default_request_timeout() -> u64 {
+    120
+}
+fn default_data_schema() -> String {
+    "salesforce".to_string()
+}
+fn default_control_schema() -> String {
+    "sfmirror".to_string()
+}
+fn default_pool_size() -> usize {
+    8
+}
+
+impl Config {
+    /// Loads `path` (TOML) with `SFMIRROR__SECTION__KEY` overrides, reads secret files, and
+    /// validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("SFMIRROR")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(|source| ConfigError::Load {
+                path: display.clone(),
+                source,
+            })?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|source| ConfigError::Load {
+                path: display,
+                source,
+            })?;
+        cfg.read_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document without the environment layer (examples and tests).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|source| ConfigError::Load {
+                path: "<inline>".to_string(),
+                source,
+            })?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|source| ConfigError::Load {
+                path: "<inline>".to_string(),
+                source,
+            })?;
+        cfg.read_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let sf = &mut self.salesforce;
+        for (key, file, target) in [
+            (
+                "salesforce.client_secret_file",
+                &sf.client_secret_file,
+                &mut sf.client_secret,
+            ),
+            (
+                "salesforce.password_file",
+                &sf.password_file,
+                &mut sf.password,
+            ),
+            (
+                "salesforce.refresh_token_file",
+                &sf.refresh_token_file,
+                &mut sf.refresh_token,
+            ),
+            (
+                "salesforce.access_token_file",
+                &sf.access_token_file,
+                &mut sf.access_token,
+            ),
+        ] {
+            if let Some(path) = file {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                        key: key.to_string(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                *target = Secret::new(text.trim());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sf = &self.salesforce;
+        for (key, url) in [
+            ("salesforce.login_url", sf.login_url.as_str()),
+            ("salesforce.pubsub_endpoint", sf.pubsub_endpoint.as_str()),
+        ] {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid(key, format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        if sf.api_version.parse::<f32>().is_err() || !sf.api_version.contains('.') {
+            return Err(invalid(
+                "salesforce.api_version",
+                format!("`{}` is not like `62.0`", sf.api_version),
+            ));
+        }
+        let need = |key: &str, present: bool, flow: &str| {
+            if present {
+                Ok(())
+            } else {
+                Err(invalid(key, format!("required with auth = \"{flow}\"")))
+            }
+        };
+        match sf.auth {
+            AuthFlow::Jwt => {
+                need("salesforce.client_id", !sf.client_id.is_empty(), "jwt")?;
+                need("salesforce.username", !sf.username.is_empty(), "jwt")?;
+                need(
+                    "salesforce.private_key_file",
+                    sf.private_key_file.is_some(),
+                    "jwt",
+                )?;
+            }
+            AuthFlow::ClientCredentials => {
+                need(
+                    "salesforce.client_id",
+                    !sf.client_id.is_empty(),
+                    "client_credentials",
+                )?;
+                need(
+                    "salesforce.client_secret (or client_secret_file)",
+                    !sf.client_secret.is_empty(),
+                    "client_credentials",
+                )?;
+            }
+            AuthFlow::RefreshToken => {
+                need(
+                    "salesforce.client_id",
+                    !sf.client_id.is_empty(),
+                    "refresh_token",
+                )?;
+                need(
+                    "salesforce.refresh_token (or refresh_token_file)",
+                    !sf.refresh_token.is_empty(),
+                    "refresh_token",
+                )?;
+            }
+            AuthFlow::Password => {
+                need("salesforce.client_id", !sf.client_id.is_empty(), "password")?;
+                need("salesforce.username", !sf.username.is_empty(), "password")?;
+                need(
+                    "salesforce.password (or password_file)",
+                    !sf.password.is_empty(),
+                    "password",
+                )?;
+            }
+            AuthFlow::AccessToken => {
+                need(
+                    "salesforce.access_token (or access_token_file)",
+                    !sf.access_token.is_empty(),
+                    "access_token",
+                )?;
+                need(
+                    "salesforce.instance_url",
+                    sf.instance_url.is_some(),
+                    "access_token",
+                )?;
+            }
+        }
+        let r = &self.replica;
+        if r.url.is_empty() {
+            return Err(invalid("replica.url", "must not be empty"));
+        }
+        for (key, name) in [
+            ("replica.schema", &r.schema),
+            ("replica.control_schema", &r.control_schema),
+        ] {
+            if !is_safe_identifier(name) {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is not a safe identifier ([A-Za-z][A-Za-z0-9_]*)"),
+                ));
+            }
+        }
+        if r.schema == r.control_schema {
+            return Err(invalid(
+                "replica.control_schema",
+                "must differ from replica.schema",
+            ));
+        }
+        if r.pool_size < 2 {
+            return Err(invalid("replica.pool_size", "must be at least 2"));
+        }
+        if self.channels.is_empty() {
+            return Err(invalid("channels", "configure at least one [[channels]]"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, ch) in self.channels.iter().enumerate() {
+            let key = format!("channels[{i}]");
+            if !ch.name.starts_with("/data/") {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    format!(
+                        "`{}` is not a change data capture channel (/data/...)",
+                        ch.name
+                    ),
+                ));
+            }
+            if !seen.insert(ch.name.as_str()) {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    format!("`{}` is configured twice", ch.name),
+                ));
+            }
+            if ch.objects.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.objects"),
+                    "name at least one object",
+                ));
+            }
+            for o in &ch.objects {
+                if !is_safe_identifier(o) {
+                    return Err(invalid(
+                        &format!("{key}.objects"),
+                        format!("`{o}` is not a valid object API name"),
+                    ));
+                }
+            }
+        }
+        if self.sync.batch_max_events == 0 {
+            return Err(invalid("sync.batch_max_events", "must be at least 1"));
+        }
+        if self.sync.reconnect_min_ms == 0
+            || self.sync.reconnect_max_ms < self.sync.reconnect_min_ms
+        {
+            return Err(invalid(
+                "sync.reconnect_min_ms",
+                "must be > 0 and <= sync.reconnect_max_ms",
+            ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9464",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [salesforce]
+        auth = "client_credentials"
+        client_id = "abc"
+        client_secret = "s3cret"
+        [replica]
+        url = "postgres://postgres@127.0.0.1/test"
+        [[channels]]
+        name = "/data/AccountChangeEvent"
+        objects = ["Account"]
+    "#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let cfg = Config::from_toml(GOOD).expect("valid");
+        assert_eq!(cfg.replica.schema, "salesforce");
+        assert_eq!(cfg.replica.control_schema, "sfmirror");
+        assert_eq!(cfg.salesforce.api_version, "62.0");
+        assert_eq!(cfg.metrics.listen, "127.0.0.1:9464");
+        assert_eq!(cfg.replica.delete_mode, DeleteMode::Soft);
+        assert!(!format!("{cfg:?}").contains("s3cret"), "secret leaked");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = GOOD.replace("objects = [\"Account\"]", "objects = [\"Acc ount\"]");
+        let err = Config::from_toml(&bad).expect_err("bad object").to_string();
+        assert!(err.contains("channels[0].objects"), "{err}");
+
+        let bad = GOOD.replace("client_secret = \"s3cret\"", "");
+        let err = Config::from_toml(&bad).expect_err("no secret").to_string();
+        assert!(err.contains("client_secret"), "{err}");
+
+        let bad = GOOD.replace("[replica]", "[replica]\nschema = \"x;drop\"");
+        let err = Config::from_toml(&bad).expect_err("bad schema").to_string();
+        assert!(err.contains("replica.schema"), "{err}");
+
+        let bad = GOOD.replace("[replica]", "[replica]\nunknown_key = 1");
+        let err = Config::from_toml(&bad)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("unknown_key"), "{err}");
+    }
+
+    #[test]
+    fn secret_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("sfm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file\n").expect("write");
+        let text = GOOD.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = \"{}\"", file.display()),
+        );
+        let cfg = Config::from_toml(&text).expect("valid");
+        assert_eq!(cfg.salesforce.client_secret.expose(), "from-file");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,299 @@
+//! A fake Salesforce org on one machine: OAuth, REST and the Pub/Sub API with Change Data
+//! Capture, faithful to the wire contract so that sfmirror (and third-party clients) cannot
+//! tell it from the real thing for the features sfmirror uses.
+//!
+//! - [`store`]: objects from describes, records, tokens, the clock; mutations publish events.
+//! - [`cdc`]: change event schemas and payloads with bitmaps.
+//! - [`bus`]: per-channel logs with replay ids and retention.
+//! - [`rest`] and [`pubsub`]: the HTTP and gRPC servers; [`control`]: `/emulator/*`.
+//!
+//! It shares only [`crate::proto`] and [`crate::model`] with the replicator.
+
+pub mod bus;
+pub mod cdc;
+pub mod control;
+pub mod pubsub;
+pub mod rest;
+pub mod store;
+
+use crate::model::ObjectDescribe;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::Org;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The credentials the emulator accepts. The defaults are public and safe only because the
+/// emulator listens locally.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub client_id: String,
+    pub client_secret: String,
+    pub username: String,
+    pub password: String,
+    pub refresh_token: String,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            client_id: "sfmirror-emulator-client".to_string(),
+            client_secret: "sfmirror-emulator-secret".to_string(),
+            username: "admin@sfmirror.emulator".to_string(),
+            password: "emulator-password".to_string(),
+            refresh_token: "sfmirror-emulator-refresh-token".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub listen_rest: SocketAddr,
+    pub listen_grpc: SocketAddr,
+    /// A directory of `<Object>.json` describes; the built-in org when `None`.
+    pub org_dir: Option<PathBuf>,
+    pub credentials: Credentials,
+    /// How long issued tokens live; `None` = until expired through the control API.
+    pub token_ttl: Option<Duration>,
+    /// Interval of keepalive responses on idle streams.
+    pub keepalive: Duration,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            listen_rest: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+            org_dir: None,
+            credentials: Credentials::default(),
+            token_ttl: None,
+            keepalive: Duration::from_secs(270),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("org definition {path}: {message}")]
+    Org { path: String, message: String },
+}
+
+/// The built-in org: describes captured from a real org (see `org/README.md`).
+const DEFAULT_ORG: &[(&str, &str)] = &[
+    ("Account.json", include_str!("org/Account.json")),
+    ("Contact.json", include_str!("org/Contact.json")),
+    ("Opportunity.json", include_str!("org/Opportunity.json")),
+    ("Custom__c.json", include_str!("org/Custom__c.json")),
+];
+
+fn parse_describe(
+    path: &str,
+    text: &str,
+) -> Result<(ObjectDescribe, serde_json::Value), EmulatorError> {
+    let err = |message: String| EmulatorError::Org {
+        path: path.to_string(),
+        message,
+    };
+    let raw: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+    let describe: ObjectDescribe = serde_json::from_value(raw.clone())
+        .map_err(|e| err(format!("not a describe response: {e}")))?;
+    Ok((describe, raw))
+}
+
+/// Loads the org's describes: every `*.json` in `dir`, or the built-in ones.
+pub fn load_org(
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<(ObjectDescribe, serde_json::Value)>, EmulatorError> {
+    let Some(dir) = dir else {
+        return DEFAULT_ORG
+            .iter()
+            .map(|(name, text)| parse_describe(name, text))
+            .collect();
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| EmulatorError::Org {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|e| EmulatorError::Org {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let (describe, raw) = parse_describe(&p.display().to_string(), &text)?;
+        if describe.fields.is_empty() {
+            continue; // e.g. a global describe file
+        }
+        out.push((describe, raw));
+    }
+    if out.is_empty() {
+        return Err(EmulatorError::Org {
+            path: dir.display().to_string(),
+            message: "no <Object>.json describe files found".to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// A running emulator.
+pub struct Emulator {
+    pub rest_url: String,
+    pub pubsub_endpoint: String,
+    pub org: Arc<Org>,
+    pub credentials: Credentials,
+    /// A token valid until expired through the control API.
+    pub access_token: String,
+    control: control::ControlState,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Binds both listeners and starts serving.
+    pub async fn start(cfg: EmulatorConfig) -> Result<Emulator, EmulatorError> {
+        let rest =
+            TcpListener::bind(cfg.listen_rest)
+                .await
+                .map_err(|source| EmulatorError::Bind {
+                    what: "REST",
+                    addr: cfg.listen_rest,
+                    source,
+                })?;
+        let grpc =
+            TcpListener::bind(cfg.listen_grpc)
+                .await
+                .map_err(|source| EmulatorError::Bind {
+                    what: "Pub/Sub",
+                    addr: cfg.listen_grpc,
+                    source,
+                })?;
+        Emulator::run(cfg, rest, grpc).await
+    }
+
+    /// Serves on the given listeners (tests bind `127.0.0.1:0`).
+    pub async fn run(
+        cfg: EmulatorConfig,
+        rest: TcpListener,
+        grpc: TcpListener,
+    ) -> Result<Emulator, EmulatorError> {
+        let describes = load_org(cfg.org_dir.as_deref())?;
+        let org = Arc::new(Org::new(describes).map_err(|message| {
+            EmulatorError::Org {
+                path: cfg
+                    .org_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "<built-in>".to_string()),
+                message,
+            }
+        })?);
+        let rest_addr = rest.local_addr().map_err(|source| EmulatorError::Bind {
+            what: "REST",
+            addr: cfg.listen_rest,
+            source,
+        })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| EmulatorError::Bind {
+            what: "Pub/Sub",
+            addr: cfg.listen_grpc,
+            source,
+        })?;
+        let rest_url = format!("http://{rest_addr}");
+        let pubsub_endpoint = format!("http://{grpc_addr}");
+        let access_token = org.issue_token(None);
+        let shutdown = CancellationToken::new();
+
+        let service = pubsub::PubSubService::new(org.clone(), cfg.keepalive);
+        let control = control::ControlState {
+            subscriptions: service.subscriptions.clone(),
+            drop_streams: service.drop_streams.clone(),
+        };
+        let control_handle = control.clone();
+        let state = Arc::new(rest::RestState {
+            org: org.clone(),
+            creds: cfg.credentials.clone(),
+            rest_url: rest_url.clone(),
+            token_ttl_ms: cfg.token_ttl.map(|d| d.as_millis() as i64),
+            control,
+        });
+        let app = rest::router(state);
+        let stop = shutdown.clone();
+        let rest_task = tokio::spawn(async move {
+            let served = axum::serve(rest, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "emulator REST server failed");
+            }
+        });
+        let stop = shutdown.clone();
+        let grpc_task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            let served = tonic::transport::Server::builder()
+                .add_service(crate::proto::pub_sub_server::PubSubServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "emulator Pub/Sub server failed");
+            }
+        });
+        Ok(Emulator {
+            rest_url,
+            pubsub_endpoint,
+            org,
+            credentials: cfg.credentials,
+            access_token,
+            control: control_handle,
+            shutdown,
+            tasks: vec![rest_task, grpc_task],
+        })
+    }
+
+    /// The start-up line: where the emulator listens and how to log in.
+    pub fn startup_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rest_url": self.rest_url,
+            "pubsub_endpoint": self.pubsub_endpoint,
+            "org_id": self.org.org_id,
+            "client_id": self.credentials.client_id,
+            "client_secret": self.credentials.client_secret,
+            "username": self.credentials.username,
+            "password": self.credentials.password,
+            "access_token": self.access_token,
+        })
+    }
+
+    /// Subscribe calls opened so far (what tests wait on before writing at LATEST).
+    pub fn subscriptions(&self) -> Vec<pubsub::SubscriptionRecord> {
+        self.control
+            .subscriptions
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions().len()
+    }
+
+    /// Stops serving and waits for the servers to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

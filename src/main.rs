@@ -1,0 +1,16 @@
+//! The `sfmirror` binary: parse the command line, start logging, hand over to the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = sfmirror::cli::Cli::parse();
+    sfmirror::telemetry::init_logging();
+    match sfmirror::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sfmirror: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The merge: a batch of change events -> version-guarded, set-based SQL in the caller's
+//! transaction.
+//!
+//! Events become row operations (one per record id), and runs of operations with the same
+//! table, kind and column set go out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
+//! statement, not one round trip per event. Order is kept: a run is cut before an id repeats,
+//! so two changes of one record never meet in one statement.
+//!
+//! Why replays are harmless (invariant 3): every write carries the change's version
+//! (`commitTimestamp` ms, `commitNumber` as tie-breaker) and only replaces a row whose version
+//! is not newer; deletes leave the version behind (soft: the row with `_sfm_deleted`; hard: a
+//! tombstone), so an older change cannot resurrect a record. Field-level merge (invariant 4):
+//! an UPDATE writes exactly the columns `changedFields` names and nulls exactly those
+//! `nulledFields` names. What the event cannot carry (gaps, overflows, diff fields, an UPDATE
+//! for a record the replica lacks) becomes a [`RepairRequest`] that the caller commits in the
+//! same transaction (invariant 2).
+
+use super::schema::TableSchema;
+use super::{ReplicaError, quote};
+use crate::config::DeleteMode;
+use crate::model::{ChangeEvent, ChangeType};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// What the stream could not deliver, to be fetched over REST.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RepairRequest {
+    /// Re-read one record.
+    Record {
+        object: String,
+        id: String,
+        reason: String,
+    },
+    /// Re-read every record of `object` changed since `since_ms` (epoch ms).
+    Entity {
+        object: String,
+        since_ms: i64,
+        reason: String,
+    },
+}
+
+/// Settings of the merge.
+#[derive(Debug, Clone)]
+pub struct ApplySettings {
+    pub data_schema: String,
+    pub control_schema: String,
+    pub delete_mode: DeleteMode,
+    /// Subtracted from a gap's commit time for entity repairs, in ms.
+    pub repair_margin_ms: i64,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    /// Events per change type.
+    pub events: HashMap<ChangeType, u64>,
+    pub statements: usize,
+    pub repairs: Vec<RepairRequest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum OpKind {
+    /// CREATE / UNDELETE: every column the writer schema carries.
+    Upsert,
+    /// UPDATE: the changed and nulled columns only.
+    Merge,
+    Delete,
+}
+
+struct Op {
+    id: String,
+    values: Vec<Option<String>>,
+    version: i64,
+    commit_number: i64,
+}
+
+/// A run of operations that goes out as one statement.
+struct Run {
+    table: Arc<TableSchema>,
+    kind: OpKind,
+    columns: Vec<usize>,
+    ops: Vec<Op>,
+    ids: HashSet<String>,
+}
+
+/// Applies `events` in order inside `tx`. `tables` must hold every entity of the batch.
+pub async fn apply_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    tables: &HashMap<String, Arc<TableSchema>>,
+    events: &[ChangeEvent],
+) -> Result<ApplyOutcome, ReplicaError> {
+    let mut outcome = ApplyOutcome::default();
+    let mut run: Option<Run> = None;
+    for event in events {
+        let h = &event.header;
+        *outcome.events.entry(h.change_type).or_default() += 1;
+        let table = tables
+            .get(&h.entity_name)
+            .ok_or_else(|| ReplicaError::Schema {
+                object: h.entity_name.clone(),
+                message: "no table prepared for this object".to_string(),
+            })?;
+        let since_ms = h.commit_timestamp - settings.repair_margin_ms;
+        let wildcard = h.record_ids.iter().any(|id| id.ends_with('*'));
+        let kind = match h.change_type {
+            ChangeType::Create | ChangeType::Undelete => OpKind::Upsert,
+            ChangeType::Update => OpKind::Merge,
+            ChangeType::Delete => OpKind::Delete,
+            ChangeType::GapOverflow => {
+                outcome.repairs.push(RepairRequest::Entity {
+                    object: h.entity_name.clone(),
+                    since_ms,
+                    reason: format!("GAP_OVERFLOW at replay {}", event.replay_id),
+                });
+                continue;
+            }
+            ChangeType::GapCreate
+            | ChangeType::GapUpdate
+            | ChangeType::GapDelete
+            | ChangeType::GapUndelete => {
+                if wildcard || h.record_ids.is_empty() {
+                    outcome.repairs.push(RepairRequest::Entity {
+                        object: h.entity_name.clone(),
+                        since_ms,
+                        reason: format!(
+                            "{} for all records at replay {}",
+                            h.change_type, event.replay_id
+                        ),
+                    });
+                } else {
+                    for id in &h.record_ids {
+                        outcome.repairs.push(RepairRequest::Record {
+                            object: h.entity_name.clone(),
+                            id: id.clone(),
+                            reason: format!("{} at replay {}", h.change_type, event.replay_id),
+                        });
+                    }
+                }
+                continue;
+            }
+        };
+        if wildcard {
+            // A wildcard on a real change (field type conversion): the body cannot be trusted
+            // for "all records", so re-read the entity.
+            outcome.repairs.push(RepairRequest::Entity {
+                object: h.entity_name.clone(),
+                since_ms,
+                reason: format!(
+                    "{} with wildcard ids at replay {}",
+                    h.change_type, event.replay_id
+                ),
+            });
+            continue;
+        }
+        let (columns, values) = row_values(table, event, kind)?;
+        if kind == OpKind::Merge && !h.diff_fields.is_empty() {
+            for id in &h.record_ids {
+                outcome.repairs.push(RepairRequest::Record {
+                    object: h.entity_name.clone(),
+                    id: id.clone(),
+                    reason: format!(
+                        "diff fields {} at replay {}",
+                        h.diff_fields.join(","),
+                        event.replay_id
+                    ),
+                });
+            }
+        }
+        for id in &h.record_ids {
+            let fits = run.as_ref().is_some_and(|r| {
+                Arc::ptr_eq(&r.table, table)
+                    && r.kind == kind
+                    && r.columns == columns
+                    && !r.ids.contains(id)
+            });
+            if !fits && let Some(done) = run.take() {
+                flush(tx, settings, done, &mut outcome).await?;
+            }
+            let r = run.get_or_insert_with(|| Run {
+                table: table.clone(),
+                kind,
+                columns: columns.clone(),
+                ops: Vec::new(),
+                ids: HashSet::new(),
+            });
+            r.ids.insert(id.clone());
+            r.ops.push(Op {
+                id: id.clone(),
+                values: values.clone(),
+                version: h.commit_timestamp,
+                commit_number: h.commit_number,
+            });
+        }
+    }
+    if let Some(done) = run.take() {
+        flush(tx, settings, done, &mut outcome).await?;
+    }
+    Ok(outcome)
+}
+
+/// The columns an event writes and their text values, in column order.
+fn row_values(
+    table: &TableSchema,
+    event: &ChangeEvent,
+    kind: OpKind,
+) -> Result<(Vec<usize>, Vec<Option<String>>), ReplicaError> {
+    let h = &event.header;
+    let unknown = |path: &str| ReplicaError::Schema {
+        object: table.object.clone(),
+        message: format!(
+            "event {} carries field `{path}`, which the table's describe lacks",
+            event.replay_id
+        ),
+    };
+    let mut cols: Vec<(usize, Option<String>)> = Vec::new();
+    let render = |col: usize, path: &str| -> Result<Option<String>, ReplicaError> {
+        let c = &table.columns[col];
+        match event.value(path) {
+            None => Ok(None),
+            Some(v) => c
+                .pg_type
+                .text(v)
+                .map(Some)
+                .map_err(|message| ReplicaError::Data {
+                    object: table.object.clone(),
+                    id: h.record_ids.join(","),
+                    message: format!("field {path}: {message}"),
+                }),
+        }
+    };
+    match kind {
+        OpKind::Upsert => {
+            for path in event.schema_fields.iter() {
+                let col = table.column_for(path).ok_or_else(|| unknown(path))?;
+                cols.push((col, render(col, path)?));
+            }
+        }
+        OpKind::Merge => {
+            for path in &h.changed_fields {
+                let key: Arc<str> = Arc::from(path.as_str());
+                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                let value = render(col, path)?;
+                // A changed field that arrives null was either nulled (listed below) or
+                // cannot be told from unchanged: write it only when it has a value.
+                if value.is_some() {
+                    cols.push((col, value));
+                }
+            }
+            for path in &h.nulled_fields {
+                let key: Arc<str> = Arc::from(path.as_str());
+                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                cols.retain(|(c, _)| *c != col);
+                cols.push((col, None));
+            }
+        }
+        OpKind::Delete => {}
+    }
+    cols.sort_by_key(|(c, _)| *c);
+    cols.dedup_by_key(|(c, _)| *c);
+    Ok(cols.into_iter().unzip())
+}
+
+const GUARD: &str = "(t._sfm_version, coalesce(t._sfm_commit_number, -1)) \
+                     <= (EXCLUDED._sfm_version, coalesce(EXCLUDED._sfm_commit_number, -1))";
+
+async fn flush(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    run: Run,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ReplicaError> {
+    let t = &run.table;
+    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let ctl = quote(&settings.control_schema);
+    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
+    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
+    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    let context = || format!("apply {:?} of {} rows to {}", run.kind, ids.len(), t.table);
+    outcome.statements += 1;
+
+    if run.kind == OpKind::Delete && settings.delete_mode == DeleteMode::Hard {
+        let sql = format!(
+            "WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, v, n)),
+             gone AS (DELETE FROM {table} AS t USING u WHERE t.id = u.id
+                      AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
+                          <= (u.v, coalesce(u.n, -1)))
+             INSERT INTO {ctl}.tombstones AS ts (object, id, version, commit_number)
+             SELECT $4::text, u.id, u.v, u.n FROM u
+             ON CONFLICT (object, id) DO UPDATE SET version = EXCLUDED.version,
+                 commit_number = EXCLUDED.commit_number, deleted_at = now()
+             WHERE (ts.version, coalesce(ts.commit_number, -1))
+                   <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
+        );
+        let stmt = tx
+            .prepare_cached(&sql)
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        tx.execute(&stmt, &[&ids, &versions, &commits, &t.object])
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        return Ok(());
+    }
+
+    // Upsert, merge and soft delete share one statement shape.
+    let n = run.columns.len();
+    let mut insert_cols = vec!["id".to_string()];
+    let mut select = vec!["u.id".to_string()];
+    let mut unnest = vec!["$1::text[]".to_string()];
+    let mut alias = vec!["id".to_string()];
+    let mut set = Vec::new();
+    for (i, &col) in run.columns.iter().enumerate() {
+        let c = &t.columns[col];
+        let q = quote(&c.name);
+        insert_cols.push(q.clone());
+        select.push(format!("u.c{i}::{}", c.pg_type.sql()));
+        unnest.push(format!("${}::text[]", i + 2));
+        alias.push(format!("c{i}"));
+        set.push(format!("{q} = EXCLUDED.{q}"));
+    }
+    unnest.push(format!("${}::bigint[]", n + 2));
+    unnest.push(format!("${}::bigint[]", n + 3));
+    alias.push("v".into());
+    alias.push("n".into());
+    insert_cols.extend(["_sfm_version".into(), "_sfm_commit_number".into()]);
+    select.extend(["u.v".into(), "u.n".into()]);
+    set.extend([
+        "_sfm_version = EXCLUDED._sfm_version".to_string(),
+        "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
+        "_sfm_synced_at = now()".to_string(),
+    ]);
+    match run.kind {
+        OpKind::Upsert => set.push("_sfm_deleted = false".into()),
+        OpKind::Delete => {
+            insert_cols.push("_sfm_deleted".into());
+            select.push("true".into());
+            set.push("_sfm_deleted = true".into());
+        }
+        OpKind::Merge => {}
+    }
+    let sql = format!(
+        "INSERT INTO {table} AS t ({cols})
+         SELECT {select} FROM unnest({unnest}) AS u({alias})
+         WHERE NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
+                           WHERE ts.object = ${obj}::text AND ts.id = u.id
+                             AND (ts.version, coalesce(ts.commit_number, -1))
+                                 > (u.v, coalesce(u.n, -1)))
+         ON CONFLICT (id) DO UPDATE SET {set} WHERE {GUARD}
+         RETURNING t.id, (xmax = 0) AS inserted",
+        cols = insert_cols.join(", "),
+        select = select.join(", "),
+        unnest = unnest.join(", "),
+        alias = alias.join(", "),
+        set = set.join(", "),
+        obj = n + 4,
+    );
+    let columns: Vec<Vec<Option<&str>>> = (0..n)
+        .map(|i| run.ops.iter().map(|o| o.values[i].as_deref()).collect())
+        .collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(n + 4);
+    params.push(&ids);
+    for c in &columns {
+        params.push(c);
+    }
+    params.push(&versions);
+    params.push(&commits);
+    params.push(&t.object);
+    let stmt = tx
+        .prepare_cached(&sql)
+        .await
+        .map_err(ReplicaError::pg(context()))?;
+    let rows = tx
+        .query(&stmt, &params)
+        .await
+        .map_err(ReplicaError::pg(context()))?;
+    if run.kind == OpKind::Merge {
+        // An UPDATE for a record the replica lacked inserted only what it carried.
+        for row in rows {
+            let inserted: bool = row.get(1);
+            if inserted {
+                let id: String = row.get(0);
+                outcome.repairs.push(RepairRequest::Record {
+                    object: t.object.clone(),
+                    reason: format!("UPDATE for unknown record {id}"),
+                    id,
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Replay positions per channel, in `<control_schema>.checkpoints`.
+//!
+//! The checkpoint is written by [`save`] inside the transaction that applies the batch it
+//! covers, never on its own: so a crash leaves the replica at exactly some committed batch and
+//! its position (invariant 1). A keepalive position is only saved when nothing is pending.
+
+use super::{ReplicaError, quote};
+use crate::model::ReplayId;
+
+/// What a channel's checkpoint holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub replay_id: ReplayId,
+    /// Epoch ms of the newest applied event's commit, if known.
+    pub commit_timestamp_ms: Option<i64>,
+}
+
+pub async fn load(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+) -> Result<Option<Checkpoint>, ReplicaError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT replay_id, (extract(epoch FROM commit_timestamp) * 1000)::bigint
+                 FROM {}.checkpoints WHERE channel = $1",
+                quote(control_schema)
+            ),
+            &[&channel],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("load checkpoint of {channel}")))?;
+    Ok(row.map(|r| Checkpoint {
+        replay_id: ReplayId(r.get(0)),
+        commit_timestamp_ms: r.get(1),
+    }))
+}
+
+/// Records `checkpoint` for `channel`. Call it in the batch's transaction. A keepalive
+/// position (no commit time) keeps the commit time of the last applied event.
+pub async fn save(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+    checkpoint: &Checkpoint,
+) -> Result<(), ReplicaError> {
+    let ts = checkpoint.commit_timestamp_ms;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {}.checkpoints AS c (channel, replay_id, commit_timestamp, updated_at)
+                 VALUES ($1, $2, to_timestamp($3::bigint / 1000.0), now())
+                 ON CONFLICT (channel) DO UPDATE SET
+                   replay_id = EXCLUDED.replay_id,
+                   commit_timestamp = coalesce(EXCLUDED.commit_timestamp, c.commit_timestamp),
+                   updated_at = now()",
+                quote(control_schema)
+            ),
+            &[&channel, &checkpoint.replay_id.0, &ts],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("save checkpoint of {channel}")))?;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The sink side: everything that writes Postgres.
+//!
+//! - [`migrate`]: the control schema, from `sql/NNN_name.sql`, applied once each, in order.
+//! - [`schema`]: describe -> table and columns (type map, new columns, safe names).
+//! - [`apply`]: the version-guarded, set-based merge of a batch of change events.
+//! - [`checkpoint`]: replay positions, written in the batch's transaction.
+//!
+//! This module consumes [`crate::model`] values and never talks to Salesforce.
+
+pub mod apply;
+pub mod checkpoint;
+pub mod migrate;
+pub mod repair_queue;
+pub mod schema;
+
+use crate::config::ReplicaConfig;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+/// Errors of the sink side, transient (retry: connection loss, serialization failure) or
+/// definite (a schema or data problem the operator must look at).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("Postgres {context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("Postgres pool: {0}")]
+    Pool(String),
+    #[error("{object}: {message}")]
+    Schema { object: String, message: String },
+    #[error("{object} {id}: {message}")]
+    Data {
+        object: String,
+        id: String,
+        message: String,
+    },
+    #[error("migration {name}: {message}")]
+    Migration { name: String, message: String },
+}
+
+impl ReplicaError {
+    pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ReplicaError {
+        let context = context.into();
+        move |source| ReplicaError::Postgres { context, source }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicaError::Pool(_) => true,
+            ReplicaError::Postgres { source, .. } => {
+                if source.is_closed() {
+                    return true;
+                }
+                match source.code() {
+                    // No SQLSTATE: an I/O or protocol failure on the connection.
+                    None => true,
+                    Some(code) => {
+                        use tokio_postgres::error::SqlState;
+                        *code == SqlState::T_R_SERIALIZATION_FAILURE
+                            || *code == SqlState::T_R_DEADLOCK_DETECTED
+                            || *code == SqlState::ADMIN_SHUTDOWN
+                            || *code == SqlState::CRASH_SHUTDOWN
+                            || *code == SqlState::CANNOT_CONNECT_NOW
+                            || *code == SqlState::TOO_MANY_CONNECTIONS
+                            || code.code().starts_with("08")
+                    }
+                }
+            }
+            ReplicaError::Schema { .. }
+            | ReplicaError::Data { .. }
+            | ReplicaError::Migration { .. } => false,
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ReplicaError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ReplicaError::Pool(e.to_string())
+    }
+}
+
+/// A connection pool for the replica database.
+pub fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
+    let pg: tokio_postgres::Config = cfg
+        .url
+        .expose()
+        .parse()
+        .map_err(|e: tokio_postgres::Error| ReplicaError::Pool(format!("replica.url: {e}")))?;
+    let manager = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(cfg.pool_size)
+        .build()
+        .map_err(|e| ReplicaError::Pool(e.to_string()))
+}
+
+/// Quotes an identifier that has already been checked by [`crate::model::is_safe_identifier`].
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}

@@ -1,0 +1,380 @@
+//! Tables from describe: one table per object, one column per field (compound fields as their
+//! components), the type map of design.md, and bookkeeping columns prefixed `_sfm_`.
+//!
+//! Owns DDL only. New fields add columns (`ADD COLUMN IF NOT EXISTS`); removed fields keep
+//! theirs, so history is never dropped. Names that are not `[A-Za-z][A-Za-z0-9_]*` are
+//! refused with an error naming the object and field, since they would end up in SQL.
+
+use super::{ReplicaError, quote};
+use crate::model::{FieldType, ObjectDescribe, Value, is_safe_identifier};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Postgres column types sfmirror creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgType {
+    Text,
+    Boolean,
+    Integer,
+    Bigint,
+    Numeric { precision: i64, scale: i64 },
+    Date,
+    Timestamptz,
+    Time,
+    Bytea,
+}
+
+impl PgType {
+    /// The type map of design.md.
+    pub fn for_field(kind: &FieldType, precision: i64, scale: i64) -> PgType {
+        match kind {
+            FieldType::Boolean => PgType::Boolean,
+            FieldType::Int => PgType::Integer,
+            FieldType::Long => PgType::Bigint,
+            FieldType::Double | FieldType::Currency | FieldType::Percent => {
+                PgType::Numeric { precision, scale }
+            }
+            FieldType::Date => PgType::Date,
+            FieldType::Datetime => PgType::Timestamptz,
+            FieldType::Time => PgType::Time,
+            FieldType::Base64 => PgType::Bytea,
+            _ => PgType::Text,
+        }
+    }
+
+    pub fn sql(&self) -> String {
+        match self {
+            PgType::Text => "text".to_string(),
+            PgType::Boolean => "boolean".to_string(),
+            PgType::Integer => "integer".to_string(),
+            PgType::Bigint => "bigint".to_string(),
+            PgType::Numeric { precision, scale }
+                if *precision > 0 && *precision <= 1000 && *scale >= 0 && scale <= precision =>
+            {
+                format!("numeric({precision},{scale})")
+            }
+            PgType::Numeric { .. } => "numeric".to_string(),
+            PgType::Date => "date".to_string(),
+            PgType::Timestamptz => "timestamptz".to_string(),
+            PgType::Time => "time".to_string(),
+            PgType::Bytea => "bytea".to_string(),
+        }
+    }
+
+    /// Renders a decoded event value as the text input form of this column type. Dates and
+    /// datetimes arrive as epoch milliseconds (UTC).
+    pub fn text(&self, value: &Value) -> Result<String, String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let bad = || format!("{value:?} cannot be stored as {}", self.sql());
+        Ok(match (self, value) {
+            (_, Value::String(s)) if *self != PgType::Bytea && *self != PgType::Time => s.clone(),
+            (PgType::Text, Value::Boolean(b)) => b.to_string(),
+            (PgType::Text, Value::Int(i)) => i.to_string(),
+            (PgType::Text, Value::Long(i)) => i.to_string(),
+            (PgType::Text, Value::Double(d)) => float_text(*d),
+            (PgType::Text, Value::Float(d)) => float_text(f64::from(*d)),
+            (PgType::Text, Value::Bytes(b)) => b64.encode(b),
+            (PgType::Boolean, Value::Boolean(b)) => b.to_string(),
+            (PgType::Integer | PgType::Bigint | PgType::Numeric { .. }, Value::Int(i)) => {
+                i.to_string()
+            }
+            (PgType::Integer | PgType::Bigint | PgType::Numeric { .. }, Value::Long(i)) => {
+                i.to_string()
+            }
+            (PgType::Integer | PgType::Bigint, Value::Double(d)) if d.fract() == 0.0 => {
+                format!("{d:.0}")
+            }
+            (PgType::Numeric { .. }, Value::Double(d)) => float_text(*d),
+            (PgType::Numeric { .. }, Value::Float(d)) => float_text(f64::from(*d)),
+            (PgType::Timestamptz, Value::Long(ms)) => chrono::DateTime::from_timestamp_millis(*ms)
+                .ok_or_else(bad)?
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string(),
+            (PgType::Date, Value::Long(ms)) => chrono::DateTime::from_timestamp_millis(*ms)
+                .ok_or_else(bad)?
+                .format("%Y-%m-%d")
+                .to_string(),
+            (PgType::Date, Value::Int(days)) => {
+                chrono::DateTime::from_timestamp(i64::from(*days) * 86_400, 0)
+                    .ok_or_else(bad)?
+                    .format("%Y-%m-%d")
+                    .to_string()
+            }
+            (PgType::Time, Value::Long(ms)) => time_of_day(*ms).ok_or_else(bad)?,
+            (PgType::Time, Value::Int(ms)) => time_of_day(i64::from(*ms)).ok_or_else(bad)?,
+            (PgType::Time, Value::String(s)) => s.trim_end_matches('Z').to_string(),
+            (PgType::Bytea, Value::Bytes(b)) => hex_bytea(b),
+            (PgType::Bytea, Value::String(s)) => hex_bytea(
+                &b64.decode(s)
+                    .map_err(|e| format!("base64 value is not valid base64: {e}"))?,
+            ),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+fn float_text(d: f64) -> String {
+    if d.is_nan() {
+        "NaN".to_string()
+    } else if d.is_infinite() {
+        if d > 0.0 { "Infinity" } else { "-Infinity" }.to_string()
+    } else {
+        format!("{d}")
+    }
+}
+
+fn time_of_day(ms: i64) -> Option<String> {
+    if !(0..86_400_000).contains(&ms) {
+        return None;
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    Some(format!(
+        "{h:02}:{m:02}:{:02}.{:03}",
+        rest / 1000,
+        rest % 1000
+    ))
+}
+
+fn hex_bytea(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + bytes.len() * 2);
+    s.push_str("\\x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// One replicated column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    /// Lower-cased field API name.
+    pub name: String,
+    /// The field's API name.
+    pub field: String,
+    pub pg_type: PgType,
+}
+
+/// An object's table: columns from describe, and the map from event field paths to columns.
+#[derive(Debug)]
+pub struct TableSchema {
+    pub object: String,
+    pub table: String,
+    pub columns: Vec<Column>,
+    describe: ObjectDescribe,
+    by_field: HashMap<String, usize>,
+    /// Event paths (`Name`, `BillingAddress.Street`) already resolved to a column index.
+    resolved: Mutex<HashMap<Arc<str>, Option<usize>>>,
+}
+
+/// Bookkeeping columns every replica table has.
+pub const VERSION_COLUMN: &str = "_sfm_version";
+pub const COMMIT_NUMBER_COLUMN: &str = "_sfm_commit_number";
+pub const DELETED_COLUMN: &str = "_sfm_deleted";
+pub const SYNCED_AT_COLUMN: &str = "_sfm_synced_at";
+
+impl TableSchema {
+    /// Columns for every field of `describe` except compound parents (their components are
+    /// columns) and `Id` (the primary key `id`).
+    pub fn from_describe(describe: ObjectDescribe) -> Result<TableSchema, ReplicaError> {
+        let object = describe.name.clone();
+        if !is_safe_identifier(&object) {
+            return Err(ReplicaError::Schema {
+                object,
+                message: "object name is not a safe identifier ([A-Za-z][A-Za-z0-9_]*)".to_string(),
+            });
+        }
+        let mut columns = Vec::new();
+        let mut by_field = HashMap::new();
+        for f in &describe.fields {
+            if describe.is_compound_parent(f) {
+                continue;
+            }
+            if !is_safe_identifier(&f.name) {
+                return Err(ReplicaError::Schema {
+                    object: object.clone(),
+                    message: format!(
+                        "field `{}` is not a safe identifier ([A-Za-z][A-Za-z0-9_]*); refusing \
+                         to create a column for it",
+                        f.name
+                    ),
+                });
+            }
+            let name = f.name.to_ascii_lowercase();
+            if name.starts_with("_sfm_") {
+                return Err(ReplicaError::Schema {
+                    object: object.clone(),
+                    message: format!("field `{}` collides with sfmirror's columns", f.name),
+                });
+            }
+            if f.name == "Id" {
+                continue;
+            }
+            if columns.iter().any(|c: &Column| c.name == name) {
+                return Err(ReplicaError::Schema {
+                    object: object.clone(),
+                    message: format!("two fields map to column `{name}`"),
+                });
+            }
+            by_field.insert(f.name.clone(), columns.len());
+            columns.push(Column {
+                name,
+                field: f.name.clone(),
+                pg_type: PgType::for_field(&f.kind(), f.precision, f.scale),
+            });
+        }
+        Ok(TableSchema {
+            table: object.to_ascii_lowercase(),
+            object,
+            columns,
+            describe,
+            by_field,
+            resolved: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn describe(&self) -> &ObjectDescribe {
+        &self.describe
+    }
+
+    /// The column an event field path writes, or `None` if describe does not know it.
+    pub fn column_for(&self, path: &Arc<str>) -> Option<usize> {
+        if let Ok(cache) = self.resolved.lock()
+            && let Some(hit) = cache.get(path)
+        {
+            return *hit;
+        }
+        let found = match path.split_once('.') {
+            None => self.by_field.get(&**path).copied(),
+            Some((parent, sub)) => self
+                .describe
+                .component(parent, sub)
+                .and_then(|f| self.by_field.get(&f.name).copied()),
+        };
+        if let Ok(mut cache) = self.resolved.lock() {
+            cache.insert(path.clone(), found);
+        }
+        found
+    }
+
+    /// Creates the table if needed and adds missing columns. Idempotent.
+    pub async fn ensure(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        data_schema: &str,
+    ) -> Result<(), ReplicaError> {
+        let table = format!("{}.{}", quote(data_schema), quote(&self.table));
+        let mut sql = format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                id text PRIMARY KEY,
+                {VERSION_COLUMN} bigint NOT NULL,
+                {COMMIT_NUMBER_COLUMN} bigint,
+                {DELETED_COLUMN} boolean NOT NULL DEFAULT false,
+                {SYNCED_AT_COLUMN} timestamptz NOT NULL DEFAULT now());\n"
+        );
+        for c in &self.columns {
+            sql.push_str(&format!(
+                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {};\n",
+                quote(&c.name),
+                c.pg_type.sql()
+            ));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(ReplicaError::pg(format!(
+                "create table {data_schema}.{}",
+                self.table
+            )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str) -> ObjectDescribe {
+        let path = format!(
+            "{}/src/emulator/org/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("describe file");
+        serde_json::from_str(&text).expect("describe parses")
+    }
+
+    #[test]
+    fn every_field_of_the_real_describes_maps() {
+        for name in ["Account", "Contact", "Opportunity", "Custom__c"] {
+            let d = load(name);
+            let parents = d.fields.iter().filter(|f| d.is_compound_parent(f)).count();
+            let t = TableSchema::from_describe(d.clone()).expect("maps");
+            assert_eq!(t.columns.len() + parents + 1, d.fields.len(), "{name}");
+        }
+    }
+
+    #[test]
+    fn account_types_and_components() {
+        let t = TableSchema::from_describe(load("Account")).expect("maps");
+        let col = |f: &str| {
+            let i = t.column_for(&Arc::from(f)).unwrap_or_else(|| panic!("{f}"));
+            t.columns[i].clone()
+        };
+        assert_eq!(col("BillingAddress.City").name, "billingcity");
+        assert_eq!(
+            col("BillingAddress.Latitude").pg_type.sql(),
+            "numeric(18,15)"
+        );
+        assert_eq!(col("NumberOfEmployees").pg_type, PgType::Integer);
+        assert_eq!(col("AnnualRevenue").pg_type.sql(), "numeric(18,0)");
+        assert_eq!(col("CreatedDate").pg_type, PgType::Timestamptz);
+        assert_eq!(col("IsDeleted").pg_type, PgType::Boolean);
+        assert!(t.column_for(&Arc::from("NoSuchField")).is_none());
+        assert!(t.column_for(&Arc::from("BillingAddress")).is_none());
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        let d: ObjectDescribe = serde_json::from_str(
+            r#"{"name":"Bad","fields":[{"name":"Id","type":"id"},{"name":"x;drop","type":"string"}]}"#,
+        )
+        .expect("parses");
+        let err = TableSchema::from_describe(d)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("Bad") && err.contains("x;drop"), "{err}");
+    }
+
+    #[test]
+    fn values_render_for_their_columns() {
+        let ts = PgType::Timestamptz;
+        assert_eq!(
+            ts.text(&Value::Long(1_641_819_688_000)).expect("ts"),
+            "2022-01-10T13:01:28.000Z"
+        );
+        assert_eq!(
+            PgType::Date
+                .text(&Value::Long(1_714_089_600_000))
+                .expect("date"),
+            "2024-04-26"
+        );
+        assert_eq!(
+            PgType::Time.text(&Value::Long(3_723_004)).expect("time"),
+            "01:02:03.004"
+        );
+        let num = PgType::Numeric {
+            precision: 18,
+            scale: 2,
+        };
+        assert_eq!(num.text(&Value::Double(12.5)).expect("num"), "12.5");
+        assert_eq!(num.text(&Value::Double(f64::NAN)).expect("nan"), "NaN");
+        assert_eq!(
+            PgType::Bytea
+                .text(&Value::String("AQI=".into()))
+                .expect("b64"),
+            "\\x0102"
+        );
+        assert!(PgType::Boolean.text(&Value::Double(1.0)).is_err());
+        assert!(PgType::Bytea.text(&Value::String("***".into())).is_err());
+    }
+}

@@ -1,0 +1,638 @@
+//! Change events: writer schema -> decoding plan, Avro payload -> [`ChangeEvent`], and the
+//! `changedFields` / `nulledFields` / `diffFields` bitmaps -> field names.
+//!
+//! Invariant 5 lives here: every payload is decoded with the schema its `schema_id` names.
+//! Field positions, enum symbols and compound layouts are read from that schema when the plan
+//! is built (once per schema id), never from constants.
+
+use super::avro::{AvroError, Node, Reader, Record};
+use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("schema {schema_id}: {message}")]
+    Schema { schema_id: String, message: String },
+    #[error("event {replay_id} (schema {schema_id}): {source}")]
+    Payload {
+        replay_id: ReplayId,
+        schema_id: String,
+        source: AvroError,
+    },
+    #[error("event {replay_id} (schema {schema_id}): {message}")]
+    Header {
+        replay_id: ReplayId,
+        schema_id: String,
+        message: String,
+    },
+}
+
+/// Which header field a writer-schema position holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HeaderSlot {
+    EntityName,
+    RecordIds,
+    ChangeType,
+    ChangeOrigin,
+    TransactionKey,
+    SequenceNumber,
+    CommitTimestamp,
+    CommitNumber,
+    CommitUser,
+    NulledFields,
+    DiffFields,
+    ChangedFields,
+    Unknown,
+}
+
+impl HeaderSlot {
+    fn of(name: &str) -> HeaderSlot {
+        match name {
+            "entityName" => HeaderSlot::EntityName,
+            "recordIds" => HeaderSlot::RecordIds,
+            "changeType" => HeaderSlot::ChangeType,
+            "changeOrigin" => HeaderSlot::ChangeOrigin,
+            "transactionKey" => HeaderSlot::TransactionKey,
+            "sequenceNumber" => HeaderSlot::SequenceNumber,
+            "commitTimestamp" => HeaderSlot::CommitTimestamp,
+            "commitNumber" => HeaderSlot::CommitNumber,
+            "commitUser" => HeaderSlot::CommitUser,
+            "nulledFields" => HeaderSlot::NulledFields,
+            "diffFields" => HeaderSlot::DiffFields,
+            "changedFields" => HeaderSlot::ChangedFields,
+            _ => HeaderSlot::Unknown,
+        }
+    }
+}
+
+/// One top-level body field of the writer schema.
+#[derive(Debug)]
+struct BodyField {
+    name: Arc<str>,
+    node: Node,
+    /// For a compound field: `Parent.Sub` for each sub-field of its record branch.
+    sub_paths: Option<Vec<Arc<str>>>,
+}
+
+/// Everything needed to decode events of one schema id, built once.
+#[derive(Debug)]
+pub struct EventPlan {
+    pub schema_id: String,
+    /// Record name, e.g. `AccountChangeEvent`.
+    pub record_name: String,
+    header_index: usize,
+    header: Vec<(HeaderSlot, Node)>,
+    /// Top-level fields by schema position; `None` at the header's position.
+    body: Vec<Option<BodyField>>,
+    /// All body field paths, compound fields expanded.
+    paths: Arc<[Arc<str>]>,
+}
+
+impl EventPlan {
+    /// Builds the plan from the schema JSON that GetSchema returned for `schema_id`.
+    pub fn from_json(schema_id: &str, schema_json: &str) -> Result<EventPlan, EventError> {
+        let err = |message: String| EventError::Schema {
+            schema_id: schema_id.to_string(),
+            message,
+        };
+        let schema = apache_avro::Schema::parse_str(schema_json)
+            .map_err(|e| err(format!("not a valid Avro schema: {e}")))?;
+        let node = Node::compile(&schema).map_err(|e| err(e.to_string()))?;
+        let Node::Record(top) = node else {
+            return Err(err("top-level schema is not a record".to_string()));
+        };
+        let header_index = top
+            .fields
+            .iter()
+            .position(|(name, _)| name == "ChangeEventHeader")
+            .ok_or_else(|| err("no ChangeEventHeader field".to_string()))?;
+        let header_record = top.fields[header_index]
+            .1
+            .record()
+            .ok_or_else(|| err("ChangeEventHeader is not a record".to_string()))?;
+        let header = header_record
+            .fields
+            .iter()
+            .map(|(name, node)| (HeaderSlot::of(name), node.clone()))
+            .collect::<Vec<_>>();
+        for required in [HeaderSlot::ChangeType, HeaderSlot::RecordIds] {
+            if !header.iter().any(|(s, _)| *s == required) {
+                return Err(err(format!("ChangeEventHeader lacks {required:?}")));
+            }
+        }
+        let body = top
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, (name, node))| {
+                (i != header_index).then(|| BodyField {
+                    name: Arc::from(name.as_str()),
+                    node: node.clone(),
+                    sub_paths: node.record().map(|r| sub_paths(name, r)),
+                })
+            })
+            .collect::<Vec<Option<BodyField>>>();
+        let mut paths = Vec::new();
+        for f in body.iter().flatten() {
+            match &f.sub_paths {
+                Some(subs) => paths.extend(subs.iter().cloned()),
+                None => paths.push(f.name.clone()),
+            }
+        }
+        Ok(EventPlan {
+            schema_id: schema_id.to_string(),
+            record_name: top.name.clone(),
+            header_index,
+            header,
+            body,
+            paths: paths.into(),
+        })
+    }
+
+    /// Every body field path (`Name`, `BillingAddress.Street`), in schema order.
+    pub fn field_paths(&self) -> &Arc<[Arc<str>]> {
+        &self.paths
+    }
+
+    /// Decodes one payload. Returns the event and warnings about bitmap bits the schema does
+    /// not define (reported, not fatal).
+    pub fn decode(
+        &self,
+        replay_id: ReplayId,
+        payload: &[u8],
+    ) -> Result<(ChangeEvent, Vec<String>), EventError> {
+        let payload_err = |source| EventError::Payload {
+            replay_id: replay_id.clone(),
+            schema_id: self.schema_id.clone(),
+            source,
+        };
+        let mut r = Reader::new(payload);
+        let mut header = None;
+        let mut fields = Vec::new();
+        for (i, slot) in self.body.iter().enumerate() {
+            if i == self.header_index {
+                header = Some(self.decode_header(&mut r).map_err(|e| match e {
+                    HeaderError::Avro(a) => payload_err(a),
+                    HeaderError::Bad(message) => EventError::Header {
+                        replay_id: replay_id.clone(),
+                        schema_id: self.schema_id.clone(),
+                        message,
+                    },
+                })?);
+                continue;
+            }
+            let Some(field) = slot else { continue };
+            decode_body_field(&mut r, field, &mut fields).map_err(payload_err)?;
+        }
+        if !r.is_at_end() {
+            return Err(payload_err(AvroError::Corrupt {
+                offset: r.offset(),
+                message: format!(
+                    "{} trailing bytes after the record",
+                    payload.len() - r.offset()
+                ),
+            }));
+        }
+        let Some(mut header) = header else {
+            return Err(EventError::Header {
+                replay_id,
+                schema_id: self.schema_id.clone(),
+                message: "payload has no header".to_string(),
+            });
+        };
+        let mut warnings = Vec::new();
+        for list in [
+            &mut header.changed_fields,
+            &mut header.nulled_fields,
+            &mut header.diff_fields,
+        ] {
+            let raw = std::mem::take(list);
+            *list = self.bitmap_names(&raw, &mut warnings);
+        }
+        Ok((
+            ChangeEvent {
+                replay_id,
+                schema_id: self.schema_id.clone(),
+                header,
+                fields,
+                schema_fields: self.paths.clone(),
+            },
+            warnings,
+        ))
+    }
+
+    fn decode_header(&self, r: &mut Reader<'_>) -> Result<ChangeHeader, HeaderError> {
+        let mut h = ChangeHeader {
+            entity_name: String::new(),
+            record_ids: Vec::new(),
+            change_type: ChangeType::Update,
+            change_origin: String::new(),
+            transaction_key: String::new(),
+            sequence_number: 0,
+            commit_timestamp: 0,
+            commit_number: 0,
+            commit_user: String::new(),
+            changed_fields: Vec::new(),
+            nulled_fields: Vec::new(),
+            diff_fields: Vec::new(),
+        };
+        let mut change_type = None;
+        for (slot, node) in &self.header {
+            match slot {
+                HeaderSlot::EntityName => h.entity_name = text(r, node)?,
+                HeaderSlot::ChangeOrigin => h.change_origin = text(r, node)?,
+                HeaderSlot::TransactionKey => h.transaction_key = text(r, node)?,
+                HeaderSlot::CommitUser => h.commit_user = text(r, node)?,
+                HeaderSlot::RecordIds => h.record_ids = r.string_list(node)?,
+                HeaderSlot::NulledFields => h.nulled_fields = r.string_list(node)?,
+                HeaderSlot::DiffFields => h.diff_fields = r.string_list(node)?,
+                HeaderSlot::ChangedFields => h.changed_fields = r.string_list(node)?,
+                HeaderSlot::SequenceNumber => {
+                    h.sequence_number = i32::try_from(integer(r, node)?).map_err(|_| {
+                        HeaderError::Bad("sequenceNumber out of int range".to_string())
+                    })?
+                }
+                HeaderSlot::CommitTimestamp => h.commit_timestamp = integer(r, node)?,
+                HeaderSlot::CommitNumber => h.commit_number = integer(r, node)?,
+                HeaderSlot::ChangeType => {
+                    let symbol = text(r, node)?;
+                    change_type = Some(ChangeType::from_symbol(&symbol).ok_or_else(|| {
+                        HeaderError::Bad(format!("unknown changeType `{symbol}`"))
+                    })?);
+                }
+                HeaderSlot::Unknown => r.skip(node)?,
+            }
+        }
+        h.change_type =
+            change_type.ok_or_else(|| HeaderError::Bad("changeType is null".to_string()))?;
+        Ok(h)
+    }
+
+    /// Decodes bitmap strings to field names: element `0x..` over top-level fields, elements
+    /// `p-0x..` over the sub-fields of compound field `p`.
+    pub fn bitmap_names(&self, bitmaps: &[String], warnings: &mut Vec<String>) -> Vec<String> {
+        let mut names = Vec::new();
+        for element in bitmaps {
+            let (parent, hex) = match element.split_once('-') {
+                Some((p, h)) => match p.trim().parse::<usize>() {
+                    Ok(p) => (Some(p), h),
+                    Err(_) => {
+                        warnings.push(format!("bitmap element `{element}` has a bad parent index"));
+                        continue;
+                    }
+                },
+                None => (None, element.as_str()),
+            };
+            let Some(bits) = set_bits(hex) else {
+                warnings.push(format!("bitmap element `{element}` is not hex"));
+                continue;
+            };
+            match parent {
+                None => {
+                    for bit in bits {
+                        match self.body.get(bit) {
+                            Some(Some(f)) => names.push(f.name.to_string()),
+                            Some(None) => {} // the header's own bit carries no field
+                            None => warnings.push(format!(
+                                "bitmap `{element}` sets bit {bit}, schema has {} fields",
+                                self.body.len()
+                            )),
+                        }
+                    }
+                }
+                Some(p) => {
+                    let subs = self
+                        .body
+                        .get(p)
+                        .and_then(|f| f.as_ref())
+                        .and_then(|f| f.sub_paths.as_ref());
+                    let Some(subs) = subs else {
+                        warnings.push(format!(
+                            "bitmap `{element}` names field {p}, which is not a compound field"
+                        ));
+                        continue;
+                    };
+                    for bit in bits {
+                        match subs.get(bit) {
+                            Some(path) => names.push(path.to_string()),
+                            None => warnings.push(format!(
+                                "bitmap `{element}` sets sub-field bit {bit}, compound has {}",
+                                subs.len()
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+        names
+    }
+}
+
+enum HeaderError {
+    Avro(AvroError),
+    Bad(String),
+}
+
+impl From<AvroError> for HeaderError {
+    fn from(e: AvroError) -> Self {
+        HeaderError::Avro(e)
+    }
+}
+
+/// A header string (or enum symbol), tolerating a nullable union around it.
+fn text(r: &mut Reader<'_>, node: &Node) -> Result<String, HeaderError> {
+    Ok(match r.value(node)? {
+        Some(crate::model::Value::String(s)) => s,
+        Some(other) => return Err(HeaderError::Bad(format!("expected text, got {other:?}"))),
+        None => String::new(),
+    })
+}
+
+fn integer(r: &mut Reader<'_>, node: &Node) -> Result<i64, HeaderError> {
+    Ok(match r.value(node)? {
+        Some(crate::model::Value::Long(v)) => v,
+        Some(crate::model::Value::Int(v)) => i64::from(v),
+        Some(other) => return Err(HeaderError::Bad(format!("expected integer, got {other:?}"))),
+        None => 0,
+    })
+}
+
+fn sub_paths(parent: &str, record: &Record) -> Vec<Arc<str>> {
+    record
+        .fields
+        .iter()
+        .map(|(sub, _)| Arc::from(format!("{parent}.{sub}").as_str()))
+        .collect()
+}
+
+fn decode_body_field(
+    r: &mut Reader<'_>,
+    field: &BodyField,
+    out: &mut Vec<FieldValue>,
+) -> Result<(), AvroError> {
+    let node = match &field.node {
+        Node::Union(branches) => r.branch(branches)?,
+        other => other,
+    };
+    match (node, &field.sub_paths) {
+        (Node::Null, _) => {}
+        (Node::Record(rec), Some(paths)) => {
+            for ((_, sub), path) in rec.fields.iter().zip(paths) {
+                if let Some(value) = r.value(sub)? {
+                    out.push(FieldValue {
+                        path: path.clone(),
+                        value,
+                    });
+                }
+            }
+        }
+        (other, _) => {
+            if let Some(value) = r.value(other)? {
+                out.push(FieldValue {
+                    path: field.name.clone(),
+                    value,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The set bit positions of a hex string (`0x` prefix optional), least significant = 0.
+/// Accepts either case and odd digit counts.
+pub fn set_bits(hex: &str) -> Option<Vec<usize>> {
+    let digits = hex
+        .trim()
+        .strip_prefix("0x")
+        .or_else(|| hex.trim().strip_prefix("0X"))
+        .unwrap_or(hex.trim());
+    if digits.is_empty() {
+        return None;
+    }
+    let mut bits = Vec::new();
+    for (k, c) in digits.chars().rev().enumerate() {
+        let nibble = c.to_digit(16)?;
+        for b in 0..4 {
+            if nibble & (1 << b) != 0 {
+                bits.push(k * 4 + b);
+            }
+        }
+    }
+    Some(bits)
+}
+
+/// Encodes field positions as Salesforce writes a bitmap: `0x` + upper-case hex, two digits
+/// per byte, most significant byte first, no padding beyond the highest byte.
+pub fn encode_bits(bits: impl IntoIterator<Item = usize>) -> String {
+    let mut bytes: Vec<u8> = Vec::new();
+    for bit in bits {
+        let byte = bit / 8;
+        if bytes.len() <= byte {
+            bytes.resize(byte + 1, 0);
+        }
+        bytes[byte] |= 1 << (bit % 8);
+    }
+    if bytes.is_empty() {
+        bytes.push(0);
+    }
+    let mut s = String::from("0x");
+    for b in bytes.iter().rev() {
+        s.push_str(&format!("{b:02X}"));
+    }
+    s
+}
+
+/// Decoding plans by schema id. GetSchema is called once per unseen id by the owner of the
+/// cache; every later event of that schema reuses the plan.
+#[derive(Default)]
+pub struct SchemaCache {
+    plans: HashMap<String, Arc<EventPlan>>,
+}
+
+impl SchemaCache {
+    pub fn get(&self, schema_id: &str) -> Option<Arc<EventPlan>> {
+        self.plans.get(schema_id).cloned()
+    }
+
+    pub fn insert(
+        &mut self,
+        schema_id: &str,
+        schema_json: &str,
+    ) -> Result<Arc<EventPlan>, EventError> {
+        let plan = Arc::new(EventPlan::from_json(schema_id, schema_json)?);
+        self.plans.insert(schema_id.to_string(), plan.clone());
+        Ok(plan)
+    }
+
+    pub fn len(&self) -> usize {
+        self.plans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The synthetic schema of the protocol notes: 0 header, 1 Name, 2 Phone,
+    /// 3 BillingAddress {Street, City, State}.
+    fn plan() -> EventPlan {
+        let json = format!(
+            r#"{{"type":"record","name":"AccountChangeEvent","namespace":"com.sforce.eventbus",
+            "fields":[{{"name":"ChangeEventHeader","type":{header}}},
+            {{"name":"Name","type":["null","string"],"default":null}},
+            {{"name":"Phone","type":["null","string"],"default":null}},
+            {{"name":"BillingAddress","type":["null",{{"type":"record","name":"Address",
+              "fields":[{{"name":"Street","type":["null","string"],"default":null}},
+                        {{"name":"City","type":["null","string"],"default":null}},
+                        {{"name":"State","type":["null","string"],"default":null}}]}}],
+              "default":null}}]}}"#,
+            header = HEADER
+        );
+        EventPlan::from_json("s1", &json).expect("plan builds")
+    }
+
+    pub(crate) const HEADER: &str = r#"{"type":"record","name":"ChangeEventHeader","fields":[
+        {"name":"entityName","type":"string"},
+        {"name":"recordIds","type":{"type":"array","items":"string"}},
+        {"name":"changeType","type":{"type":"enum","name":"ChangeType","symbols":
+          ["CREATE","UPDATE","DELETE","UNDELETE","GAP_CREATE","GAP_UPDATE","GAP_DELETE",
+           "GAP_UNDELETE","GAP_OVERFLOW"]}},
+        {"name":"changeOrigin","type":"string"},
+        {"name":"transactionKey","type":"string"},
+        {"name":"sequenceNumber","type":"int"},
+        {"name":"commitTimestamp","type":"long"},
+        {"name":"commitNumber","type":"long"},
+        {"name":"commitUser","type":"string"},
+        {"name":"nulledFields","type":{"type":"array","items":"string"}},
+        {"name":"diffFields","type":{"type":"array","items":"string"}},
+        {"name":"changedFields","type":{"type":"array","items":"string"}}]}"#;
+
+    fn names(p: &EventPlan, bitmaps: &[&str]) -> (Vec<String>, Vec<String>) {
+        let mut w = Vec::new();
+        let list: Vec<String> = bitmaps.iter().map(|s| s.to_string()).collect();
+        (p.bitmap_names(&list, &mut w), w)
+    }
+
+    #[test]
+    fn synthetic_vectors_from_the_protocol_notes() {
+        let p = plan();
+        assert_eq!(names(&p, &["0x06"]).0, ["Name", "Phone"]);
+        assert_eq!(names(&p, &["0x04"]).0, ["Phone"]);
+        assert_eq!(
+            names(&p, &["0x02", "3-0x05"]).0,
+            ["Name", "BillingAddress.Street", "BillingAddress.State"]
+        );
+        assert_eq!(
+            names(&p, &["3-0x07"]).0,
+            [
+                "BillingAddress.Street",
+                "BillingAddress.City",
+                "BillingAddress.State"
+            ]
+        );
+        assert!(names(&p, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn tolerant_of_case_odd_digits_and_extra_bits() {
+        let p = plan();
+        assert_eq!(names(&p, &["0x6"]).0, ["Name", "Phone"]);
+        assert_eq!(names(&p, &["3-0x5"]).0.len(), 2);
+        assert_eq!(names(&p, &["0x0e"]).0, ["Name", "Phone", "BillingAddress"]);
+        let (n, w) = names(&p, &["0x102"]);
+        assert_eq!(n, ["Name"]);
+        assert_eq!(w.len(), 1, "bit 8 is reported: {w:?}");
+        let (_, w) = names(&p, &["1-0x01", "zz", "0xZZ"]);
+        assert_eq!(w.len(), 3, "{w:?}");
+    }
+
+    #[test]
+    fn real_account_vectors() {
+        // Account order from the protocol notes: bits 17 = Rating, 22 = LastModifiedDate,
+        // 7 = Fax, 4 = BillingAddress.
+        let fields = [
+            "Name",
+            "Type",
+            "ParentId",
+            "BillingAddress",
+            "ShippingAddress",
+            "Phone",
+            "Fax",
+            "AccountNumber",
+            "Website",
+            "Sic",
+            "Industry",
+            "AnnualRevenue",
+            "NumberOfEmployees",
+            "Ownership",
+            "TickerSymbol",
+            "Description",
+            "Rating",
+            "Site",
+            "OwnerId",
+            "CreatedDate",
+            "CreatedById",
+            "LastModifiedDate",
+        ];
+        let body: Vec<String> = fields
+            .iter()
+            .map(|f| {
+                if f.ends_with("Address") {
+                    format!(
+                        r#"{{"name":"{f}","type":["null",{{"type":"record","name":"{f}T","fields":[
+                          {{"name":"Street","type":["null","string"],"default":null}},
+                          {{"name":"City","type":["null","string"],"default":null}},
+                          {{"name":"State","type":["null","string"],"default":null}}]}}],"default":null}}"#
+                    )
+                } else {
+                    format!(r#"{{"name":"{f}","type":["null","string"],"default":null}}"#)
+                }
+            })
+            .collect();
+        let json = format!(
+            r#"{{"type":"record","name":"AccountChangeEvent","fields":[
+              {{"name":"ChangeEventHeader","type":{HEADER}}},{}]}}"#,
+            body.join(",")
+        );
+        let p = EventPlan::from_json("acc", &json).expect("plan");
+        assert_eq!(names(&p, &["0x420000"]).0, ["Rating", "LastModifiedDate"]);
+        assert_eq!(names(&p, &["0x400080"]).0, ["Fax", "LastModifiedDate"]);
+        assert_eq!(
+            names(&p, &["0x400000", "4-0x01"]).0,
+            ["LastModifiedDate", "BillingAddress.Street"]
+        );
+        assert_eq!(
+            names(&p, &["0x400000", "4-0x06"]).0,
+            [
+                "LastModifiedDate",
+                "BillingAddress.City",
+                "BillingAddress.State"
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_bits(bits in proptest::collection::btree_set(0usize..200, 0..20)) {
+            let s = encode_bits(bits.iter().copied());
+            prop_assert!(s.len() % 2 == 0, "even digit count: {}", s);
+            prop_assert_eq!(s.to_uppercase().replace("0X", "0x"), s.clone());
+            let mut got = set_bits(&s).expect("hex");
+            got.sort();
+            prop_assert_eq!(got, bits.into_iter().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn arbitrary_bitmap_strings_never_panic(list in proptest::collection::vec(".{0,12}", 0..4)) {
+            let p = plan();
+            let mut w = Vec::new();
+            let _ = p.bitmap_names(&list, &mut w);
+        }
+    }
+}

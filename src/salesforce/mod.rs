@@ -1,0 +1,114 @@
+//! The source side: everything that talks to Salesforce.
+//!
+//! - [`auth`]: OAuth flows and the current session (token, instance URL, org id).
+//! - [`rest`]: REST calls (describe, ...), with re-authentication on `INVALID_SESSION_ID`.
+//! - [`pubsub`]: the Pub/Sub API client: `Subscribe` with flow control, `GetSchema`.
+//! - [`event`] and [`avro`]: writer-schema decoding of change events and their bitmaps.
+//!
+//! This module produces [`crate::model`] values and never touches Postgres.
+
+pub mod auth;
+pub mod avro;
+pub mod event;
+pub mod pubsub;
+pub mod rest;
+
+/// Errors of the source side, each either transient (retry with backoff) or definite (stop
+/// that channel or object and tell the operator).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{api} request to {url} failed: {source}")]
+    Http {
+        api: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{api} request to {url} answered HTTP {status} {code}: {message}")]
+    Status {
+        api: &'static str,
+        url: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("{api} answer from {url} is not understood: {message}")]
+    BadResponse {
+        api: &'static str,
+        url: String,
+        message: String,
+    },
+    #[error("authentication failed: {message}")]
+    Auth { message: String, transient: bool },
+    #[error("Pub/Sub {call} on {topic} failed: {code:?} {error_code}: {message}")]
+    Grpc {
+        call: &'static str,
+        topic: String,
+        code: tonic::Code,
+        error_code: String,
+        message: String,
+    },
+    #[error("Pub/Sub endpoint {endpoint}: {message}")]
+    Connect { endpoint: String, message: String },
+    #[error(transparent)]
+    Event(#[from] event::EventError),
+}
+
+impl SourceError {
+    /// Whether a retry with backoff can succeed without operator action.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Http { .. } | SourceError::Connect { .. } => true,
+            SourceError::Status { status, code, .. } => {
+                *status >= 500
+                    || *status == 429
+                    || code == "INVALID_SESSION_ID"
+                    || code == "REQUEST_LIMIT_EXCEEDED"
+            }
+            SourceError::BadResponse { .. } | SourceError::Event(_) => false,
+            SourceError::Auth { transient, .. } => *transient,
+            SourceError::Grpc {
+                code, error_code, ..
+            } => {
+                if error_code.ends_with("topic.not.found")
+                    || error_code.ends_with("permission")
+                    || error_code.ends_with("cannot.subscribe")
+                    || error_code.ends_with("tenant.license")
+                {
+                    return false;
+                }
+                matches!(
+                    code,
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::Aborted
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unauthenticated
+                )
+            }
+        }
+    }
+
+    /// Whether the session should be refreshed before the retry.
+    pub fn needs_reauth(&self) -> bool {
+        match self {
+            SourceError::Status { status, code, .. } => {
+                *status == 401 || code == "INVALID_SESSION_ID"
+            }
+            SourceError::Grpc {
+                code, error_code, ..
+            } => *code == tonic::Code::Unauthenticated || error_code.ends_with("auth.error"),
+            _ => false,
+        }
+    }
+
+    /// The stored replay id was refused (expired past retention or unknown).
+    pub fn is_replay_rejected(&self) -> bool {
+        matches!(self, SourceError::Grpc { error_code, .. }
+            if error_code.ends_with("replayid.corrupted")
+                || error_code.ends_with("replayid.validation.failed"))
+    }
+}

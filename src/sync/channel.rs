@@ -1,0 +1,439 @@
+//! One channel's replication loop: subscribe -> decode -> batch -> apply + checkpoint.
+//!
+//! ```text
+//!  Subscribe stream ──> decode (schema cache, GetSchema on a new id)
+//!        ^                  │  new schema id: describe -> table / new columns
+//!        │                  v
+//!  resume after the     batch (size / time bound)
+//!  committed replay id      │
+//!        │                  v
+//!        └──── one Postgres transaction: rows + repairs + dead letters + checkpoint
+//! ```
+//!
+//! Why the checkpoint is safe: the replay id saved is that of the last event in the batch, and
+//! it is saved in the transaction that applies the batch, so the stored position never runs
+//! ahead of the rows (invariant 1). Nothing in the batch is dropped without trace: an event is
+//! applied, turned into a repair request, or dead-lettered with a repair, all in that same
+//! transaction (invariant 2). On any error the in-memory batch is discarded and the stream is
+//! reopened after the committed position, so uncommitted events are simply delivered again;
+//! the version guard makes the re-delivery of committed ones harmless.
+
+use super::SyncError;
+use crate::config::{ChannelConfig, SyncConfig};
+use crate::model::{ChangeEvent, ReplayId};
+use crate::replica::apply::{ApplySettings, RepairRequest, apply_events};
+use crate::replica::schema::TableSchema;
+use crate::replica::{ReplicaError, checkpoint, quote, repair_queue};
+use crate::salesforce::SourceError;
+use crate::salesforce::event::SchemaCache;
+use crate::salesforce::pubsub::{PubSub, StartAt};
+use crate::salesforce::rest::RestClient;
+use crate::telemetry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// What a committed batch covered; published to observers (tests, embedding applications).
+#[derive(Debug, Clone)]
+pub struct AppliedBatch {
+    pub channel: String,
+    /// Replay ids of the events applied, in order.
+    pub replay_ids: Vec<ReplayId>,
+    /// The position the batch committed.
+    pub checkpoint: ReplayId,
+    /// Where the stream this batch came from started (`None` = LATEST).
+    pub started_after: Option<ReplayId>,
+}
+
+/// Everything a channel task needs; cheap handles shared with the other channels.
+#[derive(Clone)]
+pub struct ChannelDeps {
+    pub pubsub: PubSub,
+    pub rest: RestClient,
+    pub pool: deadpool_postgres::Pool,
+    pub apply: ApplySettings,
+    pub sync: SyncConfig,
+    pub observer: Option<broadcast::Sender<AppliedBatch>>,
+}
+
+struct DeadLetter {
+    replay_id: ReplayId,
+    schema_id: String,
+    payload: Vec<u8>,
+    error: String,
+}
+
+#[derive(Default)]
+struct Batch {
+    events: Vec<ChangeEvent>,
+    dead: Vec<DeadLetter>,
+    /// Position of the newest event received, applicable or not.
+    last_replay: Option<ReplayId>,
+    last_commit_ms: Option<i64>,
+    started: Option<Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.last_replay.is_none()
+    }
+}
+
+/// One channel: its config, schema cache and tables.
+pub struct ChannelTask {
+    cfg: ChannelConfig,
+    objects: HashSet<String>,
+    deps: ChannelDeps,
+    schemas: SchemaCache,
+    /// Schema ids whose fields are known to map to table columns.
+    checked_schemas: HashSet<String>,
+    tables: HashMap<String, Arc<TableSchema>>,
+    /// The position committed last (by a batch or a keepalive).
+    committed: Option<ReplayId>,
+}
+
+impl ChannelTask {
+    pub fn new(cfg: ChannelConfig, deps: ChannelDeps) -> ChannelTask {
+        ChannelTask {
+            objects: cfg.objects.iter().cloned().collect(),
+            cfg,
+            deps,
+            schemas: SchemaCache::default(),
+            checked_schemas: HashSet::new(),
+            tables: HashMap::new(),
+            committed: None,
+        }
+    }
+
+    /// Runs until `shutdown` or a definite error. Transient errors reconnect with jittered
+    /// exponential backoff from the committed checkpoint.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), SyncError> {
+        let name = self.cfg.name.clone();
+        let mut delay = Duration::from_millis(self.deps.sync.reconnect_min_ms);
+        let max_delay = Duration::from_millis(self.deps.sync.reconnect_max_ms);
+        loop {
+            let started = Instant::now();
+            let result = self.stream(&shutdown).await;
+            telemetry::record_connected(&name, false);
+            let err = match result {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if !err.is_transient() {
+                tracing::error!(channel = %name, error = %err,
+                    "channel stopped: this error needs operator action; other channels go on");
+                return Err(err);
+            }
+            if let SyncError::Source(s) = &err
+                && s.needs_reauth()
+                && let Some(session) = self.deps.pubsub.auth().current()
+                && let Err(e) = self.deps.pubsub.auth().renew(Some(&session)).await
+            {
+                tracing::warn!(channel = %name, error = %e, "re-authentication failed");
+            }
+            // A stream that ran a while before failing starts the backoff over.
+            if started.elapsed() > max_delay {
+                delay = Duration::from_millis(self.deps.sync.reconnect_min_ms);
+            }
+            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            telemetry::record_reconnect(&name, err.reason());
+            tracing::warn!(channel = %name, error = %err, retry_in_ms = jittered.as_millis() as u64,
+                "stream interrupted; resubscribing after the committed checkpoint");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(jittered) => {}
+            }
+            delay = (delay * 2).min(max_delay);
+        }
+    }
+
+    /// One `Subscribe` call, from the committed checkpoint until an error or shutdown.
+    async fn stream(&mut self, shutdown: &CancellationToken) -> Result<(), SyncError> {
+        let name = self.cfg.name.clone();
+        let saved = {
+            let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+            checkpoint::load(&client, &self.deps.apply.control_schema, &name).await?
+        };
+        let start = match &saved {
+            Some(c) => StartAt::After(c.replay_id.clone()),
+            None => StartAt::Latest,
+        };
+        tracing::info!(channel = %name, start = ?start, "subscribing");
+        let started_after = saved.as_ref().map(|c| c.replay_id.clone());
+        self.committed = saved.map(|c| c.replay_id);
+        let mut sub = self.deps.pubsub.subscribe(&name, start).await?;
+        telemetry::record_connected(&name, true);
+        let mut batch = Batch::default();
+        let max_wait = self.deps.sync.batch_max_wait();
+        loop {
+            let deadline = batch.started.map(|t| t + max_wait);
+            let response = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.flush(&mut batch, &started_after).await?;
+                    return Ok(());
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut batch, &started_after).await?;
+                    continue;
+                }
+                r = sub.next() => r,
+            };
+            let response = match response {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.flush(&mut batch, &started_after).await?;
+                    return Err(SyncError::StreamEnded);
+                }
+                Err(e) => {
+                    // Events already received are valid: commit them before reconnecting.
+                    self.flush(&mut batch, &started_after).await?;
+                    return Err(e.into());
+                }
+            };
+            if response.events.is_empty() {
+                // Keepalive: everything was delivered. Persist the topic position so a
+                // later resubscribe does not start from a very old id.
+                self.flush(&mut batch, &started_after).await?;
+                telemetry::record_batch(&name, 0.0, 0.0);
+                let latest = ReplayId(response.latest_replay_id);
+                if !latest.0.is_empty() && self.committed.as_ref() != Some(&latest) {
+                    let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+                    let cp = checkpoint::Checkpoint {
+                        replay_id: latest.clone(),
+                        commit_timestamp_ms: None,
+                    };
+                    checkpoint::save(&client, &self.deps.apply.control_schema, &name, &cp).await?;
+                    self.committed = Some(latest);
+                }
+                continue;
+            }
+            for consumer_event in response.events {
+                let replay_id = ReplayId(consumer_event.replay_id);
+                let Some(event) = consumer_event.event else {
+                    return Err(SyncError::Protocol(format!(
+                        "channel {name}: event {replay_id} has no body"
+                    )));
+                };
+                self.decode_into(&mut batch, replay_id, event).await?;
+                if batch.started.is_none() {
+                    batch.started = Some(Instant::now());
+                }
+            }
+            if batch.events.len() >= self.deps.sync.batch_max_events {
+                self.flush(&mut batch, &started_after).await?;
+            }
+        }
+    }
+
+    /// Decodes one event into the batch; undecodable payloads become dead letters.
+    async fn decode_into(
+        &mut self,
+        batch: &mut Batch,
+        replay_id: ReplayId,
+        event: crate::proto::ProducerEvent,
+    ) -> Result<(), SyncError> {
+        batch.last_replay = Some(replay_id.clone());
+        let plan = match self.schemas.get(&event.schema_id) {
+            Some(p) => Some(p),
+            None => match self.deps.pubsub.get_schema(&event.schema_id).await {
+                Ok(json) => match self.schemas.insert(&event.schema_id, &json) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.dead_letter(batch, replay_id.clone(), &event, e.to_string());
+                        None
+                    }
+                },
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    self.dead_letter(batch, replay_id.clone(), &event, e.to_string());
+                    None
+                }
+            },
+        };
+        let Some(plan) = plan else { return Ok(()) };
+        match plan.decode(replay_id.clone(), &event.payload) {
+            Ok((decoded, warnings)) => {
+                for w in warnings {
+                    tracing::warn!(channel = %self.cfg.name, replay_id = %replay_id, "{w}");
+                }
+                let entity = decoded.header.entity_name.clone();
+                if !self.objects.contains(&entity) {
+                    return Ok(());
+                }
+                if !self.checked_schemas.contains(&event.schema_id) {
+                    self.prepare_table(&entity, plan.field_paths()).await?;
+                    self.checked_schemas.insert(event.schema_id.clone());
+                }
+                batch.last_commit_ms = Some(decoded.header.commit_timestamp);
+                batch.events.push(decoded);
+            }
+            Err(e) => self.dead_letter(batch, replay_id, &event, e.to_string()),
+        }
+        Ok(())
+    }
+
+    fn dead_letter(
+        &self,
+        batch: &mut Batch,
+        replay_id: ReplayId,
+        event: &crate::proto::ProducerEvent,
+        error: String,
+    ) {
+        tracing::error!(channel = %self.cfg.name, replay_id = %replay_id, schema_id = %event.schema_id,
+            error = %error, "undecodable event: dead-lettered, its objects queued for repair");
+        batch.dead.push(DeadLetter {
+            replay_id,
+            schema_id: event.schema_id.clone(),
+            payload: event.payload.clone(),
+            error,
+        });
+    }
+
+    /// Makes sure `object`'s table exists with a column for every field path of a schema;
+    /// describes again (and adds columns) when the schema has fields the table lacks.
+    async fn prepare_table(&mut self, object: &str, paths: &[Arc<str>]) -> Result<(), SyncError> {
+        let missing = |t: &TableSchema| -> Vec<String> {
+            paths
+                .iter()
+                .filter(|p| t.column_for(p).is_none())
+                .map(|p| p.to_string())
+                .collect()
+        };
+        if let Some(t) = self.tables.get(object)
+            && missing(t).is_empty()
+        {
+            return Ok(());
+        }
+        let describe = self.deps.rest.describe(object).await?;
+        let table = Arc::new(TableSchema::from_describe(describe)?);
+        let still_missing = missing(&table);
+        if !still_missing.is_empty() {
+            return Err(ReplicaError::Schema {
+                object: object.to_string(),
+                message: format!(
+                    "change events carry fields that describe does not list: {}",
+                    still_missing.join(", ")
+                ),
+            }
+            .into());
+        }
+        let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+        table.ensure(&client, &self.deps.apply.data_schema).await?;
+        tracing::info!(object, table = %table.table, columns = table.columns.len(), "table ready");
+        self.tables.insert(object.to_string(), table);
+        Ok(())
+    }
+
+    /// Commits the batch: rows, repairs, dead letters and the checkpoint in one transaction.
+    async fn flush(
+        &mut self,
+        batch: &mut Batch,
+        started_after: &Option<ReplayId>,
+    ) -> Result<(), SyncError> {
+        if batch.is_empty() {
+            batch.started = None;
+            return Ok(());
+        }
+        let b = std::mem::take(batch);
+        let Some(last) = b.last_replay.clone() else {
+            return Ok(());
+        };
+        let name = &self.cfg.name;
+        let settings = &self.deps.apply;
+        let t0 = Instant::now();
+        let mut client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg("begin batch"))?;
+        let outcome = apply_events(&tx, settings, &self.tables, &b.events).await?;
+        let mut repairs = outcome.repairs;
+        if !b.dead.is_empty() {
+            let since = b
+                .events
+                .first()
+                .map(|e| e.header.commit_timestamp)
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
+                - settings.repair_margin_ms;
+            for object in &self.cfg.objects {
+                repairs.push(RepairRequest::Entity {
+                    object: object.clone(),
+                    since_ms: since,
+                    reason: format!("{} undecodable event(s) on {name}", b.dead.len()),
+                });
+            }
+            let sql = format!(
+                "INSERT INTO {}.dead_letters (channel, replay_id, schema_id, payload, error)
+                 VALUES ($1, $2, $3, $4, $5)",
+                quote(&settings.control_schema)
+            );
+            for d in &b.dead {
+                tx.execute(
+                    &sql,
+                    &[name, &d.replay_id.0, &d.schema_id, &d.payload, &d.error],
+                )
+                .await
+                .map_err(ReplicaError::pg("write dead letter"))?;
+            }
+        }
+        repair_queue::enqueue(&tx, &settings.control_schema, name, Some(&last), &repairs).await?;
+        let cp = checkpoint::Checkpoint {
+            replay_id: last.clone(),
+            commit_timestamp_ms: b.last_commit_ms,
+        };
+        checkpoint::save(&tx, &settings.control_schema, name, &cp).await?;
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg("commit batch"))?;
+        self.committed = Some(last.clone());
+
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (kind, n) in &outcome.events {
+            telemetry::record_events(name, kind.symbol(), *n);
+        }
+        for e in &b.events {
+            telemetry::record_apply_delay((now_ms - e.header.commit_timestamp).max(0) as f64 / 1e3);
+        }
+        if !b.dead.is_empty() {
+            metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "channel" => name.clone())
+                .increment(b.dead.len() as u64);
+        }
+        let lag = b
+            .last_commit_ms
+            .map(|ms| (now_ms - ms).max(0) as f64 / 1e3)
+            .unwrap_or(0.0);
+        telemetry::record_batch(name, t0.elapsed().as_secs_f64(), lag);
+        tracing::debug!(channel = %name, events = b.events.len(), statements = outcome.statements,
+            repairs = repairs.len(), checkpoint = %last, "batch committed");
+        if let Some(obs) = &self.deps.observer {
+            let _ = obs.send(AppliedBatch {
+                channel: name.clone(),
+                replay_ids: b.events.iter().map(|e| e.replay_id.clone()).collect(),
+                checkpoint: last,
+                started_after: started_after.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl From<SourceError> for SyncError {
+    fn from(e: SourceError) -> Self {
+        SyncError::Source(e)
+    }
+}
+
+impl From<ReplicaError> for SyncError {
+    fn from(e: ReplicaError) -> Self {
+        SyncError::Replica(e)
+    }
+}

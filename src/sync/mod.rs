@@ -1,0 +1,47 @@
+//! Orchestration: the only place that knows both the source and the sink.
+//!
+//! - [`channel`]: one task per Pub/Sub channel (fetch -> decode -> batch -> apply+checkpoint).
+//! - [`supervisor`]: builds the shared clients, runs the channel tasks and the metrics
+//!   listener, and shuts everything down together.
+
+pub mod channel;
+pub mod demo;
+pub mod supervisor;
+
+use crate::replica::ReplicaError;
+use crate::salesforce::SourceError;
+
+/// Errors of a channel task: from either side, or from the stream itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(SourceError),
+    #[error(transparent)]
+    Replica(ReplicaError),
+    #[error("the server ended the stream")]
+    StreamEnded,
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl SyncError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Source(e) => e.is_transient(),
+            SyncError::Replica(e) => e.is_transient(),
+            SyncError::StreamEnded => true,
+            SyncError::Protocol(_) => false,
+        }
+    }
+
+    /// A short label for the reconnect metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SyncError::Source(e) if e.needs_reauth() => "auth",
+            SyncError::Source(_) => "source",
+            SyncError::Replica(_) => "replica",
+            SyncError::StreamEnded => "stream_ended",
+            SyncError::Protocol(_) => "protocol",
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Logs and metrics. Every metric name is defined here, once, so dashboards and alerts have
+//! one place to look; the rest of the code calls the small recording functions below.
+//!
+//! The Prometheus recorder is process-wide; [`serve_metrics`] exposes it with `/healthz` and
+//! `/readyz` on one listener.
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use tracing_subscriber::EnvFilter;
+
+pub const EVENTS_TOTAL: &str = "sfmirror_events_total";
+pub const REPLICATION_LAG_SECONDS: &str = "sfmirror_replication_lag_seconds";
+pub const APPLY_DELAY_SECONDS: &str = "sfmirror_apply_delay_seconds";
+pub const BATCH_APPLY_SECONDS: &str = "sfmirror_batch_apply_seconds";
+pub const RETENTION_HEADROOM_SECONDS: &str = "sfmirror_retention_headroom_seconds";
+pub const REPAIRS_PENDING: &str = "sfmirror_repairs_pending";
+pub const REPAIRS_TOTAL: &str = "sfmirror_repairs_total";
+pub const DEAD_LETTERS_TOTAL: &str = "sfmirror_dead_letters_total";
+pub const STREAM_RECONNECTS_TOTAL: &str = "sfmirror_stream_reconnects_total";
+pub const STREAM_CONNECTED: &str = "sfmirror_stream_connected";
+pub const SALESFORCE_REQUESTS_TOTAL: &str = "sfmirror_salesforce_requests_total";
+pub const SALESFORCE_API_USAGE_RATIO: &str = "sfmirror_salesforce_api_usage_ratio";
+pub const BACKFILL_ROWS_TOTAL: &str = "sfmirror_backfill_rows_total";
+pub const BUILD_INFO: &str = "sfmirror_build_info";
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `SFMIRROR_LOG_FORMAT=json` switches
+/// to one JSON object per line for log shippers.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SFMIRROR_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, embedding) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> &'static PrometheusHandle {
+    RECORDER.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_string()),
+                &[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .and_then(|b| b.install_recorder())
+            .unwrap_or_else(|e| {
+                // Another recorder is already installed (embedding); render an empty one.
+                tracing::warn!(error = %e, "prometheus recorder not installed");
+                PrometheusBuilder::new().build_recorder().handle()
+            });
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// Readiness as the supervisor sees it: every channel has connected at least once.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = prometheus();
+    let app = Router::new()
+        .route("/metrics", get(move || async move { handle.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(r): State<Readiness>| async move {
+                if r.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state(readiness);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+pub fn record_events(channel: &str, change_type: &'static str, n: u64) {
+    metrics::counter!(EVENTS_TOTAL, "channel" => channel.to_string(), "change_type" => change_type)
+        .increment(n);
+}
+
+pub fn record_batch(channel: &str, seconds: f64, lag_seconds: f64) {
+    metrics::histogram!(BATCH_APPLY_SECONDS).record(seconds);
+    metrics::gauge!(REPLICATION_LAG_SECONDS, "channel" => channel.to_string()).set(lag_seconds);
+}
+
+pub fn record_apply_delay(seconds: f64) {
+    metrics::histogram!(APPLY_DELAY_SECONDS).record(seconds);
+}
+
+pub fn record_connected(channel: &str, connected: bool) {
+    metrics::gauge!(STREAM_CONNECTED, "channel" => channel.to_string()).set(if connected {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+pub fn record_reconnect(channel: &str, reason: &'static str) {
+    metrics::counter!(STREAM_RECONNECTS_TOTAL, "channel" => channel.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn record_salesforce_request(api: &'static str, status: u16) {
+    metrics::counter!(SALESFORCE_REQUESTS_TOTAL, "api" => api, "status" => status.to_string())
+        .increment(1);
+}
+
+pub fn record_api_usage(used: u64, max: u64) {
+    if max > 0 {
+        metrics::gauge!(SALESFORCE_API_USAGE_RATIO).set(used as f64 / max as f64);
+    }
+}

@@ -1,0 +1,237 @@
+//! Test harness: a Postgres server and one fresh database per test.
+//!
+//! The server is `DATABASE_URL` (an admin URL) when set. Otherwise a private throwaway
+//! cluster is started with initdb/pg_ctl found on PATH, via `pg_config --bindir`, or under
+//! /usr/lib/postgresql/*/bin; as root it runs as the `postgres` user. The cluster lives in
+//! the temp directory, is shared by the test processes of a run (a file lock guards its
+//! start), and is reused by later runs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static ADMIN_URL: OnceLock<String> = OnceLock::new();
+
+/// The admin URL of the server the tests use.
+pub fn admin_url() -> String {
+    ADMIN_URL
+        .get_or_init(|| match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => private_cluster(),
+        })
+        .clone()
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for d in std::env::split_paths(&path) {
+            if d.join("initdb").exists() && d.join("pg_ctl").exists() {
+                return d;
+            }
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|d| d.join("initdb").exists());
+    candidates.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates.pop().unwrap_or_else(|| {
+        panic!(
+            "DATABASE_URL is unset and no PostgreSQL server binaries (initdb, pg_ctl) were found \
+             on PATH, via pg_config, or under /usr/lib/postgresql/*/bin; install them or set \
+             DATABASE_URL"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a server binary, as the `postgres` user when we are root (initdb refuses root).
+fn run_pg(bin: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+}
+
+fn private_cluster() -> String {
+    let bin = pg_bin_dir();
+    let root = std::env::temp_dir().join("sfmirror-test-pg");
+    std::fs::create_dir_all(&root).expect("create cluster dir");
+    if is_root() {
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&root)
+            .status();
+    }
+    let lock = std::fs::File::create(std::env::temp_dir().join("sfmirror-test-pg.lock"))
+        .expect("lock file");
+    lock.lock().expect("lock the cluster");
+    let data = root.join("data");
+    let port_file = root.join("port");
+    let data_s = data.to_string_lossy().to_string();
+    let running = data.join("PG_VERSION").exists()
+        && run_pg(&bin.join("pg_ctl"), &["status", "-D", &data_s])
+            .status
+            .success();
+    if !running {
+        if !data.join("PG_VERSION").exists() {
+            let out = run_pg(
+                &bin.join("initdb"),
+                &[
+                    "-D",
+                    &data_s,
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                ],
+            );
+            assert!(out.status.success(), "initdb failed: {out:?}");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off",
+            root.display()
+        );
+        let log = root.join("server.log").to_string_lossy().to_string();
+        let out = run_pg(
+            &bin.join("pg_ctl"),
+            &["start", "-D", &data_s, "-w", "-l", &log, "-o", &opts],
+        );
+        assert!(out.status.success(), "pg_ctl start failed: {out:?}");
+        std::fs::write(&port_file, port.to_string()).expect("write port");
+    }
+    let port = std::fs::read_to_string(&port_file).expect("cluster port");
+    format!("postgres://postgres@127.0.0.1:{}/postgres", port.trim())
+}
+
+/// A database of its own for one test; dropped when the value is dropped.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    admin: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin = admin_url();
+        let name = format!(
+            "sfm_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Postgres at {admin}: {e}"));
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: with_database(&admin, &name),
+            name,
+            admin,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; a thread with its own runtime can block.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    if let Ok((client, conn)) =
+                        tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+#[test]
+fn database_names_replace_the_path() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
+        "postgres://u@h:5432/x?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+}
