@@ -241,6 +241,12 @@ impl ReplayId {
         Some(u64::from_be_bytes(bytes))
     }
 
+    /// ```
+    /// use sfmirror::model::ReplayId;
+    /// let id = ReplayId::from_u64(17_086_068);
+    /// assert_eq!(id.0, [0, 0, 0, 0, 0x01, 0x04, 0xB6, 0x74]);
+    /// assert_eq!(id.to_string(), "17086068");
+    /// ```
     pub fn from_u64(value: u64) -> ReplayId {
         ReplayId(value.to_be_bytes().to_vec())
     }
