@@ -290,10 +290,20 @@ impl Emulator {
     }
 
     /// Stops serving and waits for the servers to finish.
+    /// Open Subscribe streams end with UNAVAILABLE, as when a real server goes away; servers
+    /// get a few seconds to finish in-flight calls.
     pub async fn stop(self) {
+        if let Ok(token) = self.control.drop_streams.lock() {
+            token.cancel();
+        }
         self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
         }
     }
 }

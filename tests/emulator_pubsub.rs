@@ -1,0 +1,274 @@
+//! The emulator's Pub/Sub API as a client sees it: replay presets, flow control, keepalives,
+//! errors with Salesforce's `error-code` trailer, and metadata auth.
+
+use serde_json::json;
+use sfmirror::config::Config;
+use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::model::{ChangeType, ReplayId};
+use sfmirror::proto::FetchRequest;
+use sfmirror::proto::pub_sub_client::PubSubClient;
+use sfmirror::salesforce::SourceError;
+use sfmirror::salesforce::auth::Authenticator;
+use sfmirror::salesforce::event::EventPlan;
+use sfmirror::salesforce::pubsub::{PubSub, StartAt};
+use sfmirror::sync::demo::{RestWriter, config_for};
+use std::sync::Arc;
+use std::time::Duration;
+
+const TOPIC: &str = "/data/AccountChangeEvent";
+
+async fn client(emulator: &Emulator) -> (PubSub, Config) {
+    let cfg = config_for(
+        emulator,
+        "postgres://unused@127.0.0.1/x",
+        "salesforce",
+        "sfmirror",
+    )
+    .expect("config");
+    let http = reqwest::Client::new();
+    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http));
+    (
+        PubSub::connect(&cfg.salesforce, auth).expect("connect"),
+        cfg,
+    )
+}
+
+async fn create_accounts(emulator: &Emulator, n: usize) -> Vec<String> {
+    let w = RestWriter::new(emulator);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            w.create("Account", json!({"Name": format!("A{i}")}))
+                .await
+                .expect("create"),
+        );
+    }
+    ids
+}
+
+/// Reads events until `n` arrived (or a timeout), returning their replay ids.
+async fn read_events(
+    sub: &mut sfmirror::salesforce::pubsub::Subscription,
+    n: usize,
+) -> Vec<(ReplayId, sfmirror::proto::ProducerEvent)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let r = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("events in time")
+            .expect("no stream error")
+            .expect("stream open");
+        assert!(
+            r.pending_num_requested <= 100,
+            "never more than 100 outstanding"
+        );
+        for e in r.events {
+            out.push((ReplayId(e.replay_id), e.event.expect("body")));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presets_deliver_from_the_right_place_and_payloads_decode() {
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let (pubsub, _) = client(&emulator).await;
+    let ids = create_accounts(&emulator, 5).await;
+
+    // EARLIEST: everything retained, in order, decodable by the schema GetSchema returns.
+    let mut sub = pubsub
+        .subscribe(TOPIC, StartAt::Earliest)
+        .await
+        .expect("subscribe");
+    let events = read_events(&mut sub, 5).await;
+    let schema_json = pubsub
+        .get_schema(&events[0].1.schema_id)
+        .await
+        .expect("schema");
+    let plan = EventPlan::from_json(&events[0].1.schema_id, &schema_json).expect("plan");
+    for ((replay, ev), id) in events.iter().zip(&ids) {
+        let (decoded, warnings) = plan.decode(replay.clone(), &ev.payload).expect("decodes");
+        assert!(warnings.is_empty());
+        assert_eq!(decoded.header.change_type, ChangeType::Create);
+        assert_eq!(&decoded.header.record_ids, &[id.clone()]);
+        assert_eq!(decoded.header.entity_name, "Account");
+    }
+    let replays: Vec<u64> = events
+        .iter()
+        .map(|e| e.0.as_u64().expect("8 bytes"))
+        .collect();
+    assert!(
+        replays.windows(2).all(|w| w[0] < w[1]),
+        "increasing: {replays:?}"
+    );
+
+    // CUSTOM: strictly after the given id.
+    let mut sub = pubsub
+        .subscribe(TOPIC, StartAt::After(events[2].0.clone()))
+        .await
+        .expect("subscribe custom");
+    let after = read_events(&mut sub, 2).await;
+    assert_eq!(after[0].0, events[3].0);
+    assert_eq!(after[1].0, events[4].0);
+
+    // LATEST: only what comes next.
+    let mut sub = pubsub
+        .subscribe(TOPIC, StartAt::Latest)
+        .await
+        .expect("subscribe latest");
+    let new_ids = create_accounts(&emulator, 1).await;
+    let next = read_events(&mut sub, 1).await;
+    let (decoded, _) = plan
+        .decode(next[0].0.clone(), &next[0].1.payload)
+        .expect("decodes");
+    assert_eq!(decoded.header.record_ids, new_ids);
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_never_exceeds_what_was_requested() {
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    create_accounts(&emulator, 30).await;
+    let (_, cfg) = client(&emulator).await;
+    let token = emulator.access_token.clone();
+    let mut raw = PubSubClient::connect(cfg.salesforce.pubsub_endpoint.clone())
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(FetchRequest {
+        topic_name: TOPIC.into(),
+        replay_preset: 1, // EARLIEST
+        num_requested: 7,
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("accesstoken", token.parse().expect("ascii"));
+    req.metadata_mut()
+        .insert("instanceurl", emulator.rest_url.parse().expect("ascii"));
+    req.metadata_mut()
+        .insert("tenantid", emulator.org.org_id.parse().expect("ascii"));
+    let mut stream = raw.subscribe(req).await.expect("subscribe").into_inner();
+    let mut got = 0;
+    while got < 7 {
+        let r = stream.message().await.expect("ok").expect("open");
+        got += r.events.len();
+        assert_eq!(r.pending_num_requested as usize, 7 - got);
+    }
+    assert_eq!(got, 7);
+    // Nothing more arrives until more is requested.
+    let idle = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(idle.is_err(), "no event beyond the allowance");
+    tx.send(FetchRequest {
+        num_requested: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("send more");
+    let mut more = 0;
+    while more < 3 {
+        more += stream
+            .message()
+            .await
+            .expect("ok")
+            .expect("open")
+            .events
+            .len();
+    }
+    assert_eq!(more, 3);
+    emulator.stop().await;
+}
+
+/// The error of a refused subscription, whether the server refused the call or its stream.
+async fn refused(
+    opened: Result<sfmirror::salesforce::pubsub::Subscription, SourceError>,
+) -> SourceError {
+    match opened {
+        Err(e) => e,
+        Ok(mut sub) => sub.next().await.expect_err("refused"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_replay_ids_auth_and_topics_fail_like_salesforce() {
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let (pubsub, _) = client(&emulator).await;
+
+    let far_future = ReplayId::from_u64(u64::MAX / 2);
+    let err = refused(pubsub.subscribe(TOPIC, StartAt::After(far_future)).await).await;
+    assert!(err.is_replay_rejected(), "{err}");
+    match &err {
+        SourceError::Grpc {
+            code, error_code, ..
+        } => {
+            assert_eq!(*code, tonic::Code::InvalidArgument);
+            assert_eq!(
+                error_code,
+                "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted"
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    let err = refused(
+        pubsub
+            .subscribe("/data/NoSuchChangeEvent", StartAt::Latest)
+            .await,
+    )
+    .await;
+    assert!(!err.is_transient(), "topic not found is definite: {err}");
+
+    let err = pubsub
+        .get_schema("nonexistent")
+        .await
+        .expect_err("unknown schema");
+    assert!(!err.is_transient(), "{err}");
+
+    // An expired session is refused with the auth error code, and renewed by the client.
+    let _ = pubsub.get_topic(TOPIC).await.expect("topic before expiry");
+    reqwest::Client::new()
+        .post(format!("{}/emulator/expire-tokens", emulator.rest_url))
+        .send()
+        .await
+        .expect("expire");
+    let info = pubsub
+        .get_topic(TOPIC)
+        .await
+        .expect("renewed transparently");
+    assert_eq!(info.tenant_guid, emulator.org.org_id);
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_carry_the_latest_replay_id() {
+    let emulator = Emulator::start(EmulatorConfig {
+        keepalive: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    create_accounts(&emulator, 2).await;
+    let (pubsub, _) = client(&emulator).await;
+    let mut sub = pubsub
+        .subscribe(TOPIC, StartAt::Earliest)
+        .await
+        .expect("subscribe");
+    let events = read_events(&mut sub, 2).await;
+    let keepalive = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("keepalive in time")
+        .expect("ok")
+        .expect("open");
+    assert!(keepalive.events.is_empty());
+    let latest = ReplayId(keepalive.latest_replay_id);
+    assert!(latest.as_u64() >= events[1].0.as_u64());
+    emulator.stop().await;
+}
