@@ -92,7 +92,7 @@ async fn presets_deliver_from_the_right_place_and_payloads_decode() {
         let (decoded, warnings) = plan.decode(replay.clone(), &ev.payload).expect("decodes");
         assert!(warnings.is_empty());
         assert_eq!(decoded.header.change_type, ChangeType::Create);
-        assert_eq!(&decoded.header.record_ids, &[id.clone()]);
+        assert_eq!(decoded.header.record_ids, std::slice::from_ref(id));
         assert_eq!(decoded.header.entity_name, "Account");
     }
     let replays: Vec<u64> = events
