@@ -35,6 +35,16 @@ pub enum Command {
         #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Decode one captured change event and print it as JSON: header, changedFields /
+    /// nulledFields / diffFields as names (compound components as Parent.Sub), non-null values.
+    InspectEvent {
+        /// The Avro schema JSON (as GetSchema returns it).
+        #[arg(long)]
+        schema: PathBuf,
+        /// The payload: raw bytes, hex, or base64.
+        #[arg(long)]
+        payload: PathBuf,
+    },
     /// Serve a local fake Salesforce org (OAuth, REST, Pub/Sub with CDC).
     ///
     /// Once serving, prints one JSON line to stdout with the URLs and credentials
@@ -124,6 +134,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "  logged in: org {} at {}",
                 session.org_id, session.instance_url
             );
+            Ok(())
+        }
+        Command::InspectEvent { schema, payload } => {
+            let schema_json = std::fs::read_to_string(&schema)
+                .with_context(|| format!("reading schema {}", schema.display()))?;
+            let captured = std::fs::read(&payload)
+                .with_context(|| format!("reading payload {}", payload.display()))?;
+            let bytes = crate::salesforce::event::payload_from_capture(&captured);
+            let json = crate::salesforce::event::inspect(&schema_json, &bytes)
+                .with_context(|| format!("decoding {} with {}", payload.display(), schema.display()))?;
+            println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }
         Command::Emulator {

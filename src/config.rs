@@ -174,6 +174,9 @@ pub struct SyncConfig {
     pub reconnect_max_ms: u64,
     /// Safety margin subtracted from a gap's commit time when an object is re-read.
     pub repair_margin_secs: u64,
+    /// Resubscribe when neither an event nor a keepalive arrived for this long (Salesforce
+    /// sends keepalives at least every 270 s).
+    pub stale_stream_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -184,6 +187,7 @@ impl Default for SyncConfig {
             reconnect_min_ms: 500,
             reconnect_max_ms: 60_000,
             repair_margin_secs: 600,
+            stale_stream_secs: 540,
         }
     }
 }
@@ -455,6 +459,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.sync.stale_stream_secs == 0 {
+            return Err(invalid("sync.stale_stream_secs", "must be at least 1"));
         }
         if self.sync.batch_max_events == 0 {
             return Err(invalid("sync.batch_max_events", "must be at least 1"));

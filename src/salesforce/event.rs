@@ -399,6 +399,70 @@ fn decode_body_field(
     Ok(())
 }
 
+/// Reads a captured payload: raw Avro bytes, or the same as hex or base64 text (whitespace
+/// ignored), as operators copy them out of logs and tools.
+pub fn payload_from_capture(bytes: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let text: String = match std::str::from_utf8(bytes) {
+        Ok(t) => t.chars().filter(|c| !c.is_whitespace()).collect(),
+        Err(_) => return bytes.to_vec(),
+    };
+    if text.is_empty() {
+        return bytes.to_vec();
+    }
+    let hex = text.strip_prefix("0x").unwrap_or(&text);
+    if hex.len() % 2 == 0 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        let decoded: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+            .collect();
+        if let Some(d) = decoded {
+            return d;
+        }
+    }
+    for engine in [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        if let Ok(d) = engine.decode(&text) {
+            return d;
+        }
+    }
+    bytes.to_vec()
+}
+
+/// One event as JSON for operators: header (bitmaps decoded to names, compound fields as
+/// `Parent.Sub`), the non-null field values, and any bitmap warnings.
+pub fn inspect(schema_json: &str, payload: &[u8]) -> Result<serde_json::Value, EventError> {
+    use serde_json::json;
+    let plan = EventPlan::from_json("inspected", schema_json)?;
+    let (event, warnings) = plan.decode(ReplayId::default(), payload)?;
+    let mut fields = serde_json::Map::new();
+    for f in &event.fields {
+        let v = match &f.value {
+            crate::model::Value::Boolean(b) => json!(b),
+            crate::model::Value::Int(i) => json!(i),
+            crate::model::Value::Long(i) => json!(i),
+            crate::model::Value::Float(x) => json!(x),
+            crate::model::Value::Double(x) => json!(x),
+            crate::model::Value::String(s) => json!(s),
+            crate::model::Value::Bytes(b) => {
+                use base64::Engine;
+                json!(base64::engine::general_purpose::STANDARD.encode(b))
+            }
+        };
+        fields.insert(f.path.to_string(), v);
+    }
+    Ok(json!({
+        "schema": plan.record_name,
+        "header": event.header,
+        "fields": fields,
+        "warnings": warnings,
+    }))
+}
+
 /// The set bit positions of a hex string (`0x` prefix optional), least significant = 0.
 /// Accepts either case and odd digit counts.
 pub fn set_bits(hex: &str) -> Option<Vec<usize>> {
@@ -615,6 +679,15 @@ mod tests {
                 "BillingAddress.State"
             ]
         );
+    }
+
+    #[test]
+    fn captured_payloads_in_any_form() {
+        let raw = vec![0x0e, 0x41, 0x00, 0xff];
+        assert_eq!(payload_from_capture(&raw), raw);
+        assert_eq!(payload_from_capture(b"0e4100ff\n"), raw);
+        assert_eq!(payload_from_capture(b"0x0E 41 00 FF"), raw);
+        assert_eq!(payload_from_capture(b"DkEA/w=="), raw);
     }
 
     proptest! {

@@ -63,8 +63,11 @@ struct DeadLetter {
     schema_id: String,
     payload: Vec<u8>,
     error: String,
+    /// How many applicable events of the batch arrived before it.
+    position: usize,
 }
 
+/// Events received but not yet committed, and the position they bring the channel to.
 #[derive(Default)]
 struct Batch {
     events: Vec<ChangeEvent>,
@@ -78,6 +81,45 @@ struct Batch {
 impl Batch {
     fn is_empty(&self) -> bool {
         self.last_replay.is_none()
+    }
+
+    /// Splits off the trailing Salesforce transaction, which may still be arriving, so that a
+    /// size-bound flush does not cut it (invariant 6). The returned tail is the next batch.
+    /// A batch that is one single transaction is not split: the size bound wins.
+    fn split_open_transaction(&mut self) -> Batch {
+        let Some(last_key) = self.events.last().map(|e| e.header.transaction_key.clone()) else {
+            return Batch::default();
+        };
+        let start = self
+            .events
+            .iter()
+            .rposition(|e| e.header.transaction_key != last_key)
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        if start == 0 || last_key.is_empty() {
+            return Batch::default();
+        }
+        let tail_events = self.events.split_off(start);
+        let (keep, carry): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.dead).into_iter().partition(|d| d.position < start);
+        self.dead = keep;
+        let head_last = &self.events[start - 1];
+        let tail = Batch {
+            events: tail_events,
+            dead: carry
+                .into_iter()
+                .map(|mut d| {
+                    d.position -= start;
+                    d
+                })
+                .collect(),
+            last_replay: self.last_replay.take(),
+            last_commit_ms: self.last_commit_ms,
+            started: Some(Instant::now()),
+        };
+        self.last_replay = Some(head_last.replay_id.clone());
+        self.last_commit_ms = Some(head_last.header.commit_timestamp);
+        tail
     }
 }
 
@@ -167,12 +209,20 @@ impl ChannelTask {
         telemetry::record_connected(&name, true);
         let mut batch = Batch::default();
         let max_wait = self.deps.sync.batch_max_wait();
+        let stale_after = Duration::from_secs(self.deps.sync.stale_stream_secs);
+        let mut last_heard = Instant::now();
         loop {
             let deadline = batch.started.map(|t| t + max_wait);
             let response = tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.flush(&mut batch, &started_after).await?;
                     return Ok(());
+                }
+                // Neither an event nor a keepalive for too long: the stream is dead even if
+                // the connection looks open.
+                _ = tokio::time::sleep_until((last_heard + stale_after).into()) => {
+                    self.flush(&mut batch, &started_after).await?;
+                    return Err(SyncError::StaleStream(stale_after));
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.flush(&mut batch, &started_after).await?;
@@ -181,7 +231,10 @@ impl ChannelTask {
                 r = sub.next() => r,
             };
             let response = match response {
-                Ok(Some(r)) => r,
+                Ok(Some(r)) => {
+                    last_heard = Instant::now();
+                    r
+                }
                 Ok(None) => {
                     self.flush(&mut batch, &started_after).await?;
                     return Err(SyncError::StreamEnded);
@@ -222,7 +275,11 @@ impl ChannelTask {
                 }
             }
             if batch.events.len() >= self.deps.sync.batch_max_events {
+                let tail = batch.split_open_transaction();
                 self.flush(&mut batch, &started_after).await?;
+                if !tail.is_empty() {
+                    batch = tail;
+                }
             }
         }
     }
@@ -288,6 +345,7 @@ impl ChannelTask {
             schema_id: event.schema_id.clone(),
             payload: event.payload.clone(),
             error,
+            position: batch.events.len(),
         });
     }
 
@@ -435,5 +493,75 @@ impl From<SourceError> for SyncError {
 impl From<ReplicaError> for SyncError {
     fn from(e: ReplicaError) -> Self {
         SyncError::Replica(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ChangeHeader, ChangeType};
+
+    fn event(replay: u64, tx: &str) -> ChangeEvent {
+        ChangeEvent {
+            replay_id: ReplayId::from_u64(replay),
+            schema_id: "s".into(),
+            header: ChangeHeader {
+                entity_name: "Account".into(),
+                record_ids: vec![format!("001{replay}")],
+                change_type: ChangeType::Update,
+                change_origin: String::new(),
+                transaction_key: tx.into(),
+                sequence_number: 1,
+                commit_timestamp: replay as i64 * 10,
+                commit_number: replay as i64,
+                commit_user: String::new(),
+                changed_fields: vec![],
+                nulled_fields: vec![],
+                diff_fields: vec![],
+            },
+            fields: vec![],
+            schema_fields: Arc::from(Vec::<Arc<str>>::new()),
+        }
+    }
+
+    fn dead(replay: u64, position: usize) -> DeadLetter {
+        DeadLetter {
+            replay_id: ReplayId::from_u64(replay),
+            schema_id: "s".into(),
+            payload: vec![],
+            error: "x".into(),
+            position,
+        }
+    }
+
+    #[test]
+    fn a_size_flush_keeps_the_trailing_transaction_whole() {
+        let mut b = Batch {
+            events: vec![event(1, "a"), event(2, "a"), event(3, "b"), event(5, "c"), event(6, "c")],
+            dead: vec![dead(4, 3), dead(7, 5)],
+            last_replay: Some(ReplayId::from_u64(8)),
+            last_commit_ms: Some(80),
+            started: Some(Instant::now()),
+        };
+        let tail = b.split_open_transaction();
+        assert_eq!(b.events.len(), 3);
+        assert_eq!(b.last_replay, Some(ReplayId::from_u64(3)), "checkpoint at the cut");
+        assert_eq!(b.last_commit_ms, Some(30));
+        assert_eq!(b.dead.len(), 0, "dead letter 4 arrived after event 3");
+        assert_eq!(tail.events.len(), 2);
+        assert_eq!(tail.dead.iter().map(|d| d.position).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(tail.last_replay, Some(ReplayId::from_u64(8)));
+    }
+
+    #[test]
+    fn one_transaction_larger_than_the_bound_is_not_split() {
+        let mut b = Batch {
+            events: vec![event(1, "a"), event(2, "a")],
+            last_replay: Some(ReplayId::from_u64(2)),
+            ..Default::default()
+        };
+        let tail = b.split_open_transaction();
+        assert!(tail.is_empty());
+        assert_eq!(b.events.len(), 2);
     }
 }

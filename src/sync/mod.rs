@@ -20,6 +20,8 @@ pub enum SyncError {
     Replica(ReplicaError),
     #[error("the server ended the stream")]
     StreamEnded,
+    #[error("no event or keepalive for {0:?}: resubscribing")]
+    StaleStream(std::time::Duration),
     #[error("protocol violation: {0}")]
     Protocol(String),
 }
@@ -29,7 +31,7 @@ impl SyncError {
         match self {
             SyncError::Source(e) => e.is_transient(),
             SyncError::Replica(e) => e.is_transient(),
-            SyncError::StreamEnded => true,
+            SyncError::StreamEnded | SyncError::StaleStream(_) => true,
             SyncError::Protocol(_) => false,
         }
     }
@@ -41,6 +43,7 @@ impl SyncError {
             SyncError::Source(_) => "source",
             SyncError::Replica(_) => "replica",
             SyncError::StreamEnded => "stream_ended",
+            SyncError::StaleStream(_) => "stale_stream",
             SyncError::Protocol(_) => "protocol",
         }
     }

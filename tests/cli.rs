@@ -1,0 +1,133 @@
+//! The command line as an operator meets it: help, exit codes, config errors, inspect-event.
+
+use std::process::Command;
+
+fn sfmirror() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sfmirror"))
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sfm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+#[test]
+fn every_command_has_help_and_bad_usage_exits_2() {
+    for cmd in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["check", "--help"],
+        vec!["emulator", "--help"],
+        vec!["demo", "--help"],
+        vec!["inspect-event", "--help"],
+    ] {
+        let out = sfmirror().args(&cmd).output().expect("runs");
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(!out.stdout.is_empty(), "{cmd:?} prints help");
+    }
+    let out = sfmirror().arg("no-such-command").output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_bad_config_exits_1_naming_the_key() {
+    let path = tmp("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+        [salesforce]
+        auth = "client_credentials"
+        client_id = "x"
+        client_secret = "y"
+        [replica]
+        url = "postgres://u@127.0.0.1/db"
+        [[channels]]
+        name = "AccountChangeEvent"
+        objects = ["Account"]
+        "#,
+    )
+    .expect("write");
+    let out = sfmirror()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("channels[0].name"), "{err}");
+
+    let out = sfmirror()
+        .args(["run", "--config", "/nonexistent/sfmirror.toml"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sfmirror.toml"));
+}
+
+#[test]
+fn inspect_event_prints_names_and_values() {
+    use sfmirror::emulator::cdc::{CdcSchema, HeaderInfo, encode};
+    use sfmirror::model::{ChangeType, ObjectDescribe};
+    let describe: ObjectDescribe =
+        serde_json::from_str(include_str!("../src/emulator/org/Account.json")).expect("describe");
+    let schema = CdcSchema::build(&describe).expect("schema");
+    let changed = ["Rating", "BillingCity"].iter().map(|s| s.to_string()).collect();
+    let nulled = ["Phone"].iter().map(|s| s.to_string()).collect();
+    let mut record = serde_json::Map::new();
+    record.insert("Rating".into(), "Hot".into());
+    record.insert("BillingCity".into(), "Paris".into());
+    let header = HeaderInfo {
+        entity: "Account",
+        record_ids: vec!["001000000000001AAA".into()],
+        change_type: ChangeType::Update,
+        change_origin: "com/salesforce/api/rest/62.0",
+        transaction_key: "t1",
+        sequence_number: 1,
+        commit_timestamp: 1_700_000_000_000,
+        commit_number: 42,
+        commit_user: "005000000000001AAA",
+        changed: schema.bitmap(&changed),
+        nulled: schema.bitmap(&nulled),
+        diff: vec![],
+    };
+    let payload = encode(&schema, &header, &record).expect("encodes");
+    let schema_file = tmp("schema.json");
+    std::fs::write(&schema_file, &schema.json).expect("write");
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let payload_file = tmp("payload.hex");
+    std::fs::write(&payload_file, hex).expect("write");
+    let out = sfmirror()
+        .arg("inspect-event")
+        .arg("--schema")
+        .arg(&schema_file)
+        .arg("--payload")
+        .arg(&payload_file)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["header"]["changeType"], "UPDATE");
+    assert_eq!(json["header"]["commitNumber"], 42);
+    let changed: Vec<&str> = json["header"]["changedFields"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(changed.contains(&"Rating") && changed.contains(&"BillingAddress.City"), "{changed:?}");
+    assert_eq!(json["header"]["nulledFields"][0], "Phone");
+    assert_eq!(json["fields"]["BillingAddress.City"], "Paris");
+
+    std::fs::write(&payload_file, b"not an event").expect("write");
+    let out = sfmirror()
+        .arg("inspect-event")
+        .arg("--schema")
+        .arg(&schema_file)
+        .arg("--payload")
+        .arg(&payload_file)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("payload.hex"));
+}
