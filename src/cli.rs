@@ -142,8 +142,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let captured = std::fs::read(&payload)
                 .with_context(|| format!("reading payload {}", payload.display()))?;
             let bytes = crate::salesforce::event::payload_from_capture(&captured);
-            let json = crate::salesforce::event::inspect(&schema_json, &bytes)
-                .with_context(|| format!("decoding {} with {}", payload.display(), schema.display()))?;
+            let json =
+                crate::salesforce::event::inspect(&schema_json, &bytes).with_context(|| {
+                    format!("decoding {} with {}", payload.display(), schema.display())
+                })?;
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }

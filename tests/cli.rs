@@ -72,7 +72,10 @@ fn inspect_event_prints_names_and_values() {
     let describe: ObjectDescribe =
         serde_json::from_str(include_str!("../src/emulator/org/Account.json")).expect("describe");
     let schema = CdcSchema::build(&describe).expect("schema");
-    let changed = ["Rating", "BillingCity"].iter().map(|s| s.to_string()).collect();
+    let changed = ["Rating", "BillingCity"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let nulled = ["Phone"].iter().map(|s| s.to_string()).collect();
     let mut record = serde_json::Map::new();
     record.insert("Rating".into(), "Hot".into());
@@ -105,7 +108,11 @@ fn inspect_event_prints_names_and_values() {
         .arg(&payload_file)
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json["header"]["changeType"], "UPDATE");
     assert_eq!(json["header"]["commitNumber"], 42);
@@ -115,7 +122,10 @@ fn inspect_event_prints_names_and_values() {
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert!(changed.contains(&"Rating") && changed.contains(&"BillingAddress.City"), "{changed:?}");
+    assert!(
+        changed.contains(&"Rating") && changed.contains(&"BillingAddress.City"),
+        "{changed:?}"
+    );
     assert_eq!(json["header"]["nulledFields"][0], "Phone");
     assert_eq!(json["fields"]["BillingAddress.City"], "Paris");
 

@@ -100,8 +100,9 @@ impl Batch {
             return Batch::default();
         }
         let tail_events = self.events.split_off(start);
-        let (keep, carry): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.dead).into_iter().partition(|d| d.position < start);
+        let (keep, carry): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dead)
+            .into_iter()
+            .partition(|d| d.position < start);
         self.dead = keep;
         let head_last = &self.events[start - 1];
         let tail = Batch {
@@ -537,7 +538,13 @@ mod tests {
     #[test]
     fn a_size_flush_keeps_the_trailing_transaction_whole() {
         let mut b = Batch {
-            events: vec![event(1, "a"), event(2, "a"), event(3, "b"), event(5, "c"), event(6, "c")],
+            events: vec![
+                event(1, "a"),
+                event(2, "a"),
+                event(3, "b"),
+                event(5, "c"),
+                event(6, "c"),
+            ],
             dead: vec![dead(4, 3), dead(7, 5)],
             last_replay: Some(ReplayId::from_u64(8)),
             last_commit_ms: Some(80),
@@ -545,11 +552,18 @@ mod tests {
         };
         let tail = b.split_open_transaction();
         assert_eq!(b.events.len(), 3);
-        assert_eq!(b.last_replay, Some(ReplayId::from_u64(3)), "checkpoint at the cut");
+        assert_eq!(
+            b.last_replay,
+            Some(ReplayId::from_u64(3)),
+            "checkpoint at the cut"
+        );
         assert_eq!(b.last_commit_ms, Some(30));
         assert_eq!(b.dead.len(), 0, "dead letter 4 arrived after event 3");
         assert_eq!(tail.events.len(), 2);
-        assert_eq!(tail.dead.iter().map(|d| d.position).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(
+            tail.dead.iter().map(|d| d.position).collect::<Vec<_>>(),
+            [0, 2]
+        );
         assert_eq!(tail.last_replay, Some(ReplayId::from_u64(8)));
     }
 
