@@ -62,7 +62,7 @@ async fn assert_replica_matches(emulator: &Emulator, db: &TestDb) {
         .collect();
     let org_records = emulator.org.records("Account");
     assert_eq!(replica.len(), org_records.len(), "row count");
-    let def = &emulator.org.objects["Account"];
+    let def = emulator.org.object("Account").expect("Account");
     let fields: Vec<String> = def
         .schema
         .fields

@@ -52,7 +52,7 @@ fn value_for(path_index: usize, seed: u8) -> Value {
     match path_index {
         0 => Value::String(format!("name-{seed}")),
         1 => Value::Double(f64::from(seed) / 4.0),
-        2 => Value::Boolean(seed % 2 == 0),
+        2 => Value::Boolean(seed.is_multiple_of(2)),
         3 => Value::Int(i32::from(seed) * 3),
         4 => Value::String(format!("{seed} main st")),
         _ => Value::String(["Paris", "Lyon", "Oslo"][usize::from(seed) % 3].to_string()),

@@ -29,6 +29,8 @@ struct Log {
 
 struct Inner {
     next_replay: u64,
+    /// The newest replay id handed out (the tip).
+    last_replay: u64,
     logs: HashMap<String, Log>,
 }
 
@@ -66,6 +68,7 @@ impl Bus {
         Bus {
             inner: Mutex::new(Inner {
                 next_replay: first_replay + 1,
+                last_replay: first_replay,
                 logs,
             }),
             version: watch::channel(0).0,
@@ -79,7 +82,7 @@ impl Bus {
 
     pub fn add_channel(&self, channel: &str) {
         let mut inner = self.lock();
-        let tip = inner.next_replay - 1;
+        let tip = inner.last_replay;
         inner.logs.entry(channel.to_string()).or_insert(Log {
             events: VecDeque::new(),
             purged_through: tip,
@@ -105,6 +108,7 @@ impl Bus {
             // Steps of 1-3 keep ids increasing but not contiguous.
             let replay = inner.next_replay;
             inner.next_replay += 1 + (replay % 3);
+            inner.last_replay = replay;
             let event = Arc::new(BusEvent {
                 replay,
                 schema_id: schema_id.to_string(),
@@ -129,10 +133,7 @@ impl Bus {
 
     /// The newest replay id of the org (the tip every channel's LATEST starts after).
     pub fn tip(&self) -> u64 {
-        self.lock()
-            .next_replay
-            .saturating_sub(1)
-            .max(self.first_replay)
+        self.lock().last_replay
     }
 
     /// The position EARLIEST starts after on `channel`.
@@ -147,7 +148,7 @@ impl Bus {
     /// Checks a CUSTOM replay id: it must lie between the channel's purge horizon and the tip.
     pub fn resolve_custom(&self, channel: &str, replay: u64) -> Position {
         let inner = self.lock();
-        let tip = inner.next_replay - 1;
+        let tip = inner.last_replay;
         match inner.logs.get(channel) {
             Some(log) if replay >= log.purged_through && replay <= tip => Position::After(replay),
             _ => Position::Invalid,
@@ -204,6 +205,7 @@ mod tests {
         let a = bus.publish(&["/data/A".into()], "s", vec![1], 0);
         let b = bus.publish(&["/data/A".into(), "/data/B".into()], "s", vec![2], 10);
         assert!(a > start && b > a);
+        assert_eq!(bus.tip(), b, "the tip is the newest id handed out");
         assert_eq!(bus.read_after("/data/A", start, 10).len(), 2);
         assert_eq!(bus.read_after("/data/A", a, 10).len(), 1);
         assert_eq!(bus.read_after("/data/B", start, 10)[0].replay, b);

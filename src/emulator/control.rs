@@ -5,6 +5,8 @@
 
 use super::pubsub::SubscriptionRecord;
 use super::rest::RestState;
+use super::store::ApiError;
+use crate::model::ChangeType;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +26,125 @@ pub fn router() -> Router<Arc<RestState>> {
         .route("/emulator/stats", get(stats))
         .route("/emulator/expire-tokens", post(expire_tokens))
         .route("/emulator/drop-streams", post(drop_streams))
+        .route("/emulator/undelete", post(undelete))
+        .route("/emulator/mass-update", post(mass_update))
+        .route("/emulator/gap", post(gap))
+        .route("/emulator/add-field", post(add_field))
+        .route("/emulator/corrupt", post(corrupt))
+        .route("/emulator/refuse", post(refuse))
+}
+
+type S = State<Arc<RestState>>;
+
+fn field<'a>(body: &'a J, key: &str) -> Result<&'a J, ApiError> {
+    body.get(key).ok_or_else(|| {
+        ApiError::new(
+            400,
+            "REQUIRED_FIELD_MISSING",
+            format!("`{key}` is required"),
+        )
+    })
+}
+
+fn text<'a>(body: &'a J, key: &str) -> Result<&'a str, ApiError> {
+    field(body, key)?.as_str().ok_or_else(|| {
+        ApiError::new(
+            400,
+            "JSON_PARSER_ERROR",
+            format!("`{key}` must be a string"),
+        )
+    })
+}
+
+fn ids(body: &J) -> Result<Vec<String>, ApiError> {
+    field(body, "ids")?
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| ApiError::new(400, "JSON_PARSER_ERROR", "`ids` must be an array of ids"))
+}
+
+/// `{"object": "Account", "id": "001..."}`: restore a deleted record (UNDELETE event).
+async fn undelete(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    st.org.undelete(
+        text(&body, "object")?,
+        text(&body, "id")?,
+        "com/salesforce/api/soap/62.0",
+    )?;
+    Ok(Json(json!({"undeleted": true})))
+}
+
+/// `{"object", "ids": [...], "fields": {...}}`: one transaction setting the same values on
+/// several records; identical changes share one event with several recordIds.
+async fn mass_update(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let fields = field(&body, "fields")?
+        .as_object()
+        .ok_or_else(|| ApiError::new(400, "JSON_PARSER_ERROR", "`fields` must be an object"))?;
+    st.org.mass_update(
+        text(&body, "object")?,
+        &ids(&body)?,
+        fields,
+        "com/salesforce/api/rest/62.0",
+    )?;
+    Ok(Json(json!({"updated": true})))
+}
+
+/// `{"object", "change_type": "GAP_UPDATE", "ids": [...], "fields": {...}}`: change records
+/// without an event, then send the gap event instead. With GAP_CREATE, `create` (an array of
+/// field objects) creates the records silently first; their ids are returned. GAP_OVERFLOW
+/// takes no ids; `ids: ["001*"]` is a wildcard.
+async fn gap(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let object = text(&body, "object")?;
+    let symbol = text(&body, "change_type")?;
+    let change_type = ChangeType::from_symbol(symbol)
+        .filter(|t| t.symbol().starts_with("GAP_"))
+        .ok_or_else(|| {
+            ApiError::new(400, "INVALID_TYPE", format!("`{symbol}` is not a gap type"))
+        })?;
+    let mut record_ids = match body.get("ids") {
+        Some(_) => ids(&body)?,
+        None => Vec::new(),
+    };
+    if let Some(creates) = body.get("create").and_then(J::as_array) {
+        for c in creates {
+            let fields = c.as_object().ok_or_else(|| {
+                ApiError::new(400, "JSON_PARSER_ERROR", "`create` holds field objects")
+            })?;
+            record_ids.push(st.org.create_silently(object, fields)?);
+        }
+    }
+    let silent = body.get("fields").and_then(J::as_object);
+    st.org.gap(object, change_type, &record_ids, silent)?;
+    Ok(Json(json!({"ids": record_ids})))
+}
+
+/// `{"object", "field": {describe field}}`: add a field; the object's schema id changes.
+async fn add_field(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let schema_id = st
+        .org
+        .add_field(text(&body, "object")?, field(&body, "field")?.clone())?;
+    Ok(Json(json!({"schema_id": schema_id})))
+}
+
+/// `{"count": N}`: corrupt the next N event payloads.
+async fn corrupt(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let n = field(&body, "count")?.as_u64().unwrap_or(1);
+    st.org.corrupt_next(u32::try_from(n).unwrap_or(u32::MAX));
+    Ok(Json(json!({"corrupting": n})))
+}
+
+/// `{"seconds": N}`: end open streams and answer Pub/Sub calls with UNAVAILABLE for N s.
+async fn refuse(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let secs = field(&body, "seconds")?.as_f64().unwrap_or(1.0);
+    st.org.refuse_for((secs * 1000.0) as i64);
+    if let Ok(mut token) = st.control.drop_streams.lock() {
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+    Ok(Json(json!({"refusing_seconds": secs})))
 }
 
 /// Subscriptions opened so far, events per channel, records per object.
@@ -36,9 +157,12 @@ async fn stats(State(st): State<Arc<RestState>>) -> Json<J> {
         .unwrap_or_default();
     let records: serde_json::Map<String, J> = st
         .org
-        .objects
-        .keys()
-        .map(|o| (o.clone(), J::from(st.org.records(o).len())))
+        .object_names()
+        .into_iter()
+        .map(|o| {
+            let n = st.org.records(&o).len();
+            (o, J::from(n))
+        })
         .collect();
     Json(json!({
         "org_id": st.org.org_id,

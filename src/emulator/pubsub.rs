@@ -68,6 +68,13 @@ impl PubSubService {
     }
 
     fn authenticate(&self, md: &MetadataMap) -> Result<(), Status> {
+        if self.org.refusing() {
+            return Err(sf_status(
+                Code::Unavailable,
+                "service.unavailable",
+                "The service is temporarily unavailable. Try again later.",
+            ));
+        }
         let get = |key: &str| {
             md.get(key)
                 .and_then(|v| v.to_str().ok())
@@ -130,13 +137,7 @@ impl PubSub for PubSubService {
         let topic = request.into_inner().topic_name;
         self.check_topic(&topic)?;
         // A per-object channel reports that object's schema; the all-changes channel has none.
-        let schema_id = self
-            .org
-            .objects
-            .values()
-            .find(|o| o.channels.get(1).is_some_and(|c| *c == topic))
-            .map(|o| o.schema.schema_id.clone())
-            .unwrap_or_default();
+        let schema_id = self.org.channel_schema_id(&topic).unwrap_or_default();
         Ok(Response::new(TopicInfo {
             topic_name: topic,
             tenant_guid: self.org.org_id.clone(),

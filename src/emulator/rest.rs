@@ -223,11 +223,11 @@ async fn userinfo(State(st): S) -> Json<J> {
 
 async fn global_describe(State(st): S, Path(version): Path<String>) -> Result<Json<J>, ApiError> {
     check_version(&version)?;
-    let mut names: Vec<&String> = st.org.objects.keys().collect();
-    names.sort();
-    let sobjects: Vec<J> = names
-        .into_iter()
-        .filter_map(|n| st.org.objects.get(n))
+    let sobjects: Vec<J> = st
+        .org
+        .object_names()
+        .iter()
+        .filter_map(|n| st.org.object(n).ok())
         .map(|o| {
             let d = &o.describe;
             json!({
@@ -333,7 +333,7 @@ async fn retrieve(
     check_version(&version)?;
     let record = st.org.get(&object, &id)?;
     let def = st.org.object(&object)?;
-    Ok(Json(rest_record(&version, def, &record)))
+    Ok(Json(rest_record(&version, &def, &record)))
 }
 
 /// A record as REST returns it: `attributes`, then every non-compound field (nulls included).

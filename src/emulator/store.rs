@@ -9,7 +9,7 @@ use super::cdc::{CdcSchema, HeaderInfo, encode};
 use crate::model::{ChangeType, FieldType, ObjectDescribe};
 use serde_json::{Map, Value as J};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// An error as Salesforce's REST API reports it.
@@ -71,8 +71,15 @@ pub struct Org {
     pub org_id: String,
     pub user_id: String,
     pub username: String,
-    pub objects: HashMap<String, ObjectDef>,
+    /// Objects by API name; replaced whole when a field is added.
+    objects: RwLock<HashMap<String, Arc<ObjectDef>>>,
+    /// Every schema ever published, so events in the log stay decodable after a change.
+    schemas: RwLock<HashMap<String, Arc<CdcSchema>>>,
     pub bus: Bus,
+    /// Payloads still to corrupt (control API), to exercise dead-lettering.
+    corrupt_remaining: AtomicU32,
+    /// Wall-clock ms until which Pub/Sub refuses service (control API).
+    refuse_until_ms: AtomicI64,
     data: Mutex<Data>,
     tokens: RwLock<HashMap<String, TokenInfo>>,
     clock_offset_ms: AtomicI64,
@@ -157,19 +164,21 @@ impl Org {
     /// Builds an org from describes. Every object gets its own channel plus the all-changes one.
     pub fn new(describes: Vec<(ObjectDescribe, J)>) -> Result<Org, String> {
         let mut objects = HashMap::new();
+        let mut schemas = HashMap::new();
         let mut channels = vec![ALL_CHANGES_CHANNEL.to_string()];
         for (describe, raw) in describes {
             let schema = Arc::new(CdcSchema::build(&describe)?);
+            schemas.insert(schema.schema_id.clone(), schema.clone());
             let channel = object_channel(&describe.name);
             channels.push(channel.clone());
             objects.insert(
                 describe.name.clone(),
-                ObjectDef {
+                Arc::new(ObjectDef {
                     describe,
                     raw,
                     schema,
                     channels: vec![ALL_CHANGES_CHANNEL.to_string(), channel],
-                },
+                }),
             );
         }
         let org_id = id18("00D5g000004SfMx");
@@ -177,8 +186,11 @@ impl Org {
             org_id,
             user_id: id18("0055g00000AbCdE"),
             username: "admin@sfmirror.emulator".to_string(),
-            objects,
+            objects: RwLock::new(objects),
+            schemas: RwLock::new(schemas),
             bus: Bus::new(channels),
+            corrupt_remaining: AtomicU32::new(0),
+            refuse_until_ms: AtomicI64::new(0),
             data: Mutex::new(Data {
                 next_id: 1,
                 commit_number: 10_000_000_000,
@@ -237,8 +249,20 @@ impl Org {
         }
     }
 
-    pub fn object(&self, name: &str) -> Result<&ObjectDef, ApiError> {
-        self.objects.get(name).ok_or_else(|| {
+    /// Object names, sorted.
+    pub fn object_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .objects
+            .read()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    pub fn object(&self, name: &str) -> Result<Arc<ObjectDef>, ApiError> {
+        let found = self.objects.read().ok().and_then(|o| o.get(name).cloned());
+        found.ok_or_else(|| {
             ApiError::new(
                 404,
                 "NOT_FOUND",
@@ -377,8 +401,27 @@ impl Org {
         input: &Map<String, J>,
         origin: &str,
     ) -> Result<String, ApiError> {
+        self.create_record(object, input, origin, true)
+    }
+
+    /// Creates a record without publishing its event (what precedes a GAP_CREATE).
+    pub fn create_silently(
+        &self,
+        object: &str,
+        input: &Map<String, J>,
+    ) -> Result<String, ApiError> {
+        self.create_record(object, input, "", false)
+    }
+
+    fn create_record(
+        &self,
+        object: &str,
+        input: &Map<String, J>,
+        origin: &str,
+        emit: bool,
+    ) -> Result<String, ApiError> {
         let def = self.object(object)?;
-        let mut record = Self::validate(def, input, true)?;
+        let mut record = Self::validate(&def, input, true)?;
         let missing: Vec<String> = def
             .describe
             .fields
@@ -429,9 +472,12 @@ impl Org {
             .entry(object.to_string())
             .or_default()
             .insert(id.clone(), record.clone());
+        if !emit {
+            return Ok(id);
+        }
         self.publish(
             &mut data,
-            def,
+            &def,
             ChangeType::Create,
             vec![id.clone()],
             &record,
@@ -452,7 +498,7 @@ impl Org {
         origin: &str,
     ) -> Result<(), ApiError> {
         let def = self.object(object)?;
-        let values = Self::validate(def, input, false)?;
+        let values = Self::validate(&def, input, false)?;
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
@@ -492,7 +538,7 @@ impl Org {
             .collect();
         self.publish(
             &mut data,
-            def,
+            &def,
             ChangeType::Update,
             vec![id.to_string()],
             &body,
@@ -519,7 +565,7 @@ impl Org {
         record.insert("SystemModstamp".into(), J::String(stamp));
         self.publish(
             &mut data,
-            def,
+            &def,
             ChangeType::Delete,
             vec![id.to_string()],
             &Record::new(),
@@ -584,19 +630,254 @@ impl Org {
             nulled: def.schema.bitmap(&nulled),
             diff: Vec::new(),
         };
-        let payload = encode(&def.schema, &header, body)
+        let mut payload = encode(&def.schema, &header, body)
             .map_err(|m| ApiError::new(500, "UNKNOWN_EXCEPTION", m))?;
+        let corrupt = self
+            .corrupt_remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if corrupt {
+            // Keep the bytes but cut the datum short: a reader sees a truncated record.
+            payload.truncate(payload.len() / 2);
+            payload.extend_from_slice(&[0xFF, 0xFF, 0xFF]);
+        }
         self.bus
             .publish(&def.channels, &def.schema.schema_id, payload, now);
         Ok(())
     }
 
-    /// The schema JSON for a schema id, if any object has it.
+    /// The schema JSON for a schema id, current or past.
     pub fn schema_json(&self, schema_id: &str) -> Option<String> {
-        self.objects
-            .values()
-            .find(|o| o.schema.schema_id == schema_id)
-            .map(|o| o.schema.json.clone())
+        self.schemas
+            .read()
+            .ok()
+            .and_then(|s| s.get(schema_id).map(|s| s.json.clone()))
+    }
+
+    /// The current schema id of the object whose own channel is `channel`.
+    pub fn channel_schema_id(&self, channel: &str) -> Option<String> {
+        self.objects.read().ok().and_then(|o| {
+            o.values()
+                .find(|d| d.channels.get(1).is_some_and(|c| c == channel))
+                .map(|d| d.schema.schema_id.clone())
+        })
+    }
+
+    /// Corrupts the next `n` published payloads.
+    pub fn corrupt_next(&self, n: u32) {
+        self.corrupt_remaining.store(n, Ordering::Relaxed);
+    }
+
+    /// Pub/Sub refuses service (UNAVAILABLE) for `ms` of wall-clock time.
+    pub fn refuse_for(&self, ms: i64) {
+        self.refuse_until_ms.store(
+            chrono::Utc::now().timestamp_millis() + ms,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn refusing(&self) -> bool {
+        chrono::Utc::now().timestamp_millis() < self.refuse_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Adds a field (a describe field object) to `object`: new describe, new schema id.
+    pub fn add_field(&self, object: &str, field: J) -> Result<String, ApiError> {
+        let def = self.object(object)?;
+        let parsed: crate::model::FieldDescribe =
+            serde_json::from_value(field.clone()).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "JSON_PARSER_ERROR",
+                    format!("not a describe field: {e}"),
+                )
+            })?;
+        if def.describe.field(&parsed.name).is_some() {
+            return Err(ApiError::new(
+                400,
+                "DUPLICATE_DEVELOPER_NAME",
+                format!("{object} already has a field {}", parsed.name),
+            ));
+        }
+        let mut describe = def.describe.clone();
+        describe.fields.push(parsed);
+        let mut raw = def.raw.clone();
+        if let Some(fields) = raw.get_mut("fields").and_then(J::as_array_mut) {
+            fields.push(field);
+        }
+        let schema = Arc::new(
+            CdcSchema::build(&describe).map_err(|m| ApiError::new(400, "INVALID_FIELD", m))?,
+        );
+        let schema_id = schema.schema_id.clone();
+        if let Ok(mut s) = self.schemas.write() {
+            s.insert(schema_id.clone(), schema.clone());
+        }
+        let updated = Arc::new(ObjectDef {
+            describe,
+            raw,
+            schema,
+            channels: def.channels.clone(),
+        });
+        if let Ok(mut o) = self.objects.write() {
+            o.insert(object.to_string(), updated);
+        }
+        Ok(schema_id)
+    }
+
+    /// Restores a record from the recycle bin; publishes an UNDELETE with all its fields.
+    pub fn undelete(&self, object: &str, id: &str, origin: &str) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        let mut data = self.data();
+        let now = self.now_ms();
+        let stamp = format_datetime(now - now % 1000);
+        let record = data
+            .records
+            .get_mut(object)
+            .and_then(|r| r.get_mut(id))
+            .filter(|r| r.get("IsDeleted") == Some(&J::Bool(true)))
+            .ok_or_else(|| {
+                ApiError::new(404, "UNDELETE_FAILED", "Entity is not in the recycle bin")
+            })?;
+        record.insert("IsDeleted".into(), J::Bool(false));
+        record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
+        record.insert("SystemModstamp".into(), J::String(stamp));
+        let body = record.clone();
+        self.publish(
+            &mut data,
+            &def,
+            ChangeType::Undelete,
+            vec![id.to_string()],
+            &body,
+            HashSet::new(),
+            HashSet::new(),
+            now,
+            origin,
+        )
+    }
+
+    /// Sets the same values on several records in one transaction: records whose changes are
+    /// identical share one event with several `recordIds`, as Salesforce does.
+    pub fn mass_update(
+        &self,
+        object: &str,
+        ids: &[String],
+        input: &Map<String, J>,
+        origin: &str,
+    ) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        let values = Self::validate(&def, input, false)?;
+        let mut data = self.data();
+        let now = self.now_ms();
+        let stamp = format_datetime(now - now % 1000);
+        type Group = (Vec<String>, Record, HashSet<String>);
+        let mut groups: BTreeMap<Vec<String>, Group> = BTreeMap::new();
+        for id in ids {
+            let Some(record) = data
+                .records
+                .get_mut(object)
+                .and_then(|r| r.get_mut(id))
+                .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
+            else {
+                return Err(ApiError::new(
+                    404,
+                    "NOT_FOUND",
+                    format!("no live record {id}"),
+                ));
+            };
+            let mut changed = HashSet::new();
+            let mut nulled = HashSet::new();
+            for (k, v) in &values {
+                if record.get(k).unwrap_or(&J::Null) != v {
+                    if v.is_null() {
+                        nulled.insert(k.clone());
+                    }
+                    changed.insert(k.clone());
+                    record.insert(k.clone(), v.clone());
+                }
+            }
+            changed.insert("LastModifiedDate".to_string());
+            record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
+            record.insert("SystemModstamp".into(), J::String(stamp.clone()));
+            let mut key: Vec<String> = changed.iter().cloned().collect();
+            key.sort();
+            let body: Record = changed
+                .iter()
+                .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
+                .collect();
+            groups
+                .entry(key)
+                .or_insert_with(|| (Vec::new(), body, nulled))
+                .0
+                .push(id.clone());
+        }
+        for (changed, (record_ids, body, nulled)) in groups {
+            let changed: HashSet<String> = changed.into_iter().collect();
+            self.publish(
+                &mut data,
+                &def,
+                ChangeType::Update,
+                record_ids,
+                &body,
+                changed,
+                nulled,
+                now,
+                origin,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Changes records without an event (as database jobs do), then publishes the gap event
+    /// Salesforce sends instead: `GAP_CREATE`, `GAP_UPDATE`, `GAP_DELETE`, `GAP_UNDELETE`, or
+    /// `GAP_OVERFLOW` (no ids). `ids` may be a wildcard like `001*`.
+    pub fn gap(
+        &self,
+        object: &str,
+        change_type: ChangeType,
+        ids: &[String],
+        silent_changes: Option<&Map<String, J>>,
+    ) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        let values = match silent_changes {
+            Some(v) => Some(Self::validate(&def, v, false)?),
+            None => None,
+        };
+        let mut data = self.data();
+        let now = self.now_ms();
+        let stamp = format_datetime(now - now % 1000);
+        for id in ids.iter().filter(|i| !i.ends_with('*')) {
+            if let Some(record) = data.records.get_mut(object).and_then(|r| r.get_mut(id)) {
+                for (k, v) in values.iter().flatten() {
+                    record.insert(k.clone(), v.clone());
+                }
+                match change_type {
+                    ChangeType::GapDelete => {
+                        record.insert("IsDeleted".into(), J::Bool(true));
+                    }
+                    ChangeType::GapUndelete => {
+                        record.insert("IsDeleted".into(), J::Bool(false));
+                    }
+                    _ => {}
+                }
+                record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
+                record.insert("SystemModstamp".into(), J::String(stamp.clone()));
+            }
+        }
+        let record_ids = if change_type == ChangeType::GapOverflow {
+            Vec::new()
+        } else {
+            ids.to_vec()
+        };
+        self.publish(
+            &mut data,
+            &def,
+            change_type,
+            record_ids,
+            &Record::new(),
+            HashSet::new(),
+            HashSet::new(),
+            now,
+            "",
+        )
     }
 }
 

@@ -411,7 +411,7 @@ pub fn payload_from_capture(bytes: &[u8]) -> Vec<u8> {
         return bytes.to_vec();
     }
     let hex = text.strip_prefix("0x").unwrap_or(&text);
-    if hex.len() % 2 == 0 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+    if hex.len().is_multiple_of(2) && hex.chars().all(|c| c.is_ascii_hexdigit()) {
         let decoded: Option<Vec<u8>> = (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())

@@ -72,6 +72,25 @@ impl RestWriter {
     }
 }
 
+impl RestWriter {
+    pub async fn delete(&self, object: &str, id: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .delete(format!("{}/{object}/{id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!(
+                "delete {object} {id} failed: HTTP {} {}",
+                resp.status(),
+                resp.text().await?
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A daemon config that mirrors `emulator`'s Account channel into `database_url`.
 pub fn config_for(
     emulator: &Emulator,

@@ -235,3 +235,131 @@ fn database_names_replace_the_path() {
     );
     assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
 }
+
+/// Polls `ok` until it holds or `timeout` passes.
+pub async fn wait_for(what: &str, timeout: std::time::Duration, mut ok: impl AsyncFnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ok().await {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Epoch ms of a REST datetime or a Postgres jsonb timestamptz.
+fn epoch_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// Whether an org value (REST JSON) and a replica value (jsonb) are the same field value.
+pub fn same_value(org: &serde_json::Value, replica: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    match (org, replica) {
+        (J::Null, J::Null) => true,
+        (J::Number(a), J::Number(b)) => a.as_f64() == b.as_f64(),
+        (J::String(a), J::String(b)) if a == b => true,
+        (J::String(a), J::String(b)) => epoch_ms(a).is_some() && epoch_ms(a) == epoch_ms(b),
+        (a, b) => a == b,
+    }
+}
+
+/// The describe fields an object's change events carry (compound components expanded).
+pub fn cdc_fields(def: &sfmirror::emulator::store::ObjectDef) -> Vec<String> {
+    use sfmirror::emulator::cdc::CdcField;
+    def.schema
+        .fields
+        .iter()
+        .flat_map(|f| match f {
+            CdcField::Scalar { field, .. } => vec![field.clone()],
+            CdcField::Compound { subs, .. } => subs.iter().map(|s| s.1.clone()).collect(),
+        })
+        .collect()
+}
+
+/// Rows of `schema.table` as JSON objects by id.
+pub async fn replica_rows(
+    db: &TestDb,
+    schema: &str,
+    table: &str,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let client = db.client().await;
+    let sql = format!("SELECT id, to_jsonb(t)::text FROM {schema}.{table} t");
+    let rows = match client.query(&sql, &[]).await {
+        Ok(rows) => rows,
+        // The table appears with the first event of its object.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Default::default();
+        }
+        Err(e) => panic!("read {schema}.{table}: {e}"),
+    };
+    rows.iter()
+        .map(|r| {
+            let text: String = r.get(1);
+            (r.get(0), serde_json::from_str(&text).expect("row as JSON"))
+        })
+        .collect()
+}
+
+/// Differences between the org's live records of `object` and the replica (soft delete mode:
+/// deleted records must be marked `_sfm_deleted`, or absent). Empty when they match.
+pub async fn object_drift(
+    emulator: &sfmirror::emulator::Emulator,
+    db: &TestDb,
+    schema: &str,
+    object: &str,
+) -> Vec<String> {
+    let def = emulator.org.object(object).expect("object");
+    let fields = cdc_fields(&def);
+    let replica = replica_rows(db, schema, &object.to_ascii_lowercase()).await;
+    let records = emulator.org.records(object);
+    let mut drift = Vec::new();
+    let live: std::collections::HashSet<&str> =
+        records.iter().filter_map(|r| r["Id"].as_str()).collect();
+    for (id, row) in &replica {
+        if !live.contains(id.as_str()) && row["_sfm_deleted"] != serde_json::Value::Bool(true) {
+            drift.push(format!(
+                "{object} {id}: in the replica, not live in the org"
+            ));
+        }
+    }
+    for rec in &records {
+        let id = rec["Id"].as_str().unwrap_or_default();
+        let Some(row) = replica.get(id) else {
+            drift.push(format!("{object} {id}: missing in the replica"));
+            continue;
+        };
+        if row["_sfm_deleted"] == serde_json::Value::Bool(true) {
+            drift.push(format!(
+                "{object} {id}: live in the org, deleted in the replica"
+            ));
+        }
+        for f in &fields {
+            let want = rec.get(f).unwrap_or(&serde_json::Value::Null);
+            let got = &row[f.to_ascii_lowercase()];
+            if !same_value(want, got) {
+                drift.push(format!("{object} {id}.{f}: org {want} replica {got}"));
+            }
+        }
+    }
+    drift
+}
+
+/// POSTs to the emulator's control API.
+pub async fn control(
+    emulator: &sfmirror::emulator::Emulator,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/emulator/{path}", emulator.rest_url))
+        .json(&body)
+        .send()
+        .await
+        .expect("control call");
+    let status = resp.status();
+    let json: serde_json::Value = resp.json().await.expect("control answer");
+    assert!(status.is_success(), "control {path}: {status} {json}");
+    json
+}

@@ -1,0 +1,529 @@
+//! Streaming replication against the emulator: every change type, compound and typed fields,
+//! multi-record events, delete modes, schema changes mid-stream, and the faults a long-lived
+//! subscriber meets (expired tokens, dropped streams, unavailable service, corrupt payloads).
+
+mod common;
+
+use common::{TestDb, control, object_drift, wait_for};
+use serde_json::json;
+use sfmirror::config::Config;
+use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::sync::demo::RestWriter;
+use sfmirror::sync::supervisor;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn config(
+    emulator: &Emulator,
+    db: &TestDb,
+    channels: &[(&str, &[&str])],
+    delete_mode: &str,
+) -> Config {
+    let mut text = format!(
+        r#"
+        [salesforce]
+        login_url = "{rest}"
+        auth = "client_credentials"
+        client_id = "{id}"
+        client_secret = "{secret}"
+        pubsub_endpoint = "{grpc}"
+        [replica]
+        url = "{db}"
+        delete_mode = "{delete_mode}"
+        [sync]
+        batch_max_wait_ms = 20
+        reconnect_min_ms = 50
+        reconnect_max_ms = 500
+        [metrics]
+        listen = ""
+        "#,
+        rest = emulator.rest_url,
+        id = emulator.credentials.client_id,
+        secret = emulator.credentials.client_secret,
+        grpc = emulator.pubsub_endpoint,
+        db = db.url,
+    );
+    for (name, objects) in channels {
+        let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
+        text.push_str(&format!(
+            "[[channels]]\nname = \"{name}\"\nobjects = [{}]\n",
+            list.join(", ")
+        ));
+    }
+    Config::from_toml(&text).expect("config")
+}
+
+struct Daemon {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), sfmirror::sync::SyncError>>,
+}
+
+impl Daemon {
+    async fn start(emulator: &Emulator, cfg: &Config) -> Daemon {
+        let before = emulator.subscription_count();
+        let stop = CancellationToken::new();
+        let task = {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            tokio::spawn(async move { supervisor::run(&cfg, stop, None).await })
+        };
+        let n = cfg.channels.len();
+        wait_for("subscriptions", WAIT, async || {
+            emulator.subscription_count() >= before + n
+        })
+        .await;
+        Daemon { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("daemon ends cleanly");
+    }
+}
+
+async fn converged(emulator: &Emulator, db: &TestDb, objects: &[&str]) {
+    let mut last = Vec::new();
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut drift = Vec::new();
+        for o in objects {
+            drift.extend(object_drift(emulator, db, "salesforce", o).await);
+        }
+        if drift.is_empty() {
+            return;
+        }
+        if t0.elapsed() > WAIT {
+            panic!(
+                "replica did not converge: {:#?}",
+                &drift[..drift.len().min(20)]
+            );
+        }
+        last = drift;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = &last;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_type_over_three_channels_converges() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[
+            ("/data/AccountChangeEvent", &["Account"]),
+            ("/data/ContactChangeEvent", &["Contact"]),
+            ("/data/OpportunityChangeEvent", &["Opportunity"]),
+        ],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+
+    let mut accounts = Vec::new();
+    for i in 0..6 {
+        accounts.push(
+            w.create(
+                "Account",
+                json!({
+                    "Name": format!("Acme {i}"), "Type": "Customer", "Industry": "Energy",
+                    "BillingStreet": "1 Main St\nSuite 2", "BillingCity": "Paris",
+                    "BillingPostalCode": "75001", "BillingLatitude": 48.856613,
+                    "BillingLongitude": 2.352222, "ShippingCountry": "France",
+                    "Phone": "+33 1 23 45 67 89", "Website": "https://acme.example",
+                    "AnnualRevenue": 1234567.0, "NumberOfEmployees": 250 + i,
+                    "Description": "Unicode: é ü 漢字 🚀, quotes ' \" and a\ttab",
+                    "Rating": "Warm", "YearStarted": "1999"
+                }),
+            )
+            .await
+            .expect("account"),
+        );
+    }
+    let contact = w
+        .create(
+            "Contact",
+            json!({"LastName": "Curie", "FirstName": "Marie", "Salutation": "Dr.",
+                   "Email": "marie@example.org", "Birthdate": "1867-11-07",
+                   "MailingCity": "Warsaw", "AccountId": accounts[0]}),
+        )
+        .await
+        .expect("contact");
+    let opportunity = w
+        .create(
+            "Opportunity",
+            json!({"Name": "Big deal", "StageName": "Prospecting", "CloseDate": "2027-03-31",
+                   "Amount": 99999.99, "Probability": 12.5, "AccountId": accounts[1]}),
+        )
+        .await
+        .expect("opportunity");
+
+    // Field-level updates, including nulls and compound components.
+    w.update(
+        "Account",
+        &accounts[0],
+        json!({"Rating": "Hot", "Phone": null, "BillingCity": "Lyon"}),
+    )
+    .await
+    .expect("update");
+    w.update(
+        "Contact",
+        &contact,
+        json!({"FirstName": "Maria", "Birthdate": null}),
+    )
+    .await
+    .expect("update");
+    w.update(
+        "Opportunity",
+        &opportunity,
+        json!({"StageName": "Closed Won", "Amount": 120000.5}),
+    )
+    .await
+    .expect("update");
+    // One transaction, several records, one event with several recordIds.
+    control(
+        &emulator,
+        "mass-update",
+        json!({"object": "Account", "ids": [accounts[2], accounts[3], accounts[4]],
+               "fields": {"Industry": "Banking", "Description": null}}),
+    )
+    .await;
+    // Delete; delete then undelete.
+    w.delete("Account", &accounts[5]).await.expect("delete");
+    w.delete("Account", &accounts[4]).await.expect("delete");
+    control(
+        &emulator,
+        "undelete",
+        json!({"object": "Account", "id": accounts[4]}),
+    )
+    .await;
+    w.update("Account", &accounts[4], json!({"Site": "HQ"}))
+        .await
+        .expect("update after undelete");
+
+    converged(&emulator, &db, &["Account", "Contact", "Opportunity"]).await;
+    let client = db.client().await;
+    let deleted: bool = client
+        .query_one(
+            "SELECT _sfm_deleted FROM salesforce.account WHERE id = $1",
+            &[&accounts[5]],
+        )
+        .await
+        .expect("deleted row kept")
+        .get(0);
+    assert!(deleted, "soft delete keeps the row, marked");
+    let types: Vec<(String, String)> = client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+             WHERE table_schema = 'salesforce' AND table_name = 'opportunity'
+               AND column_name IN ('amount', 'probability', 'closedate', 'createddate')
+             ORDER BY column_name",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("amount".to_string(), "numeric".to_string()),
+            ("closedate".into(), "date".into()),
+            ("createddate".into(), "timestamp with time zone".into()),
+            ("probability".into(), "numeric".into()),
+        ]
+    );
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_delete_removes_rows_and_keeps_a_tombstone() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/ChangeEvents", &["Account"])],
+        "hard",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let keep = w
+        .create("Account", json!({"Name": "keep"}))
+        .await
+        .expect("create");
+    let gone = w
+        .create("Account", json!({"Name": "gone"}))
+        .await
+        .expect("create");
+    w.delete("Account", &gone).await.expect("delete");
+    let client = db.client().await;
+    wait_for("the tombstone", WAIT, async || {
+        client
+            .query_opt(
+                "SELECT 1 FROM sfmirror.tombstones WHERE object = 'Account' AND id = $1",
+                &[&gone],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    let ids: Vec<String> = client
+        .query("SELECT id FROM salesforce.account", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [keep]);
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_added_mid_stream_becomes_a_column() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let id = w
+        .create("Account", json!({"Name": "before"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    let new_schema = control(
+        &emulator,
+        "add-field",
+        json!({"object": "Account", "field": {
+            "name": "Loyalty_Tier__c", "type": "double", "label": "Loyalty Tier",
+            "precision": 4, "scale": 1, "nillable": true, "createable": true,
+            "updateable": true, "custom": true}}),
+    )
+    .await;
+    assert!(
+        new_schema["schema_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 22)
+    );
+    w.update(
+        "Account",
+        &id,
+        json!({"Loyalty_Tier__c": 3.5, "Name": "after"}),
+    )
+    .await
+    .expect("update with the new field");
+    w.create("Account", json!({"Name": "new", "Loyalty_Tier__c": 1.0}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    let tier: f64 = client
+        .query_one(
+            "SELECT loyalty_tier__c::float8 FROM salesforce.account WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("new column")
+        .get(0);
+    assert_eq!(tier, 3.5);
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    w.create("Account", json!({"Name": "one"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+
+    // Expire every token (the writer registers its own again), then drop the streams.
+    control(&emulator, "expire-tokens", json!({})).await;
+    emulator.org.register_token(&emulator.access_token, None);
+    control(&emulator, "drop-streams", json!({})).await;
+    w.create("Account", json!({"Name": "two"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+
+    // Service refused for a moment: the channel backs off and comes back.
+    let subs_before = emulator.subscription_count();
+    control(&emulator, "refuse", json!({"seconds": 0.5})).await;
+    w.create("Account", json!({"Name": "three"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    assert!(emulator.subscription_count() > subs_before, "resubscribed");
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    control(&emulator, "corrupt", json!({"count": 1})).await;
+    let lost = w
+        .create("Account", json!({"Name": "corrupted event"}))
+        .await
+        .expect("create");
+    let fine = w
+        .create("Account", json!({"Name": "fine"}))
+        .await
+        .expect("create");
+    let client = db.client().await;
+    wait_for("the good event", WAIT, async || {
+        client
+            .query_opt("SELECT 1 FROM salesforce.account WHERE id = $1", &[&fine])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    let dead = client
+        .query_one(
+            "SELECT channel, length(payload), error FROM sfmirror.dead_letters",
+            &[],
+        )
+        .await
+        .expect("one dead letter");
+    assert_eq!(dead.get::<_, String>(0), "/data/AccountChangeEvent");
+    assert!(dead.get::<_, i32>(1) > 0, "raw bytes kept");
+    let repair = client
+        .query_one(
+            "SELECT object, kind FROM sfmirror.repair_queue WHERE kind = 'entity'",
+            &[],
+        )
+        .await
+        .expect("an entity repair covers the dead letter");
+    assert_eq!(repair.get::<_, String>(0), "Account");
+    let missing = client
+        .query_opt("SELECT 1 FROM salesforce.account WHERE id = $1", &[&lost])
+        .await
+        .expect("query");
+    assert!(
+        missing.is_none(),
+        "the undecodable create waits for its repair"
+    );
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let a = w
+        .create("Account", json!({"Name": "a"}))
+        .await
+        .expect("create");
+    let b = w
+        .create("Account", json!({"Name": "b"}))
+        .await
+        .expect("create");
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": [a, b],
+               "fields": {"Rating": "Cold"}}),
+    )
+    .await;
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_OVERFLOW"}),
+    )
+    .await;
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": ["001*"]}),
+    )
+    .await;
+    let client = db.client().await;
+    wait_for("repairs", WAIT, async || {
+        client
+            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 4)
+            .unwrap_or(false)
+    })
+    .await;
+    let records: Vec<String> = client
+        .query(
+            "SELECT record_id FROM sfmirror.repair_queue WHERE kind = 'record' ORDER BY record_id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(records, want);
+    // The checkpoint moved past the gap events together with their repairs.
+    let checkpoint: Vec<u8> = client
+        .query_one("SELECT replay_id FROM sfmirror.checkpoints", &[])
+        .await
+        .expect("checkpoint")
+        .get(0);
+    assert_eq!(
+        u64::from_be_bytes(checkpoint.try_into().expect("8 bytes")),
+        emulator.org.bus.tip()
+    );
+    daemon.stop().await;
+    emulator.stop().await;
+}
