@@ -14,6 +14,7 @@ pub mod cdc;
 pub mod control;
 pub mod pubsub;
 pub mod rest;
+pub mod soql;
 pub mod store;
 
 use crate::model::ObjectDescribe;
@@ -86,12 +87,14 @@ pub enum EmulatorError {
     Org { path: String, message: String },
 }
 
-/// The built-in org: describes captured from a real org (see `org/README.md`).
+/// The built-in org: describes captured from a real org (see `org/README.md`), plus
+/// `Invoice__c`, ours, with a field of every type.
 const DEFAULT_ORG: &[(&str, &str)] = &[
     ("Account.json", include_str!("org/Account.json")),
     ("Contact.json", include_str!("org/Contact.json")),
     ("Opportunity.json", include_str!("org/Opportunity.json")),
     ("Custom__c.json", include_str!("org/Custom__c.json")),
+    ("Invoice__c.json", include_str!("org/Invoice__c.json")),
 ];
 
 fn parse_describe(

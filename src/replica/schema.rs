@@ -305,7 +305,13 @@ mod tests {
 
     #[test]
     fn every_field_of_the_real_describes_maps() {
-        for name in ["Account", "Contact", "Opportunity", "Custom__c"] {
+        for name in [
+            "Account",
+            "Contact",
+            "Opportunity",
+            "Custom__c",
+            "Invoice__c",
+        ] {
             let d = load(name);
             let parents = d.fields.iter().filter(|f| d.is_compound_parent(f)).count();
             let t = TableSchema::from_describe(d.clone()).expect("maps");

@@ -253,6 +253,13 @@ fn epoch_ms(s: &str) -> Option<i64> {
         .map(|d| d.timestamp_millis())
 }
 
+/// Milliseconds since midnight of `HH:MM:SS[.fff][Z]`.
+fn time_ms(s: &str) -> Option<i64> {
+    let t = chrono::NaiveTime::parse_from_str(s.trim_end_matches('Z'), "%H:%M:%S%.f").ok()?;
+    use chrono::Timelike;
+    Some(i64::from(t.num_seconds_from_midnight()) * 1000 + i64::from(t.nanosecond() / 1_000_000))
+}
+
 /// Whether an org value (REST JSON) and a replica value (jsonb) are the same field value.
 pub fn same_value(org: &serde_json::Value, replica: &serde_json::Value) -> bool {
     use serde_json::Value as J;
@@ -260,6 +267,21 @@ pub fn same_value(org: &serde_json::Value, replica: &serde_json::Value) -> bool 
         (J::Null, J::Null) => true,
         (J::Number(a), J::Number(b)) => a.as_f64() == b.as_f64(),
         (J::String(a), J::String(b)) if a == b => true,
+        (J::String(a), J::String(b)) if b.starts_with("\\x") => {
+            // bytea as jsonb is hex; the org sends base64.
+            use base64::Engine;
+            let org = base64::engine::general_purpose::STANDARD.decode(a).ok();
+            let hex = &b[2..];
+            let replica: Option<Vec<u8>> = (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect();
+            org.is_some() && org == replica
+        }
+        (J::String(a), J::String(b)) if time_ms(a).is_some() => time_ms(a) == time_ms(b),
         (J::String(a), J::String(b)) => epoch_ms(a).is_some() && epoch_ms(a) == epoch_ms(b),
         (a, b) => a == b,
     }
