@@ -127,6 +127,10 @@ pub struct SalesforceConfig {
     /// Seconds to wait for one REST call.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Renew the session after this many seconds (ahead of the org's session timeout,
+    /// 2 hours by default); refused calls renew it at once anyway.
+    #[serde(default = "default_session_refresh")]
+    pub session_refresh_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -224,6 +228,9 @@ fn default_pubsub_endpoint() -> String {
 }
 fn default_request_timeout() -> u64 {
     120
+}
+fn default_session_refresh() -> u64 {
+    5400
 }
 fn default_data_schema() -> String {
     "salesforce".to_string()

@@ -20,6 +20,8 @@ pub struct Session {
     /// 18-character org id.
     pub org_id: String,
     pub user_id: String,
+    /// When the token was obtained, to renew it before the org's session timeout.
+    pub obtained: std::time::Instant,
 }
 
 #[derive(Deserialize)]
@@ -67,10 +69,16 @@ impl Authenticator {
         }
     }
 
-    /// The session, logging in first if there is none.
+    /// The session, logging in first if there is none, and renewing it once it is older
+    /// than `salesforce.session_refresh_secs` (Salesforce does not say when a token expires;
+    /// renewing ahead of the org's session timeout avoids a refused call mid-stream).
     pub async fn session(&self) -> Result<Arc<Session>, SourceError> {
         if let Some(s) = self.current() {
-            return Ok(s);
+            let max_age = std::time::Duration::from_secs(self.cfg.session_refresh_secs);
+            if s.obtained.elapsed() < max_age || self.cfg.auth == AuthFlow::AccessToken {
+                return Ok(s);
+            }
+            return self.renew(Some(&s)).await;
         }
         self.renew(None).await
     }
@@ -171,6 +179,7 @@ impl Authenticator {
             instance_url,
             org_id: info.organization_id,
             user_id: info.user_id,
+            obtained: std::time::Instant::now(),
         })
     }
 
