@@ -88,10 +88,13 @@ fn random_fields(rng: &mut StdRng, org: &Org, object: &str, creating: bool) -> M
     }
     // Required fields.
     for f in &def.describe.fields {
-        if creating && f.createable && !f.nillable && !f.defaulted_on_create {
-            if let Some(v) = random_value(rng, f) {
-                out.insert(f.name.clone(), v);
-            }
+        if creating
+            && f.createable
+            && !f.nillable
+            && !f.defaulted_on_create
+            && let Some(v) = random_value(rng, f)
+        {
+            out.insert(f.name.clone(), v);
         }
     }
     out
