@@ -168,18 +168,26 @@ async fn random_workload_with_random_kills_converges() {
     // came before); kills are only meaningful once a checkpoint exists.
     let mut ids: Vec<(String, String, bool)> = Vec::new(); // (object, id, deleted)
     let first = org
-        .create("Account", &random_fields(&mut rng, &org, "Account", true), "")
+        .create(
+            "Account",
+            &random_fields(&mut rng, &org, "Account", true),
+            "",
+        )
         .expect("create");
     ids.push(("Account".to_string(), first, false));
     let client = db.client().await;
-    wait_for("the first checkpoint", Duration::from_secs(30), async || {
-        client
-            .query_opt("SELECT 1 FROM sfmirror.checkpoints", &[])
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
+    wait_for(
+        "the first checkpoint",
+        Duration::from_secs(30),
+        async || {
+            client
+                .query_opt("SELECT 1 FROM sfmirror.checkpoints", &[])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
     .await;
     let mut kills = 0;
     let mut next_kill = rng.random_range(150..600);

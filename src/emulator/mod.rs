@@ -13,6 +13,7 @@ pub mod bus;
 pub mod cdc;
 pub mod control;
 pub mod pubsub;
+pub mod query;
 pub mod rest;
 pub mod soql;
 pub mod store;
@@ -231,6 +232,7 @@ impl Emulator {
             rest_url: rest_url.clone(),
             token_ttl_ms: cfg.token_ttl.map(|d| d.as_millis() as i64),
             control,
+            query: query::QueryState::default(),
         });
         let app = rest::router(state);
         let stop = shutdown.clone();

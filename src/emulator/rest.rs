@@ -22,6 +22,8 @@ pub struct RestState {
     /// Lifetime of issued tokens, if they expire.
     pub token_ttl_ms: Option<i64>,
     pub control: control::ControlState,
+    /// Query locators and Bulk query jobs (see [`super::query`]).
+    pub query: super::query::QueryState,
 }
 
 type S = State<Arc<RestState>>;
@@ -60,6 +62,7 @@ pub fn router(state: Arc<RestState>) -> Router {
             get(retrieve).patch(update).delete(delete),
         )
         .route("/services/oauth2/userinfo", get(userinfo))
+        .merge(super::query::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_session,

@@ -602,6 +602,16 @@ impl Org {
             .unwrap_or_default()
     }
 
+    /// Every record of `object`, those in the recycle bin (`IsDeleted: true`) included, in id
+    /// order: what `queryAll` sees.
+    pub fn all_records(&self, object: &str) -> Vec<Record> {
+        self.data()
+            .records
+            .get(object)
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod migrate;
 pub mod repair_queue;
 pub mod schema;
+pub mod snapshot;
 
 use crate::config::ReplicaConfig;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

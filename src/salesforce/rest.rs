@@ -49,43 +49,99 @@ impl RestClient {
         self.get_json("describe", &path).await
     }
 
-    /// GETs `path` (relative to the instance URL) and parses the JSON answer.
-    pub async fn get_json<T: DeserializeOwned>(
+    /// The API version path prefix, `/services/data/vXX.X`.
+    pub fn data_path(&self) -> String {
+        format!("/services/data/v{}", self.api_version)
+    }
+
+    /// One page of a SOQL query (`query`, or `queryAll` to include deleted records); follow
+    /// `next_records_url` with [`RestClient::query_more`].
+    pub async fn query_page(&self, soql: &str, all: bool) -> Result<QueryPage, SourceError> {
+        let path = format!(
+            "{}/{}?q={}",
+            self.data_path(),
+            if all { "queryAll" } else { "query" },
+            encode_query(soql)
+        );
+        self.get_json("query", &path).await
+    }
+
+    /// The page a `nextRecordsUrl` points at.
+    pub async fn query_more(&self, next_records_url: &str) -> Result<QueryPage, SourceError> {
+        self.get_json("query", next_records_url).await
+    }
+
+    /// sObject Collections retrieve: the records of `ids` (at most 2,000) with `fields`, in
+    /// the order of `ids`; `None` where the id does not exist or is deleted.
+    pub async fn retrieve(
+        &self,
+        object: &str,
+        ids: &[String],
+        fields: &[String],
+    ) -> Result<Vec<Option<serde_json::Value>>, SourceError> {
+        let path = format!("{}/composite/sobjects/{object}", self.data_path());
+        let body = serde_json::json!({ "ids": ids, "fields": fields });
+        self.send_json("composite", reqwest::Method::POST, &path, Some(&body))
+            .await
+    }
+
+    /// Sends a JSON request and parses the JSON answer, renewing the session once if refused.
+    pub async fn send_json<T: DeserializeOwned>(
         &self,
         api: &'static str,
+        method: reqwest::Method,
         path: &str,
+        body: Option<&serde_json::Value>,
     ) -> Result<T, SourceError> {
+        let (_, bytes) = self.send(api, method, path, body, &[]).await?;
+        serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
+            api,
+            url: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends a request; returns the response headers and body of a 2xx answer.
+    pub async fn send(
+        &self,
+        api: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), SourceError> {
         let mut session = self.auth.session().await?;
         let mut renewed = false;
         loop {
             let url = format!("{}{path}", session.instance_url);
-            let resp = self
+            let mut req = self
                 .http
-                .get(&url)
-                .bearer_auth(session.access_token.expose())
-                .send()
-                .await
-                .map_err(|source| SourceError::Http {
-                    api,
-                    url: url.clone(),
-                    source,
-                })?;
+                .request(method.clone(), &url)
+                .bearer_auth(session.access_token.expose());
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|source| SourceError::Http {
+                api,
+                url: url.clone(),
+                source,
+            })?;
             let status = resp.status().as_u16();
             crate::telemetry::record_salesforce_request(api, status);
             record_limits(resp.headers());
-            let body = resp.bytes().await.map_err(|source| SourceError::Http {
+            let resp_headers = resp.headers().clone();
+            let bytes = resp.bytes().await.map_err(|source| SourceError::Http {
                 api,
                 url: url.clone(),
                 source,
             })?;
             if (200..300).contains(&status) {
-                return serde_json::from_slice(&body).map_err(|e| SourceError::BadResponse {
-                    api,
-                    url,
-                    message: e.to_string(),
-                });
+                return Ok((resp_headers, bytes));
             }
-            let err = status_error(api, &url, status, &body);
+            let err = status_error(api, &url, status, &bytes);
             if err.needs_reauth() && !renewed {
                 renewed = true;
                 session = self.auth.renew(Some(&session)).await?;
@@ -94,6 +150,41 @@ impl RestClient {
             return Err(err);
         }
     }
+
+    /// GETs `path` (relative to the instance URL) and parses the JSON answer.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        api: &'static str,
+        path: &str,
+    ) -> Result<T, SourceError> {
+        self.send_json(api, reqwest::Method::GET, path, None).await
+    }
+}
+
+/// One page of a query answer.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryPage {
+    pub total_size: i64,
+    pub done: bool,
+    #[serde(default)]
+    pub next_records_url: Option<String>,
+    #[serde(default)]
+    pub records: Vec<serde_json::Value>,
+}
+
+/// Percent-encodes a SOQL statement for a query string.
+pub fn encode_query(soql: &str) -> String {
+    let mut out = String::with_capacity(soql.len() * 3);
+    for b in soql.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// Builds the error for a non-2xx answer from Salesforce's error envelope.

@@ -1,0 +1,352 @@
+//! Snapshot rows (records read over REST or Bulk API) -> the replica, version-guarded.
+//!
+//! Rows are streamed with `COPY` into a per-transaction staging table and merged with one
+//! set-based statement per table. A snapshot row's version is its `SystemModstamp`.
+//!
+//! Why a snapshot can never undo a newer change (invariant 3): the merge replaces a row only
+//! when the snapshot is not from an older second than the row's version. `SystemModstamp` has
+//! whole-second precision while stream versions have milliseconds, so a row changed in the same
+//! second as the snapshot is ambiguous: the snapshot is applied (it was read after the change
+//! in every case but a race inside that second) and the record is queued for one more read,
+//! which settles it. Deleted records (`IsDeleted`, from queryAll) become soft-deleted rows or,
+//! in hard mode, removals with a tombstone.
+
+use super::apply::{ApplySettings, RepairRequest};
+use super::schema::{PgType, TableSchema};
+use super::{ReplicaError, quote};
+use crate::config::DeleteMode;
+use crate::model::Value;
+use bytes::{BufMut, BytesMut};
+use futures::SinkExt;
+
+/// One record as a snapshot saw it, with text values aligned to the table's columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub values: Vec<Option<String>>,
+    /// `SystemModstamp` in epoch ms.
+    pub version_ms: i64,
+    pub deleted: bool,
+}
+
+fn bad(table: &TableSchema, id: &str, message: String) -> ReplicaError {
+    ReplicaError::Data {
+        object: table.object.clone(),
+        id: id.to_string(),
+        message,
+    }
+}
+
+/// Epoch ms of a Salesforce REST or CSV datetime.
+pub fn datetime_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// A REST JSON value -> the text input form of `pg_type` (`None` for null).
+fn json_text(pg_type: &PgType, value: &serde_json::Value) -> Result<Option<String>, String> {
+    use serde_json::Value as J;
+    Ok(match value {
+        J::Null => None,
+        J::Bool(b) => Some(pg_type.text(&Value::Boolean(*b))?),
+        J::Number(n) => Some(match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => pg_type.text(&Value::Long(i))?,
+            (None, Some(f)) => pg_type.text(&Value::Double(f))?,
+            _ => n.to_string(),
+        }),
+        J::String(s) => Some(pg_type.text(&Value::String(s.clone()))?),
+        // Compound values (addresses) have no column; their components do.
+        J::Object(_) | J::Array(_) => return Err(format!("unexpected structured value {value}")),
+    })
+}
+
+/// A REST record (query or retrieve answer) -> a snapshot row.
+pub fn row_from_json(
+    table: &TableSchema,
+    record: &serde_json::Value,
+) -> Result<SnapshotRow, ReplicaError> {
+    let id = record
+        .get("Id")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad(table, "?", "record has no Id".to_string()))?
+        .to_string();
+    let version_ms = ["SystemModstamp", "LastModifiedDate"]
+        .iter()
+        .find_map(|f| {
+            record
+                .get(*f)
+                .and_then(|v| v.as_str())
+                .and_then(datetime_ms)
+        })
+        .ok_or_else(|| bad(table, &id, "record has no SystemModstamp".to_string()))?;
+    let deleted = record
+        .get("IsDeleted")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let mut values = Vec::with_capacity(table.columns.len());
+    for c in &table.columns {
+        let v = record.get(&c.field).unwrap_or(&serde_json::Value::Null);
+        values.push(
+            json_text(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
+        );
+    }
+    Ok(SnapshotRow {
+        id,
+        values,
+        version_ms,
+        deleted,
+    })
+}
+
+/// Maps a Bulk API CSV header to column positions, once per result.
+pub struct CsvLayout {
+    id: usize,
+    version: usize,
+    deleted: Option<usize>,
+    columns: Vec<Option<usize>>,
+}
+
+impl CsvLayout {
+    pub fn new(table: &TableSchema, header: &[&str]) -> Result<CsvLayout, ReplicaError> {
+        let find = |name: &str| header.iter().position(|h| h.eq_ignore_ascii_case(name));
+        let missing = |what: &str| ReplicaError::Schema {
+            object: table.object.clone(),
+            message: format!("Bulk result has no {what} column"),
+        };
+        Ok(CsvLayout {
+            id: find("Id").ok_or_else(|| missing("Id"))?,
+            version: find("SystemModstamp").ok_or_else(|| missing("SystemModstamp"))?,
+            deleted: find("IsDeleted"),
+            columns: table.columns.iter().map(|c| find(&c.field)).collect(),
+        })
+    }
+
+    /// One CSV record -> a snapshot row. Empty fields are null, as Bulk API writes them.
+    pub fn row(&self, table: &TableSchema, record: &[&str]) -> Result<SnapshotRow, ReplicaError> {
+        let get = |i: usize| record.get(i).copied().unwrap_or("");
+        let id = get(self.id).to_string();
+        let version_ms = datetime_ms(get(self.version)).ok_or_else(|| {
+            bad(
+                table,
+                &id,
+                format!("bad SystemModstamp `{}`", get(self.version)),
+            )
+        })?;
+        let deleted = self.deleted.is_some_and(|i| get(i) == "true");
+        let mut values = Vec::with_capacity(table.columns.len());
+        for (c, pos) in table.columns.iter().zip(&self.columns) {
+            let raw = pos.map(get).unwrap_or("");
+            values.push(if raw.is_empty() {
+                None
+            } else {
+                Some(
+                    c.pg_type
+                        .text(&Value::String(raw.to_string()))
+                        .map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
+                )
+            });
+        }
+        Ok(SnapshotRow {
+            id,
+            values,
+            version_ms,
+            deleted,
+        })
+    }
+}
+
+/// Escapes one value for COPY's text format.
+fn copy_field(out: &mut BytesMut, value: Option<&str>) {
+    match value {
+        None => out.put_slice(b"\\N"),
+        Some(s) => {
+            for b in s.bytes() {
+                match b {
+                    b'\\' => out.put_slice(b"\\\\"),
+                    b'\t' => out.put_slice(b"\\t"),
+                    b'\n' => out.put_slice(b"\\n"),
+                    b'\r' => out.put_slice(b"\\r"),
+                    _ => out.put_u8(b),
+                }
+            }
+        }
+    }
+}
+
+/// What applying a snapshot did.
+#[derive(Debug, Default)]
+pub struct SnapshotOutcome {
+    pub rows: usize,
+    /// Records changed in the same second as their snapshot: read once more.
+    pub repairs: Vec<RepairRequest>,
+}
+
+/// Applies `rows` of `table` inside `tx`.
+pub async fn apply_snapshot(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    table: &TableSchema,
+    rows: &[SnapshotRow],
+) -> Result<SnapshotOutcome, ReplicaError> {
+    let mut outcome = SnapshotOutcome {
+        rows: rows.len(),
+        ..Default::default()
+    };
+    if rows.is_empty() {
+        return Ok(outcome);
+    }
+    let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
+    let ctl = quote(&settings.control_schema);
+    let ctx = |what: &str| format!("snapshot of {}: {what}", table.object);
+    let n = table.columns.len();
+    let stage_cols: Vec<String> = (0..n).map(|i| format!("c{i} text")).collect();
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS _sfm_stage (id text, v bigint, d boolean) ON COMMIT DROP;
+         DROP TABLE _sfm_stage;
+         CREATE TEMP TABLE _sfm_stage (id text, v bigint, d boolean, {}) ON COMMIT DROP",
+        stage_cols.join(", ")
+    ))
+    .await
+    .map_err(ReplicaError::pg(ctx("staging table")))?;
+    let sink = tx
+        .copy_in("COPY _sfm_stage FROM STDIN")
+        .await
+        .map_err(ReplicaError::pg(ctx("COPY")))?;
+    futures::pin_mut!(sink);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    for r in rows {
+        copy_field(&mut buf, Some(&r.id));
+        buf.put_u8(b'\t');
+        copy_field(&mut buf, Some(&r.version_ms.to_string()));
+        buf.put_u8(b'\t');
+        copy_field(&mut buf, Some(if r.deleted { "t" } else { "f" }));
+        for v in &r.values {
+            buf.put_u8(b'\t');
+            copy_field(&mut buf, v.as_deref());
+        }
+        buf.put_u8(b'\n');
+        if buf.len() > 512 * 1024 {
+            sink.send(buf.split().freeze())
+                .await
+                .map_err(ReplicaError::pg(ctx("COPY")))?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(buf.freeze())
+            .await
+            .map_err(ReplicaError::pg(ctx("COPY")))?;
+    }
+    sink.finish().await.map_err(ReplicaError::pg(ctx("COPY")))?;
+
+    // Rows changed in the snapshot's own second, after it: ambiguous, read them again.
+    let ties = tx
+        .query(
+            &format!(
+                "SELECT s.id FROM _sfm_stage s JOIN {target} t ON t.id = s.id
+                 WHERE t._sfm_version > s.v AND t._sfm_version < s.v + 1000"
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg(ctx("same-second check")))?;
+    for row in ties {
+        outcome.repairs.push(RepairRequest::Record {
+            object: table.object.clone(),
+            id: row.get(0),
+            reason: "changed in the same second as its snapshot".to_string(),
+        });
+    }
+
+    let newer_tombstone = format!(
+        "EXISTS (SELECT 1 FROM {ctl}.tombstones ts WHERE ts.object = $1 AND ts.id = s.id
+                 AND ts.version >= s.v + 1000)"
+    );
+    if settings.delete_mode == DeleteMode::Hard {
+        tx.execute(
+            &format!(
+                "WITH gone AS (
+                   DELETE FROM {target} t USING _sfm_stage s
+                   WHERE s.d AND t.id = s.id AND t._sfm_version < s.v + 1000)
+                 INSERT INTO {ctl}.tombstones AS ts (object, id, version)
+                 SELECT $1, s.id, s.v FROM _sfm_stage s WHERE s.d
+                 ON CONFLICT (object, id) DO UPDATE SET version = EXCLUDED.version,
+                     commit_number = NULL, deleted_at = now()
+                 WHERE ts.version < EXCLUDED.version"
+            ),
+            &[&table.object],
+        )
+        .await
+        .map_err(ReplicaError::pg(ctx("hard deletes")))?;
+    }
+    let live_filter = if settings.delete_mode == DeleteMode::Hard {
+        "NOT s.d AND"
+    } else {
+        ""
+    };
+    let mut cols = vec!["id".to_string()];
+    let mut select = vec!["s.id".to_string()];
+    let mut set = Vec::new();
+    for (i, c) in table.columns.iter().enumerate() {
+        let q = quote(&c.name);
+        cols.push(q.clone());
+        select.push(format!("s.c{i}::{}", c.pg_type.sql()));
+        set.push(format!("{q} = EXCLUDED.{q}"));
+    }
+    cols.extend(["_sfm_version", "_sfm_commit_number", "_sfm_deleted"].map(String::from));
+    select.extend(["s.v", "NULL", "s.d"].map(String::from));
+    set.extend(
+        [
+            "_sfm_version = EXCLUDED._sfm_version",
+            "_sfm_commit_number = NULL",
+            "_sfm_deleted = EXCLUDED._sfm_deleted",
+            "_sfm_synced_at = now()",
+        ]
+        .map(String::from),
+    );
+    tx.execute(
+        &format!(
+            "INSERT INTO {target} AS t ({cols})
+             SELECT {select} FROM _sfm_stage s
+             WHERE {live_filter} NOT {newer_tombstone}
+             ON CONFLICT (id) DO UPDATE SET {set}
+             WHERE t._sfm_version < EXCLUDED._sfm_version + 1000",
+            cols = cols.join(", "),
+            select = select.join(", "),
+            set = set.join(", "),
+        ),
+        &[&table.object],
+    )
+    .await
+    .map_err(ReplicaError::pg(ctx("merge")))?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escaping() {
+        let mut b = BytesMut::new();
+        copy_field(&mut b, Some("a\tb\\c\nd\re"));
+        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\\re");
+        let mut b = BytesMut::new();
+        copy_field(&mut b, None);
+        assert_eq!(&b[..], b"\\N");
+    }
+
+    #[test]
+    fn datetimes_in_both_forms() {
+        assert_eq!(
+            datetime_ms("2022-01-10T13:01:28.000+0000"),
+            Some(1_641_819_688_000)
+        );
+        assert_eq!(
+            datetime_ms("2022-01-10T13:01:28.000Z"),
+            Some(1_641_819_688_000)
+        );
+        assert_eq!(datetime_ms("yesterday"), None);
+    }
+}
