@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "002_tombstones_and_repairs",
         include_str!("../../sql/002_tombstones_and_repairs.sql"),
     ),
+    (
+        3,
+        "003_sync_state",
+        include_str!("../../sql/003_sync_state.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

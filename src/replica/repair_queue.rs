@@ -49,7 +49,11 @@ pub async fn enqueue(
                         &format!(
                             "INSERT INTO {ctl}.repair_queue
                                (object, kind, since, reason, channel, replay_id)
-                             VALUES ($1, 'entity', to_timestamp($2::bigint / 1000.0), $3, $4, $5)"
+                             VALUES ($1, 'entity', to_timestamp($2::bigint / 1000.0), $3, $4, $5)
+                             ON CONFLICT (object) WHERE kind = 'entity' DO UPDATE
+                             SET since = LEAST(repair_queue.since, EXCLUDED.since),
+                                 reason = EXCLUDED.reason,
+                                 next_attempt_at = LEAST(repair_queue.next_attempt_at, now())"
                         ),
                         &[object, since_ms, reason, &channel, &replay],
                     )
