@@ -490,15 +490,23 @@ async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
     )
     .await;
     let client = db.client().await;
-    wait_for("repairs", WAIT, async || {
+    let tip = emulator.org.bus.tip().to_be_bytes().to_vec();
+    wait_for("the last gap event", WAIT, async || {
         client
-            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+            .query_opt("SELECT replay_id FROM sfmirror.checkpoints", &[])
             .await
-            // Two record repairs; the overflow and the wildcard merge into one entity repair.
-            .map(|r| r.get::<_, i64>(0) == 3)
-            .unwrap_or(false)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, Vec<u8>>(0) == tip)
     })
     .await;
+    // Two record repairs; the overflow and the wildcard merge into one entity repair.
+    let queued: i64 = client
+        .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(queued, 3);
     let records: Vec<String> = client
         .query(
             "SELECT record_id FROM sfmirror.repair_queue WHERE kind = 'record' ORDER BY record_id",
