@@ -17,3 +17,7 @@ CREATE TABLE object_sync_state (
 
 -- Entity repairs of one object merge: the earliest `since` covers them all.
 CREATE UNIQUE INDEX repair_queue_entity ON repair_queue (object) WHERE kind = 'entity';
+
+-- When a repair was last asked for. A worker that claimed a repair deletes it only if nobody
+-- asked again after the claim, so a request that arrives while the repair runs is not lost.
+ALTER TABLE repair_queue ADD COLUMN requested_at timestamptz NOT NULL DEFAULT now();

@@ -35,6 +35,48 @@ pub enum Command {
         #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Snapshot objects from Salesforce into the replica, then exit (safe while `run` runs).
+    ///
+    /// Reads every record (deleted ones included) of each object with queryAll: over Bulk
+    /// API 2.0 above --bulk-threshold records, REST query paging below. Each chunk commits on
+    /// its own; an interrupted run resumes from its Bulk job when run again. Exits 0 only if
+    /// every object completed.
+    Backfill {
+        #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Object to snapshot (repeatable); default: every object of every channel.
+        #[arg(long = "object", value_name = "NAME")]
+        objects: Vec<String>,
+        /// Only records modified at or after this time (RFC 3339, e.g. 2024-05-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_rfc3339)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Objects with more records than this are read over Bulk API 2.0.
+        #[arg(long, default_value_t = crate::sync::backfill::DEFAULT_BULK_THRESHOLD)]
+        bulk_threshold: u64,
+        /// Rows per transaction (and per Bulk API result chunk).
+        #[arg(long, default_value_t = crate::sync::backfill::DEFAULT_CHUNK_ROWS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        chunk_rows: u32,
+    },
+    /// Compare the replica with the org: missing, extra, stale and deleted-state drift.
+    ///
+    /// Exits 1 when drift is found (or an object cannot be compared), 0 when none.
+    Verify {
+        #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Object to compare (repeatable); default: every object of every channel.
+        #[arg(long = "object", value_name = "NAME")]
+        objects: Vec<String>,
+        /// Queue a record repair for every drifted id (the daemon's repair worker applies them).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Objects with more records than this are listed over Bulk API 2.0.
+        #[arg(long, default_value_t = crate::sync::verify::DEFAULT_BULK_THRESHOLD)]
+        bulk_threshold: u64,
+    },
     /// Decode one captured change event and print it as JSON: header, changedFields /
     /// nulledFields / diffFields as names (compound components as Parent.Sub), non-null values.
     InspectEvent {
@@ -136,6 +178,65 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Backfill {
+            config,
+            objects,
+            since,
+            bulk_threshold,
+            chunk_rows,
+        } => {
+            let cfg = Config::load(&config)?;
+            let cancel = CancellationToken::new();
+            spawn_signal_handler(cancel.clone());
+            let mut opts = crate::sync::backfill::BackfillOptions::new(objects, since);
+            opts.bulk_threshold = bulk_threshold;
+            opts.chunk_rows = chunk_rows;
+            opts.cancel = cancel;
+            let report = crate::sync::backfill::backfill_with(&cfg, &opts).await?;
+            for o in report.objects.iter().filter(|o| o.completed()) {
+                println!("{o}");
+            }
+            for o in report.failed() {
+                eprintln!("sfmirror: backfill of {o}");
+            }
+            let failed = report.failed().count();
+            if failed > 0 {
+                anyhow::bail!(
+                    "backfill incomplete: {failed} of {} object(s) did not complete",
+                    report.objects.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Verify {
+            config,
+            objects,
+            repair,
+            json,
+            bulk_threshold,
+        } => {
+            let cfg = Config::load(&config)?;
+            let mut opts = crate::sync::verify::VerifyOptions::new(objects, repair);
+            opts.bulk_threshold = bulk_threshold;
+            let report = crate::sync::verify::verify_with(&cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for o in &report.objects {
+                    println!("{o}");
+                }
+            }
+            let drifted = report.objects.iter().filter(|o| o.drift() > 0).count();
+            let failed = report.objects.iter().filter(|o| o.error.is_some()).count();
+            match (drifted, failed) {
+                (0, 0) => Ok(()),
+                (d, 0) => anyhow::bail!("verify found drift in {d} object(s)"),
+                (0, f) => anyhow::bail!("verify could not compare {f} object(s)"),
+                (d, f) => {
+                    anyhow::bail!("verify found drift in {d} object(s) and could not compare {f}")
+                }
+            }
+        }
         Command::InspectEvent { schema, payload } => {
             let schema_json = std::fs::read_to_string(&schema)
                 .with_context(|| format!("reading schema {}", schema.display()))?;
@@ -189,6 +290,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
         } => crate::sync::demo::run(&database_url, accounts, follow).await,
     }
+}
+
+/// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.
+fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time like 2024-05-01T00:00:00Z: {e}"))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

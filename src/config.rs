@@ -181,6 +181,8 @@ pub struct SyncConfig {
     /// Resubscribe when neither an event nor a keepalive arrived for this long (Salesforce
     /// sends keepalives at least every 270 s).
     pub stale_stream_secs: u64,
+    /// How long the repair worker sleeps when no repair is due.
+    pub repair_idle_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -192,6 +194,7 @@ impl Default for SyncConfig {
             reconnect_max_ms: 60_000,
             repair_margin_secs: 600,
             stale_stream_secs: 540,
+            repair_idle_ms: 1000,
         }
     }
 }

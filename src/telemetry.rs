@@ -24,6 +24,7 @@ pub const SALESFORCE_REQUESTS_TOTAL: &str = "sfmirror_salesforce_requests_total"
 pub const SALESFORCE_API_USAGE_RATIO: &str = "sfmirror_salesforce_api_usage_ratio";
 pub const BACKFILL_ROWS_TOTAL: &str = "sfmirror_backfill_rows_total";
 pub const BUILD_INFO: &str = "sfmirror_build_info";
+pub const REPLAY_RESETS_TOTAL: &str = "sfmirror_replay_resets_total";
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `SFMIRROR_LOG_FORMAT=json` switches
 /// to one JSON object per line for log shippers.

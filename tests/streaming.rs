@@ -37,6 +37,7 @@ fn config(
         batch_max_wait_ms = 20
         reconnect_min_ms = 50
         reconnect_max_ms = 500
+        repair_idle_ms = 100
         [metrics]
         listen = ""
         "#,
@@ -348,6 +349,7 @@ async fn a_field_added_mid_stream_becomes_a_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
+    sfmirror::telemetry::init_logging();
     let db = TestDb::create().await;
     let emulator = Emulator::start(EmulatorConfig::default())
         .await
@@ -381,7 +383,10 @@ async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
         .await
         .expect("create");
     converged(&emulator, &db, &["Account"]).await;
-    assert!(emulator.subscription_count() > subs_before, "resubscribed");
+    wait_for("a new subscription after the refusal", WAIT, async || {
+        emulator.subscription_count() > subs_before
+    })
+    .await;
     daemon.stop().await;
     emulator.stop().await;
 }
@@ -401,18 +406,16 @@ async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
     let daemon = Daemon::start(&emulator, &cfg).await;
     let w = RestWriter::new(&emulator);
     control(&emulator, "corrupt", json!({"count": 1})).await;
-    let lost = w
-        .create("Account", json!({"Name": "corrupted event"}))
+    w.create("Account", json!({"Name": "corrupted event"}))
         .await
         .expect("create");
-    let fine = w
-        .create("Account", json!({"Name": "fine"}))
+    w.create("Account", json!({"Name": "fine"}))
         .await
         .expect("create");
     let client = db.client().await;
-    wait_for("the good event", WAIT, async || {
+    wait_for("the dead letter", WAIT, async || {
         client
-            .query_opt("SELECT 1 FROM salesforce.account WHERE id = $1", &[&fine])
+            .query_opt("SELECT 1 FROM sfmirror.dead_letters", &[])
             .await
             .ok()
             .flatten()
@@ -428,39 +431,115 @@ async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
         .expect("one dead letter");
     assert_eq!(dead.get::<_, String>(0), "/data/AccountChangeEvent");
     assert!(dead.get::<_, i32>(1) > 0, "raw bytes kept");
-    let repair = client
-        .query_one(
-            "SELECT object, kind FROM sfmirror.repair_queue WHERE kind = 'entity'",
-            &[],
-        )
+    // The entity repair queued with the dead letter brings the lost record in, and the
+    // channel goes on with later events.
+    w.create("Account", json!({"Name": "after"}))
         .await
-        .expect("an entity repair covers the dead letter");
-    assert_eq!(repair.get::<_, String>(0), "Account");
-    let missing = client
-        .query_opt("SELECT 1 FROM salesforce.account WHERE id = $1", &[&lost])
-        .await
-        .expect("query");
-    assert!(
-        missing.is_none(),
-        "the undecodable create waits for its repair"
-    );
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
     daemon.stop().await;
     emulator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
+async fn gaps_overflows_and_wildcards_are_repaired_until_the_replica_equals_the_org() {
     let db = TestDb::create().await;
     let emulator = Emulator::start(EmulatorConfig::default())
         .await
         .expect("emulator");
-    let cfg = config(
+    let mut cfg = config(
         &emulator,
         &db,
         &[("/data/AccountChangeEvent", &["Account"])],
         "soft",
     );
+    cfg.sync.repair_idle_ms = 50;
     let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            w.create("Account", json!({"Name": format!("gap {i}")}))
+                .await
+                .expect("create"),
+        );
+    }
+    converged(&emulator, &db, &["Account"]).await;
+    // Changes Salesforce could not send as events: only gap events arrive.
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": [ids[0], ids[1]],
+               "fields": {"Rating": "Cold", "Phone": "555-0199"}}),
+    )
+    .await;
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_CREATE",
+               "create": [{"Name": "created without an event"}]}),
+    )
+    .await;
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_DELETE", "ids": [ids[2]]}),
+    )
+    .await;
+    // An overflow: many silent changes, one GAP_OVERFLOW for the entity.
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_OVERFLOW", "ids": [ids[3], ids[4]],
+               "fields": {"Industry": "Mining"}}),
+    )
+    .await;
+    // A wildcard (field type conversion): every record may have changed.
+    control(
+        &emulator,
+        "gap",
+        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": ["001*"]}),
+    )
+    .await;
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    wait_for("the repair queue to drain", WAIT, async || {
+        client
+            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await;
+    let deleted: bool = client
+        .query_one(
+            "SELECT _sfm_deleted FROM salesforce.account WHERE id = $1",
+            &[&ids[2]],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert!(deleted, "GAP_DELETE confirmed through queryAll");
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_events_queue_repairs_with_the_checkpoint_that_passes_them() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let mut cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    // The worker checks once at start, then sleeps: what the stream queues stays visible.
+    cfg.sync.repair_idle_ms = 600_000;
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let client = db.client().await;
     let w = RestWriter::new(&emulator);
     let a = w
         .create("Account", json!({"Name": "a"}))
@@ -473,8 +552,7 @@ async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
     control(
         &emulator,
         "gap",
-        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": [a, b],
-               "fields": {"Rating": "Cold"}}),
+        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": [a, b]}),
     )
     .await;
     control(
@@ -483,13 +561,6 @@ async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
         json!({"object": "Account", "change_type": "GAP_OVERFLOW"}),
     )
     .await;
-    control(
-        &emulator,
-        "gap",
-        json!({"object": "Account", "change_type": "GAP_UPDATE", "ids": ["001*"]}),
-    )
-    .await;
-    let client = db.client().await;
     let tip = emulator.org.bus.tip().to_be_bytes().to_vec();
     wait_for("the last gap event", WAIT, async || {
         client
@@ -500,35 +571,26 @@ async fn gap_and_overflow_events_queue_repairs_in_the_batch_transaction() {
             .is_some_and(|r| r.get::<_, Vec<u8>>(0) == tip)
     })
     .await;
-    // Two record repairs; the overflow and the wildcard merge into one entity repair.
-    let queued: i64 = client
-        .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(queued, 3);
-    let records: Vec<String> = client
+    let queued: Vec<(String, Option<String>)> = client
         .query(
-            "SELECT record_id FROM sfmirror.repair_queue WHERE kind = 'record' ORDER BY record_id",
+            "SELECT kind, record_id FROM sfmirror.repair_queue ORDER BY kind, record_id",
             &[],
         )
         .await
-        .expect("rows")
+        .expect("queue")
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut want = vec![a, b];
+    let mut want = [a, b];
     want.sort();
-    assert_eq!(records, want);
-    // The checkpoint moved past the gap events together with their repairs.
-    let checkpoint: Vec<u8> = client
-        .query_one("SELECT replay_id FROM sfmirror.checkpoints", &[])
-        .await
-        .expect("checkpoint")
-        .get(0);
+    // One entity repair: the overflow's, merged with the first start's if that is still there.
     assert_eq!(
-        u64::from_be_bytes(checkpoint.try_into().expect("8 bytes")),
-        emulator.org.bus.tip()
+        queued,
+        [
+            ("entity".to_string(), None),
+            ("record".to_string(), Some(want[0].clone())),
+            ("record".to_string(), Some(want[1].clone())),
+        ]
     );
     daemon.stop().await;
     emulator.stop().await;
@@ -636,6 +698,76 @@ async fn keepalives_move_an_idle_channels_checkpoint() {
             .is_some_and(|b| b == tip.to_be_bytes())
     })
     .await;
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_with_a_definite_error_stops_alone() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[
+            ("/data/NoSuchThingChangeEvent", &["Account"]),
+            ("/data/ContactChangeEvent", &["Contact"]),
+        ],
+        "soft",
+    );
+    let stop = CancellationToken::new();
+    let task = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        tokio::spawn(async move { supervisor::run(&cfg, stop, None).await })
+    };
+    wait_for("the good channel", WAIT, async || {
+        emulator.subscription_count() >= 1
+    })
+    .await;
+    let w = RestWriter::new(&emulator);
+    w.create("Contact", json!({"LastName": "Still here"}))
+        .await
+        .expect("contact");
+    converged(&emulator, &db, &["Contact"]).await;
+    assert!(
+        !task.is_finished(),
+        "the daemon keeps running the good channel"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("clean stop");
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_resubscribed_by_the_watchdog() {
+    let db = TestDb::create().await;
+    // Keepalives far apart: an idle stream says nothing at all.
+    let emulator = Emulator::start(EmulatorConfig {
+        keepalive: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let mut cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    cfg.sync.stale_stream_secs = 1;
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let first = emulator.subscription_count();
+    wait_for("a resubscription", WAIT, async || {
+        emulator.subscription_count() > first
+    })
+    .await;
+    let w = RestWriter::new(&emulator);
+    w.create("Account", json!({"Name": "after the watchdog"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
     daemon.stop().await;
     emulator.stop().await;
 }

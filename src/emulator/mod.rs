@@ -106,11 +106,62 @@ fn parse_describe(
         path: path.to_string(),
         message,
     };
-    let raw: serde_json::Value =
+    let mut raw: serde_json::Value =
         serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+    complete_system_fields(&mut raw);
     let describe: ObjectDescribe = serde_json::from_value(raw.clone())
         .map_err(|e| err(format!("not a describe response: {e}")))?;
     Ok((describe, raw))
+}
+
+/// Adds the system fields every Salesforce object has (`IsDeleted`, the audit fields,
+/// `SystemModstamp`) to a describe that was trimmed without them, as some captured fixtures
+/// are: the org the emulator serves behaves like a real one.
+fn complete_system_fields(raw: &mut serde_json::Value) {
+    let Some(fields) = raw.get_mut("fields").and_then(|f| f.as_array_mut()) else {
+        return;
+    };
+    let has = |fields: &Vec<serde_json::Value>, name: &str| {
+        fields
+            .iter()
+            .any(|f| f.get("name").and_then(|n| n.as_str()) == Some(name))
+    };
+    for (name, kind, soap, label) in [
+        ("IsDeleted", "boolean", "xsd:boolean", "Deleted"),
+        ("CreatedDate", "datetime", "xsd:dateTime", "Created Date"),
+        ("CreatedById", "reference", "tns:ID", "Created By ID"),
+        (
+            "LastModifiedDate",
+            "datetime",
+            "xsd:dateTime",
+            "Last Modified Date",
+        ),
+        (
+            "LastModifiedById",
+            "reference",
+            "tns:ID",
+            "Last Modified By ID",
+        ),
+        (
+            "SystemModstamp",
+            "datetime",
+            "xsd:dateTime",
+            "System Modstamp",
+        ),
+    ] {
+        if has(fields, name) {
+            continue;
+        }
+        fields.push(serde_json::json!({
+            "name": name, "type": kind, "soapType": soap, "label": label,
+            "length": if kind == "reference" { 18 } else { 0 },
+            "precision": 0, "scale": 0, "digits": 0, "nillable": false, "calculated": false,
+            "compoundFieldName": null, "createable": false, "updateable": false,
+            "defaultedOnCreate": true, "custom": false,
+            "referenceTo": if kind == "reference" { vec!["User"] } else { vec![] },
+            "filterable": true, "sortable": kind != "boolean", "picklistValues": []
+        }));
+    }
 }
 
 /// Loads the org's describes: every `*.json` in `dir`, or the built-in ones.

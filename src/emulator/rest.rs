@@ -84,6 +84,15 @@ async fn limit_info(State(st): S, req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("api-usage={used}/{max}")) {
         resp.headers_mut().insert("sforce-limit-info", v);
     }
+    // The Date header follows the org's clock (which the control API can advance), as
+    // clients use it to place reads relative to commit timestamps.
+    let date = chrono::DateTime::from_timestamp_millis(st.org.now_ms())
+        .unwrap_or_default()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    if let Ok(v) = HeaderValue::from_str(&date) {
+        resp.headers_mut().insert("date", v);
+    }
     resp
 }
 

@@ -3,6 +3,11 @@
 //! The checkpoint is written by [`save`] inside the transaction that applies the batch it
 //! covers, never on its own: so a crash leaves the replica at exactly some committed batch and
 //! its position (invariant 1). A keepalive position is only saved when nothing is pending.
+//!
+//! A checkpoint with an empty replay id is a marker: "resume at LATEST, and re-read every
+//! object of the channel changed since `commit_timestamp`". It is what a first start and a
+//! replay id that Salesforce refused (past retention) leave behind, so the channel never jumps
+//! to LATEST without the repair that covers the jump (invariant 2).
 
 use super::{ReplicaError, quote};
 use crate::model::ReplayId;
@@ -35,6 +40,48 @@ pub async fn load(
         replay_id: ReplayId(r.get(0)),
         commit_timestamp_ms: r.get(1),
     }))
+}
+
+/// Turns `channel`'s checkpoint into a marker at its own time (its newest commit, else when it
+/// was written): the stored replay id was refused, so the channel restarts at LATEST.
+pub async fn to_marker(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.checkpoints SET replay_id = '',
+                     commit_timestamp = coalesce(commit_timestamp, updated_at), updated_at = now()
+                 WHERE channel = $1",
+                quote(control_schema)
+            ),
+            &[&channel],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("reset checkpoint of {channel}")))?;
+    Ok(())
+}
+
+/// When the last snapshot of `object` started (epoch ms), if one completed.
+pub async fn snapshot_started_ms(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    object: &str,
+) -> Result<Option<i64>, ReplicaError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT (extract(epoch FROM snapshot_started_at) * 1000)::bigint
+                 FROM {}.object_sync_state WHERE object = $1",
+                quote(control_schema)
+            ),
+            &[&object],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("snapshot state of {object}")))?;
+    Ok(row.and_then(|r| r.get(0)))
 }
 
 /// Records `checkpoint` for `channel`. Call it in the batch's transaction. A keepalive

@@ -2,7 +2,12 @@
 //!
 //! Requests are inserted in the transaction of the batch that created them, so the checkpoint
 //! can only move past an undeliverable change together with the promise to repair it
-//! (invariant 2). A record already queued is not queued twice.
+//! (invariant 2). A record already queued is not queued twice, and one entity repair per
+//! object covers the earliest `since` asked for.
+//!
+//! Repairs are claimed with a lease (`next_attempt_at` pushed into the future), so a worker
+//! that dies leaves them to be retried, and completed only if nobody asked again after the
+//! claim (`requested_at`), so a new obligation arriving mid-repair is not swallowed.
 
 use super::apply::RepairRequest;
 use super::{ReplicaError, quote};
@@ -30,7 +35,9 @@ pub async fn enqueue(
                             "INSERT INTO {ctl}.repair_queue
                                (object, kind, record_id, reason, channel, replay_id)
                              VALUES ($1, 'record', $2, $3, $4, $5)
-                             ON CONFLICT (object, record_id) WHERE kind = 'record' DO NOTHING"
+                             ON CONFLICT (object, record_id) WHERE kind = 'record' DO UPDATE
+                             SET requested_at = now(), reason = EXCLUDED.reason,
+                                 next_attempt_at = LEAST(repair_queue.next_attempt_at, now())"
                         ),
                         &[object, id, reason, &channel, &replay],
                     )
@@ -52,7 +59,7 @@ pub async fn enqueue(
                              VALUES ($1, 'entity', to_timestamp($2::bigint / 1000.0), $3, $4, $5)
                              ON CONFLICT (object) WHERE kind = 'entity' DO UPDATE
                              SET since = LEAST(repair_queue.since, EXCLUDED.since),
-                                 reason = EXCLUDED.reason,
+                                 reason = EXCLUDED.reason, requested_at = now(),
                                  next_attempt_at = LEAST(repair_queue.next_attempt_at, now())"
                         ),
                         &[object, since_ms, reason, &channel, &replay],
@@ -81,4 +88,127 @@ pub async fn pending(
         .await
         .map_err(ReplicaError::pg("count pending repairs"))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// What a queued repair asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RepairKind {
+    Record(String),
+    /// Everything changed since this epoch ms.
+    Entity(i64),
+}
+
+/// A claimed repair.
+#[derive(Debug, Clone)]
+pub struct Repair {
+    pub repair_id: i64,
+    pub object: String,
+    pub kind: RepairKind,
+    pub attempts: i32,
+    /// Epoch ms of the claim; the repair is done only if not asked for again after it.
+    pub claimed_at_ms: i64,
+}
+
+/// Claims up to `limit` due repairs for `lease_secs` (record repairs first, grouped by
+/// object). Other workers skip claimed rows.
+pub async fn claim(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    limit: i64,
+    lease_secs: i64,
+) -> Result<Vec<Repair>, ReplicaError> {
+    let rows = client
+        .query(
+            &format!(
+                "WITH due AS (
+                   SELECT repair_id FROM {ctl}.repair_queue
+                   WHERE next_attempt_at <= now()
+                   ORDER BY kind DESC, object, next_attempt_at, repair_id
+                   LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 UPDATE {ctl}.repair_queue q
+                 SET next_attempt_at = now() + make_interval(secs => $2::bigint)
+                 FROM due WHERE q.repair_id = due.repair_id
+                 RETURNING q.repair_id, q.object, q.kind, q.record_id,
+                           (extract(epoch FROM q.since) * 1000)::bigint, q.attempts,
+                           (extract(epoch FROM now()) * 1000)::bigint",
+                ctl = quote(control_schema)
+            ),
+            &[&limit, &lease_secs],
+        )
+        .await
+        .map_err(ReplicaError::pg("claim repairs"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let kind: String = r.get(2);
+        let kind = if kind == "record" {
+            RepairKind::Record(r.get::<_, Option<String>>(3).unwrap_or_default())
+        } else {
+            RepairKind::Entity(r.get::<_, Option<i64>>(4).unwrap_or(0))
+        };
+        out.push(Repair {
+            repair_id: r.get(0),
+            object: r.get(1),
+            kind,
+            attempts: r.get(5),
+            claimed_at_ms: r.get(6),
+        });
+    }
+    Ok(out)
+}
+
+/// Removes completed repairs (call in the transaction that applied their rows). Repairs asked
+/// for again after their claim stay, due at once.
+pub async fn complete(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    repairs: &[&Repair],
+) -> Result<(), ReplicaError> {
+    let ctl = quote(control_schema);
+    let ids: Vec<i64> = repairs.iter().map(|r| r.repair_id).collect();
+    let claimed: Vec<i64> = repairs.iter().map(|r| r.claimed_at_ms).collect();
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {ctl}.repair_queue q USING unnest($1::bigint[], $2::bigint[]) AS c(id, at)
+                 WHERE q.repair_id = c.id AND q.requested_at <= to_timestamp(c.at / 1000.0)"
+            ),
+            &[&ids, &claimed],
+        )
+        .await
+        .map_err(ReplicaError::pg("complete repairs"))?;
+    client
+        .execute(
+            &format!(
+                "UPDATE {ctl}.repair_queue SET next_attempt_at = now() WHERE repair_id = ANY($1)"
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(ReplicaError::pg("release re-requested repairs"))?;
+    Ok(())
+}
+
+/// Records a failed attempt: the repair is retried after an exponential backoff (capped at an
+/// hour), and the error is kept for `status`.
+pub async fn fail(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    repairs: &[&Repair],
+    error: &str,
+) -> Result<(), ReplicaError> {
+    let ids: Vec<i64> = repairs.iter().map(|r| r.repair_id).collect();
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.repair_queue
+                 SET attempts = attempts + 1, last_error = $2,
+                     next_attempt_at = now() + make_interval(secs => least(3600, 2 ^ least(attempts, 12)))
+                 WHERE repair_id = ANY($1)",
+                quote(control_schema)
+            ),
+            &[&ids, &error],
+        )
+        .await
+        .map_err(ReplicaError::pg("record repair failure"))?;
+    Ok(())
 }

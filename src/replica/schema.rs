@@ -280,14 +280,38 @@ impl TableSchema {
                 c.pg_type.sql()
             ));
         }
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(ReplicaError::pg(format!(
-                "create table {data_schema}.{}",
-                self.table
-            )))
+        // Several tasks (channels, the repair worker, a backfill) may prepare one table at
+        // once; Postgres can then refuse the loser of a concurrent CREATE/ADD COLUMN with a
+        // duplicate error although the statement is idempotent. The winner did the work: retry.
+        let mut attempt = 0;
+        loop {
+            match client.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 3 && is_concurrent_ddl(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => {
+                    return Err(ReplicaError::pg(format!(
+                        "create table {data_schema}.{}",
+                        self.table
+                    ))(e));
+                }
+            }
+        }
     }
+}
+
+/// A duplicate-object error from a DDL statement that raced an identical one.
+fn is_concurrent_ddl(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_COLUMN
+            || *c == SqlState::DUPLICATE_OBJECT
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
 }
 
 #[cfg(test)]

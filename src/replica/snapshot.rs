@@ -1,15 +1,21 @@
 //! Snapshot rows (records read over REST or Bulk API) -> the replica, version-guarded.
 //!
 //! Rows are streamed with `COPY` into a per-transaction staging table and merged with one
-//! set-based statement per table. A snapshot row's version is its `SystemModstamp`.
+//! set-based statement per table.
+//!
+//! Versions. A snapshot row reflects the record as of the read, which is at least its
+//! `SystemModstamp` and at least the moment Salesforce answered minus one second (its `Date`
+//! header has whole seconds; the caller passes that floor). A row is stored with the larger of
+//! the two, so stream changes committed before the read are recognised as already included,
+//! and later ones still apply.
 //!
 //! Why a snapshot can never undo a newer change (invariant 3): the merge replaces a row only
-//! when the snapshot is not from an older second than the row's version. `SystemModstamp` has
-//! whole-second precision while stream versions have milliseconds, so a row changed in the same
-//! second as the snapshot is ambiguous: the snapshot is applied (it was read after the change
-//! in every case but a race inside that second) and the record is queued for one more read,
-//! which settles it. Deleted records (`IsDeleted`, from queryAll) become soft-deleted rows or,
-//! in hard mode, removals with a tombstone.
+//! when the row's version is not newer than the snapshot's. A row it leaves alone because the
+//! stream already wrote something newer is read again (a record repair is returned), since
+//! stream changes carry only their own fields and the snapshot may hold changes the stream
+//! never sent; a later read sees the newer state and settles it. Deleted records
+//! (`IsDeleted`, from queryAll) become soft-deleted rows or, in hard mode, removals with a
+//! tombstone.
 
 use super::apply::{ApplySettings, RepairRequest};
 use super::schema::{PgType, TableSchema};
@@ -80,7 +86,9 @@ pub fn row_from_json(
                 .and_then(|v| v.as_str())
                 .and_then(datetime_ms)
         })
-        .ok_or_else(|| bad(table, &id, "record has no SystemModstamp".to_string()))?;
+        // An object without audit fields (rare; some setup objects) has no version of its
+        // own: the read itself is the newest thing known about it, so it counts as of now.
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
     let deleted = record
         .get("IsDeleted")
         .and_then(|v| v.as_bool())
@@ -179,16 +187,19 @@ fn copy_field(out: &mut BytesMut, value: Option<&str>) {
 #[derive(Debug, Default)]
 pub struct SnapshotOutcome {
     pub rows: usize,
-    /// Records changed in the same second as their snapshot: read once more.
+    /// Records the stream had changed after the read: to read once more.
     pub repairs: Vec<RepairRequest>,
 }
 
-/// Applies `rows` of `table` inside `tx`.
+/// Applies `rows` of `table` inside `tx`. `read_floor_ms` is a time in Salesforce's clock
+/// that the read certainly happened after (the answer's `Date` minus a second, or a Bulk
+/// job's creation), if known.
 pub async fn apply_snapshot(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     table: &TableSchema,
     rows: &[SnapshotRow],
+    read_floor_ms: Option<i64>,
 ) -> Result<SnapshotOutcome, ReplicaError> {
     let mut outcome = SnapshotOutcome {
         rows: rows.len(),
@@ -219,7 +230,8 @@ pub async fn apply_snapshot(
     for r in rows {
         copy_field(&mut buf, Some(&r.id));
         buf.put_u8(b'\t');
-        copy_field(&mut buf, Some(&r.version_ms.to_string()));
+        let version = r.version_ms.max(read_floor_ms.unwrap_or(i64::MIN));
+        copy_field(&mut buf, Some(&version.to_string()));
         buf.put_u8(b'\t');
         copy_field(&mut buf, Some(if r.deleted { "t" } else { "f" }));
         for v in &r.values {
@@ -240,35 +252,16 @@ pub async fn apply_snapshot(
     }
     sink.finish().await.map_err(ReplicaError::pg(ctx("COPY")))?;
 
-    // Rows changed in the snapshot's own second, after it: ambiguous, read them again.
-    let ties = tx
-        .query(
-            &format!(
-                "SELECT s.id FROM _sfm_stage s JOIN {target} t ON t.id = s.id
-                 WHERE t._sfm_version > s.v AND t._sfm_version < s.v + 1000"
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg(ctx("same-second check")))?;
-    for row in ties {
-        outcome.repairs.push(RepairRequest::Record {
-            object: table.object.clone(),
-            id: row.get(0),
-            reason: "changed in the same second as its snapshot".to_string(),
-        });
-    }
-
     let newer_tombstone = format!(
         "EXISTS (SELECT 1 FROM {ctl}.tombstones ts WHERE ts.object = $1 AND ts.id = s.id
-                 AND ts.version >= s.v + 1000)"
+                 AND ts.version > s.v)"
     );
     if settings.delete_mode == DeleteMode::Hard {
         tx.execute(
             &format!(
                 "WITH gone AS (
                    DELETE FROM {target} t USING _sfm_stage s
-                   WHERE s.d AND t.id = s.id AND t._sfm_version < s.v + 1000)
+                   WHERE s.d AND t.id = s.id AND t._sfm_version <= s.v)
                  INSERT INTO {ctl}.tombstones AS ts (object, id, version)
                  SELECT $1, s.id, s.v FROM _sfm_stage s WHERE s.d
                  ON CONFLICT (object, id) DO UPDATE SET version = EXCLUDED.version,
@@ -311,7 +304,7 @@ pub async fn apply_snapshot(
              SELECT {select} FROM _sfm_stage s
              WHERE {live_filter} NOT {newer_tombstone}
              ON CONFLICT (id) DO UPDATE SET {set}
-             WHERE t._sfm_version < EXCLUDED._sfm_version + 1000",
+             WHERE t._sfm_version <= EXCLUDED._sfm_version",
             cols = cols.join(", "),
             select = select.join(", "),
             set = set.join(", "),
@@ -320,6 +313,24 @@ pub async fn apply_snapshot(
     )
     .await
     .map_err(ReplicaError::pg(ctx("merge")))?;
+    // Rows the stream had already moved past the read: read them again.
+    let newer = tx
+        .query(
+            &format!(
+                "SELECT s.id FROM _sfm_stage s JOIN {target} t ON t.id = s.id
+                 WHERE t._sfm_version > s.v"
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg(ctx("newer rows")))?;
+    for row in newer {
+        outcome.repairs.push(RepairRequest::Record {
+            object: table.object.clone(),
+            id: row.get(0),
+            reason: "changed while being read; reading again".to_string(),
+        });
+    }
     Ok(outcome)
 }
 

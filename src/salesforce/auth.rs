@@ -299,11 +299,11 @@ impl Authenticator {
         let status = resp.status().as_u16();
         crate::telemetry::record_salesforce_request("oauth", status);
         if status != 200 {
+            // A token refused right after it was issued was revoked meanwhile (or the org is
+            // busy): worth another login after a backoff, not a stop.
             return Err(SourceError::Auth {
-                message: format!(
-                    "userinfo at {url} answered HTTP {status}; the token is not valid"
-                ),
-                transient: status >= 500,
+                message: format!("userinfo at {url} answered HTTP {status} for a new token"),
+                transient: status >= 500 || status == 401,
             });
         }
         resp.json::<UserInfo>()

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod avro;
+pub mod bulk;
 pub mod event;
 pub mod pubsub;
 pub mod rest;

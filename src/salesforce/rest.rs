@@ -63,26 +63,48 @@ impl RestClient {
             if all { "queryAll" } else { "query" },
             encode_query(soql)
         );
-        self.get_json("query", &path).await
+        self.dated_page(&path).await
     }
 
     /// The page a `nextRecordsUrl` points at.
     pub async fn query_more(&self, next_records_url: &str) -> Result<QueryPage, SourceError> {
-        self.get_json("query", next_records_url).await
+        self.dated_page(next_records_url).await
+    }
+
+    async fn dated_page(&self, path: &str) -> Result<QueryPage, SourceError> {
+        let (headers, bytes) = self
+            .send("query", reqwest::Method::GET, path, None, &[])
+            .await?;
+        let mut page: QueryPage =
+            serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
+                api: "query",
+                url: path.to_string(),
+                message: e.to_string(),
+            })?;
+        page.read_at_ms = response_date_ms(&headers);
+        Ok(page)
     }
 
     /// sObject Collections retrieve: the records of `ids` (at most 2,000) with `fields`, in
-    /// the order of `ids`; `None` where the id does not exist or is deleted.
+    /// the order of `ids`; `None` where the id does not exist or is deleted. Also returns
+    /// when Salesforce answered (its `Date` header), if it said.
     pub async fn retrieve(
         &self,
         object: &str,
         ids: &[String],
         fields: &[String],
-    ) -> Result<Vec<Option<serde_json::Value>>, SourceError> {
+    ) -> Result<(Vec<Option<serde_json::Value>>, Option<i64>), SourceError> {
         let path = format!("{}/composite/sobjects/{object}", self.data_path());
         let body = serde_json::json!({ "ids": ids, "fields": fields });
-        self.send_json("composite", reqwest::Method::POST, &path, Some(&body))
-            .await
+        let (headers, bytes) = self
+            .send("composite", reqwest::Method::POST, &path, Some(&body), &[])
+            .await?;
+        let records = serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
+            api: "composite",
+            url: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok((records, response_date_ms(&headers)))
     }
 
     /// Sends a JSON request and parses the JSON answer, renewing the session once if refused.
@@ -171,6 +193,17 @@ pub struct QueryPage {
     pub next_records_url: Option<String>,
     #[serde(default)]
     pub records: Vec<serde_json::Value>,
+    /// When Salesforce answered (its `Date` header, whole seconds), if it said.
+    #[serde(skip)]
+    pub read_at_ms: Option<i64>,
+}
+
+/// Epoch ms of a response's `Date` header (Salesforce's clock, whole seconds).
+pub fn response_date_ms(headers: &reqwest::header::HeaderMap) -> Option<i64> {
+    let v = headers.get(reqwest::header::DATE)?.to_str().ok()?;
+    chrono::DateTime::parse_from_rfc2822(v)
+        .ok()
+        .map(|d| d.timestamp_millis())
 }
 
 /// Percent-encodes a SOQL statement for a query string.

@@ -164,6 +164,20 @@ impl ChannelTask {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            if let SyncError::Source(s) = &err
+                && s.is_replay_rejected()
+            {
+                // Past retention (or unknown to this org): never jump silently. The marker makes
+                // the next stream start at LATEST and re-read everything since the checkpoint.
+                tracing::warn!(channel = %name, error = %err,
+                    "stored replay id refused (past the retention window?); resuming at LATEST \
+                     and re-reading the channel's objects since the last checkpoint");
+                metrics::counter!(telemetry::REPLAY_RESETS_TOTAL, "channel" => name.clone())
+                    .increment(1);
+                let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+                checkpoint::to_marker(&client, &self.deps.apply.control_schema, &name).await?;
+                continue;
+            }
             if !err.is_transient() {
                 tracing::error!(channel = %name, error = %err,
                     "channel stopped: this error needs operator action; other channels go on");
@@ -199,15 +213,29 @@ impl ChannelTask {
             let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
             checkpoint::load(&client, &self.deps.apply.control_schema, &name).await?
         };
-        let start = match &saved {
-            Some(c) => StartAt::After(c.replay_id.clone()),
-            None => StartAt::Latest,
+        // A marker (empty replay id) or no checkpoint at all: start at LATEST and queue the
+        // re-reads that cover everything before it.
+        let covered_since = match &saved {
+            Some(c) if c.replay_id.0.is_empty() => Some(c.commit_timestamp_ms),
+            None => Some(None),
+            Some(_) => None,
         };
+        let start = match &saved {
+            Some(c) if !c.replay_id.0.is_empty() => StartAt::After(c.replay_id.clone()),
+            _ => StartAt::Latest,
+        };
+        let subscribed_at = chrono::Utc::now().timestamp_millis();
         tracing::info!(channel = %name, start = ?start, "subscribing");
-        let started_after = saved.as_ref().map(|c| c.replay_id.clone());
-        self.committed = saved.map(|c| c.replay_id);
+        let started_after = match &start {
+            StartAt::After(r) => Some(r.clone()),
+            _ => None,
+        };
+        self.committed = started_after.clone();
         let mut sub = self.deps.pubsub.subscribe(&name, start).await?;
         telemetry::record_connected(&name, true);
+        if let Some(since) = covered_since {
+            self.cover_jump_to_latest(since, subscribed_at).await?;
+        }
         let mut batch = Batch::default();
         let max_wait = self.deps.sync.batch_max_wait();
         let stale_after = Duration::from_secs(self.deps.sync.stale_stream_secs);
@@ -283,6 +311,61 @@ impl ChannelTask {
                 }
             }
         }
+    }
+
+    /// The channel now starts at LATEST: queue entity repairs for its objects since `since`
+    /// (minus the margin) — or, on a first start, since the object's last snapshot, or
+    /// everything — and leave a marker at `subscribed_at`, in one transaction.
+    async fn cover_jump_to_latest(
+        &mut self,
+        since: Option<i64>,
+        subscribed_at: i64,
+    ) -> Result<(), SyncError> {
+        let settings = &self.deps.apply;
+        let margin = settings.repair_margin_ms;
+        let mut client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg("begin start-up repairs"))?;
+        let mut repairs = Vec::new();
+        for object in &self.cfg.objects {
+            let from = match since {
+                Some(ms) => Some(ms),
+                None => {
+                    checkpoint::snapshot_started_ms(&tx, &settings.control_schema, object).await?
+                }
+            };
+            let since_ms = from.map(|ms| (ms - margin).max(0)).unwrap_or(0);
+            repairs.push(RepairRequest::Entity {
+                object: object.clone(),
+                since_ms,
+                reason: if since.is_some() {
+                    format!("{} resumed at LATEST", self.cfg.name)
+                } else {
+                    format!("first start of {}", self.cfg.name)
+                },
+            });
+        }
+        repair_queue::enqueue(
+            &tx,
+            &settings.control_schema,
+            &self.cfg.name,
+            None,
+            &repairs,
+        )
+        .await?;
+        let marker = checkpoint::Checkpoint {
+            replay_id: ReplayId::default(),
+            commit_timestamp_ms: Some(subscribed_at),
+        };
+        checkpoint::save(&tx, &settings.control_schema, &self.cfg.name, &marker).await?;
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg("commit start-up repairs"))?;
+        tracing::info!(channel = %self.cfg.name, objects = repairs.len(), since = ?since,
+            "started at LATEST; queued re-reads covering what came before");
+        Ok(())
     }
 
     /// Decodes one event into the batch; undecodable payloads become dead letters.

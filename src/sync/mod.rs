@@ -4,9 +4,12 @@
 //! - [`supervisor`]: builds the shared clients, runs the channel tasks and the metrics
 //!   listener, and shuts everything down together.
 
+pub mod backfill;
 pub mod channel;
 pub mod demo;
+pub mod repair;
 pub mod supervisor;
+pub mod verify;
 
 use crate::replica::ReplicaError;
 use crate::salesforce::SourceError;

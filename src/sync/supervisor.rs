@@ -105,6 +105,17 @@ pub async fn run(
         observer,
     };
 
+    let repair_worker = {
+        let worker = super::repair::RepairWorker::new(
+            deps.rest.clone(),
+            deps.pool.clone(),
+            deps.apply.clone(),
+            std::time::Duration::from_millis(cfg.sync.repair_idle_ms),
+        );
+        let stop = shutdown.clone();
+        tokio::spawn(async move { worker.run(stop).await })
+    };
+
     let mut tasks = tokio::task::JoinSet::new();
     for ch in &cfg.channels {
         let task = ChannelTask::new(ch.clone(), deps.clone());
@@ -136,6 +147,8 @@ pub async fn run(
         }
     }
     notify_systemd("STOPPING=1");
+    shutdown.cancel();
+    let _ = repair_worker.await;
     if let Some(t) = metrics_task {
         shutdown.cancel();
         let _ = t.await;

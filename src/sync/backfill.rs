@@ -1,0 +1,1258 @@
+//! One-shot snapshots of configured objects into the replica (`sfmirror backfill`).
+//!
+//! For each object: describe it, make sure its table has a column for every field, note the
+//! time, count the records (REST `SELECT COUNT()`), then read
+//! `SELECT Id, <every column's field> FROM X [WHERE SystemModstamp >= since]` with `queryAll`
+//! (so records in the recycle bin arrive as deletions): over Bulk API 2.0 when the count is
+//! above the Bulk threshold, REST query paging otherwise. Rows are applied in chunks, and each
+//! chunk is one transaction holding the version-guarded snapshot merge, the record repairs the
+//! merge asks for, and the object's progress in `object_sync_state` (start time, Bulk job id,
+//! and the locator of the next chunk). Reading the next chunk overlaps with applying this one.
+//!
+//! Why this is safe while the daemon runs: every row goes through
+//! [`crate::replica::snapshot::apply_snapshot`], which never replaces a row with an older
+//! version and never resurrects a tombstoned record, so the stream and the snapshot can
+//! interleave in any order (invariant 3). Rows changed in the snapshot's own second are queued
+//! for one more read in the chunk's transaction. A chunk holds its row locks only until it
+//! commits, and no table lock is taken unless columns are missing (then the table gets them,
+//! as the daemon would do itself). An advisory lock keeps two backfills of one object apart;
+//! the daemon never takes it.
+//!
+//! Why resuming is safe: the locator recorded with a chunk is the one of the next chunk, and
+//! it commits with the chunk's rows, so after an interruption the job is read again from
+//! exactly the first chunk not applied (and re-applying a chunk would be harmless anyway). A
+//! job that no longer exists, or whose columns no longer cover the table, restarts the object.
+//! Only full snapshots record their job: a `--since` window is short by nature, and resuming
+//! another run's job could read a narrower window than asked for.
+//!
+//! What completion records: `snapshot_started_at` is the time taken before the count, so
+//! every change made before it is in the replica. A `--since` run only moves it when its
+//! window reaches back to the previous complete snapshot's start (otherwise older changes
+//! might be missing); it always records `snapshot_completed_at` and `snapshot_rows`.
+//! Records purged from the org (hard-deleted) are never seen by a snapshot: `verify` finds
+//! them.
+
+use crate::config::Config;
+use crate::replica::apply::ApplySettings;
+use crate::replica::schema::TableSchema;
+use crate::replica::snapshot::{CsvLayout, SnapshotRow, apply_snapshot, row_from_json};
+use crate::replica::{ReplicaError, quote, repair_queue};
+use crate::salesforce::SourceError;
+use crate::salesforce::auth::Authenticator;
+use crate::salesforce::bulk::{self, BulkClient, JobState, Operation, ResultChunk};
+use crate::salesforce::rest::RestClient;
+use crate::sync::supervisor::{http_client, prepare_replica};
+use crate::telemetry;
+use chrono::{DateTime, SecondsFormat, Utc};
+use deadpool_postgres::GenericClient;
+use std::collections::HashSet;
+use std::fmt;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Objects with more records than this are read over Bulk API 2.0; smaller ones over REST.
+pub const DEFAULT_BULK_THRESHOLD: u64 = 10_000;
+/// Rows per transaction (and per Bulk result chunk).
+pub const DEFAULT_CHUNK_ROWS: u32 = 10_000;
+/// Attempts per object when errors are transient; each resumes where the last one stopped.
+const MAX_ATTEMPTS: u32 = 5;
+/// Interval of progress log lines when stderr is not a terminal.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// The `channel` noted on repairs a backfill queues.
+const REPAIR_ORIGIN: &str = "backfill";
+
+/// An object that no configured channel carries.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown object `{object}`: the configured channels carry {configured}")]
+pub struct UnknownObject {
+    pub object: String,
+    pub configured: String,
+}
+
+/// Errors of a backfill, transient (retried with backoff, resuming) or definite.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error(transparent)]
+    UnknownObject(#[from] UnknownObject),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("{object}: {message}")]
+    Unsupported { object: String, message: String },
+    #[error("{object}: Bulk API result not understood: {message}")]
+    BadResult { object: String, message: String },
+    #[error(
+        "{object}: another backfill of this object is running against this replica; wait for \
+         it to finish"
+    )]
+    Busy { object: String },
+    #[error("{object}: interrupted; run the backfill again to resume")]
+    Interrupted { object: String },
+}
+
+impl BackfillError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackfillError::Source(e) => e.is_transient(),
+            BackfillError::Replica(e) => e.is_transient(),
+            BackfillError::UnknownObject(_)
+            | BackfillError::Unsupported { .. }
+            | BackfillError::BadResult { .. }
+            | BackfillError::Busy { .. }
+            | BackfillError::Interrupted { .. } => false,
+        }
+    }
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar when stderr is a terminal, log lines otherwise.
+    Auto,
+    /// Periodic `info` log lines with rows and rate.
+    Log,
+    /// Nothing but the start and end of each object.
+    Quiet,
+}
+
+/// What a chunk hook is told after each committed chunk.
+#[derive(Debug, Clone)]
+pub struct ChunkProgress {
+    pub object: String,
+    /// Rows of this chunk.
+    pub rows: usize,
+    /// Rows applied for this object so far in this run.
+    pub applied: u64,
+    /// Rows the whole snapshot reads (Bulk job size or REST count).
+    pub total: u64,
+    /// The Bulk job being read, if any.
+    pub job_id: Option<String>,
+}
+
+/// Called after each committed chunk (progress reporting, tests).
+pub type ChunkHook = Arc<dyn Fn(&ChunkProgress) + Send + Sync>;
+
+/// Everything a backfill run can be told.
+#[derive(Clone)]
+pub struct BackfillOptions {
+    /// Objects to snapshot; empty means every object of every channel.
+    pub objects: Vec<String>,
+    /// Only records with `SystemModstamp` at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Objects with more records than this go over Bulk API 2.0.
+    pub bulk_threshold: u64,
+    /// Rows per transaction and per Bulk result chunk.
+    pub chunk_rows: u32,
+    pub progress: Progress,
+    /// Stops between chunks; the object is reported interrupted and resumes next time.
+    pub cancel: CancellationToken,
+    pub on_chunk: Option<ChunkHook>,
+    /// First and longest delay between Bulk job polls.
+    pub bulk_poll: (Duration, Duration),
+}
+
+impl BackfillOptions {
+    pub fn new(objects: Vec<String>, since: Option<DateTime<Utc>>) -> BackfillOptions {
+        BackfillOptions {
+            objects,
+            since,
+            bulk_threshold: DEFAULT_BULK_THRESHOLD,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            progress: Progress::Auto,
+            cancel: CancellationToken::new(),
+            on_chunk: None,
+            bulk_poll: (Duration::from_millis(250), Duration::from_secs(10)),
+        }
+    }
+}
+
+/// How an object's records were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Rest,
+    Bulk,
+}
+
+/// What happened to one object.
+#[derive(Debug)]
+pub struct ObjectReport {
+    pub object: String,
+    pub method: Option<Method>,
+    pub job_id: Option<String>,
+    /// Rows applied by this run (a resumed run counts only what it applied).
+    pub rows_applied: u64,
+    /// Rows of the whole snapshot.
+    pub total_rows: u64,
+    /// Record repairs queued for rows changed in their snapshot's second.
+    pub repairs_queued: u64,
+    /// Whether an interrupted run's Bulk job was picked up.
+    pub resumed: bool,
+    pub attempts: u32,
+    pub elapsed: Duration,
+    /// `None` when the object completed.
+    pub error: Option<BackfillError>,
+}
+
+impl ObjectReport {
+    fn new(object: &str) -> ObjectReport {
+        ObjectReport {
+            object: object.to_string(),
+            method: None,
+            job_id: None,
+            rows_applied: 0,
+            total_rows: 0,
+            repairs_queued: 0,
+            resumed: false,
+            attempts: 0,
+            elapsed: Duration::ZERO,
+            error: None,
+        }
+    }
+
+    pub fn completed(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// Rows applied per second of this run.
+    pub fn rows_per_sec(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.rows_applied as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+impl fmt::Display for ObjectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.error {
+            return write!(
+                f,
+                "{}: failed after {} attempt(s), {} rows applied: {e}",
+                self.object, self.attempts, self.rows_applied
+            );
+        }
+        write!(
+            f,
+            "{}: {} rows via {} in {:.1} s ({:.0} rows/s)",
+            self.object,
+            self.rows_applied,
+            match (self.method, &self.job_id) {
+                (Some(Method::Bulk), Some(job)) => format!("Bulk API 2.0 (job {job})"),
+                (Some(Method::Bulk), None) => "Bulk API 2.0".to_string(),
+                _ => "REST query".to_string(),
+            },
+            self.elapsed.as_secs_f64(),
+            self.rows_per_sec()
+        )?;
+        if self.resumed {
+            write!(f, ", resumed ({} rows in the snapshot)", self.total_rows)?;
+        }
+        if self.repairs_queued > 0 {
+            write!(f, ", {} record repairs queued", self.repairs_queued)?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a backfill run, one entry per object in the order they ran.
+#[derive(Debug, Default)]
+pub struct BackfillReport {
+    pub objects: Vec<ObjectReport>,
+}
+
+impl BackfillReport {
+    /// Whether every object completed.
+    pub fn is_complete(&self) -> bool {
+        self.objects.iter().all(ObjectReport::completed)
+    }
+
+    pub fn failed(&self) -> impl Iterator<Item = &ObjectReport> {
+        self.objects.iter().filter(|o| !o.completed())
+    }
+
+    pub fn object(&self, name: &str) -> Option<&ObjectReport> {
+        self.objects.iter().find(|o| o.object == name)
+    }
+}
+
+/// Snapshots `objects` (every configured object when empty) with default options.
+pub async fn backfill(
+    cfg: &Config,
+    objects: &[String],
+    since: Option<DateTime<Utc>>,
+) -> Result<BackfillReport, BackfillError> {
+    backfill_with(cfg, &BackfillOptions::new(objects.to_vec(), since)).await
+}
+
+/// Snapshots the objects `opts` names. Fails as a whole only when nothing can start (unknown
+/// object, replica or login unreachable); per-object failures are in the report.
+pub async fn backfill_with(
+    cfg: &Config,
+    opts: &BackfillOptions,
+) -> Result<BackfillReport, BackfillError> {
+    let objects = select_objects(cfg, &opts.objects)?;
+    let pool = prepare_replica(cfg).await?;
+    let rest = rest_client(cfg)?;
+    // Log in once up front so bad credentials fail the run with one clear message.
+    rest.auth().session().await?;
+    let runner = Runner {
+        bulk: BulkClient::new(rest.clone()).with_polling(opts.bulk_poll.0, opts.bulk_poll.1),
+        rest,
+        pool,
+        settings: ApplySettings {
+            data_schema: cfg.replica.schema.clone(),
+            control_schema: cfg.replica.control_schema.clone(),
+            delete_mode: cfg.replica.delete_mode,
+            repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
+        },
+        opts: opts.clone(),
+        retry_min: Duration::from_millis(cfg.sync.reconnect_min_ms),
+        retry_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
+    };
+    let mut report = BackfillReport::default();
+    for object in objects {
+        if opts.cancel.is_cancelled() {
+            let mut r = ObjectReport::new(&object);
+            r.error = Some(BackfillError::Interrupted { object });
+            report.objects.push(r);
+            continue;
+        }
+        report.objects.push(runner.object(&object).await);
+    }
+    Ok(report)
+}
+
+/// The objects to work on: the requested ones (matched to the configured spelling, ignoring
+/// case), or every object of every channel, each once, in configuration order.
+pub fn select_objects(cfg: &Config, requested: &[String]) -> Result<Vec<String>, UnknownObject> {
+    let mut configured: Vec<String> = Vec::new();
+    for ch in &cfg.channels {
+        for o in &ch.objects {
+            if !configured.contains(o) {
+                configured.push(o.clone());
+            }
+        }
+    }
+    if requested.is_empty() {
+        return Ok(configured);
+    }
+    let mut out: Vec<String> = Vec::new();
+    for r in requested {
+        let found = configured
+            .iter()
+            .find(|c| c.eq_ignore_ascii_case(r))
+            .ok_or_else(|| UnknownObject {
+                object: r.clone(),
+                configured: configured.join(", "),
+            })?;
+        if !out.contains(found) {
+            out.push(found.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// A REST client for the configured org (not yet logged in).
+pub(crate) fn rest_client(cfg: &Config) -> Result<RestClient, SourceError> {
+    let http = http_client(&cfg.salesforce)?;
+    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
+    Ok(RestClient::new(auth, http, &cfg.salesforce.api_version))
+}
+
+/// A SOQL datetime literal for `t`, floored to the second (SystemModstamp has whole seconds,
+/// so the window still includes every record changed at or after `t`).
+pub fn soql_datetime(t: DateTime<Utc>) -> String {
+    let floored = DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t);
+    floored.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+struct Runner {
+    rest: RestClient,
+    bulk: BulkClient,
+    pool: deadpool_postgres::Pool,
+    settings: ApplySettings,
+    opts: BackfillOptions,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+/// An object's row in `object_sync_state`, as far as a backfill cares.
+#[derive(Debug, Default)]
+struct SyncState {
+    running_started_ms: Option<i64>,
+    running_job_id: Option<String>,
+    running_locator: Option<String>,
+}
+
+/// Where a snapshot reads from.
+enum Source {
+    Bulk {
+        job_id: String,
+        locator: Option<String>,
+        /// Whether the job is recorded for resuming (full snapshots only).
+        recorded: bool,
+    },
+    Rest {
+        soql: String,
+    },
+}
+
+/// A snapshot about to be read.
+struct Plan {
+    started_ms: i64,
+    source: Source,
+    /// Rows the snapshot reads (job size, or the REST count until the pages are read).
+    total: u64,
+    /// A full snapshot (no `since` window).
+    full: bool,
+    resumed: bool,
+}
+
+/// What the reader task hands the applier.
+enum Item {
+    Rows {
+        rows: Vec<SnapshotRow>,
+        /// The locator of the chunk after this one (`None` after the last one).
+        next_locator: Option<String>,
+    },
+    /// A resumed job cannot fill the table's columns: start the object again.
+    Restart(String),
+    /// Everything was read; the REST total is only known now.
+    Done { total: u64 },
+}
+
+/// The reader task, aborted when the applier stops early.
+struct Reader {
+    rx: mpsc::Receiver<Result<Item, BackfillError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum Outcome {
+    Done,
+    Restart(String),
+}
+
+impl Runner {
+    /// One object, retrying transient failures with backoff (each attempt resumes).
+    async fn object(&self, object: &str) -> ObjectReport {
+        let mut report = ObjectReport::new(object);
+        let t0 = Instant::now();
+        let mut delay = self.retry_min;
+        loop {
+            report.attempts += 1;
+            match self.run_object(object, &mut report).await {
+                Ok(()) => break,
+                Err(e)
+                    if e.is_transient()
+                        && report.attempts < MAX_ATTEMPTS
+                        && !self.opts.cancel.is_cancelled() =>
+                {
+                    tracing::warn!(object, attempt = report.attempts, error = %e,
+                        retry_in_ms = delay.as_millis() as u64, "backfill failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.opts.cancel.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(self.retry_max);
+                }
+                Err(e) => {
+                    tracing::error!(object, error = %e, "backfill failed");
+                    report.error = Some(e);
+                    break;
+                }
+            }
+        }
+        report.elapsed = t0.elapsed();
+        if report.completed() {
+            tracing::info!(
+                object,
+                rows = report.rows_applied,
+                total = report.total_rows,
+                secs = report.elapsed.as_secs_f64(),
+                rows_per_sec = report.rows_per_sec() as u64,
+                "backfill complete"
+            );
+        }
+        report
+    }
+
+    async fn run_object(
+        &self,
+        object: &str,
+        report: &mut ObjectReport,
+    ) -> Result<(), BackfillError> {
+        let _lock = self.lock(object).await?;
+        let table = Arc::new(self.prepare_table(object).await?);
+        let fields = select_fields(&table)?;
+        let state = self.load_state(object).await?;
+        if let Some(plan) = self.resumable(object, &state).await? {
+            match self.execute(&table, plan, report).await? {
+                Outcome::Done => return Ok(()),
+                Outcome::Restart(why) => {
+                    tracing::info!(object, reason = %why, "restarting the snapshot");
+                }
+            }
+        }
+        let plan = self.fresh(&table, &fields).await?;
+        match self.execute(&table, plan, report).await? {
+            Outcome::Done => Ok(()),
+            Outcome::Restart(why) => Err(BackfillError::BadResult {
+                object: object.to_string(),
+                message: why,
+            }),
+        }
+    }
+
+    /// Holds an advisory lock on a connection of its own until dropped (closing the
+    /// connection releases it on every path).
+    async fn lock(&self, object: &str) -> Result<deadpool_postgres::ClientWrapper, BackfillError> {
+        let pooled = self.pool.get().await.map_err(ReplicaError::from)?;
+        let client = deadpool_postgres::Object::take(pooled);
+        let key = format!("sfmirror backfill {}.{object}", self.settings.data_schema);
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+            .await
+            .map_err(ReplicaError::pg(format!("lock the backfill of {object}")))?;
+        if !row.get::<_, bool>(0) {
+            return Err(BackfillError::Busy {
+                object: object.to_string(),
+            });
+        }
+        Ok(client)
+    }
+
+    /// Describe -> table; columns are added only when some are missing, so a run against an
+    /// up-to-date table takes no table lock.
+    async fn prepare_table(&self, object: &str) -> Result<TableSchema, BackfillError> {
+        let describe = self.rest.describe(object).await?;
+        let table = TableSchema::from_describe(describe)?;
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let rows = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2",
+                &[&self.settings.data_schema, &table.table],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("columns of {}", table.table)))?;
+        let have: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        if have.is_empty() || table.columns.iter().any(|c| !have.contains(&c.name)) {
+            table.ensure(&client, &self.settings.data_schema).await?;
+        }
+        Ok(table)
+    }
+
+    async fn load_state(&self, object: &str) -> Result<SyncState, BackfillError> {
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT (extract(epoch FROM running_started_at) * 1000)::bigint,
+                            running_job_id, running_locator
+                     FROM {}.object_sync_state WHERE object = $1",
+                    quote(&self.settings.control_schema)
+                ),
+                &[&object],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("sync state of {object}")))?;
+        Ok(row
+            .map(|r| SyncState {
+                running_started_ms: r.get(0),
+                running_job_id: r.get(1),
+                running_locator: r.get(2),
+            })
+            .unwrap_or_default())
+    }
+
+    /// The interrupted snapshot to finish, if its Bulk job still exists.
+    async fn resumable(
+        &self,
+        object: &str,
+        state: &SyncState,
+    ) -> Result<Option<Plan>, BackfillError> {
+        let (Some(started_ms), Some(job_id)) = (state.running_started_ms, &state.running_job_id)
+        else {
+            return Ok(None);
+        };
+        let info = match self.bulk.info(job_id).await {
+            Ok(info) => info,
+            Err(e) if bulk::is_job_gone(&e) || matches!(e, SourceError::BadResponse { .. }) => {
+                tracing::info!(object, job = %job_id, error = %e,
+                    "the interrupted snapshot's Bulk job is gone; starting again");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let usable = info.object.eq_ignore_ascii_case(object)
+            && info.operation == Operation::QueryAll.as_str()
+            && !matches!(info.job_state(), JobState::Failed | JobState::Aborted);
+        if !usable {
+            tracing::info!(object, job = %job_id, state = %info.state,
+                "the interrupted snapshot's Bulk job cannot be resumed; starting again");
+            return Ok(None);
+        }
+        let info = self.wait_job(object, job_id).await?;
+        tracing::info!(object, job = %job_id, locator = ?state.running_locator,
+            "resuming the interrupted snapshot");
+        Ok(Some(Plan {
+            started_ms,
+            source: Source::Bulk {
+                job_id: job_id.clone(),
+                locator: state.running_locator.clone(),
+                recorded: true,
+            },
+            total: info.number_records_processed.unwrap_or(0),
+            full: true,
+            resumed: true,
+        }))
+    }
+
+    async fn wait_job(&self, object: &str, job_id: &str) -> Result<bulk::JobInfo, BackfillError> {
+        tokio::select! {
+            r = self.bulk.wait(job_id) => Ok(r?),
+            _ = self.opts.cancel.cancelled() => Err(BackfillError::Interrupted {
+                object: object.to_string(),
+            }),
+        }
+    }
+
+    /// A new snapshot: note the time, count, pick REST or Bulk, and record the start.
+    async fn fresh(&self, table: &TableSchema, fields: &[String]) -> Result<Plan, BackfillError> {
+        let object = &table.object;
+        let started_ms = Utc::now().timestamp_millis();
+        let window = self
+            .opts
+            .since
+            .map(|s| format!(" WHERE SystemModstamp >= {}", soql_datetime(s)))
+            .unwrap_or_default();
+        let count = self
+            .rest
+            .query_page(&format!("SELECT COUNT() FROM {object}{window}"), true)
+            .await?
+            .total_size
+            .max(0) as u64;
+        let soql = format!("SELECT {} FROM {object}{window}", fields.join(", "));
+        let full = self.opts.since.is_none();
+        if count <= self.opts.bulk_threshold {
+            self.record_running(object, started_ms, None, None).await?;
+            return Ok(Plan {
+                started_ms,
+                source: Source::Rest { soql },
+                total: count,
+                full,
+                resumed: false,
+            });
+        }
+        let creating = Instant::now();
+        let job = self.bulk.create(&soql, Operation::QueryAll).await?;
+        let recorded = full;
+        self.record_running(
+            object,
+            started_ms,
+            recorded.then_some(job.id.as_str()),
+            None,
+        )
+        .await?;
+        tracing::info!(object, count, job = %job.id, "reading over Bulk API 2.0");
+        let info = self.wait_job(object, &job.id).await?;
+        tracing::debug!(object, job = %job.id, secs = creating.elapsed().as_secs_f64(),
+            "Bulk job complete");
+        Ok(Plan {
+            started_ms,
+            source: Source::Bulk {
+                job_id: job.id,
+                locator: None,
+                recorded,
+            },
+            total: info.number_records_processed.unwrap_or(count),
+            full,
+            resumed: false,
+        })
+    }
+
+    async fn record_running(
+        &self,
+        object: &str,
+        started_ms: i64,
+        job_id: Option<&str>,
+        locator: Option<&str>,
+    ) -> Result<(), BackfillError> {
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        write_running(
+            &client,
+            &self.settings.control_schema,
+            object,
+            started_ms,
+            job_id,
+            locator,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the plan's source and applies it chunk by chunk.
+    async fn execute(
+        &self,
+        table: &Arc<TableSchema>,
+        plan: Plan,
+        report: &mut ObjectReport,
+    ) -> Result<Outcome, BackfillError> {
+        let object = table.object.clone();
+        let chunk_rows = self.opts.chunk_rows.max(1);
+        let (mut reader, recorded_job) = match &plan.source {
+            Source::Bulk {
+                job_id,
+                locator,
+                recorded,
+            } => {
+                report.method = Some(Method::Bulk);
+                report.job_id = Some(job_id.clone());
+                (
+                    read_bulk(
+                        self.bulk.clone(),
+                        job_id.clone(),
+                        locator.clone(),
+                        chunk_rows,
+                        table.clone(),
+                        plan.resumed,
+                    ),
+                    recorded.then(|| job_id.clone()),
+                )
+            }
+            Source::Rest { soql } => {
+                report.method = Some(Method::Rest);
+                report.job_id = None;
+                (
+                    read_rest(
+                        self.rest.clone(),
+                        soql.clone(),
+                        chunk_rows as usize,
+                        table.clone(),
+                    ),
+                    None,
+                )
+            }
+        };
+        report.resumed = plan.resumed;
+        report.total_rows = plan.total;
+        let mut meter = Meter::new(&object, plan.total, self.opts.progress);
+        let mut applied: u64 = 0;
+        let total = loop {
+            let waiting = Instant::now();
+            let item = tokio::select! {
+                item = reader.rx.recv() => item,
+                _ = self.opts.cancel.cancelled() => None,
+            };
+            if self.opts.cancel.is_cancelled() {
+                meter.abandon();
+                return Err(BackfillError::Interrupted { object });
+            }
+            let (rows, next_locator) = match item {
+                Some(Ok(Item::Rows { rows, next_locator })) => (rows, next_locator),
+                Some(Ok(Item::Done { total })) => break total,
+                Some(Ok(Item::Restart(why))) => {
+                    meter.abandon();
+                    return Ok(Outcome::Restart(why));
+                }
+                Some(Err(e)) => {
+                    meter.abandon();
+                    return Err(e);
+                }
+                None => {
+                    meter.abandon();
+                    return Err(BackfillError::BadResult {
+                        object,
+                        message: "the reader stopped before the end of the results".to_string(),
+                    });
+                }
+            };
+            let locator = recorded_job.as_ref().and(next_locator.as_deref());
+            let wait = waiting.elapsed();
+            let applying = Instant::now();
+            let repairs = self
+                .apply_chunk(
+                    table,
+                    &rows,
+                    plan.started_ms,
+                    recorded_job.as_deref(),
+                    locator,
+                )
+                .await?;
+            let n = rows.len() as u64;
+            tracing::debug!(
+                object,
+                rows = n,
+                wait_ms = wait.as_millis() as u64,
+                apply_ms = applying.elapsed().as_millis() as u64,
+                "chunk applied"
+            );
+            applied += n;
+            report.rows_applied += n;
+            report.repairs_queued += repairs as u64;
+            metrics::counter!(telemetry::BACKFILL_ROWS_TOTAL, "object" => object.clone())
+                .increment(n);
+            meter.add(n);
+            if let Some(hook) = &self.opts.on_chunk {
+                hook(&ChunkProgress {
+                    object: object.clone(),
+                    rows: rows.len(),
+                    applied,
+                    total: plan.total,
+                    job_id: report.job_id.clone(),
+                });
+            }
+        };
+        meter.finish();
+        let total = match plan.source {
+            Source::Rest { .. } => total,
+            Source::Bulk { .. } => plan.total.max(total),
+        };
+        report.total_rows = total;
+        self.complete(&object, &plan, total).await?;
+        if let Source::Bulk { job_id, .. } = &plan.source
+            && let Err(e) = self.bulk.delete(job_id).await
+        {
+            tracing::debug!(object, job = %job_id, error = %e, "could not delete the Bulk job");
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// One chunk in one transaction: rows, their repairs, and the object's progress.
+    async fn apply_chunk(
+        &self,
+        table: &TableSchema,
+        rows: &[SnapshotRow],
+        started_ms: i64,
+        job_id: Option<&str>,
+        locator: Option<&str>,
+    ) -> Result<usize, BackfillError> {
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg(format!(
+                "begin snapshot of {}",
+                table.object
+            )))?;
+        // Rows carry SystemModstamp; records the stream moved past come back as re-reads.
+        let outcome = apply_snapshot(&tx, &self.settings, table, rows, None).await?;
+        repair_queue::enqueue(
+            &tx,
+            &self.settings.control_schema,
+            REPAIR_ORIGIN,
+            None,
+            &outcome.repairs,
+        )
+        .await?;
+        write_running(
+            &tx,
+            &self.settings.control_schema,
+            &table.object,
+            started_ms,
+            job_id,
+            locator,
+        )
+        .await?;
+        tx.commit().await.map_err(ReplicaError::pg(format!(
+            "commit snapshot of {}",
+            table.object
+        )))?;
+        Ok(outcome.repairs.len())
+    }
+
+    /// Records the completed snapshot and clears the running fields.
+    async fn complete(&self, object: &str, plan: &Plan, total: u64) -> Result<(), BackfillError> {
+        let since_ms: Option<i64> = if plan.full {
+            None
+        } else {
+            self.opts.since.map(|s| s.timestamp() * 1000)
+        };
+        let rows = i64::try_from(total).unwrap_or(i64::MAX);
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {ctl}.object_sync_state AS s
+                       (object, snapshot_started_at, snapshot_completed_at, snapshot_rows,
+                        running_started_at, running_job_id, running_locator, updated_at)
+                     VALUES ($1, CASE WHEN $3::bigint IS NULL
+                                      THEN to_timestamp($2::bigint / 1000.0) END,
+                             now(), $4, NULL, NULL, NULL, now())
+                     ON CONFLICT (object) DO UPDATE SET
+                       snapshot_started_at = CASE
+                         WHEN $3::bigint IS NULL
+                           OR s.snapshot_started_at >= to_timestamp($3::bigint / 1000.0)
+                         THEN to_timestamp($2::bigint / 1000.0)
+                         ELSE s.snapshot_started_at END,
+                       snapshot_completed_at = now(), snapshot_rows = $4,
+                       running_started_at = NULL, running_job_id = NULL,
+                       running_locator = NULL, updated_at = now()",
+                    ctl = quote(&self.settings.control_schema)
+                ),
+                &[&object, &plan.started_ms, &since_ms, &rows],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("record the snapshot of {object}")))?;
+        Ok(())
+    }
+}
+
+async fn write_running(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+    started_ms: i64,
+    job_id: Option<&str>,
+    locator: Option<&str>,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {}.object_sync_state AS s
+                   (object, running_started_at, running_job_id, running_locator, updated_at)
+                 VALUES ($1, to_timestamp($2::bigint / 1000.0), $3, $4, now())
+                 ON CONFLICT (object) DO UPDATE SET
+                   running_started_at = EXCLUDED.running_started_at,
+                   running_job_id = EXCLUDED.running_job_id,
+                   running_locator = EXCLUDED.running_locator, updated_at = now()",
+                quote(control_schema)
+            ),
+            &[&object, &started_ms, &job_id, &locator],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("record the progress of {object}")))?;
+    Ok(())
+}
+
+/// `Id` and the field of every column. Compound parents (addresses, geolocations, person
+/// names) have no column, so Bulk API's refusal of compound fields never applies.
+fn select_fields(table: &TableSchema) -> Result<Vec<String>, BackfillError> {
+    if !table.columns.iter().any(|c| c.field == "SystemModstamp") {
+        return Err(BackfillError::Unsupported {
+            object: table.object.clone(),
+            message: "describe lists no SystemModstamp field, so snapshot rows cannot be \
+                      versioned against the stream; this object can only be kept by the stream"
+                .to_string(),
+        });
+    }
+    let mut fields = vec!["Id".to_string()];
+    fields.extend(table.columns.iter().map(|c| c.field.clone()));
+    Ok(fields)
+}
+
+/// Reads a Bulk job from `locator` on, one chunk ahead of the applier.
+fn read_bulk(
+    bulk: BulkClient,
+    job_id: String,
+    mut locator: Option<String>,
+    chunk_rows: u32,
+    table: Arc<TableSchema>,
+    resumed: bool,
+) -> Reader {
+    let (tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        let mut read: u64 = 0;
+        loop {
+            let chunk = match bulk.results(&job_id, locator.as_deref(), chunk_rows).await {
+                Ok(c) => c,
+                Err(e) if resumed && read == 0 && bulk::is_job_gone(&e) => {
+                    let _ = tx
+                        .send(Ok(Item::Restart(format!(
+                            "Bulk job {job_id} can no longer be read: {e}"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let next_locator = chunk.next_locator.clone();
+            let t = table.clone();
+            let parsed = tokio::task::spawn_blocking(move || parse_chunk(&t, &chunk)).await;
+            let (rows, missing) = match parsed {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(BackfillError::BadResult {
+                            object: table.object.clone(),
+                            message: format!("parsing a chunk failed: {e}"),
+                        }))
+                        .await;
+                    return;
+                }
+            };
+            if !missing.is_empty() {
+                let why = format!("Bulk job {job_id} has no column for {}", missing.join(", "));
+                let item = if resumed {
+                    Ok(Item::Restart(why))
+                } else {
+                    Err(BackfillError::BadResult {
+                        object: table.object.clone(),
+                        message: why,
+                    })
+                };
+                let _ = tx.send(item).await;
+                return;
+            }
+            read += rows.len() as u64;
+            let last = next_locator.is_none();
+            if tx
+                .send(Ok(Item::Rows {
+                    rows,
+                    next_locator: next_locator.clone(),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if last {
+                let _ = tx.send(Ok(Item::Done { total: read })).await;
+                return;
+            }
+            locator = next_locator;
+        }
+    });
+    Reader { rx, task }
+}
+
+/// One CSV chunk -> snapshot rows, and the table's fields the chunk has no column for.
+fn parse_chunk(
+    table: &TableSchema,
+    chunk: &ResultChunk,
+) -> Result<(Vec<SnapshotRow>, Vec<String>), BackfillError> {
+    let bad = |message: String| BackfillError::BadResult {
+        object: table.object.clone(),
+        message,
+    };
+    let mut reader = chunk.reader();
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| bad(format!("CSV header: {e}")))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    if header.is_empty() || header.iter().all(String::is_empty) {
+        // An empty result may come without a header row.
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let missing: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|c| !header.iter().any(|h| h.eq_ignore_ascii_case(&c.field)))
+        .map(|c| c.field.clone())
+        .collect();
+    if !missing.is_empty() {
+        return Ok((Vec::new(), missing));
+    }
+    let names: Vec<&str> = header.iter().map(String::as_str).collect();
+    let layout = CsvLayout::new(table, &names)?;
+    let capacity = chunk.records.unwrap_or(0).min(1_000_000) as usize;
+    let mut rows = Vec::with_capacity(capacity);
+    let mut record = csv::StringRecord::new();
+    while reader
+        .read_record(&mut record)
+        .map_err(|e| bad(format!("CSV record: {e}")))?
+    {
+        let fields: Vec<&str> = record.iter().collect();
+        rows.push(layout.row(table, &fields)?);
+    }
+    Ok((rows, Vec::new()))
+}
+
+/// Reads a REST query page by page, handing over `chunk_rows` rows at a time.
+fn read_rest(rest: RestClient, soql: String, chunk_rows: usize, table: Arc<TableSchema>) -> Reader {
+    let (tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        let result: Result<u64, BackfillError> = async {
+            let mut page = rest.query_page(&soql, true).await?;
+            let mut rows = Vec::with_capacity(chunk_rows.min(page.records.len().max(1)));
+            let mut read: u64 = 0;
+            loop {
+                for record in &page.records {
+                    rows.push(row_from_json(&table, record)?);
+                    if rows.len() >= chunk_rows {
+                        read += rows.len() as u64;
+                        let item = Item::Rows {
+                            rows: std::mem::take(&mut rows),
+                            next_locator: None,
+                        };
+                        if tx.send(Ok(item)).await.is_err() {
+                            return Ok(read);
+                        }
+                    }
+                }
+                if page.done {
+                    break;
+                }
+                let Some(next) = page.next_records_url.take() else {
+                    return Err(BackfillError::BadResult {
+                        object: table.object.clone(),
+                        message: "a query page is not done but has no nextRecordsUrl".to_string(),
+                    });
+                };
+                page = rest.query_more(&next).await?;
+            }
+            if !rows.is_empty() {
+                read += rows.len() as u64;
+                let item = Item::Rows {
+                    rows,
+                    next_locator: None,
+                };
+                if tx.send(Ok(item)).await.is_err() {
+                    return Ok(read);
+                }
+            }
+            Ok(read)
+        }
+        .await;
+        let _ = tx.send(result.map(|total| Item::Done { total })).await;
+    });
+    Reader { rx, task }
+}
+
+/// Progress of one object: a bar on a terminal, or log lines with rows and rate.
+struct Meter {
+    object: String,
+    total: u64,
+    rows: u64,
+    started: Instant,
+    last_log: Instant,
+    log: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Meter {
+    fn new(object: &str, total: u64, mode: Progress) -> Meter {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (mode == Progress::Auto && terminal).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>16} [{bar:40}] {human_pos}/{human_len} rows {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(object.to_string());
+            bar
+        });
+        let now = Instant::now();
+        Meter {
+            object: object.to_string(),
+            total,
+            rows: 0,
+            started: now,
+            last_log: now,
+            log: mode == Progress::Log || (mode == Progress::Auto && !terminal),
+            bar,
+        }
+    }
+
+    fn rate(&self) -> u64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            (self.rows as f64 / secs) as u64
+        } else {
+            0
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.rows += n;
+        if let Some(bar) = &self.bar {
+            if self.rows > self.total {
+                bar.set_length(self.rows);
+            }
+            bar.inc(n);
+        }
+        if self.log && self.last_log.elapsed() >= LOG_INTERVAL {
+            self.last_log = Instant::now();
+            tracing::info!(object = %self.object, rows = self.rows, total = self.total,
+                rows_per_sec = self.rate(), "backfill progress");
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(objects: &[&[&str]]) -> Config {
+        let mut text = String::from(
+            r#"
+            [salesforce]
+            auth = "client_credentials"
+            client_id = "x"
+            client_secret = "y"
+            [replica]
+            url = "postgres://u@127.0.0.1/db"
+            "#,
+        );
+        for (i, o) in objects.iter().enumerate() {
+            let list: Vec<String> = o.iter().map(|s| format!("\"{s}\"")).collect();
+            text.push_str(&format!(
+                "[[channels]]\nname = \"/data/C{i}\"\nobjects = [{}]\n",
+                list.join(", ")
+            ));
+        }
+        Config::from_toml(&text).expect("config")
+    }
+
+    #[test]
+    fn objects_default_to_every_channel_and_unknown_ones_are_named() {
+        let c = cfg(&[&["Account", "Contact"], &["Account", "Invoice__c"]]);
+        assert_eq!(
+            select_objects(&c, &[]).expect("all"),
+            ["Account", "Contact", "Invoice__c"]
+        );
+        assert_eq!(
+            select_objects(&c, &["invoice__c".into(), "Invoice__c".into()]).expect("one"),
+            ["Invoice__c"]
+        );
+        let e = select_objects(&c, &["Lead".into()]).expect_err("unknown");
+        let text = e.to_string();
+        assert!(
+            text.contains("`Lead`") && text.contains("Account, Contact, Invoice__c"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn since_literals_are_floored_to_the_second() {
+        let t = DateTime::parse_from_rfc3339("2024-05-01T10:20:30.750+02:00")
+            .expect("time")
+            .with_timezone(&Utc);
+        assert_eq!(soql_datetime(t), "2024-05-01T08:20:30Z");
+    }
+}

@@ -1,0 +1,365 @@
+//! The repair worker: drains the repair queue by reading the truth over REST.
+//!
+//! Record repairs fetch exactly the queued ids with sObject Collections (up to 2,000 a call,
+//! per object); ids it cannot return are looked up with queryAll to tell a deleted record
+//! (recycle bin, `IsDeleted`) from one that is gone for good. Entity repairs re-read every
+//! record of the object whose `SystemModstamp` falls in the window, deleted ones included.
+//!
+//! Why nothing is lost or undone: a repair is claimed with a lease and deleted from the queue
+//! in the transaction that applies its rows, and only if nobody asked for it again after the
+//! claim; a crash mid-repair leaves it queued. Rows go through the snapshot merge, whose
+//! version guard keeps any newer change the stream has already applied. The worker runs beside
+//! the channel tasks and never holds a lock they wait on while it talks to Salesforce.
+
+use crate::model::{ChangeEvent, ChangeHeader, ChangeType};
+use crate::replica::apply::{ApplySettings, apply_events};
+use crate::replica::repair_queue::{self, Repair, RepairKind};
+use crate::replica::schema::TableSchema;
+use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
+use crate::replica::{ReplicaError, repair_queue::enqueue};
+use crate::salesforce::rest::RestClient;
+use crate::sync::SyncError;
+use crate::telemetry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Most ids sObject Collections retrieve takes in one call.
+pub const RETRIEVE_MAX_IDS: usize = 2_000;
+/// Ids per queryAll `WHERE Id IN (...)` lookup (keeps the URL short).
+const LOOKUP_IDS: usize = 200;
+/// How long a claim lasts before another worker may take the repair over.
+const LEASE_SECS: i64 = 600;
+
+pub struct RepairWorker {
+    rest: RestClient,
+    pool: deadpool_postgres::Pool,
+    settings: ApplySettings,
+    tables: HashMap<String, Arc<TableSchema>>,
+    idle: Duration,
+}
+
+impl RepairWorker {
+    pub fn new(
+        rest: RestClient,
+        pool: deadpool_postgres::Pool,
+        settings: ApplySettings,
+        idle: Duration,
+    ) -> RepairWorker {
+        RepairWorker {
+            rest,
+            pool,
+            settings,
+            tables: HashMap::new(),
+            idle,
+        }
+    }
+
+    /// Drains the queue until `shutdown`; sleeps `idle` when nothing is due.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let worked = match self.drain_once().await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    tracing::warn!(error = %e, "repair worker: will retry");
+                    false
+                }
+            };
+            if let Ok(client) = self.pool.get().await
+                && let Ok(pending) =
+                    repair_queue::pending(&client, &self.settings.control_schema).await
+            {
+                for (object, n) in pending {
+                    metrics::gauge!(telemetry::REPAIRS_PENDING, "object" => object).set(n as f64);
+                }
+            }
+            if worked {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.idle) => {}
+            }
+        }
+    }
+
+    /// Claims and processes one round of due repairs; returns how many it handled.
+    pub async fn drain_once(&mut self) -> Result<usize, SyncError> {
+        let claimed = {
+            let client = self.pool.get().await.map_err(ReplicaError::from)?;
+            repair_queue::claim(
+                &client,
+                &self.settings.control_schema,
+                RETRIEVE_MAX_IDS as i64,
+                LEASE_SECS,
+            )
+            .await?
+        };
+        let n = claimed.len();
+        let mut records: BTreeMap<String, Vec<&Repair>> = BTreeMap::new();
+        let mut entities = Vec::new();
+        for r in &claimed {
+            match &r.kind {
+                RepairKind::Record(_) => records.entry(r.object.clone()).or_default().push(r),
+                RepairKind::Entity(_) => entities.push(r),
+            }
+        }
+        for (object, group) in records {
+            for chunk in group.chunks(RETRIEVE_MAX_IDS) {
+                let outcome = self.repair_records(&object, chunk).await;
+                self.settle(chunk, "record", outcome).await?;
+            }
+        }
+        for r in entities {
+            let outcome = self.repair_entity(r).await;
+            self.settle(&[r], "entity", outcome).await?;
+        }
+        Ok(n)
+    }
+
+    /// Records the outcome of a repair attempt: failures go back with a backoff.
+    async fn settle(
+        &self,
+        repairs: &[&Repair],
+        kind: &'static str,
+        outcome: Result<(), SyncError>,
+    ) -> Result<(), SyncError> {
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(telemetry::REPAIRS_TOTAL, "kind" => kind, "outcome" => "ok")
+                    .increment(repairs.len() as u64);
+                Ok(())
+            }
+            Err(e) => {
+                let object = repairs.first().map(|r| r.object.as_str()).unwrap_or("?");
+                tracing::warn!(object, kind, count = repairs.len(), error = %e,
+                    transient = e.is_transient(), "repair failed; retrying with backoff");
+                metrics::counter!(telemetry::REPAIRS_TOTAL, "kind" => kind, "outcome" => "error")
+                    .increment(repairs.len() as u64);
+                let client = self.pool.get().await.map_err(ReplicaError::from)?;
+                repair_queue::fail(
+                    &client,
+                    &self.settings.control_schema,
+                    repairs,
+                    &e.to_string(),
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn table(&mut self, object: &str) -> Result<Arc<TableSchema>, SyncError> {
+        if let Some(t) = self.tables.get(object) {
+            return Ok(t.clone());
+        }
+        let describe = self.rest.describe(object).await?;
+        let table = Arc::new(TableSchema::from_describe(describe)?);
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        table.ensure(&client, &self.settings.data_schema).await?;
+        self.tables.insert(object.to_string(), table.clone());
+        Ok(table)
+    }
+
+    /// The fields a repair reads: every column's field, plus Id.
+    fn fields(table: &TableSchema) -> Vec<String> {
+        let mut f = vec!["Id".to_string()];
+        f.extend(table.columns.iter().map(|c| c.field.clone()));
+        f
+    }
+
+    async fn repair_records(&mut self, object: &str, repairs: &[&Repair]) -> Result<(), SyncError> {
+        let table = self.table(object).await?;
+        let ids: Vec<String> = repairs
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RepairKind::Record(id) => Some(id.clone()),
+                RepairKind::Entity(_) => None,
+            })
+            .collect();
+        let fields = Self::fields(&table);
+        let (found, answered_ms) = self.rest.retrieve(object, &ids, &fields).await?;
+        let mut read_floor = answered_ms.map(|ms| ms - 1000);
+        let mut rows = Vec::new();
+        let mut missing = Vec::new();
+        for (id, rec) in ids.iter().zip(found) {
+            match rec {
+                Some(r) => rows.push(row_from_json(&table, &r)?),
+                None => missing.push(id.clone()),
+            }
+        }
+        // Not retrievable: deleted (still in the recycle bin) or gone for good.
+        let mut gone = Vec::new();
+        for chunk in missing.chunks(LOOKUP_IDS) {
+            let list: Vec<String> = chunk
+                .iter()
+                .map(|i| format!("'{}'", soql_escape(i)))
+                .collect();
+            let soql = format!(
+                "SELECT {} FROM {object} WHERE Id IN ({})",
+                fields.join(", "),
+                list.join(", ")
+            );
+            let (seen, at) = self.query_all_rows(&table, &soql).await?;
+            read_floor = min_floor(read_floor, at);
+            for id in chunk {
+                if !seen.iter().any(|r| &r.id == id) {
+                    gone.push(id.clone());
+                }
+            }
+            rows.extend(seen);
+        }
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg("begin repair"))?;
+        let outcome = apply_snapshot(&tx, &self.settings, &table, &rows, read_floor).await?;
+        if !gone.is_empty() {
+            // Gone from the org (purged or hard-deleted): delete as of now.
+            let now = chrono::Utc::now().timestamp_millis();
+            let tables: HashMap<String, Arc<TableSchema>> =
+                [(object.to_string(), table.clone())].into();
+            let event = synthetic_delete(object, gone, now);
+            apply_events(&tx, &self.settings, &tables, &[event]).await?;
+        }
+        enqueue(
+            &tx,
+            &self.settings.control_schema,
+            "repair",
+            None,
+            &outcome.repairs,
+        )
+        .await?;
+        repair_queue::complete(&tx, &self.settings.control_schema, repairs).await?;
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg("commit repair"))?;
+        tracing::info!(object, records = ids.len(), "record repairs applied");
+        Ok(())
+    }
+
+    async fn repair_entity(&mut self, repair: &Repair) -> Result<(), SyncError> {
+        let object = repair.object.as_str();
+        let RepairKind::Entity(since_ms) = repair.kind else {
+            return Ok(());
+        };
+        let table = self.table(object).await?;
+        let fields = Self::fields(&table);
+        let mut soql = format!("SELECT {} FROM {object}", fields.join(", "));
+        // The window is on SystemModstamp; an object without audit fields is re-read whole.
+        let window_field = ["SystemModstamp", "LastModifiedDate"]
+            .into_iter()
+            .find(|f| table.describe().field(f).is_some());
+        if let Some(field) = window_field
+            && since_ms > 0
+        {
+            let since = chrono::DateTime::from_timestamp_millis(since_ms)
+                .unwrap_or_default()
+                .format("%Y-%m-%dT%H:%M:%SZ");
+            soql.push_str(&format!(" WHERE {field} >= {since}"));
+        }
+        // Page by page, each in its own transaction: a crash repeats the repair, which the
+        // version guard makes harmless.
+        let mut page = self.rest.query_page(&soql, true).await?;
+        let mut total = 0usize;
+        loop {
+            let rows = page
+                .records
+                .iter()
+                .map(|r| row_from_json(&table, r))
+                .collect::<Result<Vec<SnapshotRow>, _>>()?;
+            total += rows.len();
+            let last = page.done || page.next_records_url.is_none();
+            let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(ReplicaError::pg("begin repair"))?;
+            let floor = page.read_at_ms.map(|ms| ms - 1000);
+            let outcome = apply_snapshot(&tx, &self.settings, &table, &rows, floor).await?;
+            enqueue(
+                &tx,
+                &self.settings.control_schema,
+                "repair",
+                None,
+                &outcome.repairs,
+            )
+            .await?;
+            if last {
+                repair_queue::complete(&tx, &self.settings.control_schema, &[repair]).await?;
+            }
+            tx.commit()
+                .await
+                .map_err(ReplicaError::pg("commit repair"))?;
+            if last {
+                break;
+            }
+            let next = page.next_records_url.clone().unwrap_or_default();
+            page = self.rest.query_more(&next).await?;
+        }
+        tracing::info!(object, rows = total, since_ms, "entity repair applied");
+        Ok(())
+    }
+
+    /// Every row of a queryAll, and the earliest read floor of its pages.
+    async fn query_all_rows(
+        &self,
+        table: &TableSchema,
+        soql: &str,
+    ) -> Result<(Vec<SnapshotRow>, Option<i64>), SyncError> {
+        let mut page = self.rest.query_page(soql, true).await?;
+        let mut out = Vec::new();
+        let mut floor = page.read_at_ms.map(|ms| ms - 1000);
+        loop {
+            for r in &page.records {
+                out.push(row_from_json(table, r)?);
+            }
+            match (&page.next_records_url, page.done) {
+                (Some(next), false) => {
+                    page = self.rest.query_more(next).await?;
+                    floor = min_floor(floor, page.read_at_ms.map(|ms| ms - 1000));
+                }
+                _ => return Ok((out, floor)),
+            }
+        }
+    }
+}
+
+/// The earlier of two read floors; unknown if either is unknown (be conservative).
+fn min_floor(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        _ => None,
+    }
+}
+
+/// Escapes a value for a SOQL string literal.
+pub fn soql_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// A DELETE change for records that no longer exist anywhere in the org.
+fn synthetic_delete(object: &str, ids: Vec<String>, now_ms: i64) -> ChangeEvent {
+    ChangeEvent {
+        replay_id: Default::default(),
+        schema_id: String::new(),
+        header: ChangeHeader {
+            entity_name: object.to_string(),
+            record_ids: ids,
+            change_type: ChangeType::Delete,
+            change_origin: String::new(),
+            transaction_key: String::new(),
+            sequence_number: 0,
+            commit_timestamp: now_ms,
+            commit_number: 0,
+            commit_user: String::new(),
+            changed_fields: Vec::new(),
+            nulled_fields: Vec::new(),
+            diff_fields: Vec::new(),
+        },
+        fields: Vec::new(),
+        schema_fields: Arc::from(Vec::new()),
+    }
+}

@@ -1,0 +1,1012 @@
+//! Compares the replica with the org, object by object (`sfmirror verify`).
+//!
+//! The org side is the stream of `(Id, SystemModstamp, IsDeleted)` of every record, deleted
+//! ones included (`queryAll ... ORDER BY Id`, over REST paging or, above the Bulk threshold,
+//! a Bulk API 2.0 job read chunk by chunk). The replica side is
+//! `SELECT id, _sfm_version, _sfm_deleted ... ORDER BY id COLLATE "C"` read through a portal a
+//! few thousand rows at a time. Both are ordered by the bytes of the id (Salesforce ids are
+//! case-sensitive base-62, and `"C"` collation compares bytes), and they are merged like two
+//! sorted files, so memory stays bounded whatever the size of the object. A stream that goes
+//! backwards is an error, never a silent miscount.
+//!
+//! Drift, per id:
+//! - *missing*: live in the org, absent from the replica;
+//! - *extra*: live in the replica, absent from the org (purged, hard-deleted);
+//! - *deleted mismatch*: deleted on one side, live on the other;
+//! - *stale*: the org's `SystemModstamp` is in a later second than the replica's version
+//!   (compared in whole seconds: `SystemModstamp` has no milliseconds, versions do).
+//!
+//! A deleted record absent from the replica is not drift (hard delete mode removes rows).
+//!
+//! Why verify can run beside the daemon: it only reads (a read-only transaction per object;
+//! its share lock only makes a column addition wait for the end of that object's read), and
+//! a difference seen while the stream is still applying a change is not reported: every
+//! difference found is checked again by reading both sides for that id once more, the org
+//! first and the replica after a short delay, and only those that remain count. With
+//! `--repair`, confirmed drift becomes record repairs in the repair queue, which the daemon's
+//! repair worker applies through the version-guarded merge.
+
+use super::backfill::{UnknownObject, rest_client, select_objects};
+use crate::config::Config;
+use crate::replica::apply::RepairRequest;
+use crate::replica::snapshot::datetime_ms;
+use crate::replica::{ReplicaError, quote, repair_queue};
+use crate::salesforce::SourceError;
+use crate::salesforce::bulk::{BulkClient, Operation};
+use crate::salesforce::rest::RestClient;
+use crate::sync::supervisor::prepare_replica;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Objects with more records than this are listed over Bulk API 2.0.
+pub const DEFAULT_BULK_THRESHOLD: u64 = super::backfill::DEFAULT_BULK_THRESHOLD;
+/// Ids shown per kind of drift.
+pub const DEFAULT_EXAMPLES: usize = 5;
+/// Differences checked again one by one; beyond this many an object is plainly out of sync
+/// and the rest are reported as found.
+const RECHECK_MAX: usize = 10_000;
+/// Replica rows per portal fetch.
+const REPLICA_FETCH: i32 = 5_000;
+/// Ids per `WHERE Id IN (...)` lookup (keeps the URL short).
+const LOOKUP_IDS: usize = 200;
+/// Rows per Bulk result chunk (keys only, so small).
+const BULK_CHUNK_ROWS: u32 = 50_000;
+/// Repairs queued per transaction.
+const ENQUEUE_BATCH: usize = 1_000;
+/// The `channel` noted on repairs verify queues.
+const REPAIR_ORIGIN: &str = "verify";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    UnknownObject(#[from] UnknownObject),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("{object}: {message}")]
+    BadData { object: String, message: String },
+}
+
+impl VerifyError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            VerifyError::Source(e) => e.is_transient(),
+            VerifyError::Replica(e) => e.is_transient(),
+            VerifyError::UnknownObject(_) | VerifyError::BadData { .. } => false,
+        }
+    }
+}
+
+/// A kind of difference between the org and the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    Missing,
+    Extra,
+    DeletedMismatch,
+    Stale,
+}
+
+impl DriftKind {
+    fn label(self) -> &'static str {
+        match self {
+            DriftKind::Missing => "missing",
+            DriftKind::Extra => "extra",
+            DriftKind::DeletedMismatch => "deleted-state mismatch",
+            DriftKind::Stale => "stale",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            DriftKind::Missing => "verify: in the org, missing from the replica",
+            DriftKind::Extra => "verify: in the replica, absent from the org",
+            DriftKind::DeletedMismatch => "verify: deleted on one side only",
+            DriftKind::Stale => "verify: the org has a newer SystemModstamp",
+        }
+    }
+}
+
+/// How many ids drifted one way, with the first few.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DriftCount {
+    pub count: u64,
+    pub examples: Vec<String>,
+}
+
+/// The comparison of one object.
+#[derive(Debug, Default, Serialize)]
+pub struct ObjectVerify {
+    pub object: String,
+    /// `rest` or `bulk`: how the org's ids were listed.
+    pub method: String,
+    pub org_live: u64,
+    pub org_deleted: u64,
+    pub replica_live: u64,
+    pub replica_deleted: u64,
+    pub missing: DriftCount,
+    pub extra: DriftCount,
+    pub deleted_mismatch: DriftCount,
+    pub stale: DriftCount,
+    /// Differences that were gone when checked again (changes in flight).
+    pub settled: u64,
+    pub repairs_queued: u64,
+    /// Why the object could not be compared.
+    pub error: Option<String>,
+}
+
+impl ObjectVerify {
+    fn new(object: &str) -> ObjectVerify {
+        ObjectVerify {
+            object: object.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Ids that drifted, all kinds together.
+    pub fn drift(&self) -> u64 {
+        self.missing.count + self.extra.count + self.deleted_mismatch.count + self.stale.count
+    }
+
+    pub fn kind(&self, kind: DriftKind) -> &DriftCount {
+        match kind {
+            DriftKind::Missing => &self.missing,
+            DriftKind::Extra => &self.extra,
+            DriftKind::DeletedMismatch => &self.deleted_mismatch,
+            DriftKind::Stale => &self.stale,
+        }
+    }
+
+    fn kind_mut(&mut self, kind: DriftKind) -> &mut DriftCount {
+        match kind {
+            DriftKind::Missing => &mut self.missing,
+            DriftKind::Extra => &mut self.extra,
+            DriftKind::DeletedMismatch => &mut self.deleted_mismatch,
+            DriftKind::Stale => &mut self.stale,
+        }
+    }
+}
+
+const KINDS: [DriftKind; 4] = [
+    DriftKind::Missing,
+    DriftKind::Extra,
+    DriftKind::DeletedMismatch,
+    DriftKind::Stale,
+];
+
+impl fmt::Display for ObjectVerify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.error {
+            return write!(f, "{}: cannot verify: {e}", self.object);
+        }
+        let counts = format!(
+            "org {} live + {} deleted, replica {} live + {} deleted",
+            self.org_live, self.org_deleted, self.replica_live, self.replica_deleted
+        );
+        if self.drift() == 0 {
+            return write!(f, "{}: in sync ({counts})", self.object);
+        }
+        let parts: Vec<String> = KINDS
+            .iter()
+            .filter(|k| self.kind(**k).count > 0)
+            .map(|k| format!("{} {}", self.kind(*k).count, k.label()))
+            .collect();
+        write!(
+            f,
+            "{}: {} drifted ({}); {counts}",
+            self.object,
+            self.drift(),
+            parts.join(", ")
+        )?;
+        for k in KINDS {
+            let d = self.kind(k);
+            if d.count > 0 {
+                let more = if d.count > d.examples.len() as u64 {
+                    ", ..."
+                } else {
+                    ""
+                };
+                write!(f, "\n  {}: {}{more}", k.label(), d.examples.join(", "))?;
+            }
+        }
+        if self.repairs_queued > 0 {
+            write!(f, "\n  {} record repairs queued", self.repairs_queued)?;
+        }
+        Ok(())
+    }
+}
+
+/// The comparison of every object asked for.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub objects: Vec<ObjectVerify>,
+}
+
+impl VerifyReport {
+    pub fn has_drift(&self) -> bool {
+        self.objects.iter().any(|o| o.drift() > 0)
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.objects.iter().any(|o| o.error.is_some())
+    }
+
+    /// No drift and every object compared.
+    pub fn is_clean(&self) -> bool {
+        !self.has_drift() && !self.has_errors()
+    }
+
+    pub fn object(&self, name: &str) -> Option<&ObjectVerify> {
+        self.objects.iter().find(|o| o.object == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Objects to compare; empty means every object of every channel.
+    pub objects: Vec<String>,
+    /// Queue record repairs for every drifted id.
+    pub repair: bool,
+    pub bulk_threshold: u64,
+    pub examples: usize,
+    /// Wait between reading the org again and reading the replica again for the ids that
+    /// differed, so changes the daemon is applying can land.
+    pub recheck_delay: Duration,
+}
+
+impl VerifyOptions {
+    pub fn new(objects: Vec<String>, repair: bool) -> VerifyOptions {
+        VerifyOptions {
+            objects,
+            repair,
+            bulk_threshold: DEFAULT_BULK_THRESHOLD,
+            examples: DEFAULT_EXAMPLES,
+            recheck_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Compares `objects` (every configured object when empty); with `repair`, queues record
+/// repairs for the drifted ids.
+pub async fn verify(
+    cfg: &Config,
+    objects: &[String],
+    repair: bool,
+) -> Result<VerifyReport, VerifyError> {
+    verify_with(cfg, &VerifyOptions::new(objects.to_vec(), repair)).await
+}
+
+/// As [`verify`], with every option. Fails as a whole only when nothing can start; an object
+/// that cannot be compared carries its error in the report.
+pub async fn verify_with(cfg: &Config, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
+    let objects = select_objects(cfg, &opts.objects)?;
+    let pool = prepare_replica(cfg).await?;
+    let rest = rest_client(cfg)?;
+    rest.auth().session().await?;
+    let checker = Checker {
+        bulk: BulkClient::new(rest.clone()),
+        rest,
+        pool,
+        data_schema: cfg.replica.schema.clone(),
+        control_schema: cfg.replica.control_schema.clone(),
+        opts: opts.clone(),
+    };
+    let mut report = VerifyReport::default();
+    for object in objects {
+        let mut result = ObjectVerify::new(&object);
+        if let Err(e) = checker.object(&object, &mut result).await {
+            tracing::error!(object, error = %e, "verify failed");
+            result.error = Some(e.to_string());
+        }
+        report.objects.push(result);
+    }
+    Ok(report)
+}
+
+/// One org record's key.
+#[derive(Debug, Clone)]
+struct OrgKey {
+    id: String,
+    modstamp_ms: i64,
+    deleted: bool,
+}
+
+/// One replica row's key.
+#[derive(Debug, Clone)]
+struct ReplicaKey {
+    id: String,
+    version_ms: i64,
+    deleted: bool,
+}
+
+/// What, if anything, is wrong with an id given what each side holds.
+fn classify(org: Option<&OrgKey>, replica: Option<&ReplicaKey>) -> Option<DriftKind> {
+    match (org, replica) {
+        (Some(o), None) => (!o.deleted).then_some(DriftKind::Missing),
+        (None, Some(r)) => (!r.deleted).then_some(DriftKind::Extra),
+        (Some(o), Some(r)) if o.deleted != r.deleted => Some(DriftKind::DeletedMismatch),
+        (Some(o), Some(r)) => (!o.deleted
+            && o.modstamp_ms.div_euclid(1000) > r.version_ms.div_euclid(1000))
+        .then_some(DriftKind::Stale),
+        (None, None) => None,
+    }
+}
+
+/// Whether `id` can be written into SOQL as a literal (Salesforce ids are alphanumeric).
+fn is_plain_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 18 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+struct Checker {
+    rest: RestClient,
+    bulk: BulkClient,
+    pool: deadpool_postgres::Pool,
+    data_schema: String,
+    control_schema: String,
+    opts: VerifyOptions,
+}
+
+/// Pages of org keys from the reader task, then `End`.
+enum OrgPage {
+    Keys(Vec<OrgKey>),
+    End,
+}
+
+/// The org's keys in id order, read one page ahead.
+struct OrgCursor {
+    object: String,
+    rx: mpsc::Receiver<Result<OrgPage, VerifyError>>,
+    task: tokio::task::JoinHandle<()>,
+    buf: std::vec::IntoIter<OrgKey>,
+    last: Option<String>,
+    ended: bool,
+}
+
+impl Drop for OrgCursor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OrgCursor {
+    async fn next(&mut self) -> Result<Option<OrgKey>, VerifyError> {
+        loop {
+            if let Some(k) = self.buf.next() {
+                if self
+                    .last
+                    .as_deref()
+                    .is_some_and(|l| l.as_bytes() >= k.id.as_bytes())
+                {
+                    return Err(VerifyError::BadData {
+                        object: self.object.clone(),
+                        message: format!(
+                            "the org listed id {} after {}: ids are not in byte order, so the \
+                             comparison cannot be trusted",
+                            k.id,
+                            self.last.as_deref().unwrap_or_default()
+                        ),
+                    });
+                }
+                self.last = Some(k.id.clone());
+                return Ok(Some(k));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.rx.recv().await {
+                Some(Ok(OrgPage::Keys(page))) => self.buf = page.into_iter(),
+                Some(Ok(OrgPage::End)) => self.ended = true,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(VerifyError::BadData {
+                        object: self.object.clone(),
+                        message: "the org listing stopped before its end".to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The replica's keys in id order, fetched through a portal.
+struct ReplicaCursor<'t, 'c> {
+    object: String,
+    tx: &'t tokio_postgres::Transaction<'c>,
+    portal: tokio_postgres::Portal,
+    buf: std::vec::IntoIter<ReplicaKey>,
+    last: Option<String>,
+    ended: bool,
+}
+
+impl ReplicaCursor<'_, '_> {
+    async fn next(&mut self) -> Result<Option<ReplicaKey>, VerifyError> {
+        loop {
+            if let Some(k) = self.buf.next() {
+                if self
+                    .last
+                    .as_deref()
+                    .is_some_and(|l| l.as_bytes() >= k.id.as_bytes())
+                {
+                    return Err(VerifyError::BadData {
+                        object: self.object.clone(),
+                        message: format!("the replica listed id {} out of order", k.id),
+                    });
+                }
+                self.last = Some(k.id.clone());
+                return Ok(Some(k));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let rows = self
+                .tx
+                .query_portal(&self.portal, REPLICA_FETCH)
+                .await
+                .map_err(ReplicaError::pg(format!(
+                    "read the replica of {}",
+                    self.object
+                )))?;
+            self.ended = rows.len() < REPLICA_FETCH as usize;
+            self.buf = rows
+                .iter()
+                .map(|r| ReplicaKey {
+                    id: r.get(0),
+                    version_ms: r.get(1),
+                    deleted: r.get(2),
+                })
+                .collect::<Vec<_>>()
+                .into_iter();
+        }
+    }
+}
+
+/// Differences found while merging, before the recheck confirms them.
+struct Findings {
+    pending: Vec<(DriftKind, String)>,
+    /// Confirmed repairs not yet queued.
+    to_queue: Vec<RepairRequest>,
+}
+
+impl Checker {
+    async fn object(&self, object: &str, result: &mut ObjectVerify) -> Result<(), VerifyError> {
+        let describe = self.rest.describe(object).await?;
+        if describe.field("SystemModstamp").is_none() {
+            return Err(VerifyError::BadData {
+                object: object.to_string(),
+                message: "describe lists no SystemModstamp field: there is no version to \
+                          compare"
+                    .to_string(),
+            });
+        }
+        let has_deleted = describe.field("IsDeleted").is_some();
+        let key_fields = if has_deleted {
+            "Id, SystemModstamp, IsDeleted"
+        } else {
+            "Id, SystemModstamp"
+        };
+        let count = self
+            .rest
+            .query_page(&format!("SELECT COUNT() FROM {object}"), true)
+            .await?
+            .total_size
+            .max(0) as u64;
+        let soql = format!("SELECT {key_fields} FROM {object} ORDER BY Id");
+        let use_bulk = count > self.opts.bulk_threshold;
+        result.method = if use_bulk { "bulk" } else { "rest" }.to_string();
+        let mut org = if use_bulk {
+            self.list_bulk(object, soql)
+        } else {
+            self.list_rest(object, soql)
+        };
+
+        let table = object.to_ascii_lowercase();
+        let mut findings = Findings {
+            pending: Vec::new(),
+            to_queue: Vec::new(),
+        };
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&format!("{}.{}", quote(&self.data_schema), quote(&table))],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("look up the table of {object}")))?
+            .get(0);
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(ReplicaError::pg(format!("begin reading {object}")))?;
+        let mut replica = if exists {
+            let sql = format!(
+                "SELECT id, _sfm_version, _sfm_deleted FROM {}.{} ORDER BY id COLLATE \"C\"",
+                quote(&self.data_schema),
+                quote(&table)
+            );
+            let portal = tx
+                .bind(sql.as_str(), &[])
+                .await
+                .map_err(ReplicaError::pg(format!("read the replica of {object}")))?;
+            Some(ReplicaCursor {
+                object: object.to_string(),
+                tx: &tx,
+                portal,
+                buf: Vec::new().into_iter(),
+                last: None,
+                ended: false,
+            })
+        } else {
+            None
+        };
+
+        let mut o = org.next().await?;
+        let mut r = match &mut replica {
+            Some(c) => c.next().await?,
+            None => None,
+        };
+        while o.is_some() || r.is_some() {
+            let order = match (&o, &r) {
+                (Some(ok), Some(rk)) => ok.id.as_bytes().cmp(rk.id.as_bytes()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            let (org_key, rep_key) = match order {
+                std::cmp::Ordering::Less => (o.take(), None),
+                std::cmp::Ordering::Greater => (None, r.take()),
+                std::cmp::Ordering::Equal => (o.take(), r.take()),
+            };
+            if let Some(k) = &org_key {
+                if k.deleted {
+                    result.org_deleted += 1;
+                } else {
+                    result.org_live += 1;
+                }
+            }
+            if let Some(k) = &rep_key {
+                if k.deleted {
+                    result.replica_deleted += 1;
+                } else {
+                    result.replica_live += 1;
+                }
+            }
+            if let Some(kind) = classify(org_key.as_ref(), rep_key.as_ref()) {
+                let id = org_key
+                    .as_ref()
+                    .map(|k| k.id.clone())
+                    .or_else(|| rep_key.as_ref().map(|k| k.id.clone()))
+                    .unwrap_or_default();
+                if findings.pending.len() < RECHECK_MAX {
+                    findings.pending.push((kind, id));
+                } else {
+                    self.confirm(object, result, &mut findings, kind, id)
+                        .await?;
+                }
+            }
+            if org_key.is_some() {
+                o = org.next().await?;
+            }
+            if rep_key.is_some() {
+                r = match &mut replica {
+                    Some(c) => c.next().await?,
+                    None => None,
+                };
+            }
+        }
+        drop(replica);
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg(format!("end reading {object}")))?;
+        drop(client);
+        drop(org);
+
+        self.recheck(object, &table, exists, has_deleted, result, &mut findings)
+            .await?;
+        self.flush_repairs(result, &mut findings).await?;
+        Ok(())
+    }
+
+    /// Counts a confirmed difference and queues its repair when asked to.
+    async fn confirm(
+        &self,
+        object: &str,
+        result: &mut ObjectVerify,
+        findings: &mut Findings,
+        kind: DriftKind,
+        id: String,
+    ) -> Result<(), VerifyError> {
+        let examples = self.opts.examples;
+        let d = result.kind_mut(kind);
+        d.count += 1;
+        if d.examples.len() < examples {
+            d.examples.push(id.clone());
+        }
+        if self.opts.repair {
+            findings.to_queue.push(RepairRequest::Record {
+                object: object.to_string(),
+                id,
+                reason: kind.reason().to_string(),
+            });
+            if findings.to_queue.len() >= ENQUEUE_BATCH {
+                self.flush_repairs(result, findings).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_repairs(
+        &self,
+        result: &mut ObjectVerify,
+        findings: &mut Findings,
+    ) -> Result<(), VerifyError> {
+        if findings.to_queue.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg("begin queueing repairs"))?;
+        repair_queue::enqueue(
+            &tx,
+            &self.control_schema,
+            REPAIR_ORIGIN,
+            None,
+            &findings.to_queue,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg("commit queued repairs"))?;
+        result.repairs_queued += findings.to_queue.len() as u64;
+        findings.to_queue.clear();
+        Ok(())
+    }
+
+    /// Reads both sides again for the ids that differed (org first, replica after the
+    /// delay) and confirms those that still differ.
+    async fn recheck(
+        &self,
+        object: &str,
+        table: &str,
+        table_exists: bool,
+        has_deleted: bool,
+        result: &mut ObjectVerify,
+        findings: &mut Findings,
+    ) -> Result<(), VerifyError> {
+        if findings.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut findings.pending);
+        let ids: Vec<String> = pending.iter().map(|(_, id)| id.clone()).collect();
+        let org = self.lookup_org(object, &ids, has_deleted).await?;
+        tokio::time::sleep(self.opts.recheck_delay).await;
+        let replica = if table_exists {
+            self.lookup_replica(object, table, &ids).await?
+        } else {
+            HashMap::new()
+        };
+        for (_, id) in pending {
+            match classify(org.get(&id), replica.get(&id)) {
+                Some(kind) => {
+                    self.confirm(object, result, findings, kind, id).await?;
+                }
+                None => result.settled += 1,
+            }
+        }
+        if result.settled > 0 {
+            tracing::info!(
+                object,
+                settled = result.settled,
+                "differences that were gone when checked again (changes in flight)"
+            );
+        }
+        Ok(())
+    }
+
+    async fn lookup_org(
+        &self,
+        object: &str,
+        ids: &[String],
+        has_deleted: bool,
+    ) -> Result<HashMap<String, OrgKey>, VerifyError> {
+        let fields = if has_deleted {
+            "Id, SystemModstamp, IsDeleted"
+        } else {
+            "Id, SystemModstamp"
+        };
+        let plain: Vec<&String> = ids.iter().filter(|id| is_plain_id(id)).collect();
+        let mut out = HashMap::with_capacity(plain.len());
+        for batch in plain.chunks(LOOKUP_IDS) {
+            let list: Vec<String> = batch.iter().map(|id| format!("'{id}'")).collect();
+            let soql = format!(
+                "SELECT {fields} FROM {object} WHERE Id IN ({})",
+                list.join(", ")
+            );
+            let mut page = self.rest.query_page(&soql, true).await?;
+            loop {
+                for record in &page.records {
+                    let key = org_key_from_json(object, record)?;
+                    out.insert(key.id.clone(), key);
+                }
+                match page.next_records_url.take() {
+                    Some(next) if !page.done => page = self.rest.query_more(&next).await?,
+                    _ => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lookup_replica(
+        &self,
+        object: &str,
+        table: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, ReplicaKey>, VerifyError> {
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let mut out = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(ENQUEUE_BATCH) {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT id, _sfm_version, _sfm_deleted FROM {}.{} WHERE id = ANY($1)",
+                        quote(&self.data_schema),
+                        quote(table)
+                    ),
+                    &[&batch],
+                )
+                .await
+                .map_err(ReplicaError::pg(format!(
+                    "read the replica of {object} again"
+                )))?;
+            for r in rows {
+                let key = ReplicaKey {
+                    id: r.get(0),
+                    version_ms: r.get(1),
+                    deleted: r.get(2),
+                };
+                out.insert(key.id.clone(), key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lists the org's keys over REST paging, one page ahead of the merge.
+    fn list_rest(&self, object: &str, soql: String) -> OrgCursor {
+        let (tx, rx) = mpsc::channel(2);
+        let rest = self.rest.clone();
+        let name = object.to_string();
+        let task = tokio::spawn(async move {
+            let result: Result<(), VerifyError> = async {
+                let mut page = rest.query_page(&soql, true).await?;
+                loop {
+                    let keys = page
+                        .records
+                        .iter()
+                        .map(|r| org_key_from_json(&name, r))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if tx.send(Ok(OrgPage::Keys(keys))).await.is_err() {
+                        return Ok(());
+                    }
+                    if page.done {
+                        break;
+                    }
+                    let Some(next) = page.next_records_url.take() else {
+                        return Err(VerifyError::BadData {
+                            object: name.clone(),
+                            message: "a query page is not done but has no nextRecordsUrl"
+                                .to_string(),
+                        });
+                    };
+                    page = rest.query_more(&next).await?;
+                }
+                let _ = tx.send(Ok(OrgPage::End)).await;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        OrgCursor {
+            object: object.to_string(),
+            rx,
+            task,
+            buf: Vec::new().into_iter(),
+            last: None,
+            ended: false,
+        }
+    }
+
+    /// Lists the org's keys with a Bulk API 2.0 job, chunk by chunk.
+    fn list_bulk(&self, object: &str, soql: String) -> OrgCursor {
+        let (tx, rx) = mpsc::channel(2);
+        let bulk = self.bulk.clone();
+        let name = object.to_string();
+        let task = tokio::spawn(async move {
+            let result: Result<(), VerifyError> = async {
+                let job = bulk.create(&soql, Operation::QueryAll).await?;
+                bulk.wait(&job.id).await?;
+                let mut locator: Option<String> = None;
+                loop {
+                    let chunk = bulk
+                        .results(&job.id, locator.as_deref(), BULK_CHUNK_ROWS)
+                        .await?;
+                    let keys = org_keys_from_csv(&name, &chunk)?;
+                    if tx.send(Ok(OrgPage::Keys(keys))).await.is_err() {
+                        return Ok(());
+                    }
+                    match chunk.next_locator {
+                        Some(l) => locator = Some(l),
+                        None => break,
+                    }
+                }
+                let _ = tx.send(Ok(OrgPage::End)).await;
+                if let Err(e) = bulk.delete(&job.id).await {
+                    tracing::debug!(job = %job.id, error = %e, "could not delete the Bulk job");
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        OrgCursor {
+            object: object.to_string(),
+            rx,
+            task,
+            buf: Vec::new().into_iter(),
+            last: None,
+            ended: false,
+        }
+    }
+}
+
+fn org_key_from_json(object: &str, record: &serde_json::Value) -> Result<OrgKey, VerifyError> {
+    let bad = |message: String| VerifyError::BadData {
+        object: object.to_string(),
+        message,
+    };
+    let id = record
+        .get("Id")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad("a record has no Id".to_string()))?;
+    let modstamp_ms = record
+        .get("SystemModstamp")
+        .and_then(|v| v.as_str())
+        .and_then(datetime_ms)
+        .ok_or_else(|| bad(format!("record {id} has no readable SystemModstamp")))?;
+    let deleted = record
+        .get("IsDeleted")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    Ok(OrgKey {
+        id: id.to_string(),
+        modstamp_ms,
+        deleted,
+    })
+}
+
+fn org_keys_from_csv(
+    object: &str,
+    chunk: &crate::salesforce::bulk::ResultChunk,
+) -> Result<Vec<OrgKey>, VerifyError> {
+    let bad = |message: String| VerifyError::BadData {
+        object: object.to_string(),
+        message,
+    };
+    let mut reader = chunk.reader();
+    let header = reader
+        .headers()
+        .map_err(|e| bad(format!("Bulk result header: {e}")))?
+        .clone();
+    if header.iter().all(str::is_empty) {
+        return Ok(Vec::new());
+    }
+    let find = |name: &str| header.iter().position(|h| h.eq_ignore_ascii_case(name));
+    let id_at = find("Id").ok_or_else(|| bad("Bulk result has no Id column".to_string()))?;
+    let stamp_at = find("SystemModstamp")
+        .ok_or_else(|| bad("Bulk result has no SystemModstamp column".to_string()))?;
+    let deleted_at = find("IsDeleted");
+    let mut keys = Vec::with_capacity(chunk.records.unwrap_or(0).min(1_000_000) as usize);
+    let mut record = csv::StringRecord::new();
+    while reader
+        .read_record(&mut record)
+        .map_err(|e| bad(format!("Bulk result record: {e}")))?
+    {
+        let id = record.get(id_at).unwrap_or_default();
+        let stamp = record.get(stamp_at).unwrap_or_default();
+        let modstamp_ms = datetime_ms(stamp)
+            .ok_or_else(|| bad(format!("record {id} has SystemModstamp `{stamp}`")))?;
+        let deleted = deleted_at.and_then(|i| record.get(i)) == Some("true");
+        keys.push(OrgKey {
+            id: id.to_string(),
+            modstamp_ms,
+            deleted,
+        });
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn org(id: &str, ms: i64, deleted: bool) -> OrgKey {
+        OrgKey {
+            id: id.into(),
+            modstamp_ms: ms,
+            deleted,
+        }
+    }
+
+    fn rep(id: &str, ms: i64, deleted: bool) -> ReplicaKey {
+        ReplicaKey {
+            id: id.into(),
+            version_ms: ms,
+            deleted,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        use DriftKind::*;
+        let c = |o: Option<OrgKey>, r: Option<ReplicaKey>| classify(o.as_ref(), r.as_ref());
+        assert_eq!(c(Some(org("a", 1000, false)), None), Some(Missing));
+        assert_eq!(c(Some(org("a", 1000, true)), None), None);
+        assert_eq!(c(None, Some(rep("a", 1000, false))), Some(Extra));
+        assert_eq!(c(None, Some(rep("a", 1000, true))), None);
+        assert_eq!(
+            c(Some(org("a", 1000, true)), Some(rep("a", 1000, false))),
+            Some(DeletedMismatch)
+        );
+        assert_eq!(
+            c(Some(org("a", 1000, false)), Some(rep("a", 1000, true))),
+            Some(DeletedMismatch)
+        );
+        // Same second: the stream's milliseconds are not newer than the org's second.
+        assert_eq!(
+            c(Some(org("a", 5000, false)), Some(rep("a", 5999, false))),
+            None
+        );
+        assert_eq!(
+            c(Some(org("a", 5000, false)), Some(rep("a", 4999, false))),
+            Some(Stale)
+        );
+        assert_eq!(
+            c(Some(org("a", 5000, false)), Some(rep("a", 9000, false))),
+            None
+        );
+        assert_eq!(c(Some(org("a", 9000, true)), Some(rep("a", 1, true))), None);
+    }
+
+    #[test]
+    fn only_plain_ids_reach_soql() {
+        assert!(is_plain_id("001000000000001AAA"));
+        assert!(!is_plain_id("001' OR Name != '"));
+        assert!(!is_plain_id(""));
+    }
+
+    #[test]
+    fn summaries_name_kinds_and_examples() {
+        let mut v = ObjectVerify::new("Account");
+        v.org_live = 3;
+        v.replica_live = 3;
+        assert!(v.to_string().contains("in sync"));
+        v.missing = DriftCount {
+            count: 7,
+            examples: vec!["001A".into(), "001B".into()],
+        };
+        let text = v.to_string();
+        assert!(text.contains("7 drifted (7 missing)"), "{text}");
+        assert!(text.contains("missing: 001A, 001B, ..."), "{text}");
+    }
+}
