@@ -771,3 +771,76 @@ async fn a_silent_stream_is_resubscribed_by_the_watchdog() {
     daemon.stop().await;
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_down_past_the_retention_converges_through_repairs() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            w.create("Account", json!({"Name": format!("kept {i}")}))
+                .await
+                .expect("create"),
+        );
+    }
+    converged(&emulator, &db, &["Account"]).await;
+    daemon.stop().await;
+
+    // While the subscriber is down: every kind of change, then 73 hours pass and the events
+    // are purged.
+    let new = w
+        .create("Account", json!({"Name": "created while down"}))
+        .await
+        .expect("create");
+    w.update(
+        "Account",
+        &ids[0],
+        json!({"Rating": "Hot", "Phone": "555-0142"}),
+    )
+    .await
+    .expect("update");
+    w.delete("Account", &ids[1]).await.expect("delete");
+    w.delete("Account", &ids[2]).await.expect("delete");
+    control(
+        &emulator,
+        "undelete",
+        json!({"object": "Account", "id": ids[2]}),
+    )
+    .await;
+    let purged = control(&emulator, "advance-clock", json!({"seconds": 73 * 3600})).await;
+    assert!(purged["purged_events"].as_u64().unwrap_or(0) > 0);
+
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    let resets: i64 = client
+        .query_one(
+            "SELECT count(*) FROM salesforce.account WHERE id = $1 AND NOT _sfm_deleted",
+            &[&new],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(
+        resets, 1,
+        "the record created while down arrived through the repair"
+    );
+    // The channel went on from LATEST: new changes stream in again.
+    w.create("Account", json!({"Name": "after the reset"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    daemon.stop().await;
+    emulator.stop().await;
+}

@@ -32,6 +32,23 @@ pub fn router() -> Router<Arc<RestState>> {
         .route("/emulator/add-field", post(add_field))
         .route("/emulator/corrupt", post(corrupt))
         .route("/emulator/refuse", post(refuse))
+        .route("/emulator/advance-clock", post(advance_clock))
+}
+
+/// Event retention on every channel (Salesforce keeps change events 72 hours).
+pub const RETENTION_MS: i64 = 72 * 3600 * 1000;
+
+/// `{"seconds": N}`: move the org's clock forward, then purge events older than the
+/// retention window; a replay id from before the purge is then refused like Salesforce does.
+async fn advance_clock(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let secs = field(&body, "seconds")?
+        .as_f64()
+        .ok_or_else(|| ApiError::new(400, "JSON_PARSER_ERROR", "`seconds` must be a number"))?;
+    st.org.advance_clock((secs * 1000.0) as i64);
+    let purged = st.org.bus.purge_before(st.org.now_ms() - RETENTION_MS);
+    Ok(Json(
+        json!({"now_ms": st.org.now_ms(), "purged_events": purged}),
+    ))
 }
 
 type S = State<Arc<RestState>>;
