@@ -114,6 +114,11 @@ pub enum Command {
         /// Password for the password flow.
         #[arg(long, default_value = "emulator-password")]
         password: String,
+        /// PEM public key of the connected app's certificate: enables the JWT bearer flow
+        /// (assertions signed with the matching private key, iss = client id, sub = username,
+        /// aud = https://login.salesforce.com, https://test.salesforce.com or the REST URL).
+        #[arg(long)]
+        jwt_public_key: Option<PathBuf>,
         /// Lifetime of tokens issued by /services/oauth2/token, in seconds (0 = no expiry).
         #[arg(long, default_value_t = 0)]
         token_ttl_secs: u64,
@@ -258,9 +263,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             client_secret,
             username,
             password,
+            jwt_public_key,
             token_ttl_secs,
             keepalive_secs,
         } => {
+            let jwt_public_key_pem = match jwt_public_key {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading --jwt-public-key {}", path.display()))?,
+                ),
+                None => None,
+            };
             let cfg = EmulatorConfig {
                 listen_rest,
                 listen_grpc,
@@ -270,6 +283,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     client_secret,
                     username,
                     password,
+                    jwt_public_key_pem,
                     ..Default::default()
                 },
                 token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),

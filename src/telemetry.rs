@@ -114,6 +114,14 @@ pub fn record_batch(channel: &str, seconds: f64, lag_seconds: f64) {
     metrics::gauge!(REPLICATION_LAG_SECONDS, "channel" => channel.to_string()).set(lag_seconds);
 }
 
+/// Salesforce keeps change events 72 hours: the time left before the channel's position
+/// (the commit time of its newest applied event) falls out of retention.
+pub fn record_retention_headroom(channel: &str, position_commit_ms: i64, now_ms: i64) {
+    const RETENTION_MS: i64 = 72 * 3600 * 1000;
+    let headroom = (position_commit_ms + RETENTION_MS - now_ms) as f64 / 1e3;
+    metrics::gauge!(RETENTION_HEADROOM_SECONDS, "channel" => channel.to_string()).set(headroom);
+}
+
 pub fn record_apply_delay(seconds: f64) {
     metrics::histogram!(APPLY_DELAY_SECONDS).record(seconds);
 }

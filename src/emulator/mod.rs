@@ -36,6 +36,8 @@ pub struct Credentials {
     pub username: String,
     pub password: String,
     pub refresh_token: String,
+    /// PEM public key of the connected app's certificate, to verify JWT bearer assertions.
+    pub jwt_public_key_pem: Option<String>,
 }
 
 impl Default for Credentials {
@@ -46,6 +48,7 @@ impl Default for Credentials {
             username: "admin@sfmirror.emulator".to_string(),
             password: "emulator-password".to_string(),
             refresh_token: "sfmirror-emulator-refresh-token".to_string(),
+            jwt_public_key_pem: None,
         }
     }
 }

@@ -171,6 +171,12 @@ async fn token(State(st): S, Form(form): Form<HashMap<String, String>>) -> Respo
             }
             true
         }
+        "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
+            if let Err(description) = verify_jwt(&st, f("assertion")) {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &description);
+            }
+            true
+        }
         "refresh_token" => {
             if f("client_id") != c.client_id {
                 return oauth_error(
@@ -219,6 +225,46 @@ async fn token(State(st): S, Form(form): Form<HashMap<String, String>>) -> Respo
         body["refresh_token"] = J::String(c.refresh_token.clone());
     }
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// Checks a JWT bearer assertion as Salesforce does: RS256 signed by the connected app's
+/// certificate key, `iss` = client id, `sub` = the username, `aud` = a login URL, not expired.
+fn verify_jwt(st: &RestState, assertion: &str) -> Result<(), String> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        sub: String,
+    }
+    let pem = st
+        .creds
+        .jwt_public_key_pem
+        .as_deref()
+        .ok_or("no certificate is configured for this connected app (--jwt-public-key)")?;
+    let key = DecodingKey::from_rsa_pem(pem.as_bytes())
+        .map_err(|e| format!("the configured public key is unusable: {e}"))?;
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_issuer(&[&st.creds.client_id]);
+    validation.set_audience(&[
+        "https://login.salesforce.com",
+        "https://test.salesforce.com",
+        st.rest_url.as_str(),
+    ]);
+    validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    validation.leeway = 0;
+    let data = decode::<Claims>(assertion, &key, &validation).map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => "expired authorization code".to_string(),
+            ErrorKind::InvalidIssuer => "invalid client_id in the assertion".to_string(),
+            ErrorKind::InvalidAudience => "audience is invalid".to_string(),
+            ErrorKind::InvalidSignature => "invalid assertion: signature".to_string(),
+            other => format!("invalid assertion: {other:?}"),
+        }
+    })?;
+    if data.claims.sub != st.creds.username {
+        return Err("user hasn't approved this consumer".to_string());
+    }
+    Ok(())
 }
 
 async fn userinfo(State(st): S) -> Json<J> {

@@ -547,6 +547,9 @@ impl ChannelTask {
             .map(|ms| (now_ms - ms).max(0) as f64 / 1e3)
             .unwrap_or(0.0);
         telemetry::record_batch(name, t0.elapsed().as_secs_f64(), lag);
+        if let Some(ms) = b.last_commit_ms {
+            telemetry::record_retention_headroom(name, ms, now_ms);
+        }
         tracing::debug!(channel = %name, events = b.events.len(), statements = outcome.statements,
             repairs = repairs.len(), checkpoint = %last, "batch committed");
         if let Some(obs) = &self.deps.observer {
