@@ -28,6 +28,7 @@ fn peak_rss_mb() -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    sfmirror::telemetry::init_logging();
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

@@ -21,8 +21,7 @@ async fn client(emulator: &Emulator) -> (PubSub, Config) {
     let cfg = config_for(
         emulator,
         "postgres://unused@127.0.0.1/x",
-        "salesforce",
-        "sfmirror",
+        &[(TOPIC, &["Account"])],
     )
     .expect("config");
     let http = reqwest::Client::new();

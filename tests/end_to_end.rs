@@ -94,7 +94,12 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     let emulator = Emulator::start(EmulatorConfig::default())
         .await
         .expect("emulator");
-    let cfg = config_for(&emulator, &db.url, "salesforce", "sfmirror").expect("config");
+    let cfg = config_for(
+        &emulator,
+        &db.url,
+        &[("/data/AccountChangeEvent", &["Account"])],
+    )
+    .expect("config");
     let (observed, mut batches) = broadcast::channel::<AppliedBatch>(4096);
 
     // First subscriber.

@@ -101,36 +101,14 @@ fn random_fields(rng: &mut StdRng, org: &Org, object: &str, creating: bool) -> M
 }
 
 fn config(emulator: &Emulator, db: &TestDb) -> Config {
-    let objects: Vec<String> = OBJECTS.iter().map(|o| format!("\"{o}\"")).collect();
-    Config::from_toml(&format!(
-        r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
-        [replica]
-        url = "{db}"
-        [sync]
-        batch_max_events = 200
-        batch_max_wait_ms = 20
-        reconnect_min_ms = 50
-        reconnect_max_ms = 500
-        [metrics]
-        listen = ""
-        [[channels]]
-        name = "/data/ChangeEvents"
-        objects = [{objects}]
-        "#,
-        rest = emulator.rest_url,
-        id = emulator.credentials.client_id,
-        secret = emulator.credentials.client_secret,
-        grpc = emulator.pubsub_endpoint,
-        db = db.url,
-        objects = objects.join(", "),
-    ))
-    .expect("config")
+    let mut cfg =
+        sfmirror::sync::demo::config_for(emulator, &db.url, &[("/data/ChangeEvents", &OBJECTS)])
+            .expect("config");
+    cfg.sync.batch_max_events = 200;
+    cfg.sync.batch_max_wait_ms = 20;
+    cfg.sync.reconnect_min_ms = 50;
+    cfg.sync.reconnect_max_ms = 500;
+    cfg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,39 +22,16 @@ fn config(
     channels: &[(&str, &[&str])],
     delete_mode: &str,
 ) -> Config {
-    let mut text = format!(
-        r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
-        [replica]
-        url = "{db}"
-        delete_mode = "{delete_mode}"
-        [sync]
-        batch_max_wait_ms = 20
-        reconnect_min_ms = 50
-        reconnect_max_ms = 500
-        repair_idle_ms = 100
-        [metrics]
-        listen = ""
-        "#,
-        rest = emulator.rest_url,
-        id = emulator.credentials.client_id,
-        secret = emulator.credentials.client_secret,
-        grpc = emulator.pubsub_endpoint,
-        db = db.url,
-    );
-    for (name, objects) in channels {
-        let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
-        text.push_str(&format!(
-            "[[channels]]\nname = \"{name}\"\nobjects = [{}]\n",
-            list.join(", ")
-        ));
-    }
-    Config::from_toml(&text).expect("config")
+    let mut cfg = sfmirror::sync::demo::config_for(emulator, &db.url, channels).expect("config");
+    cfg.replica.delete_mode = match delete_mode {
+        "hard" => sfmirror::config::DeleteMode::Hard,
+        _ => sfmirror::config::DeleteMode::Soft,
+    };
+    cfg.sync.batch_max_wait_ms = 20;
+    cfg.sync.reconnect_min_ms = 50;
+    cfg.sync.reconnect_max_ms = 500;
+    cfg.sync.repair_idle_ms = 100;
+    cfg
 }
 
 struct Daemon {

@@ -300,7 +300,17 @@ impl Emulator {
         });
         let stop = shutdown.clone();
         let grpc_task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            // Without TCP_NODELAY, Nagle's algorithm holds small responses back for the
+            // client's delayed ACK (~40 ms a round trip): a stream would crawl.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                |conn| {
+                    if let Ok(tcp) = &conn {
+                        let _ = tcp.set_nodelay(true);
+                    }
+                    conn
+                },
+            );
             let served = tonic::transport::Server::builder()
                 .add_service(crate::proto::pub_sub_server::PubSubServer::new(service))
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })

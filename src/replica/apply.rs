@@ -1,10 +1,11 @@
 //! The merge: a batch of change events -> version-guarded, set-based SQL in the caller's
 //! transaction.
 //!
-//! Events become row operations (one per record id), and runs of operations with the same
-//! table, kind and column set go out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
-//! statement, not one round trip per event. Order is kept: a run is cut before an id repeats,
-//! so two changes of one record never meet in one statement.
+//! Events become row operations (one per record id), gathered into runs by table, kind and
+//! column set; each run goes out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
+//! statement, not one round trip per event. Per-record order is kept: a change joins the
+//! newest run of its shape only if no run opened after it touched the same record (so two
+//! changes of one record never meet in one statement), and runs execute in opening order.
 //!
 //! Why replays are harmless (invariant 3): every write carries the change's version
 //! (`commitTimestamp` ms, `commitNumber` as tie-breaker) and only replaces a row whose version
@@ -91,7 +92,10 @@ pub async fn apply_events(
     events: &[ChangeEvent],
 ) -> Result<ApplyOutcome, ReplicaError> {
     let mut outcome = ApplyOutcome::default();
-    let mut run: Option<Run> = None;
+    let mut runs: Vec<Run> = Vec::new();
+    // The newest run of each (table, kind, column set), and the last run touching each record.
+    let mut open: HashMap<(String, OpKind, Vec<usize>), usize> = HashMap::new();
+    let mut last_touch: HashMap<(String, String), usize> = HashMap::new();
     for event in events {
         let h = &event.header;
         *outcome.events.entry(h.change_type).or_default() += 1;
@@ -168,22 +172,26 @@ pub async fn apply_events(
             }
         }
         for id in &h.record_ids {
-            let fits = run.as_ref().is_some_and(|r| {
-                Arc::ptr_eq(&r.table, table)
-                    && r.kind == kind
-                    && r.columns == columns
-                    && !r.ids.contains(id)
-            });
-            if !fits && let Some(done) = run.take() {
-                flush(tx, settings, done, &mut outcome).await?;
-            }
-            let r = run.get_or_insert_with(|| Run {
-                table: table.clone(),
-                kind,
-                columns: columns.clone(),
-                ops: Vec::new(),
-                ids: HashSet::new(),
-            });
+            // The newest run of this shape takes the change unless the record was touched by
+            // that run or a later one: then a new run keeps the record's changes in order.
+            let key = (table.table.clone(), kind, columns.clone());
+            let touched = last_touch.get(&(table.table.clone(), id.clone())).copied();
+            let index = match open.get(&key) {
+                Some(&i) if touched.is_none_or(|t| t < i) => i,
+                _ => {
+                    runs.push(Run {
+                        table: table.clone(),
+                        kind,
+                        columns: columns.clone(),
+                        ops: Vec::new(),
+                        ids: HashSet::new(),
+                    });
+                    open.insert(key, runs.len() - 1);
+                    runs.len() - 1
+                }
+            };
+            last_touch.insert((table.table.clone(), id.clone()), index);
+            let r = &mut runs[index];
             r.ids.insert(id.clone());
             r.ops.push(Op {
                 id: id.clone(),
@@ -193,7 +201,8 @@ pub async fn apply_events(
             });
         }
     }
-    if let Some(done) = run.take() {
+    // Runs go out in the order they were opened: every record sees its changes in order.
+    for done in runs {
         flush(tx, settings, done, &mut outcome).await?;
     }
     Ok(outcome)

@@ -57,7 +57,12 @@ impl PubSub {
             .connect_timeout(Duration::from_secs(20))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            // Events are up to 1 MB each and come 100 at a time: windows large enough that
+            // the server never waits for a WINDOW_UPDATE mid-batch.
+            .initial_stream_window_size(Some(8 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024));
         if endpoint_url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &cfg.ca_file {

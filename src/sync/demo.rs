@@ -91,14 +91,15 @@ impl RestWriter {
     }
 }
 
-/// A daemon config that mirrors `emulator`'s Account channel into `database_url`.
+/// A daemon config that mirrors `channels` (name, objects) of `emulator` into
+/// `database_url`, with the default schemas and the metrics listener off. Callers adjust
+/// fields (schemas, `sync`, delete mode) on the returned value.
 pub fn config_for(
     emulator: &Emulator,
     database_url: &str,
-    data: &str,
-    control: &str,
+    channels: &[(&str, &[&str])],
 ) -> anyhow::Result<Config> {
-    let text = format!(
+    let mut text = format!(
         r#"
         [salesforce]
         login_url = "{rest}"
@@ -108,11 +109,6 @@ pub fn config_for(
         pubsub_endpoint = "{grpc}"
         [replica]
         url = "{db}"
-        schema = "{data}"
-        control_schema = "{control}"
-        [[channels]]
-        name = "/data/AccountChangeEvent"
-        objects = ["Account"]
         [metrics]
         listen = ""
         "#,
@@ -122,6 +118,13 @@ pub fn config_for(
         grpc = emulator.pubsub_endpoint,
         db = database_url,
     );
+    for (name, objects) in channels {
+        let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
+        text.push_str(&format!(
+            "[[channels]]\nname = \"{name}\"\nobjects = [{}]\n",
+            list.join(", ")
+        ));
+    }
     Ok(Config::from_toml(&text)?)
 }
 
@@ -131,7 +134,13 @@ pub async fn run(database_url: &str, accounts: usize, follow: bool) -> anyhow::R
         "emulator: REST {} , Pub/Sub {}",
         emulator.rest_url, emulator.pubsub_endpoint
     );
-    let cfg = config_for(&emulator, database_url, DATA_SCHEMA, CONTROL_SCHEMA)?;
+    let mut cfg = config_for(
+        &emulator,
+        database_url,
+        &[("/data/AccountChangeEvent", &["Account"])],
+    )?;
+    cfg.replica.schema = DATA_SCHEMA.to_string();
+    cfg.replica.control_schema = CONTROL_SCHEMA.to_string();
     let (client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
         .with_context(|| format!("connecting to {database_url} (set DATABASE_URL)"))?;
