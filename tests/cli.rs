@@ -1,4 +1,7 @@
-//! The command line as an operator meets it: help, exit codes, config errors, inspect-event.
+//! The command line as an operator meets it: help, exit codes, config errors, inspect-event,
+//! and the metrics listener.
+
+mod common;
 
 use std::process::Command;
 
@@ -140,4 +143,69 @@ fn inspect_event_prints_names_and_values() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("payload.hex"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_metrics_health_and_readiness() {
+    use sfmirror::emulator::{Emulator, EmulatorConfig};
+    let db = common::TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut cfg = sfmirror::sync::demo::config_for(
+        &emulator,
+        &db.url,
+        &[("/data/AccountChangeEvent", &["Account"])],
+    )
+    .expect("config");
+    cfg.metrics.listen = format!("127.0.0.1:{port}");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        tokio::spawn(async move { sfmirror::sync::supervisor::run(&cfg, stop, None).await })
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    common::wait_for(
+        "readiness",
+        std::time::Duration::from_secs(30),
+        async || {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert!(health.status().is_success());
+    let w = sfmirror::sync::demo::RestWriter::new(&emulator);
+    w.create("Account", serde_json::json!({"Name": "counted"}))
+        .await
+        .expect("create");
+    common::wait_for("the event metric", std::time::Duration::from_secs(30), async || {
+        let body = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        body.contains("sfmirror_events_total{channel=\"/data/AccountChangeEvent\",change_type=\"CREATE\"}")
+            && body.contains("sfmirror_build_info")
+            && body.contains("sfmirror_stream_connected")
+    })
+    .await;
+    stop.cancel();
+    daemon.await.expect("join").expect("clean stop");
+    emulator.stop().await;
 }
