@@ -54,6 +54,19 @@ pub struct ObjectDef {
 /// A record: field values in REST JSON form.
 pub type Record = Map<String, J>;
 
+/// The record `id` of `object` if its recycle-bin state is `deleted`.
+fn record_in<'a>(
+    data: &'a mut Data,
+    object: &str,
+    id: &str,
+    deleted: bool,
+) -> Option<&'a mut Record> {
+    data.records
+        .get_mut(object)
+        .and_then(|r| r.get_mut(id))
+        .filter(|r| (r.get("IsDeleted") == Some(&J::Bool(true))) == deleted)
+}
+
 #[derive(Default)]
 struct Data {
     records: HashMap<String, BTreeMap<String, Record>>,
@@ -502,14 +515,9 @@ impl Org {
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
-        let record = data
-            .records
-            .get_mut(object)
-            .and_then(|r| r.get_mut(id))
-            .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
-            .ok_or_else(|| {
-                ApiError::new(404, "NOT_FOUND", "The requested resource does not exist")
-            })?;
+        let record = record_in(&mut data, object, id, false).ok_or_else(|| {
+            ApiError::new(404, "NOT_FOUND", "The requested resource does not exist")
+        })?;
         let mut changed = HashSet::new();
         let mut nulled = HashSet::new();
         for (k, v) in values {
@@ -555,11 +563,7 @@ impl Org {
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
-        let record = data
-            .records
-            .get_mut(object)
-            .and_then(|r| r.get_mut(id))
-            .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
+        let record = record_in(&mut data, object, id, false)
             .ok_or_else(|| ApiError::new(404, "ENTITY_IS_DELETED", "entity is deleted"))?;
         record.insert("IsDeleted".into(), J::Bool(true));
         record.insert("SystemModstamp".into(), J::String(stamp));
@@ -739,14 +743,9 @@ impl Org {
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
-        let record = data
-            .records
-            .get_mut(object)
-            .and_then(|r| r.get_mut(id))
-            .filter(|r| r.get("IsDeleted") == Some(&J::Bool(true)))
-            .ok_or_else(|| {
-                ApiError::new(404, "UNDELETE_FAILED", "Entity is not in the recycle bin")
-            })?;
+        let record = record_in(&mut data, object, id, true).ok_or_else(|| {
+            ApiError::new(404, "UNDELETE_FAILED", "Entity is not in the recycle bin")
+        })?;
         record.insert("IsDeleted".into(), J::Bool(false));
         record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
         record.insert("SystemModstamp".into(), J::String(stamp));
@@ -781,12 +780,7 @@ impl Org {
         type Group = (Vec<String>, Record, HashSet<String>);
         let mut groups: BTreeMap<Vec<String>, Group> = BTreeMap::new();
         for id in ids {
-            let Some(record) = data
-                .records
-                .get_mut(object)
-                .and_then(|r| r.get_mut(id))
-                .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
-            else {
+            let Some(record) = record_in(&mut data, object, id, false) else {
                 return Err(ApiError::new(
                     404,
                     "NOT_FOUND",
