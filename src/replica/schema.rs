@@ -264,6 +264,28 @@ impl TableSchema {
         client: &impl deadpool_postgres::GenericClient,
         data_schema: &str,
     ) -> Result<(), ReplicaError> {
+        // ALTER TABLE takes an exclusive lock even when every column exists: look first, so a
+        // table that is up to date is never locked against the daemon or a backfill.
+        let rows = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2",
+                &[&data_schema, &self.table],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!(
+                "columns of {data_schema}.{}",
+                self.table
+            )))?;
+        let existing: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        let missing: Vec<&Column> = self
+            .columns
+            .iter()
+            .filter(|c| !existing.contains(&c.name))
+            .collect();
+        if !existing.is_empty() && missing.is_empty() {
+            return Ok(());
+        }
         let table = format!("{}.{}", quote(data_schema), quote(&self.table));
         let mut sql = format!(
             "CREATE TABLE IF NOT EXISTS {table} (
@@ -273,7 +295,7 @@ impl TableSchema {
                 {DELETED_COLUMN} boolean NOT NULL DEFAULT false,
                 {SYNCED_AT_COLUMN} timestamptz NOT NULL DEFAULT now());\n"
         );
-        for c in &self.columns {
+        for c in missing {
             sql.push_str(&format!(
                 "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {};\n",
                 quote(&c.name),

@@ -71,6 +71,22 @@ impl RestClient {
         self.dated_page(next_records_url).await
     }
 
+    /// The page after `page`, or `None` when it was the last. A page that says it is not
+    /// done but gives no `nextRecordsUrl` is a bad answer, not an end.
+    pub async fn next_page(&self, page: &QueryPage) -> Result<Option<QueryPage>, SourceError> {
+        if page.done {
+            return Ok(None);
+        }
+        match &page.next_records_url {
+            Some(next) => self.query_more(next).await.map(Some),
+            None => Err(SourceError::BadResponse {
+                api: "query",
+                url: String::new(),
+                message: "a query page is not done but has no nextRecordsUrl".to_string(),
+            }),
+        }
+    }
+
     async fn dated_page(&self, path: &str) -> Result<QueryPage, SourceError> {
         let (headers, bytes) = self
             .send("query", reqwest::Method::GET, path, None, &[])

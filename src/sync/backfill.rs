@@ -45,7 +45,6 @@ use crate::sync::supervisor::{http_client, prepare_replica};
 use crate::telemetry;
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::GenericClient;
-use std::collections::HashSet;
 use std::fmt;
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -187,7 +186,7 @@ pub struct ObjectReport {
     pub rows_applied: u64,
     /// Rows of the whole snapshot.
     pub total_rows: u64,
-    /// Record repairs queued for rows changed in their snapshot's second.
+    /// Record repairs queued for rows the stream changed while they were being read.
     pub repairs_queued: u64,
     /// Whether an interrupted run's Bulk job was picked up.
     pub resumed: bool,
@@ -539,18 +538,8 @@ impl Runner {
         let describe = self.rest.describe(object).await?;
         let table = TableSchema::from_describe(describe)?;
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let rows = client
-            .query(
-                "SELECT column_name::text FROM information_schema.columns
-                 WHERE table_schema = $1 AND table_name = $2",
-                &[&self.settings.data_schema, &table.table],
-            )
-            .await
-            .map_err(ReplicaError::pg(format!("columns of {}", table.table)))?;
-        let have: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-        if have.is_empty() || table.columns.iter().any(|c| !have.contains(&c.name)) {
-            table.ensure(&client, &self.settings.data_schema).await?;
-        }
+        // `ensure` only takes a lock when columns are missing.
+        table.ensure(&client, &self.settings.data_schema).await?;
         Ok(table)
     }
 

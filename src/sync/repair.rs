@@ -262,22 +262,22 @@ impl RepairWorker {
         }
         // Page by page, each in its own transaction: a crash repeats the repair, which the
         // version guard makes harmless.
-        let mut page = self.rest.query_page(&soql, true).await?;
+        let mut page = Some(self.rest.query_page(&soql, true).await?);
         let mut total = 0usize;
-        loop {
-            let rows = page
+        while let Some(current) = page {
+            let rows = current
                 .records
                 .iter()
                 .map(|r| row_from_json(&table, r))
                 .collect::<Result<Vec<SnapshotRow>, _>>()?;
             total += rows.len();
-            let last = page.done || page.next_records_url.is_none();
+            let next = self.rest.next_page(&current).await?;
             let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
             let tx = client
                 .transaction()
                 .await
                 .map_err(ReplicaError::pg("begin repair"))?;
-            let floor = page.read_at_ms.map(|ms| ms - 1000);
+            let floor = current.read_at_ms.map(|ms| ms - 1000);
             let outcome = apply_snapshot(&tx, &self.settings, &table, &rows, floor).await?;
             enqueue(
                 &tx,
@@ -287,17 +287,13 @@ impl RepairWorker {
                 &outcome.repairs,
             )
             .await?;
-            if last {
+            if next.is_none() {
                 repair_queue::complete(&tx, &self.settings.control_schema, &[repair]).await?;
             }
             tx.commit()
                 .await
                 .map_err(ReplicaError::pg("commit repair"))?;
-            if last {
-                break;
-            }
-            let next = page.next_records_url.clone().unwrap_or_default();
-            page = self.rest.query_more(&next).await?;
+            page = next;
         }
         tracing::info!(object, rows = total, since_ms, "entity repair applied");
         Ok(())
@@ -309,21 +305,19 @@ impl RepairWorker {
         table: &TableSchema,
         soql: &str,
     ) -> Result<(Vec<SnapshotRow>, Option<i64>), SyncError> {
-        let mut page = self.rest.query_page(soql, true).await?;
+        let mut page = Some(self.rest.query_page(soql, true).await?);
         let mut out = Vec::new();
-        let mut floor = page.read_at_ms.map(|ms| ms - 1000);
-        loop {
-            for r in &page.records {
+        let mut floor = page.as_ref().and_then(|p| p.read_at_ms).map(|ms| ms - 1000);
+        while let Some(current) = page {
+            for r in &current.records {
                 out.push(row_from_json(table, r)?);
             }
-            match (&page.next_records_url, page.done) {
-                (Some(next), false) => {
-                    page = self.rest.query_more(next).await?;
-                    floor = min_floor(floor, page.read_at_ms.map(|ms| ms - 1000));
-                }
-                _ => return Ok((out, floor)),
+            page = self.rest.next_page(&current).await?;
+            if let Some(p) = &page {
+                floor = min_floor(floor, p.read_at_ms.map(|ms| ms - 1000));
             }
         }
+        Ok((out, floor))
     }
 }
 

@@ -729,16 +729,13 @@ impl Checker {
                 "SELECT {fields} FROM {object} WHERE Id IN ({})",
                 list.join(", ")
             );
-            let mut page = self.rest.query_page(&soql, true).await?;
-            loop {
-                for record in &page.records {
+            let mut page = Some(self.rest.query_page(&soql, true).await?);
+            while let Some(current) = page {
+                for record in &current.records {
                     let key = org_key_from_json(object, record)?;
                     out.insert(key.id.clone(), key);
                 }
-                match page.next_records_url.take() {
-                    Some(next) if !page.done => page = self.rest.query_more(&next).await?,
-                    _ => break,
-                }
+                page = self.rest.next_page(&current).await?;
             }
         }
         Ok(out)
