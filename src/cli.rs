@@ -125,6 +125,26 @@ pub enum Command {
         /// Seconds between keepalive responses on an idle Subscribe stream.
         #[arg(long, default_value_t = 270)]
         keepalive_secs: u64,
+        /// Serve REST and Pub/Sub over TLS (https://) with a certificate generated at start-up
+        /// for localhost, 127.0.0.1 and ::1; the CA that signed it is written to
+        /// `<tls-dir>/ca.pem` and reported as `ca_file` in the start-up line.
+        #[arg(long)]
+        tls: bool,
+        /// Where `--tls` writes `ca.pem` (default: a new directory under the system temp dir).
+        #[arg(long, requires = "tls")]
+        tls_dir: Option<PathBuf>,
+        /// Seconds after which a Subscribe stream whose client requested nothing more is
+        /// closed (Salesforce closes such streams after about 70 s).
+        #[arg(long, default_value_t = 70)]
+        idle_close_secs: u64,
+        /// Changes in one transaction that still get change events; the rest of a larger
+        /// transaction produces one GAP_OVERFLOW event per entity (Salesforce: 100,000).
+        #[arg(long, default_value_t = crate::emulator::store::DEFAULT_OVERFLOW_THRESHOLD)]
+        overflow_threshold: usize,
+        /// Generate a backlog of change events before serving: `N` (random creates, updates,
+        /// deletes and undeletes over Account, Contact and Opportunity) or `N:Obj,Obj`.
+        #[arg(long, value_name = "N[:OBJECTS]")]
+        backlog: Option<crate::emulator::workload::BacklogSpec>,
     },
     /// Run everything on one command: emulator, replica, daemon and a small workload; print
     /// what was mirrored.
@@ -266,7 +286,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             jwt_public_key,
             token_ttl_secs,
             keepalive_secs,
+            tls,
+            tls_dir,
+            idle_close_secs,
+            overflow_threshold,
+            backlog,
         } => {
+            let tls_dir = tls.then(|| {
+                tls_dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("sfmirror-emulator-{}", std::process::id()))
+                })
+            });
             let jwt_public_key_pem = match jwt_public_key {
                 Some(path) => Some(
                     std::fs::read_to_string(&path)
@@ -288,6 +318,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),
                 keepalive: Duration::from_secs(keepalive_secs.max(1)),
+                tls_dir,
+                idle_close: Duration::from_secs(idle_close_secs.max(1)),
+                overflow_threshold,
+                backlog,
             };
             let emulator = Emulator::start(cfg).await?;
             println!("{}", emulator.startup_json());

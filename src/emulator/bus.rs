@@ -184,6 +184,17 @@ impl Bus {
         purged
     }
 
+    /// Forgets every stored event (control API reset). Replay ids keep growing, so a position
+    /// from before the reset is refused like a purged one.
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        let tip = inner.last_replay;
+        for log in inner.logs.values_mut() {
+            log.events.clear();
+            log.purged_through = tip;
+        }
+    }
+
     /// Events stored per channel.
     pub fn counts(&self) -> HashMap<String, usize> {
         self.lock()

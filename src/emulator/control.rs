@@ -1,11 +1,13 @@
 //! The emulator's control API under `/emulator/`: what tests, demos and benchmarks use to
-//! steer the fake org (inspect subscriptions, expire tokens, drop streams).
+//! steer the fake org: reset, seed, a workload at a rate, gap and overflow events, schema
+//! changes, token expiry, dropped or refused streams, corrupt payloads, the clock, stats.
 //!
 //! It is not part of Salesforce's surface and needs no token: the emulator is a local tool.
 
 use super::pubsub::SubscriptionRecord;
 use super::rest::RestState;
-use super::store::ApiError;
+use super::store::{ApiError, TxnStep};
+use super::workload::{self, Workload};
 use crate::model::ChangeType;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub struct ControlState {
     pub subscriptions: Arc<Mutex<Vec<SubscriptionRecord>>>,
     pub drop_streams: Arc<Mutex<CancellationToken>>,
+    pub workload: Arc<Workload>,
 }
 
 pub fn router() -> Router<Arc<RestState>> {
@@ -33,6 +36,108 @@ pub fn router() -> Router<Arc<RestState>> {
         .route("/emulator/corrupt", post(corrupt))
         .route("/emulator/refuse", post(refuse))
         .route("/emulator/advance-clock", post(advance_clock))
+        .route("/emulator/reset", post(reset))
+        .route("/emulator/seed", post(seed))
+        .route("/emulator/workload", post(start_workload))
+        .route("/emulator/workload/stop", post(stop_workload))
+        .route("/emulator/transaction", post(transaction))
+        .route("/emulator/settings", post(settings))
+}
+
+/// Empties the org (records and stored events) and stops the workload; objects, schemas and
+/// tokens stay. Replay ids from before are refused afterwards, like purged ones.
+async fn reset(State(st): S) -> Json<J> {
+    st.control.workload.stop();
+    st.org.reset();
+    if let Ok(mut subs) = st.control.subscriptions.lock() {
+        subs.clear();
+    }
+    Json(json!({"reset": true, "tip_replay_id": st.org.bus.tip()}))
+}
+
+/// `{"object": "Account", "count": N, "seed": 1}`: creates N records with random valid values
+/// (each with its CREATE event); returns their ids.
+async fn seed(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let object = text(&body, "object")?;
+    let count = count(&body, "count")?;
+    let seed = body.get("seed").and_then(J::as_u64).unwrap_or(1);
+    let ids = workload::seed(&st.org, object, count, seed)?;
+    Ok(Json(json!({"object": object, "ids": ids})))
+}
+
+/// `{"rate": 500, "objects": ["Account", ...]}`: random creates, updates, deletes and
+/// undeletes at `rate` changes a second until stopped (replaces a running workload).
+async fn start_workload(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let rate = field(&body, "rate")?
+        .as_f64()
+        .ok_or_else(|| ApiError::new(400, "JSON_PARSER_ERROR", "`rate` must be a number"))?;
+    let objects = match body.get("objects") {
+        Some(_) => strings(&body, "objects")?,
+        None => workload::DEFAULT_OBJECTS
+            .iter()
+            .map(|o| o.to_string())
+            .collect(),
+    };
+    st.control.workload.start(st.org.clone(), rate, objects)?;
+    Ok(Json(st.control.workload.status()))
+}
+
+async fn stop_workload(State(st): S) -> Json<J> {
+    let changes = st.control.workload.stop();
+    Json(json!({"running": false, "changes": changes}))
+}
+
+/// `{"steps": [{"create": {"object", "count", "fields"}}, {"update_all": {"object",
+/// "fields"}}, {"delete_all": {"object"}}]}`: one transaction. Past the overflow threshold
+/// the rest is made without events and each entity gets one GAP_OVERFLOW.
+async fn transaction(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let steps: Vec<TxnStep> = serde_json::from_value(field(&body, "steps")?.clone())
+        .map_err(|e| ApiError::new(400, "JSON_PARSER_ERROR", format!("`steps`: {e}")))?;
+    let report = st
+        .org
+        .large_transaction(&steps, "com/salesforce/api/soap/62.0")?;
+    Ok(Json(json!(report)))
+}
+
+/// `{"overflow_threshold": N}`: changes per transaction that still get change events.
+async fn settings(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    if body.get("overflow_threshold").is_some() {
+        st.org
+            .set_overflow_threshold(count(&body, "overflow_threshold")?);
+    }
+    Ok(Json(
+        json!({"overflow_threshold": st.org.overflow_threshold()}),
+    ))
+}
+
+fn count(body: &J, key: &str) -> Result<usize, ApiError> {
+    field(body, key)?
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "JSON_PARSER_ERROR",
+                format!("`{key}` must be a non-negative integer"),
+            )
+        })
+}
+
+fn strings(body: &J, key: &str) -> Result<Vec<String>, ApiError> {
+    field(body, key)?
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "JSON_PARSER_ERROR",
+                format!("`{key}` must be an array of strings"),
+            )
+        })
 }
 
 /// Event retention on every channel (Salesforce keeps change events 72 hours).
@@ -187,6 +292,10 @@ async fn stats(State(st): State<Arc<RestState>>) -> Json<J> {
         "channel_events": st.org.bus.counts(),
         "records": records,
         "tip_replay_id": st.org.bus.tip(),
+        "event_channels": st.org.event_channels(),
+        "overflow_threshold": st.org.overflow_threshold(),
+        "workload": st.control.workload.status(),
+        "now_ms": st.org.now_ms(),
     }))
 }
 

@@ -12,11 +12,15 @@
 pub mod bus;
 pub mod cdc;
 pub mod control;
+pub mod diff;
+pub mod platform;
 pub mod pubsub;
 pub mod query;
 pub mod rest;
 pub mod soql;
 pub mod store;
+pub mod tls;
+pub mod workload;
 
 use crate::model::ObjectDescribe;
 use std::net::SocketAddr;
@@ -64,6 +68,15 @@ pub struct EmulatorConfig {
     pub token_ttl: Option<Duration>,
     /// Interval of keepalive responses on idle streams.
     pub keepalive: Duration,
+    /// Serve REST and Pub/Sub over TLS with a generated certificate; the CA is written to
+    /// `<dir>/ca.pem`.
+    pub tls_dir: Option<PathBuf>,
+    /// A Subscribe stream whose client has requested nothing for this long is closed.
+    pub idle_close: Duration,
+    /// Changes in one transaction above which the rest produce GAP_OVERFLOW events.
+    pub overflow_threshold: usize,
+    /// Change events to generate before serving (a pre-built backlog for benchmarks).
+    pub backlog: Option<workload::BacklogSpec>,
 }
 
 impl Default for EmulatorConfig {
@@ -75,6 +88,10 @@ impl Default for EmulatorConfig {
             credentials: Credentials::default(),
             token_ttl: None,
             keepalive: Duration::from_secs(270),
+            tls_dir: None,
+            idle_close: Duration::from_secs(70),
+            overflow_threshold: store::DEFAULT_OVERFLOW_THRESHOLD,
+            backlog: None,
         }
     }
 }
@@ -89,6 +106,8 @@ pub enum EmulatorError {
     },
     #[error("org definition {path}: {message}")]
     Org { path: String, message: String },
+    #[error("TLS set-up ({path}): {message}")]
+    Tls { path: String, message: String },
 }
 
 /// The built-in org: describes captured from a real org (see `org/README.md`), plus
@@ -99,7 +118,33 @@ const DEFAULT_ORG: &[(&str, &str)] = &[
     ("Opportunity.json", include_str!("org/Opportunity.json")),
     ("Custom__c.json", include_str!("org/Custom__c.json")),
     ("Invoice__c.json", include_str!("org/Invoice__c.json")),
+    (
+        "Order_Shipped__e.json",
+        include_str!("org/Order_Shipped__e.json"),
+    ),
 ];
+
+/// Custom channels of the built-in org; an org directory has its own in `channels.json`.
+const DEFAULT_CHANNELS: &str = include_str!("org/channels.json");
+
+/// The name of the file in an org directory that lists custom channels:
+/// `{"channels": [{"name": "/data/<Name>__chn", "members": ["Account", ...]}]}`.
+pub const CHANNELS_FILE: &str = "channels.json";
+
+fn parse_channels(path: &str, text: &str) -> Result<Vec<store::CustomChannel>, EmulatorError> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        channels: Vec<store::CustomChannel>,
+    }
+    serde_json::from_str::<File>(text)
+        .map(|f| f.channels)
+        .map_err(|e| EmulatorError::Org {
+            path: path.to_string(),
+            message: format!(
+                "not a channel list ({{\"channels\": [{{\"name\", \"members\"}}]}}): {e}"
+            ),
+        })
+}
 
 fn parse_describe(
     path: &str,
@@ -111,7 +156,13 @@ fn parse_describe(
     };
     let mut raw: serde_json::Value =
         serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
-    complete_system_fields(&mut raw);
+    let is_event = raw
+        .get("name")
+        .and_then(|n| n.as_str())
+        .is_some_and(|n| n.ends_with("__e"));
+    if !is_event {
+        complete_system_fields(&mut raw);
+    }
     let describe: ObjectDescribe = serde_json::from_value(raw.clone())
         .map_err(|e| err(format!("not a describe response: {e}")))?;
     Ok((describe, raw))
@@ -167,21 +218,23 @@ fn complete_system_fields(raw: &mut serde_json::Value) {
     }
 }
 
-/// Loads the org's describes: every `*.json` in `dir`, or the built-in ones.
-pub fn load_org(
-    dir: Option<&std::path::Path>,
-) -> Result<Vec<(ObjectDescribe, serde_json::Value)>, EmulatorError> {
+/// Loads the org: every `*.json` describe in `dir` plus its `channels.json`, or the built-in
+/// org.
+pub fn load_org(dir: Option<&std::path::Path>) -> Result<store::OrgDefinition, EmulatorError> {
     let Some(dir) = dir else {
-        return DEFAULT_ORG
-            .iter()
-            .map(|(name, text)| parse_describe(name, text))
-            .collect();
+        return Ok(store::OrgDefinition {
+            describes: DEFAULT_ORG
+                .iter()
+                .map(|(name, text)| parse_describe(name, text))
+                .collect::<Result<_, _>>()?,
+            channels: parse_channels("<built-in>/channels.json", DEFAULT_CHANNELS)?,
+        });
     };
     let entries = std::fs::read_dir(dir).map_err(|e| EmulatorError::Org {
         path: dir.display().to_string(),
         message: e.to_string(),
     })?;
-    let mut out = Vec::new();
+    let mut out = store::OrgDefinition::default();
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -192,19 +245,36 @@ pub fn load_org(
             path: p.display().to_string(),
             message: e.to_string(),
         })?;
+        if p.file_name().is_some_and(|n| n == CHANNELS_FILE) {
+            out.channels = parse_channels(&p.display().to_string(), &text)?;
+            continue;
+        }
         let (describe, raw) = parse_describe(&p.display().to_string(), &text)?;
         if describe.fields.is_empty() {
             continue; // e.g. a global describe file
         }
-        out.push((describe, raw));
+        out.describes.push((describe, raw));
     }
-    if out.is_empty() {
+    if out.describes.is_empty() {
         return Err(EmulatorError::Org {
             path: dir.display().to_string(),
             message: "no <Object>.json describe files found".to_string(),
         });
     }
     Ok(out)
+}
+
+async fn serve_rest<L>(listener: L, app: axum::Router, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "emulator REST server failed");
+    }
 }
 
 /// A running emulator.
@@ -215,6 +285,8 @@ pub struct Emulator {
     pub credentials: Credentials,
     /// A token valid until expired through the control API.
     pub access_token: String,
+    /// With TLS: the CA certificate clients must trust.
+    pub ca_file: Option<PathBuf>,
     control: control::ControlState,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -248,8 +320,8 @@ impl Emulator {
         rest: TcpListener,
         grpc: TcpListener,
     ) -> Result<Emulator, EmulatorError> {
-        let describes = load_org(cfg.org_dir.as_deref())?;
-        let org = Arc::new(Org::new(describes).map_err(|message| {
+        let definition = load_org(cfg.org_dir.as_deref())?;
+        let org = Arc::new(Org::new(definition).map_err(|message| {
             EmulatorError::Org {
                 path: cfg
                     .org_dir
@@ -269,15 +341,29 @@ impl Emulator {
             addr: cfg.listen_grpc,
             source,
         })?;
-        let rest_url = format!("http://{rest_addr}");
-        let pubsub_endpoint = format!("http://{grpc_addr}");
+        let tls = match &cfg.tls_dir {
+            Some(dir) => Some(tls::generate(dir, &[rest_addr, grpc_addr])?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let rest_url = format!("{scheme}://{rest_addr}");
+        let pubsub_endpoint = format!("{scheme}://{grpc_addr}");
         let access_token = org.issue_token(None);
         let shutdown = CancellationToken::new();
 
-        let service = pubsub::PubSubService::new(org.clone(), cfg.keepalive);
+        org.set_overflow_threshold(cfg.overflow_threshold);
+        if let Some(spec) = &cfg.backlog {
+            let built = workload::build_backlog(&org, spec).map_err(|e| EmulatorError::Org {
+                path: "--backlog".to_string(),
+                message: e.message,
+            })?;
+            tracing::info!(events = built, "pre-built backlog ready");
+        }
+        let service = pubsub::PubSubService::new(org.clone(), cfg.keepalive, cfg.idle_close);
         let control = control::ControlState {
             subscriptions: service.subscriptions.clone(),
             drop_streams: service.drop_streams.clone(),
+            workload: Arc::new(workload::Workload::default()),
         };
         let control_handle = control.clone();
         let state = Arc::new(rest::RestState {
@@ -290,21 +376,36 @@ impl Emulator {
         });
         let app = rest::router(state);
         let stop = shutdown.clone();
-        let rest_task = tokio::spawn(async move {
-            let served = axum::serve(
-                axum::serve::ListenerExt::tap_io(rest, |tcp| {
-                    // Same reason as for gRPC below: no Nagle delay on small answers.
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "emulator REST server failed");
+        let rest_task = match &tls {
+            Some(material) => {
+                let listener = tls::TlsListener::new(rest, material).map_err(|message| {
+                    EmulatorError::Tls {
+                        path: material.ca_file.display().to_string(),
+                        message,
+                    }
+                })?;
+                tokio::spawn(serve_rest(listener, app, stop))
             }
-        });
+            None => {
+                // Same reason as for gRPC below: no Nagle delay on small answers.
+                let listener = axum::serve::ListenerExt::tap_io(rest, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(serve_rest(listener, app, stop))
+            }
+        };
         let stop = shutdown.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(material) = &tls {
+            let identity =
+                tonic::transport::Identity::from_pem(&material.chain_pem, &material.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| EmulatorError::Tls {
+                    path: material.ca_file.display().to_string(),
+                    message: e.to_string(),
+                })?;
+        }
         let grpc_task = tokio::spawn(async move {
             // Without TCP_NODELAY, Nagle's algorithm holds small responses back for the
             // client's delayed ACK (~40 ms a round trip): a stream would crawl.
@@ -317,7 +418,7 @@ impl Emulator {
                     conn
                 },
             );
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .add_service(crate::proto::pub_sub_server::PubSubServer::new(service))
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
                 .await;
@@ -331,6 +432,7 @@ impl Emulator {
             org,
             credentials: cfg.credentials,
             access_token,
+            ca_file: tls.map(|t| t.ca_file),
             control: control_handle,
             shutdown,
             tasks: vec![rest_task, grpc_task],
@@ -339,7 +441,7 @@ impl Emulator {
 
     /// The start-up line: where the emulator listens and how to log in.
     pub fn startup_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut line = serde_json::json!({
             "rest_url": self.rest_url,
             "pubsub_endpoint": self.pubsub_endpoint,
             "org_id": self.org.org_id,
@@ -348,7 +450,11 @@ impl Emulator {
             "username": self.credentials.username,
             "password": self.credentials.password,
             "access_token": self.access_token,
-        })
+        });
+        if let (Some(ca), Some(obj)) = (&self.ca_file, line.as_object_mut()) {
+            obj.insert("ca_file".into(), ca.display().to_string().into());
+        }
+        line
     }
 
     /// Subscribe calls opened so far (what tests wait on before writing at LATEST).

@@ -11,8 +11,8 @@ use super::store::Org;
 use crate::proto::pub_sub_server::PubSub;
 use crate::proto::{
     ConsumerEvent, FetchRequest, FetchResponse, ManagedFetchRequest, ManagedFetchResponse,
-    ProducerEvent, PublishRequest, PublishResponse, ReplayPreset, SchemaInfo, SchemaRequest,
-    TopicInfo, TopicRequest,
+    ProducerEvent, PublishRequest, PublishResponse, PublishResult, ReplayPreset, SchemaInfo,
+    SchemaRequest, TopicInfo, TopicRequest,
 };
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,8 @@ pub struct SubscriptionRecord {
 pub struct PubSubService {
     org: Arc<Org>,
     keepalive: Duration,
+    /// A stream with nothing requested for this long is closed (Salesforce: about 70 s).
+    idle_close: Duration,
     pub subscriptions: Arc<Mutex<Vec<SubscriptionRecord>>>,
     /// Cancelled by the control API to drop every open stream.
     pub drop_streams: Arc<Mutex<CancellationToken>>,
@@ -58,10 +60,11 @@ pub fn sf_status(code: Code, error_code: &str, message: &str) -> Status {
 }
 
 impl PubSubService {
-    pub fn new(org: Arc<Org>, keepalive: Duration) -> PubSubService {
+    pub fn new(org: Arc<Org>, keepalive: Duration, idle_close: Duration) -> PubSubService {
         PubSubService {
             org,
             keepalive,
+            idle_close,
             subscriptions: Arc::new(Mutex::new(Vec::new())),
             drop_streams: Arc::new(Mutex::new(CancellationToken::new())),
         }
@@ -121,6 +124,62 @@ impl PubSubService {
     }
 }
 
+impl PubSubService {
+    /// Publishes the events of one request; per-event problems come back as results with an
+    /// error, as on Salesforce, while a topic that takes no publishing fails the call.
+    fn publish_batch(&self, request: PublishRequest) -> Result<PublishResponse, Status> {
+        let topic = request.topic_name;
+        let events: Vec<(String, Vec<u8>)> = request
+            .events
+            .iter()
+            .map(|e| (e.schema_id.clone(), e.payload.clone()))
+            .collect();
+        let results = self.org.publish_events(&topic, &events).map_err(|e| {
+            sf_status(
+                Code::PermissionDenied,
+                "publish.topic.cannot.publish",
+                &e.message,
+            )
+        })?;
+        let schema_id = self
+            .org
+            .event_type(&topic)
+            .map(|t| t.schema_id.clone())
+            .unwrap_or_default();
+        Ok(PublishResponse {
+            results: request
+                .events
+                .iter()
+                .zip(results)
+                .map(|(event, result)| match result {
+                    Ok(replay) => PublishResult {
+                        replay_id: replay.to_be_bytes().to_vec(),
+                        error: None,
+                        correlation_key: event.id.clone(),
+                    },
+                    Err(msg) => PublishResult {
+                        replay_id: Vec::new(),
+                        error: Some(crate::proto::Error {
+                            code: crate::proto::ErrorCode::Publish as i32,
+                            msg,
+                        }),
+                        correlation_key: event.id.clone(),
+                    },
+                })
+                .collect(),
+            schema_id,
+            rpc_id: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+}
+
+/// The clocks of a subscription.
+#[derive(Clone, Copy)]
+struct Timing {
+    keepalive: Duration,
+    idle_close: Duration,
+}
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -136,12 +195,17 @@ impl PubSub for PubSubService {
         self.authenticate(request.metadata())?;
         let topic = request.into_inner().topic_name;
         self.check_topic(&topic)?;
-        // A per-object channel reports that object's schema; the all-changes channel has none.
-        let schema_id = self.org.channel_schema_id(&topic).unwrap_or_default();
+        // A per-object channel reports that object's schema, an event channel its event's;
+        // the all-changes and custom channels carry several schemas and report none.
+        let event_type = self.org.event_type(&topic);
+        let schema_id = match &event_type {
+            Some(t) => t.schema_id.clone(),
+            None => self.org.channel_schema_id(&topic).unwrap_or_default(),
+        };
         Ok(Response::new(TopicInfo {
             topic_name: topic,
             tenant_guid: self.org.org_id.clone(),
-            can_publish: false,
+            can_publish: event_type.is_some(),
             can_subscribe: true,
             schema_id,
             rpc_id: uuid::Uuid::new_v4().to_string(),
@@ -237,8 +301,12 @@ impl PubSub for PubSubService {
             .map(|t| t.clone())
             .unwrap_or_default();
         let credits = first.num_requested.min(MAX_OUTSTANDING);
+        let timing = Timing {
+            keepalive,
+            idle_close: self.idle_close,
+        };
         tokio::spawn(serve_subscription(
-            org, topic, start, credits, inbound, tx, keepalive, dropped,
+            org, topic, start, credits, inbound, tx, timing, dropped,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -250,11 +318,9 @@ impl PubSub for PubSubService {
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
         self.authenticate(request.metadata())?;
-        Err(sf_status(
-            Code::PermissionDenied,
-            "publish.topic.cannot.publish",
-            "Change event channels cannot be published to.",
-        ))
+        let request = request.into_inner();
+        self.check_topic(&request.topic_name)?;
+        Ok(Response::new(self.publish_batch(request)?))
     }
 
     async fn publish_stream(
@@ -262,9 +328,48 @@ impl PubSub for PubSubService {
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         self.authenticate(request.metadata())?;
-        Err(Status::unimplemented(
-            "PublishStream is not offered by this emulator",
-        ))
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<PublishResponse, Status>>(16);
+        let service = PubSubService {
+            org: self.org.clone(),
+            keepalive: self.keepalive,
+            idle_close: self.idle_close,
+            subscriptions: self.subscriptions.clone(),
+            drop_streams: self.drop_streams.clone(),
+        };
+        let dropped = self
+            .drop_streams
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        tokio::spawn(async move {
+            loop {
+                // A publish stream must see a request within the idle window or it is closed.
+                let next = tokio::select! {
+                    m = tokio::time::timeout(service.idle_close, inbound.message()) => m,
+                    _ = dropped.cancelled() => {
+                        let _ = tx.send(Err(sf_status(Code::Unavailable, "service.unavailable",
+                            "The service is unavailable; the stream was closed."))).await;
+                        return;
+                    }
+                };
+                let request = match next {
+                    Ok(Ok(Some(r))) => r,
+                    // Idle for too long, the client finished, or the transport failed.
+                    _ => return,
+                };
+                let answer = service
+                    .check_topic(&request.topic_name)
+                    .and_then(|()| service.publish_batch(request));
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn managed_subscribe(
@@ -287,11 +392,13 @@ async fn serve_subscription(
     mut credits: i32,
     mut inbound: Streaming<FetchRequest>,
     tx: mpsc::Sender<Result<FetchResponse, Status>>,
-    keepalive: Duration,
+    timing: Timing,
     dropped: CancellationToken,
 ) {
     let mut changes = org.bus.watch();
     let rpc_id = uuid::Uuid::new_v4().to_string();
+    // When the client's credit last ran out: a stream left without credit is closed.
+    let mut starved_since: Option<tokio::time::Instant> = None;
     loop {
         // Deliver what is available, within the credit.
         while credits > 0 {
@@ -322,8 +429,20 @@ async fn serve_subscription(
             }
             position = last_replay;
         }
-        let idle = tokio::time::sleep(keepalive);
+        if credits > 0 {
+            starved_since = None;
+        } else if starved_since.is_none() {
+            starved_since = Some(tokio::time::Instant::now());
+        }
+        let idle = tokio::time::sleep(timing.keepalive);
+        let close_at = starved_since.map(|t| t + timing.idle_close);
         tokio::select! {
+            // Salesforce ends a stream whose client stopped asking for events; the call ends
+            // with OK and the client resubscribes when it wants more.
+            _ = async { match close_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            } } => return,
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if !req.topic_name.is_empty() && req.topic_name != topic {

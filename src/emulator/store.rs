@@ -6,10 +6,12 @@
 
 use super::bus::Bus;
 use super::cdc::{CdcSchema, HeaderInfo, encode};
+use super::diff::text_diff;
+use super::platform::{EventType, is_event_type};
 use crate::model::{ChangeType, FieldType, ObjectDescribe};
 use serde_json::{Map, Value as J};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// An error as Salesforce's REST API reports it.
@@ -67,6 +69,15 @@ fn record_in<'a>(
         .filter(|r| (r.get("IsDeleted") == Some(&J::Bool(true))) == deleted)
 }
 
+/// The field lists of one change.
+#[derive(Default)]
+struct Changes {
+    changed: HashSet<String>,
+    nulled: HashSet<String>,
+    /// Long text fields whose value in the body is a unified diff.
+    diff: HashSet<String>,
+}
+
 #[derive(Default)]
 struct Data {
     records: HashMap<String, BTreeMap<String, Record>>,
@@ -88,6 +99,10 @@ pub struct Org {
     objects: RwLock<HashMap<String, Arc<ObjectDef>>>,
     /// Every schema ever published, so events in the log stay decodable after a change.
     schemas: RwLock<HashMap<String, Arc<CdcSchema>>>,
+    /// Platform event types by channel.
+    event_types: HashMap<String, Arc<EventType>>,
+    /// Changes in one transaction above which the rest produce GAP_OVERFLOW events.
+    overflow_threshold: AtomicUsize,
     pub bus: Bus,
     /// Payloads still to corrupt (control API), to exercise dead-lettering.
     corrupt_remaining: AtomicU32,
@@ -109,6 +124,91 @@ pub fn object_channel(object: &str) -> String {
 }
 
 pub const ALL_CHANGES_CHANNEL: &str = "/data/ChangeEvents";
+
+/// Salesforce's limit of changes in one transaction that still get change events.
+pub const DEFAULT_OVERFLOW_THRESHOLD: usize = 100_000;
+
+/// Text fields of at least this many characters may be sent as a diff.
+const DIFF_MIN_CHARS: usize = 1000;
+
+/// What an org is made of: object describes and custom channels.
+#[derive(Debug, Clone, Default)]
+pub struct OrgDefinition {
+    pub describes: Vec<(ObjectDescribe, J)>,
+    pub channels: Vec<CustomChannel>,
+}
+
+/// A custom change event channel (`PlatformEventChannel` with its members).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CustomChannel {
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+/// Large text fields, whose updates Salesforce may send as diffs.
+fn is_long_text(def: &ObjectDef, field: &str) -> bool {
+    def.describe
+        .field(field)
+        .is_some_and(|f| f.kind() == FieldType::Textarea && f.length > 255)
+}
+
+fn is_custom_channel_name(name: &str) -> bool {
+    name.strip_prefix("/data/")
+        .and_then(|n| n.strip_suffix("__chn"))
+        .is_some_and(|n| {
+            n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+/// One step of a [`Org::large_transaction`].
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnStep {
+    /// Creates `count` records with the same `fields`.
+    Create {
+        object: String,
+        count: usize,
+        #[serde(default)]
+        fields: Map<String, J>,
+    },
+    /// Sets `fields` on every live record of the object.
+    UpdateAll {
+        object: String,
+        fields: Map<String, J>,
+    },
+    /// Deletes every live record of the object.
+    DeleteAll { object: String },
+}
+
+impl TxnStep {
+    fn object(&self) -> &str {
+        match self {
+            TxnStep::Create { object, .. }
+            | TxnStep::UpdateAll { object, .. }
+            | TxnStep::DeleteAll { object } => object,
+        }
+    }
+}
+
+/// What a large transaction did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct TxnReport {
+    /// Changes counted against the overflow threshold.
+    pub changes: usize,
+    /// Change events published.
+    pub events: usize,
+    /// Changes made without an event.
+    pub silent: usize,
+    /// Entities that got a GAP_OVERFLOW event.
+    pub overflow_events: Vec<String>,
+}
+
+/// The transaction an event belongs to: its key and the event's place in it.
+struct Txn<'a> {
+    key: &'a str,
+    sequence: i32,
+}
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -174,23 +274,57 @@ pub fn format_datetime(ms: i64) -> String {
 }
 
 impl Org {
-    /// Builds an org from describes. Every object gets its own channel plus the all-changes one.
-    pub fn new(describes: Vec<(ObjectDescribe, J)>) -> Result<Org, String> {
+    /// Builds an org from describes. Every object gets its own channel plus the all-changes
+    /// one, and the custom channels (`/data/<Name>__chn`) that list it; `__e` describes are
+    /// platform event types with their own `/event/<Name>__e` channel.
+    pub fn new(definition: OrgDefinition) -> Result<Org, String> {
         let mut objects = HashMap::new();
         let mut schemas = HashMap::new();
+        let mut event_types = HashMap::new();
         let mut channels = vec![ALL_CHANGES_CHANNEL.to_string()];
-        for (describe, raw) in describes {
+        for custom in &definition.channels {
+            if !is_custom_channel_name(&custom.name) {
+                return Err(format!(
+                    "custom channel {:?}: the name must look like /data/<Name>__chn",
+                    custom.name
+                ));
+            }
+            for member in &custom.members {
+                if !definition.describes.iter().any(|(d, _)| &d.name == member) {
+                    return Err(format!(
+                        "custom channel {}: member {member:?} is not an object of the org",
+                        custom.name
+                    ));
+                }
+            }
+            channels.push(custom.name.clone());
+        }
+        for (describe, raw) in definition.describes {
+            if is_event_type(&describe) {
+                let t = EventType::build(&describe)?;
+                channels.push(t.channel.clone());
+                event_types.insert(t.channel.clone(), Arc::new(t));
+                continue;
+            }
             let schema = Arc::new(CdcSchema::build(&describe)?);
             schemas.insert(schema.schema_id.clone(), schema.clone());
             let channel = object_channel(&describe.name);
             channels.push(channel.clone());
+            let mut object_channels = vec![ALL_CHANGES_CHANNEL.to_string(), channel];
+            object_channels.extend(
+                definition
+                    .channels
+                    .iter()
+                    .filter(|c| c.members.contains(&describe.name))
+                    .map(|c| c.name.clone()),
+            );
             objects.insert(
                 describe.name.clone(),
                 Arc::new(ObjectDef {
                     describe,
                     raw,
                     schema,
-                    channels: vec![ALL_CHANGES_CHANNEL.to_string(), channel],
+                    channels: object_channels,
                 }),
             );
         }
@@ -201,6 +335,8 @@ impl Org {
             username: "admin@sfmirror.emulator".to_string(),
             objects: RwLock::new(objects),
             schemas: RwLock::new(schemas),
+            event_types,
+            overflow_threshold: AtomicUsize::new(DEFAULT_OVERFLOW_THRESHOLD),
             bus: Bus::new(channels),
             corrupt_remaining: AtomicU32::new(0),
             refuse_until_ms: AtomicI64::new(0),
@@ -434,7 +570,30 @@ impl Org {
         emit: bool,
     ) -> Result<String, ApiError> {
         let def = self.object(object)?;
-        let mut record = Self::validate(&def, input, true)?;
+        let record = Self::validate_new(&def, input)?;
+        let mut data = self.data();
+        let now = self.now_ms();
+        let (id, record) = self.insert_new(&mut data, &def, record, now);
+        if !emit {
+            return Ok(id);
+        }
+        self.publish(
+            &mut data,
+            &def,
+            ChangeType::Create,
+            vec![id.clone()],
+            &record,
+            HashSet::new(),
+            HashSet::new(),
+            now,
+            origin,
+        )?;
+        Ok(id)
+    }
+
+    /// Checks a new record's values and that the required ones are there.
+    fn validate_new(def: &ObjectDef, input: &Map<String, J>) -> Result<Record, ApiError> {
+        let record = Self::validate(def, input, true)?;
         let missing: Vec<String> = def
             .describe
             .fields
@@ -456,17 +615,22 @@ impl Org {
                 fields: missing,
             });
         }
-        let mut data = self.data();
-        let now = self.now_ms();
+        Ok(record)
+    }
+
+    /// Gives a validated record its id and system fields and stores it.
+    fn insert_new(
+        &self,
+        data: &mut Data,
+        def: &ObjectDef,
+        mut record: Record,
+        now: i64,
+    ) -> (String, Record) {
         let stamp = format_datetime(now - now % 1000);
         let n = data.next_id;
         data.next_id += 1;
-        let prefix = def
-            .describe
-            .key_prefix
-            .clone()
-            .unwrap_or_else(|| "a00".into());
-        let id = id18(&id15(&prefix, n));
+        let prefix = def.describe.key_prefix.as_deref().unwrap_or("a00");
+        let id = id18(&id15(prefix, n));
         for f in &def.describe.fields {
             let v = match f.name.as_str() {
                 "Id" => J::String(id.clone()),
@@ -482,24 +646,10 @@ impl Org {
             record.insert(f.name.clone(), v);
         }
         data.records
-            .entry(object.to_string())
+            .entry(def.describe.name.clone())
             .or_default()
             .insert(id.clone(), record.clone());
-        if !emit {
-            return Ok(id);
-        }
-        self.publish(
-            &mut data,
-            &def,
-            ChangeType::Create,
-            vec![id.clone()],
-            &record,
-            HashSet::new(),
-            HashSet::new(),
-            now,
-            origin,
-        )?;
-        Ok(id)
+        (id, record)
     }
 
     /// Updates a record with the given values; publishes an UPDATE with what changed.
@@ -518,42 +668,57 @@ impl Org {
         let record = record_in(&mut data, object, id, false).ok_or_else(|| {
             ApiError::new(404, "NOT_FOUND", "The requested resource does not exist")
         })?;
-        let mut changed = HashSet::new();
-        let mut nulled = HashSet::new();
+        let mut changes = Changes::default();
+        let mut diffs: HashMap<String, String> = HashMap::new();
         for (k, v) in values {
             let old = record.get(&k).cloned().unwrap_or(J::Null);
             if old != v {
                 if v.is_null() {
-                    nulled.insert(k.clone());
+                    changes.nulled.insert(k.clone());
                 }
-                changed.insert(k.clone());
+                if let (J::String(before), J::String(after)) = (&old, &v)
+                    && is_long_text(&def, &k)
+                    && let Some(d) = text_diff(before, after, DIFF_MIN_CHARS)
+                {
+                    changes.diff.insert(k.clone());
+                    diffs.insert(k.clone(), d);
+                }
+                changes.changed.insert(k.clone());
                 record.insert(k, v);
             }
         }
         if record.get("LastModifiedDate") != Some(&J::String(stamp.clone())) {
-            changed.insert("LastModifiedDate".to_string());
+            changes.changed.insert("LastModifiedDate".to_string());
         }
         record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
         record.insert("SystemModstamp".into(), J::String(stamp));
         if record.get("LastModifiedById") != Some(&J::String(self.user_id.clone())) {
-            changed.insert("LastModifiedById".to_string());
+            changes.changed.insert("LastModifiedById".to_string());
             record.insert("LastModifiedById".into(), J::String(self.user_id.clone()));
         }
-        // The event body carries only changed fields; unchanged ones are null.
-        let body: Record = changed
+        // The event body carries only changed fields (large texts as diffs); the rest is null.
+        let body: Record = changes
+            .changed
             .iter()
-            .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
+            .filter_map(|k| match diffs.remove(k) {
+                Some(d) => Some((k.clone(), J::String(d))),
+                None => record.get(k).map(|v| (k.clone(), v.clone())),
+            })
             .collect();
-        self.publish(
+        let key = uuid::Uuid::new_v4().to_string();
+        self.publish_in(
             &mut data,
             &def,
             ChangeType::Update,
             vec![id.to_string()],
             &body,
-            changed,
-            nulled,
+            changes,
             now,
             origin,
+            &Txn {
+                key: &key,
+                sequence: 1,
+            },
         )
     }
 
@@ -629,20 +794,59 @@ impl Org {
         now: i64,
         origin: &str,
     ) -> Result<(), ApiError> {
-        data.commit_number += 1 + (now % 7);
+        let key = uuid::Uuid::new_v4().to_string();
+        let txn = Txn {
+            key: &key,
+            sequence: 1,
+        };
+        let changes = Changes {
+            changed,
+            nulled,
+            diff: HashSet::new(),
+        };
+        self.publish_in(
+            data,
+            def,
+            change_type,
+            record_ids,
+            body,
+            changes,
+            now,
+            origin,
+            &txn,
+        )
+    }
+
+    /// Publishes one event of transaction `txn`.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_in(
+        &self,
+        data: &mut Data,
+        def: &ObjectDef,
+        change_type: ChangeType,
+        record_ids: Vec<String>,
+        body: &Record,
+        changes: Changes,
+        now: i64,
+        origin: &str,
+        txn: &Txn<'_>,
+    ) -> Result<(), ApiError> {
+        if txn.sequence == 1 {
+            data.commit_number += 1 + (now % 7);
+        }
         let header = HeaderInfo {
             entity: &def.describe.name,
             record_ids,
             change_type,
             change_origin: origin,
-            transaction_key: &uuid::Uuid::new_v4().to_string(),
-            sequence_number: 1,
+            transaction_key: txn.key,
+            sequence_number: txn.sequence,
             commit_timestamp: now,
             commit_number: data.commit_number,
             commit_user: &self.user_id,
-            changed: def.schema.bitmap(&changed),
-            nulled: def.schema.bitmap(&nulled),
-            diff: Vec::new(),
+            changed: def.schema.bitmap(&changes.changed),
+            nulled: def.schema.bitmap(&changes.nulled),
+            diff: def.schema.bitmap(&changes.diff),
         };
         let mut payload = encode(&def.schema, &header, body)
             .map_err(|m| ApiError::new(500, "UNKNOWN_EXCEPTION", m))?;
@@ -662,10 +866,230 @@ impl Org {
 
     /// The schema JSON for a schema id, current or past.
     pub fn schema_json(&self, schema_id: &str) -> Option<String> {
-        self.schemas
+        let cdc = self
+            .schemas
             .read()
             .ok()
-            .and_then(|s| s.get(schema_id).map(|s| s.json.clone()))
+            .and_then(|s| s.get(schema_id).map(|s| s.json.clone()));
+        cdc.or_else(|| {
+            self.event_types
+                .values()
+                .find(|t| t.schema_id == schema_id)
+                .map(|t| t.json.clone())
+        })
+    }
+
+    /// The platform event type published on `channel`, if it is an `/event/` channel.
+    pub fn event_type(&self, channel: &str) -> Option<Arc<EventType>> {
+        self.event_types.get(channel).cloned()
+    }
+
+    /// Platform event types, by channel.
+    pub fn event_channels(&self) -> Vec<String> {
+        let mut c: Vec<String> = self.event_types.keys().cloned().collect();
+        c.sort();
+        c
+    }
+
+    /// Publishes platform events on `channel`: each is checked against the channel's schema
+    /// and gets a replay id, or an error message saying what is wrong with it.
+    pub fn publish_events(
+        &self,
+        channel: &str,
+        events: &[(String, Vec<u8>)],
+    ) -> Result<Vec<Result<u64, String>>, ApiError> {
+        let event_type = self.event_type(channel).ok_or_else(|| {
+            ApiError::new(
+                403,
+                "publish.topic.cannot.publish",
+                format!("{channel} is not a platform event channel; only /event/ topics accept publishing"),
+            )
+        })?;
+        let channels = [channel.to_string()];
+        Ok(events
+            .iter()
+            .map(|(schema_id, payload)| {
+                if *schema_id != event_type.schema_id {
+                    return Err(format!(
+                        "schema id {schema_id} is not the current schema of {channel} ({})",
+                        event_type.schema_id
+                    ));
+                }
+                event_type.validate(payload)?;
+                Ok(self
+                    .bus
+                    .publish(&channels, schema_id, payload.clone(), self.now_ms()))
+            })
+            .collect())
+    }
+
+    pub fn overflow_threshold(&self) -> usize {
+        self.overflow_threshold.load(Ordering::Relaxed)
+    }
+
+    pub fn set_overflow_threshold(&self, n: usize) {
+        self.overflow_threshold.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Runs one transaction of many changes. The first `overflow_threshold` changes (a
+    /// create, delete or undelete counts one, an update one per changed field) get change
+    /// events; the rest are made silently and each entity they touched gets one
+    /// `GAP_OVERFLOW` event, as Salesforce does.
+    pub fn large_transaction(
+        &self,
+        steps: &[TxnStep],
+        origin: &str,
+    ) -> Result<TxnReport, ApiError> {
+        // Validate everything first: a transaction fails whole.
+        let mut prepared = Vec::new();
+        for step in steps {
+            let def = self.object(step.object())?;
+            let values = match step {
+                TxnStep::Create { fields, .. } => Self::validate_new(&def, fields)?,
+                TxnStep::UpdateAll { fields, .. } => Self::validate(&def, fields, false)?,
+                TxnStep::DeleteAll { .. } => Record::new(),
+            };
+            prepared.push((def, values));
+        }
+        let threshold = self.overflow_threshold();
+        let mut data = self.data();
+        let now = self.now_ms();
+        let stamp = format_datetime(now - now % 1000);
+        let key = uuid::Uuid::new_v4().to_string();
+        let mut sequence = 0;
+        let mut counted = 0usize;
+        let mut report = TxnReport::default();
+        let mut overflowed: Vec<Arc<ObjectDef>> = Vec::new();
+        for (step, (def, values)) in steps.iter().zip(prepared) {
+            let object = def.describe.name.clone();
+            // (change type, id, body, changes) of each change of this step
+            let mut changes: Vec<(ChangeType, String, Record, Changes)> = Vec::new();
+            match step {
+                TxnStep::Create { count, .. } => {
+                    for _ in 0..*count {
+                        let (id, record) = self.insert_new(&mut data, &def, values.clone(), now);
+                        changes.push((ChangeType::Create, id, record, Changes::default()));
+                    }
+                }
+                TxnStep::UpdateAll { .. } => {
+                    let ids: Vec<String> = data
+                        .records
+                        .get(&object)
+                        .map(|r| r.keys().cloned().collect())
+                        .unwrap_or_default();
+                    for id in ids {
+                        let Some(record) = record_in(&mut data, &object, &id, false) else {
+                            continue;
+                        };
+                        let mut c = Changes::default();
+                        for (k, v) in &values {
+                            if record.get(k).unwrap_or(&J::Null) != v {
+                                if v.is_null() {
+                                    c.nulled.insert(k.clone());
+                                }
+                                c.changed.insert(k.clone());
+                                record.insert(k.clone(), v.clone());
+                            }
+                        }
+                        if c.changed.is_empty() {
+                            continue;
+                        }
+                        c.changed.insert("LastModifiedDate".to_string());
+                        record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
+                        record.insert("SystemModstamp".into(), J::String(stamp.clone()));
+                        let body = c
+                            .changed
+                            .iter()
+                            .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
+                            .collect();
+                        changes.push((ChangeType::Update, id, body, c));
+                    }
+                }
+                TxnStep::DeleteAll { .. } => {
+                    let ids: Vec<String> = data
+                        .records
+                        .get(&object)
+                        .map(|r| r.keys().cloned().collect())
+                        .unwrap_or_default();
+                    for id in ids {
+                        if let Some(record) = record_in(&mut data, &object, &id, false) {
+                            record.insert("IsDeleted".into(), J::Bool(true));
+                            record.insert("SystemModstamp".into(), J::String(stamp.clone()));
+                            changes.push((
+                                ChangeType::Delete,
+                                id,
+                                Record::new(),
+                                Changes::default(),
+                            ));
+                        }
+                    }
+                }
+            }
+            for (change_type, id, body, c) in changes {
+                let weight = if change_type == ChangeType::Update {
+                    // LastModifiedDate rides along with every update; it is not a change
+                    // the transaction made.
+                    c.changed.len().saturating_sub(1).max(1)
+                } else {
+                    1
+                };
+                counted += weight;
+                report.changes += weight;
+                if counted > threshold {
+                    report.silent += 1;
+                    if !overflowed.iter().any(|d| d.describe.name == object) {
+                        overflowed.push(def.clone());
+                    }
+                    continue;
+                }
+                sequence += 1;
+                report.events += 1;
+                self.publish_in(
+                    &mut data,
+                    &def,
+                    change_type,
+                    vec![id],
+                    &body,
+                    c,
+                    now,
+                    origin,
+                    &Txn {
+                        key: &key,
+                        sequence,
+                    },
+                )?;
+            }
+        }
+        for def in overflowed {
+            sequence += 1;
+            self.publish_in(
+                &mut data,
+                &def,
+                ChangeType::GapOverflow,
+                Vec::new(),
+                &Record::new(),
+                Changes::default(),
+                now,
+                origin,
+                &Txn {
+                    key: &key,
+                    sequence,
+                },
+            )?;
+            report.overflow_events.push(def.describe.name.clone());
+        }
+        Ok(report)
+    }
+
+    /// Empties the org: no records, no stored events, fresh limits (control API reset).
+    /// Objects, schemas and tokens stay.
+    pub fn reset(&self) {
+        let mut data = self.data();
+        data.records.clear();
+        self.bus.clear();
+        self.corrupt_remaining.store(0, Ordering::Relaxed);
+        self.refuse_until_ms.store(0, Ordering::Relaxed);
+        self.api_calls.store(0, Ordering::Relaxed);
     }
 
     /// The current schema id of the object whose own channel is `channel`.
