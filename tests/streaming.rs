@@ -821,3 +821,89 @@ async fn a_subscriber_down_past_the_retention_converges_through_repairs() {
     daemon.stop().await;
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_transaction_and_long_text_diffs_converge() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig {
+        overflow_threshold: 25,
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let objects = ["Account", "Contact", "Opportunity"];
+    let mut cfg = config(&emulator, &db, &[("/data/ChangeEvents", &objects)], "soft");
+    cfg.sync.repair_idle_ms = 50;
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let long: String = (0..50)
+        .map(|i| format!("Clause {i}: the supplier delivers on time and in full."))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let account = w
+        .create("Account", json!({"Name": "Long text", "Description": long}))
+        .await
+        .expect("create");
+    for i in 0..10 {
+        w.create("Contact", json!({"LastName": format!("Before {i}")}))
+            .await
+            .expect("contact");
+        w.create(
+            "Opportunity",
+            json!({"Name": format!("Deal {i}"), "StageName": "Prospecting",
+                   "CloseDate": "2027-03-01"}),
+        )
+        .await
+        .expect("opportunity");
+    }
+    converged(&emulator, &db, &objects).await;
+
+    // A one-line edit of a long text arrives as a diff (diffFields); the replica must end
+    // with the full new text.
+    w.update(
+        "Account",
+        &account,
+        json!({"Description": long.replacen("Clause 7: the supplier", "Clause 7: the buyer", 1)}),
+    )
+    .await
+    .expect("update");
+
+    // One transaction of 12 + 20 + 10 changes against a threshold of 25: the creates and part
+    // of the contact updates get events, the rest only GAP_OVERFLOW per entity.
+    let report = control(
+        &emulator,
+        "transaction",
+        json!({"steps": [
+            {"create": {"object": "Account", "count": 12, "fields": {"Name": "Bulk"}}},
+            {"update_all": {"object": "Contact", "fields": {"Title": "Buyer", "Department": "Ops"}}},
+            {"delete_all": {"object": "Opportunity"}}
+        ]}),
+    )
+    .await;
+    assert_eq!(
+        report["overflow_events"],
+        json!(["Contact", "Opportunity"]),
+        "{report}"
+    );
+    converged(&emulator, &db, &objects).await;
+    let client = db.client().await;
+    wait_for("the repair queue to drain", WAIT, async || {
+        client
+            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await;
+    let live_deals: i64 = client
+        .query_one(
+            "SELECT count(*) FROM salesforce.opportunity WHERE NOT _sfm_deleted",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(live_deals, 0, "deletions inside the overflow were found");
+    daemon.stop().await;
+    emulator.stop().await;
+}
