@@ -60,6 +60,15 @@ pub enum Command {
               value_parser = clap::value_parser!(u32).range(1..))]
         chunk_rows: u32,
     },
+    /// Show checkpoints, retention headroom, pending repairs, dead letters and snapshots, from
+    /// the replica alone (no Salesforce call; works while the daemon runs).
+    Status {
+        #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print the status as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare the replica with the org: missing, extra, stale and deleted-state drift.
     ///
     /// Exits 1 when drift is found (or an object cannot be compared), 0 when none.
@@ -232,6 +241,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "backfill incomplete: {failed} of {} object(s) did not complete",
                     report.objects.len()
                 );
+            }
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let cfg = Config::load(&config)?;
+            let report = crate::sync::status::status(&cfg)
+                .await
+                .context("reading the replica's control schema")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
             }
             Ok(())
         }

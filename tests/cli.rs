@@ -24,6 +24,9 @@ fn every_command_has_help_and_bad_usage_exits_2() {
         vec!["emulator", "--help"],
         vec!["demo", "--help"],
         vec!["inspect-event", "--help"],
+        vec!["status", "--help"],
+        vec!["backfill", "--help"],
+        vec!["verify", "--help"],
     ] {
         let out = sfmirror().args(&cmd).output().expect("runs");
         assert!(out.status.success(), "{cmd:?}");
@@ -205,6 +208,80 @@ async fn the_daemon_serves_metrics_health_and_readiness() {
             && body.contains("sfmirror_stream_connected")
     })
     .await;
+
+    // `status` reads the same replica from another process, with no Salesforce call.
+    let path = tmp("status.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+            [salesforce]
+            login_url = "{rest}"
+            auth = "client_credentials"
+            client_id = "{id}"
+            client_secret = "{secret}"
+            pubsub_endpoint = "{grpc}"
+            [replica]
+            url = "{db}"
+            [[channels]]
+            name = "/data/AccountChangeEvent"
+            objects = ["Account"]
+            [[channels]]
+            name = "/data/ContactChangeEvent"
+            objects = ["Contact"]
+            "#,
+            rest = emulator.rest_url,
+            id = emulator.credentials.client_id,
+            secret = emulator.credentials.client_secret,
+            grpc = emulator.pubsub_endpoint,
+            db = db.url,
+        ),
+    )
+    .expect("write config");
+    common::wait_for(
+        "a checkpoint",
+        std::time::Duration::from_secs(30),
+        async || {
+            let out = sfmirror()
+                .args(["status", "--json", "--config"])
+                .arg(&path)
+                .output()
+                .expect("runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            let channels = report["channels"].as_array().cloned().unwrap_or_default();
+            let account = channels
+                .iter()
+                .find(|c| c["channel"] == "/data/AccountChangeEvent");
+            let contact = channels
+                .iter()
+                .find(|c| c["channel"] == "/data/ContactChangeEvent");
+            account.is_some_and(|c| {
+                c["replay_id"].is_string()
+                    && c["retention_headroom_seconds"]
+                        .as_i64()
+                        .is_some_and(|h| h > 71 * 3600 && h <= 72 * 3600)
+            }) && contact.is_some_and(|c| c["replay_id"].is_null() && c["configured"] == true)
+                && report["dead_letters"] == 0
+        },
+    )
+    .await;
+    let out = sfmirror()
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/data/AccountChangeEvent: replay "), "{text}");
+    assert!(
+        text.contains("/data/ContactChangeEvent: no checkpoint yet"),
+        "{text}"
+    );
+
     stop.cancel();
     daemon.await.expect("join").expect("clean stop");
     emulator.stop().await;

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod channel;
 pub mod demo;
 pub mod repair;
+pub mod status;
 pub mod supervisor;
 pub mod verify;
 

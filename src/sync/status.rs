@@ -1,0 +1,278 @@
+//! `sfmirror status`: where replication stands, read from the replica's control schema alone
+//! (checkpoints, the repair queue, dead letters, snapshot state). It makes no Salesforce call,
+//! so it answers while the daemon runs, while Salesforce is unreachable, and without
+//! credentials; it only reads, so it can never move a checkpoint.
+
+use crate::config::Config;
+use crate::replica::{self, ReplicaError};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::fmt;
+
+/// Salesforce keeps change events this long; a checkpoint older than that cannot be resumed.
+const RETENTION_SECS: i64 = 72 * 3600;
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub checked_at: DateTime<Utc>,
+    pub channels: Vec<ChannelStatus>,
+    pub repairs: Vec<RepairStatus>,
+    pub dead_letters: i64,
+    pub objects: Vec<ObjectStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChannelStatus {
+    pub channel: String,
+    /// Whether the config still names this channel.
+    pub configured: bool,
+    /// The committed replay id (hex); `None` before the first commit.
+    pub replay_id: Option<String>,
+    /// Salesforce commit time of the newest applied event.
+    pub last_event_committed_at: Option<DateTime<Utc>>,
+    /// When the checkpoint last moved (events or keepalives).
+    pub checkpoint_updated_at: Option<DateTime<Utc>>,
+    /// Seconds left before the checkpoint falls out of the 72-hour retention; when it does,
+    /// the next start resubscribes at LATEST and repairs the objects since then.
+    pub retention_headroom_seconds: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RepairStatus {
+    pub object: String,
+    pub kind: String,
+    pub pending: i64,
+    /// Of those, how many failed at least once (they retry with backoff).
+    pub retrying: i64,
+    pub oldest_requested_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ObjectStatus {
+    pub object: String,
+    pub snapshot_started_at: Option<DateTime<Utc>>,
+    pub snapshot_completed_at: Option<DateTime<Utc>>,
+    pub snapshot_rows: Option<i64>,
+    /// A backfill that has not finished (it resumes from its Bulk job).
+    pub snapshot_running_since: Option<DateTime<Utc>>,
+}
+
+/// Reads the status from the replica named in `cfg`.
+pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
+    let pool = replica::pool(&cfg.replica)?;
+    let client = pool.get().await?;
+    let control = replica::quote(&cfg.replica.control_schema);
+    let now = Utc::now();
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{control}.checkpoints")],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading the control schema"))?
+        .get(0);
+    let configured: Vec<&str> = cfg.channels.iter().map(|c| c.name.as_str()).collect();
+    let mut report = StatusReport {
+        checked_at: now,
+        channels: Vec::new(),
+        repairs: Vec::new(),
+        dead_letters: 0,
+        objects: Vec::new(),
+    };
+    if !exists {
+        // Never started against this replica: every configured channel is still to come.
+        report.channels = configured
+            .iter()
+            .map(|c| ChannelStatus {
+                channel: c.to_string(),
+                configured: true,
+                replay_id: None,
+                last_event_committed_at: None,
+                checkpoint_updated_at: None,
+                retention_headroom_seconds: None,
+            })
+            .collect();
+        return Ok(report);
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT channel, replay_id, {}, {} FROM {control}.checkpoints ORDER BY channel",
+                ms("commit_timestamp"),
+                ms("updated_at")
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading checkpoints"))?;
+    for row in rows {
+        let channel: String = row.get(0);
+        let replay: Vec<u8> = row.get(1);
+        let committed = at(row.get(2));
+        let updated = at(row.get(3)).unwrap_or(now);
+        // A keepalive position is the tip when it was received: it ages from then.
+        let basis = committed.unwrap_or(updated);
+        report.channels.push(ChannelStatus {
+            configured: configured.contains(&channel.as_str()),
+            channel,
+            replay_id: (!replay.is_empty())
+                .then(|| replay.iter().map(|b| format!("{b:02x}")).collect()),
+            last_event_committed_at: committed,
+            checkpoint_updated_at: Some(updated),
+            retention_headroom_seconds: (!replay.is_empty())
+                .then(|| RETENTION_SECS - (now - basis).num_seconds()),
+        });
+    }
+    for c in configured {
+        if !report.channels.iter().any(|s| s.channel == c) {
+            report.channels.push(ChannelStatus {
+                channel: c.to_string(),
+                configured: true,
+                replay_id: None,
+                last_event_committed_at: None,
+                checkpoint_updated_at: None,
+                retention_headroom_seconds: None,
+            });
+        }
+    }
+    for row in client
+        .query(
+            &format!(
+                "SELECT object, kind, count(*), count(*) FILTER (WHERE attempts > 0),
+                        {},
+                        (array_agg(last_error ORDER BY next_attempt_at DESC)
+                            FILTER (WHERE last_error IS NOT NULL))[1]
+                 FROM {control}.repair_queue GROUP BY object, kind ORDER BY object, kind",
+                ms("min(requested_at)")
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading the repair queue"))?
+    {
+        report.repairs.push(RepairStatus {
+            object: row.get(0),
+            kind: row.get(1),
+            pending: row.get(2),
+            retrying: row.get(3),
+            oldest_requested_at: at(row.get(4)),
+            last_error: row.get(5),
+        });
+    }
+    report.dead_letters = client
+        .query_one(&format!("SELECT count(*) FROM {control}.dead_letters"), &[])
+        .await
+        .map_err(ReplicaError::pg("counting dead letters"))?
+        .get(0);
+    for row in client
+        .query(
+            &format!(
+                "SELECT object, {}, {}, snapshot_rows, {}
+                 FROM {control}.object_sync_state ORDER BY object",
+                ms("snapshot_started_at"),
+                ms("snapshot_completed_at"),
+                ms("running_started_at")
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading snapshot state"))?
+    {
+        report.objects.push(ObjectStatus {
+            object: row.get(0),
+            snapshot_started_at: at(row.get(1)),
+            snapshot_completed_at: at(row.get(2)),
+            snapshot_rows: row.get(3),
+            snapshot_running_since: at(row.get(4)),
+        });
+    }
+    Ok(report)
+}
+
+/// `timestamptz` as epoch milliseconds in SQL (the driver is built without chrono support).
+fn ms(column: &str) -> String {
+    format!("(extract(epoch FROM {column}) * 1000)::bigint")
+}
+
+fn at(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.and_then(DateTime::from_timestamp_millis)
+}
+
+fn ago(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match t {
+        Some(t) => format!(
+            "{} ({}s ago)",
+            t.format("%Y-%m-%dT%H:%M:%SZ"),
+            (now - t).num_seconds()
+        ),
+        None => "-".to_string(),
+    }
+}
+
+impl fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let now = self.checked_at;
+        writeln!(f, "channels:")?;
+        for c in &self.channels {
+            let note = if c.configured {
+                ""
+            } else {
+                " (no longer configured)"
+            };
+            match &c.replay_id {
+                None => writeln!(f, "  {}{note}: no checkpoint yet", c.channel)?,
+                Some(replay) => writeln!(
+                    f,
+                    "  {}{note}: replay {replay}; last event {}; checkpoint moved {}; \
+                     retention headroom {}",
+                    c.channel,
+                    ago(c.last_event_committed_at, now),
+                    ago(c.checkpoint_updated_at, now),
+                    c.retention_headroom_seconds
+                        .map(|s| format!("{:.1} h", s as f64 / 3600.0))
+                        .unwrap_or_else(|| "-".into())
+                )?,
+            }
+        }
+        writeln!(f, "repairs pending:")?;
+        if self.repairs.is_empty() {
+            writeln!(f, "  none")?;
+        }
+        for r in &self.repairs {
+            write!(
+                f,
+                "  {} {}: {} ({} retrying), oldest {}",
+                r.object,
+                r.kind,
+                r.pending,
+                r.retrying,
+                ago(r.oldest_requested_at, now)
+            )?;
+            match &r.last_error {
+                Some(e) => writeln!(f, "; last error: {e}")?,
+                None => writeln!(f)?,
+            }
+        }
+        writeln!(f, "dead letters: {}", self.dead_letters)?;
+        if !self.objects.is_empty() {
+            writeln!(f, "snapshots:")?;
+        }
+        for o in &self.objects {
+            write!(
+                f,
+                "  {}: last completed {}",
+                o.object,
+                ago(o.snapshot_completed_at, now)
+            )?;
+            if let Some(rows) = o.snapshot_rows {
+                write!(f, ", {rows} rows")?;
+            }
+            match o.snapshot_running_since {
+                Some(t) => writeln!(f, "; one running since {}", ago(Some(t), now))?,
+                None => writeln!(f)?,
+            }
+        }
+        Ok(())
+    }
+}
