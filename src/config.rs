@@ -183,7 +183,13 @@ pub struct SyncConfig {
     pub stale_stream_secs: u64,
     /// How long the repair worker sleeps when no repair is due.
     pub repair_idle_ms: u64,
+    /// Entity repairs whose window holds more records than this read them over Bulk API 2.0
+    /// instead of REST query paging.
+    pub repair_bulk_threshold: u64,
 }
+
+/// Default of `sync.repair_bulk_threshold`.
+pub const DEFAULT_REPAIR_BULK_THRESHOLD: u64 = 10_000;
 
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -195,6 +201,7 @@ impl Default for SyncConfig {
             repair_margin_secs: 600,
             stale_stream_secs: 540,
             repair_idle_ms: 1000,
+            repair_bulk_threshold: DEFAULT_REPAIR_BULK_THRESHOLD,
         }
     }
 }

@@ -834,6 +834,8 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
     let objects = ["Account", "Contact", "Opportunity"];
     let mut cfg = config(&emulator, &db, &[("/data/ChangeEvents", &objects)], "soft");
     cfg.sync.repair_idle_ms = 50;
+    // Overflow windows hold more than 5 records: the entity repairs go over Bulk API 2.0.
+    cfg.sync.repair_bulk_threshold = 5;
     let daemon = Daemon::start(&emulator, &cfg).await;
     let w = RestWriter::new(&emulator);
     let long: String = (0..50)
@@ -904,6 +906,20 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
         .expect("count")
         .get(0);
     assert_eq!(live_deals, 0, "deletions inside the overflow were found");
+    let limits: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
+        .bearer_auth(&emulator.access_token)
+        .send()
+        .await
+        .expect("limits")
+        .json()
+        .await
+        .expect("json");
+    let jobs = &limits["DailyBulkV2QueryJobs"];
+    assert!(
+        jobs["Max"].as_i64().unwrap_or(0) - jobs["Remaining"].as_i64().unwrap_or(0) >= 2,
+        "both overflowed entities were re-read over Bulk API: {jobs}"
+    );
     daemon.stop().await;
     emulator.stop().await;
 }

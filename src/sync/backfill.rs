@@ -1025,7 +1025,7 @@ fn read_bulk(
 }
 
 /// One CSV chunk -> snapshot rows, and the table's fields the chunk has no column for.
-fn parse_chunk(
+pub(crate) fn parse_chunk(
     table: &TableSchema,
     chunk: &ResultChunk,
 ) -> Result<(Vec<SnapshotRow>, Vec<String>), BackfillError> {

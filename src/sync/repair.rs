@@ -3,7 +3,10 @@
 //! Record repairs fetch exactly the queued ids with sObject Collections (up to 2,000 a call,
 //! per object); ids it cannot return are looked up with queryAll to tell a deleted record
 //! (recycle bin, `IsDeleted`) from one that is gone for good. Entity repairs re-read every
-//! record of the object whose `SystemModstamp` falls in the window, deleted ones included.
+//! record of the object whose `SystemModstamp` falls in the window, deleted ones included:
+//! over REST query paging, or over a Bulk API 2.0 `queryAll` job when the window holds more
+//! than `repair_bulk_threshold` records (one API call per chunk instead of one per 2,000
+//! rows, and no 2,000-row pages to hold).
 //!
 //! Why nothing is lost or undone: a repair is claimed with a lease and deleted from the queue
 //! in the transaction that applies its rows, and only if nobody asked for it again after the
@@ -17,6 +20,7 @@ use crate::replica::repair_queue::{self, Repair, RepairKind};
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
 use crate::replica::{ReplicaError, repair_queue::enqueue};
+use crate::salesforce::bulk::{BulkClient, Operation};
 use crate::salesforce::rest::RestClient;
 use crate::sync::SyncError;
 use crate::telemetry;
@@ -34,6 +38,11 @@ const LEASE_SECS: i64 = 600;
 
 pub struct RepairWorker {
     rest: RestClient,
+    bulk: BulkClient,
+    /// Entity windows with more records than this are read over Bulk API 2.0.
+    bulk_threshold: u64,
+    /// Rows per Bulk result chunk (and per transaction).
+    chunk_rows: u32,
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
     tables: HashMap<String, Arc<TableSchema>>,
@@ -48,12 +57,23 @@ impl RepairWorker {
         idle: Duration,
     ) -> RepairWorker {
         RepairWorker {
+            bulk: BulkClient::new(rest.clone()),
+            bulk_threshold: crate::config::DEFAULT_REPAIR_BULK_THRESHOLD,
+            chunk_rows: 10_000,
             rest,
             pool,
             settings,
             tables: HashMap::new(),
             idle,
         }
+    }
+
+    /// Reads entity windows above `threshold` records over Bulk API 2.0, `chunk_rows` rows at
+    /// a time.
+    pub fn with_bulk(mut self, threshold: u64, chunk_rows: u32) -> RepairWorker {
+        self.bulk_threshold = threshold;
+        self.chunk_rows = chunk_rows.max(1);
+        self
     }
 
     /// Drains the queue until `shutdown`; sleeps `idle` when nothing is due.
@@ -252,13 +272,34 @@ impl RepairWorker {
         let window_field = ["SystemModstamp", "LastModifiedDate"]
             .into_iter()
             .find(|f| table.describe().field(f).is_some());
+        let mut window = String::new();
         if let Some(field) = window_field
             && since_ms > 0
         {
             let since = chrono::DateTime::from_timestamp_millis(since_ms)
                 .unwrap_or_default()
                 .format("%Y-%m-%dT%H:%M:%SZ");
-            soql.push_str(&format!(" WHERE {field} >= {since}"));
+            window = format!(" WHERE {field} >= {since}");
+        }
+        soql.push_str(&window);
+        let count = self
+            .rest
+            .query_page(&format!("SELECT COUNT() FROM {object}{window}"), true)
+            .await?;
+        let records = count.total_size.max(0) as u64;
+        if records > self.bulk_threshold {
+            // The count was read before the job runs: its time is a safe floor for every row.
+            let floor = count.read_at_ms.map(|ms| ms - 1000);
+            let total = self
+                .repair_entity_bulk(repair, &table, &soql, floor)
+                .await?;
+            tracing::info!(
+                object,
+                rows = total,
+                since_ms,
+                "entity repair applied over Bulk API"
+            );
+            return Ok(());
         }
         // Page by page, each in its own transaction: a crash repeats the repair, which the
         // version guard makes harmless.
@@ -272,30 +313,97 @@ impl RepairWorker {
                 .collect::<Result<Vec<SnapshotRow>, _>>()?;
             total += rows.len();
             let next = self.rest.next_page(&current).await?;
-            let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(ReplicaError::pg("begin repair"))?;
             let floor = current.read_at_ms.map(|ms| ms - 1000);
-            let outcome = apply_snapshot(&tx, &self.settings, &table, &rows, floor).await?;
-            enqueue(
-                &tx,
-                &self.settings.control_schema,
-                "repair",
-                None,
-                &outcome.repairs,
-            )
-            .await?;
-            if next.is_none() {
-                repair_queue::complete(&tx, &self.settings.control_schema, &[repair]).await?;
-            }
-            tx.commit()
-                .await
-                .map_err(ReplicaError::pg("commit repair"))?;
+            self.apply_window_rows(repair, &table, &rows, floor, next.is_none())
+                .await?;
             page = next;
         }
         tracing::info!(object, rows = total, since_ms, "entity repair applied");
+        Ok(())
+    }
+
+    /// Reads an entity window with a Bulk API 2.0 `queryAll` job, chunk by chunk, each chunk
+    /// in its own transaction; the job is deleted afterwards whatever happened.
+    async fn repair_entity_bulk(
+        &mut self,
+        repair: &Repair,
+        table: &Arc<TableSchema>,
+        soql: &str,
+        floor: Option<i64>,
+    ) -> Result<usize, SyncError> {
+        let job = self.bulk.create(soql, Operation::QueryAll).await?;
+        let result = async {
+            self.bulk.wait(&job.id).await?;
+            let mut locator: Option<String> = None;
+            let mut total = 0usize;
+            loop {
+                let chunk = self
+                    .bulk
+                    .results(&job.id, locator.as_deref(), self.chunk_rows)
+                    .await?;
+                let next = chunk.next_locator.clone();
+                let t = table.clone();
+                let parsed = tokio::task::spawn_blocking(move || {
+                    crate::sync::backfill::parse_chunk(&t, &chunk)
+                })
+                .await
+                .map_err(|e| SyncError::Protocol(format!("parsing a Bulk chunk failed: {e}")))?
+                .map_err(|e| SyncError::Protocol(e.to_string()))?;
+                let (rows, missing) = parsed;
+                if !missing.is_empty() {
+                    return Err(SyncError::Protocol(format!(
+                        "Bulk job {} for {} has no column for {}",
+                        job.id,
+                        table.object,
+                        missing.join(", ")
+                    )));
+                }
+                total += rows.len();
+                self.apply_window_rows(repair, table, &rows, floor, next.is_none())
+                    .await?;
+                match next {
+                    Some(l) => locator = Some(l),
+                    None => return Ok(total),
+                }
+            }
+        }
+        .await;
+        if let Err(e) = self.bulk.delete(&job.id).await {
+            tracing::debug!(job = %job.id, error = %e, "could not delete the Bulk job");
+        }
+        result
+    }
+
+    /// Applies rows of an entity window in one transaction, with the record repairs the merge
+    /// asks for; the last part of the window also removes the repair from the queue.
+    async fn apply_window_rows(
+        &self,
+        repair: &Repair,
+        table: &TableSchema,
+        rows: &[SnapshotRow],
+        floor: Option<i64>,
+        last: bool,
+    ) -> Result<(), SyncError> {
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ReplicaError::pg("begin repair"))?;
+        let outcome = apply_snapshot(&tx, &self.settings, table, rows, floor).await?;
+        enqueue(
+            &tx,
+            &self.settings.control_schema,
+            "repair",
+            None,
+            &outcome.repairs,
+        )
+        .await?;
+        if last {
+            repair_queue::complete(&tx, &self.settings.control_schema, &[repair]).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(ReplicaError::pg("commit repair"))?;
         Ok(())
     }
 

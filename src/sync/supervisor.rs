@@ -111,7 +111,8 @@ pub async fn run(
             deps.pool.clone(),
             deps.apply.clone(),
             std::time::Duration::from_millis(cfg.sync.repair_idle_ms),
-        );
+        )
+        .with_bulk(cfg.sync.repair_bulk_threshold, 10_000);
         let stop = shutdown.clone();
         tokio::spawn(async move { worker.run(stop).await })
     };
