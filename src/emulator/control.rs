@@ -55,14 +55,26 @@ async fn reset(State(st): S) -> Json<J> {
     Json(json!({"reset": true, "tip_replay_id": st.org.bus.tip()}))
 }
 
-/// `{"object": "Account", "count": N, "seed": 1}`: creates N records with random valid values
-/// (each with its CREATE event); returns their ids.
+/// `{"object": "Account", "count": N, "seed": 1, "events": true, "ids": true}`: creates N
+/// records with random valid values, each with its CREATE event unless `events` is false (a
+/// large org to snapshot, without a backlog); returns their ids unless `ids` is false.
 async fn seed(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
     let object = text(&body, "object")?;
     let count = count(&body, "count")?;
     let seed = body.get("seed").and_then(J::as_u64).unwrap_or(1);
-    let ids = workload::seed(&st.org, object, count, seed)?;
-    Ok(Json(json!({"object": object, "ids": ids})))
+    let events = body.get("events").and_then(J::as_bool).unwrap_or(true);
+    let org = st.org.clone();
+    let name = object.to_string();
+    // Large seeds take a while: keep the server's threads free meanwhile.
+    let ids = tokio::task::spawn_blocking(move || workload::seed(&org, &name, count, seed, events))
+        .await
+        .map_err(|e| ApiError::new(500, "UNKNOWN_EXCEPTION", e.to_string()))??;
+    if body.get("ids").and_then(J::as_bool) == Some(false) {
+        return Ok(Json(json!({"object": object, "created": ids.len()})));
+    }
+    Ok(Json(
+        json!({"object": object, "created": ids.len(), "ids": ids}),
+    ))
 }
 
 /// `{"rate": 500, "objects": ["Account", ...]}`: random creates, updates, deletes and
