@@ -1,8 +1,8 @@
 //! Backfill throughput and memory: `sfmirror backfill` of one large object over Bulk API 2.0.
 //!
-//! Budget (design.md): 1,000,000 Account rows over Bulk API 2.0 from the emulator at
-//! >= 100,000 rows/s, and >= 0.65 x a raw binary COPY of the same rows measured in the same
-//! run; peak RSS reported. Run with
+//! Budget (design.md): 1,000,000 Account rows over Bulk API 2.0 from the emulator at no
+//! less than 100,000 rows/s, and at least 0.65 x a raw binary COPY of the same rows measured in
+//! the same run; peak RSS reported. Run with
 //! `DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench backfill [-- N]`
 //! (N rows, default 1,000,000).
 //!
