@@ -687,9 +687,9 @@ impl Org {
                 record.insert(k, v);
             }
         }
-        if record.get("LastModifiedDate") != Some(&J::String(stamp.clone())) {
-            changes.changed.insert("LastModifiedDate".to_string());
-        }
+        // Every update stamps LastModifiedDate and lists it as changed, even when the stamp
+        // lands in the same second as the previous write.
+        changes.changed.insert("LastModifiedDate".to_string());
         record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
         record.insert("SystemModstamp".into(), J::String(stamp));
         if record.get("LastModifiedById") != Some(&J::String(self.user_id.clone())) {

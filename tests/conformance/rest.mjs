@@ -1,0 +1,144 @@
+// Exercises the REST side with the real jsforce client: describe, record CRUD, SOQL query
+// with paging (queryMore and autoFetch), queryAll, sObject Collections retrieve and a Bulk
+// API 2.0 query. Each step prints one JSON line on stdout, `{"step": ..., ...}`; the Rust test
+// checks them against the org. Any failure prints `{"step": "failed", ...}` and exits 1.
+//
+// Environment (set by tests/conformance.rs):
+//   SFM_INSTANCE_URL  https://127.0.0.1:PORT
+//   SFM_ACCESS_TOKEN  an access token the emulator accepts
+//   SFM_API_VERSION   e.g. 62.0
+// The emulator's CA comes in through NODE_EXTRA_CA_CERTS (jsforce uses Node's default roots).
+
+import jsforce from 'jsforce';
+
+function env(name) {
+    const value = process.env[name];
+    if (!value) {
+        throw new Error(`environment variable ${name} is required`);
+    }
+    return value;
+}
+
+function emit(line) {
+    process.stdout.write(JSON.stringify(line) + '\n');
+}
+
+function ids(records) {
+    return records.map((r) => r.Id).sort();
+}
+
+let current = 'connect';
+
+async function main() {
+    const conn = new jsforce.Connection({
+        instanceUrl: env('SFM_INSTANCE_URL'),
+        accessToken: env('SFM_ACCESS_TOKEN'),
+        version: env('SFM_API_VERSION')
+    });
+
+    current = 'describe';
+    const describe = await conn.sobject('Account').describe();
+    const billingCity = describe.fields.find((f) => f.name === 'BillingCity');
+    emit({
+        step: 'describe',
+        name: describe.name,
+        keyPrefix: describe.keyPrefix,
+        fields: describe.fields.map((f) => f.name),
+        billingCity: billingCity
+            ? { type: billingCity.type, compoundFieldName: billingCity.compoundFieldName }
+            : null
+    });
+
+    current = 'create';
+    const created = await conn.sobject('Account').create({
+        Name: 'jsforce conformance',
+        Phone: '555-0100',
+        BillingCity: 'Lyon',
+        NumberOfEmployees: 42,
+        AnnualRevenue: 1250000.5
+    });
+    emit({ step: 'create', result: created });
+    const id = created.id;
+
+    current = 'retrieve';
+    emit({ step: 'retrieve', record: await conn.sobject('Account').retrieve(id) });
+
+    current = 'update';
+    const updated = await conn.sobject('Account').update({
+        Id: id,
+        Phone: '555-0199',
+        BillingCity: 'Nice',
+        NumberOfEmployees: null
+    });
+    emit({ step: 'update', result: updated });
+
+    current = 'retrieve-updated';
+    emit({ step: 'retrieve-updated', record: await conn.sobject('Account').retrieve(id) });
+
+    current = 'retrieve-many';
+    // An array of ids goes through sObject Collections (POST composite/sobjects/Account) with
+    // every field of the describe.
+    const many = await conn.sobject('Account').retrieve([id]);
+    emit({ step: 'retrieve-many', records: many });
+
+    current = 'query-page';
+    // One page at a time: the first page, then queryMore with its nextRecordsUrl.
+    const soql = 'SELECT Id, Name FROM Account ORDER BY Id';
+    const first = await conn.query(soql, { autoFetch: false });
+    const pages = [{ size: first.records.length, done: first.done, totalSize: first.totalSize }];
+    let pagedIds = ids(first.records);
+    let next = first.nextRecordsUrl;
+    while (next) {
+        const page = await conn.queryMore(next);
+        pages.push({ size: page.records.length, done: page.done, totalSize: page.totalSize });
+        pagedIds = pagedIds.concat(ids(page.records));
+        next = page.nextRecordsUrl;
+    }
+    emit({ step: 'query-page', firstNextRecordsUrl: first.nextRecordsUrl ?? null, pages, ids: pagedIds.sort() });
+
+    current = 'query-autofetch';
+    const all = await conn.query('SELECT Id, Name FROM Account').run({ autoFetch: true, maxFetch: 100000 });
+    emit({ step: 'query-autofetch', totalSize: all.totalSize, done: all.done, ids: ids(all.records) });
+
+    current = 'delete';
+    emit({ step: 'delete', result: await conn.sobject('Account').destroy(id) });
+
+    current = 'query-deleted';
+    const byId = `SELECT Id, Name, IsDeleted FROM Account WHERE Id = '${id}'`;
+    const live = await conn.query(byId);
+    const withDeleted = await conn.query(byId, { scanAll: true });
+    emit({ step: 'query-deleted', query: live.records, queryAll: withDeleted.records });
+
+    current = 'bulk2-query';
+    conn.bulk2.pollInterval = 200;
+    conn.bulk2.pollTimeout = 60000;
+    const bulkRecords = await (await conn.bulk2.query('SELECT Id, Name, BillingCity FROM Account')).toArray();
+    emit({ step: 'bulk2-query', count: bulkRecords.length, ids: ids(bulkRecords), sample: bulkRecords.slice(0, 3) });
+
+    current = 'bulk2-queryAll';
+    const bulkAll = await (
+        await conn.bulk2.query(`SELECT Id, IsDeleted FROM Account WHERE Id = '${id}'`, { scanAll: true })
+    ).toArray();
+    emit({ step: 'bulk2-queryAll', records: bulkAll });
+
+    current = 'errors';
+    // Bad queries must come back as Salesforce errors that jsforce can read.
+    const errors = [];
+    for (const bad of ['SELECT Id FROM Account WHERE Name =', 'SELECT No_Such_Field__c FROM Account']) {
+        try {
+            await conn.query(bad);
+            errors.push({ soql: bad, errorCode: null, message: 'no error' });
+        } catch (error) {
+            errors.push({ soql: bad, errorCode: error.errorCode ?? null, name: error.name, message: error.message });
+        }
+    }
+    emit({ step: 'errors', errors });
+
+    emit({ step: 'done' });
+}
+
+main().catch((error) => {
+    emit({ step: 'failed', during: current, name: error?.name, errorCode: error?.errorCode ?? null, message: error?.message ?? String(error) });
+    console.error(error);
+    process.exit(1);
+});
