@@ -98,11 +98,15 @@ pub enum Command {
         #[arg(long)]
         payload: PathBuf,
     },
-    /// Serve a local fake Salesforce org (OAuth, REST, Pub/Sub with CDC).
+    /// Serve a local fake Salesforce org (OAuth, REST, Bulk 2.0, Pub/Sub with CDC and
+    /// platform events) for tests, demos and benchmarks.
     ///
     /// Once serving, prints one JSON line to stdout with the URLs and credentials
     /// (`rest_url`, `pubsub_endpoint`, `org_id`, `client_id`, `client_secret`, `username`,
-    /// `password`, `access_token`), then logs to stderr. Port 0 picks a free port.
+    /// `password`, `access_token`, and `ca_file` with --tls), then logs to stderr. Port 0 picks
+    /// a free port. The control API under `<rest_url>/emulator/` (reset, seed, workload,
+    /// transaction, gap, mass-update, undelete, add-field, expire-tokens, drop-streams, refuse,
+    /// corrupt, advance-clock, settings, stats) steers the org; the README lists its bodies.
     Emulator {
         /// Address of the REST, OAuth and /emulator control API.
         #[arg(long, default_value = "127.0.0.1:8443")]

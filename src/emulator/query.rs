@@ -218,12 +218,7 @@ fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
 
 /// The records `q` selects, filtered, ordered and limited; with `all`, deleted ones too.
 fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
-    let records = if all {
-        org.all_records(&q.object)
-    } else {
-        org.records(&q.object)
-    };
-    let mut out: Vec<Record> = records.into_iter().filter(|r| q.matches(r)).collect();
+    let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| r.clone()));
     q.sort(&mut out);
     if let Some(n) = q.limit() {
         out.truncate(n);
@@ -373,10 +368,14 @@ async fn run_query(
     type Answer = (Soql, Result<Vec<Row>, usize>);
     let (q, rows) = tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
         let (q, def) = prepare(&org, &soql)?;
-        let records = matching(&org, &q, all);
         if q.count_only {
-            return Ok((q, Err(records.len())));
+            let n = org
+                .scan(&q.object, all, |r| q.matches(r).then_some(()))
+                .len();
+            let n = q.limit().map_or(n, |l| n.min(l));
+            return Ok((q, Err(n)));
         }
+        let records = matching(&org, &q, all);
         let compound = selects_compound(&q, &def).is_some();
         let rows: Vec<Row> = records
             .into_iter()
@@ -1005,15 +1004,23 @@ async fn create_job(
                     },
                 })
                 .collect();
-            let rows: Vec<Vec<J>> = matching(&org, &q, operation == "queryAll")
-                .into_iter()
-                .map(|mut r| {
-                    q.fields
-                        .iter()
-                        .map(|f| r.remove(f).unwrap_or(J::Null))
-                        .collect()
-                })
-                .collect();
+            let all = operation == "queryAll";
+            let select = |r: &Record| -> Vec<J> {
+                q.fields
+                    .iter()
+                    .map(|f| r.get(f).cloned().unwrap_or(J::Null))
+                    .collect()
+            };
+            let rows: Vec<Vec<J>> = if q.has_order() {
+                matching(&org, &q, all).iter().map(select).collect()
+            } else {
+                // Id order, as stored: take only the selected values of matching records.
+                let mut rows = org.scan(&q.object, all, |r| q.matches(r).then(|| select(r)));
+                if let Some(n) = q.limit() {
+                    rows.truncate(n);
+                }
+                rows
+            };
             Ok((q.object, columns, rows))
         })
         .await

@@ -1536,6 +1536,11 @@ impl Query {
         self.limit
     }
 
+    /// Whether the query has an ORDER BY (otherwise results come in id order).
+    pub fn has_order(&self) -> bool {
+        !self.order.is_empty()
+    }
+
     /// The selected fields of `record`, with compound address / location fields as nested
     /// objects like REST. Inserted in SELECT order, but this crate's `serde_json` lacks
     /// `preserve_order`, so a `Record` iterates by key: a caller that must emit SELECT order

@@ -771,6 +771,25 @@ impl Org {
             .unwrap_or_default()
     }
 
+    /// Visits the records of `object` in id order under the org's lock (recycle bin included
+    /// when `deleted`), keeping what `f` returns: queries clone only what they select.
+    pub fn scan<T>(
+        &self,
+        object: &str,
+        deleted: bool,
+        mut f: impl FnMut(&Record) -> Option<T>,
+    ) -> Vec<T> {
+        let data = self.data();
+        let Some(records) = data.records.get(object) else {
+            return Vec::new();
+        };
+        records
+            .values()
+            .filter(|r| deleted || r.get("IsDeleted") != Some(&J::Bool(true)))
+            .filter_map(&mut f)
+            .collect()
+    }
+
     /// Every record of `object`, those in the recycle bin (`IsDeleted: true`) included, in id
     /// order: what `queryAll` sees.
     pub fn all_records(&self, object: &str) -> Vec<Record> {
