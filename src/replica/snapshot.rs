@@ -211,6 +211,7 @@ pub async fn apply_snapshot(
     let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
     let ctl = quote(&settings.control_schema);
     let ctx = |what: &str| format!("snapshot of {}: {what}", table.object);
+    let t0 = std::time::Instant::now();
     let n = table.columns.len();
     let stage_cols: Vec<String> = (0..n).map(|i| format!("c{i} text")).collect();
     tx.batch_execute(&format!(
@@ -251,6 +252,7 @@ pub async fn apply_snapshot(
             .map_err(ReplicaError::pg(ctx("COPY")))?;
     }
     sink.finish().await.map_err(ReplicaError::pg(ctx("COPY")))?;
+    let copied = t0.elapsed();
 
     let newer_tombstone = format!(
         "EXISTS (SELECT 1 FROM {ctl}.tombstones ts WHERE ts.object = $1 AND ts.id = s.id
@@ -313,6 +315,7 @@ pub async fn apply_snapshot(
     )
     .await
     .map_err(ReplicaError::pg(ctx("merge")))?;
+    let merged = t0.elapsed();
     // Rows the stream had already moved past the read: read them again.
     let newer = tx
         .query(
@@ -331,6 +334,14 @@ pub async fn apply_snapshot(
             reason: "changed while being read; reading again".to_string(),
         });
     }
+    tracing::debug!(
+        object = %table.object,
+        rows = rows.len(),
+        copy_ms = copied.as_millis() as u64,
+        merge_ms = (merged - copied).as_millis() as u64,
+        recheck_ms = (t0.elapsed() - merged).as_millis() as u64,
+        "snapshot rows applied"
+    );
     Ok(outcome)
 }
 
