@@ -760,6 +760,22 @@ pub fn csv_chunk(format: &CsvFormat, columns: &[CsvColumn], rows: &[Vec<J>]) -> 
     out
 }
 
+/// A whole chunk read from records: the header row, then each record's columns.
+fn csv_records(format: &CsvFormat, columns: &[CsvColumn], records: &[Arc<Record>]) -> String {
+    let mut out = String::with_capacity(64 + records.len() * columns.len() * 16);
+    csv_header(&mut out, format, columns);
+    for r in records {
+        for (i, c) in columns.iter().enumerate() {
+            if i > 0 {
+                out.push(format.delimiter);
+            }
+            push_value(&mut out, c.kind, r.get(&c.name).unwrap_or(&J::Null));
+        }
+        out.push_str(format.line_ending);
+    }
+    out
+}
+
 /// Bulk result locators: the offset of the chunk, base64 like Salesforce's (`MTAwMDA`).
 pub fn encode_locator(offset: usize) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(offset.to_string())
@@ -810,7 +826,9 @@ struct Job {
     delimiter: &'static str,
     line_ending: &'static str,
     columns: Arc<Vec<CsvColumn>>,
-    rows: Arc<Vec<Vec<J>>>,
+    /// The selected records as they were when the job ran (shared with the org, copied only
+    /// if they change meanwhile); columns are read from them when results are fetched.
+    rows: Arc<Vec<Arc<Record>>>,
     processing_ms: i64,
 }
 
@@ -894,18 +912,22 @@ fn stamp(org: &Org) -> i64 {
     now - now.rem_euclid(1000)
 }
 
-/// Sizes a result for `DailyBulkV2QueryFileStorageMB`: roughly its CSV length.
-fn estimated_bytes(rows: &[Vec<J>]) -> i64 {
-    let bytes: usize = rows
+/// Sizes a result for `DailyBulkV2QueryFileStorageMB`: roughly its CSV length, estimated from
+/// the first rows so a million-row job is not measured value by value.
+fn estimated_bytes(rows: &[Arc<Record>], columns: &[CsvColumn]) -> i64 {
+    const SAMPLE: usize = 100;
+    let sample: usize = rows
         .iter()
-        .flat_map(|r| r.iter())
+        .take(SAMPLE)
+        .flat_map(|r| columns.iter().map(|c| r.get(&c.name)))
         .map(|v| match v {
-            J::String(s) => s.len() + 3,
-            J::Null => 3,
-            _ => 10,
+            Some(J::String(s)) => s.len() + 3,
+            None | Some(J::Null) => 3,
+            Some(_) => 10,
         })
         .sum();
-    i64::try_from(bytes).unwrap_or(i64::MAX)
+    let per_row = sample / rows.len().clamp(1, SAMPLE);
+    i64::try_from(per_row.saturating_mul(rows.len())).unwrap_or(i64::MAX)
 }
 
 /// `POST .../jobs/query`: validates the request and the query, runs it, keeps the rows.
@@ -972,7 +994,7 @@ async fn create_job(
 
     let org = st.org.clone();
     let started = Instant::now();
-    type Answer = (String, Vec<CsvColumn>, Vec<Vec<J>>);
+    type Answer = (String, Vec<CsvColumn>, Vec<Arc<Record>>);
     let (object, columns, rows) =
         tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
             let (q, def) = prepare(&org, &soql)?;
@@ -1005,17 +1027,11 @@ async fn create_job(
                 })
                 .collect();
             let all = operation == "queryAll";
-            let select = |r: &Record| -> Vec<J> {
-                q.fields
-                    .iter()
-                    .map(|f| r.get(f).cloned().unwrap_or(J::Null))
-                    .collect()
-            };
-            let rows: Vec<Vec<J>> = if q.has_order() {
-                matching(&org, &q, all).iter().map(select).collect()
+            let rows: Vec<Arc<Record>> = if q.has_order() {
+                matching(&org, &q, all).into_iter().map(Arc::new).collect()
             } else {
-                // Id order, as stored: take only the selected values of matching records.
-                let mut rows = org.scan(&q.object, all, |r| q.matches(r).then(|| select(r)));
+                // Id order, as stored: share the matching records themselves.
+                let mut rows = org.select_shared(&q.object, all, |r| q.matches(r));
                 if let Some(n) = q.limit() {
                     rows.truncate(n);
                 }
@@ -1029,7 +1045,7 @@ async fn create_job(
     st.query.jobs_created.fetch_add(1, Ordering::Relaxed);
     st.query
         .result_bytes
-        .fetch_add(estimated_bytes(&rows), Ordering::Relaxed);
+        .fetch_add(estimated_bytes(&rows, &columns), Ordering::Relaxed);
     let now = stamp(&st.org);
     let job = Job {
         id: st.query.new_id("750"),
@@ -1228,7 +1244,7 @@ async fn job_results(
         "null".to_string()
     };
     let csv = tokio::task::spawn_blocking(move || {
-        csv_chunk(&format, &columns, rows.get(start..end).unwrap_or_default())
+        csv_records(&format, &columns, rows.get(start..end).unwrap_or_default())
     })
     .await
     .map_err(internal)?;

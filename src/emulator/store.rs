@@ -67,6 +67,7 @@ fn record_in<'a>(
         .get_mut(object)
         .and_then(|r| r.get_mut(id))
         .filter(|r| (r.get("IsDeleted") == Some(&J::Bool(true))) == deleted)
+        .map(Arc::make_mut)
 }
 
 /// The field lists of one change.
@@ -80,7 +81,9 @@ struct Changes {
 
 #[derive(Default)]
 struct Data {
-    records: HashMap<String, BTreeMap<String, Record>>,
+    /// Records are shared with query results and Bulk jobs, which hold them as they were
+    /// when read; a change copies a record only while such a reader still holds it.
+    records: HashMap<String, BTreeMap<String, Arc<Record>>>,
     next_id: u64,
     commit_number: i64,
 }
@@ -648,7 +651,7 @@ impl Org {
         data.records
             .entry(def.describe.name.clone())
             .or_default()
-            .insert(id.clone(), record.clone());
+            .insert(id.clone(), Arc::new(record.clone()));
         (id, record)
     }
 
@@ -753,7 +756,7 @@ impl Org {
             .get(object)
             .and_then(|r| r.get(id))
             .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
-            .cloned()
+            .map(|r| Record::clone(r))
             .ok_or_else(|| ApiError::new(404, "NOT_FOUND", "The requested resource does not exist"))
     }
 
@@ -765,7 +768,7 @@ impl Org {
             .map(|r| {
                 r.values()
                     .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
-                    .cloned()
+                    .map(|r| Record::clone(r))
                     .collect()
             })
             .unwrap_or_default()
@@ -786,7 +789,27 @@ impl Org {
         records
             .values()
             .filter(|r| deleted || r.get("IsDeleted") != Some(&J::Bool(true)))
-            .filter_map(&mut f)
+            .filter_map(|r| f(r))
+            .collect()
+    }
+
+    /// The records of `object` that `keep` selects, shared as they are now (a Bulk job's
+    /// results): no copy is made unless a record changes while the result is held.
+    pub fn select_shared(
+        &self,
+        object: &str,
+        deleted: bool,
+        keep: impl Fn(&Record) -> bool,
+    ) -> Vec<Arc<Record>> {
+        let data = self.data();
+        let Some(records) = data.records.get(object) else {
+            return Vec::new();
+        };
+        records
+            .values()
+            .filter(|r| deleted || r.get("IsDeleted") != Some(&J::Bool(true)))
+            .filter(|r| keep(r))
+            .cloned()
             .collect()
     }
 
@@ -796,7 +819,7 @@ impl Org {
         self.data()
             .records
             .get(object)
-            .map(|r| r.values().cloned().collect())
+            .map(|r| r.values().map(|r| Record::clone(r)).collect())
             .unwrap_or_default()
     }
 
@@ -1292,7 +1315,12 @@ impl Org {
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
         for id in ids.iter().filter(|i| !i.ends_with('*')) {
-            if let Some(record) = data.records.get_mut(object).and_then(|r| r.get_mut(id)) {
+            if let Some(record) = data
+                .records
+                .get_mut(object)
+                .and_then(|r| r.get_mut(id))
+                .map(Arc::make_mut)
+            {
                 for (k, v) in values.iter().flatten() {
                     record.insert(k.clone(), v.clone());
                 }
