@@ -100,9 +100,9 @@ pub async fn apply_events(
         let h = &event.header;
         *outcome.events.entry(h.change_type).or_default() += 1;
         let table = tables
-            .get(&h.entity_name)
+            .get(h.entity_name.as_str())
             .ok_or_else(|| ReplicaError::Schema {
-                object: h.entity_name.clone(),
+                object: h.entity_name.to_string(),
                 message: "no table prepared for this object".to_string(),
             })?;
         let since_ms = h.commit_timestamp - settings.repair_margin_ms;
@@ -113,7 +113,7 @@ pub async fn apply_events(
             ChangeType::Delete => OpKind::Delete,
             ChangeType::GapOverflow => {
                 outcome.repairs.push(RepairRequest::Entity {
-                    object: h.entity_name.clone(),
+                    object: h.entity_name.to_string(),
                     since_ms,
                     reason: format!("GAP_OVERFLOW at replay {}", event.replay_id),
                 });
@@ -125,7 +125,7 @@ pub async fn apply_events(
             | ChangeType::GapUndelete => {
                 if wildcard || h.record_ids.is_empty() {
                     outcome.repairs.push(RepairRequest::Entity {
-                        object: h.entity_name.clone(),
+                        object: h.entity_name.to_string(),
                         since_ms,
                         reason: format!(
                             "{} for all records at replay {}",
@@ -135,7 +135,7 @@ pub async fn apply_events(
                 } else {
                     for id in &h.record_ids {
                         outcome.repairs.push(RepairRequest::Record {
-                            object: h.entity_name.clone(),
+                            object: h.entity_name.to_string(),
                             id: id.clone(),
                             reason: format!("{} at replay {}", h.change_type, event.replay_id),
                         });
@@ -148,7 +148,7 @@ pub async fn apply_events(
             // A wildcard on a real change (field type conversion): the body cannot be trusted
             // for "all records", so re-read the entity.
             outcome.repairs.push(RepairRequest::Entity {
-                object: h.entity_name.clone(),
+                object: h.entity_name.to_string(),
                 since_ms,
                 reason: format!(
                     "{} with wildcard ids at replay {}",
@@ -161,7 +161,7 @@ pub async fn apply_events(
         if kind == OpKind::Merge && !h.diff_fields.is_empty() {
             for id in &h.record_ids {
                 outcome.repairs.push(RepairRequest::Record {
-                    object: h.entity_name.clone(),
+                    object: h.entity_name.to_string(),
                     id: id.clone(),
                     reason: format!(
                         "diff fields {} at replay {}",
@@ -247,8 +247,9 @@ fn row_values(
         }
         OpKind::Merge => {
             for path in &h.changed_fields {
-                let key: Arc<str> = Arc::from(path.as_str());
-                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                let col = table
+                    .column_for(path.as_arc())
+                    .ok_or_else(|| unknown(path))?;
                 let value = render(col, path)?;
                 // A changed field that arrives null was either nulled (listed below) or
                 // cannot be told from unchanged: write it only when it has a value.
@@ -257,8 +258,9 @@ fn row_values(
                 }
             }
             for path in &h.nulled_fields {
-                let key: Arc<str> = Arc::from(path.as_str());
-                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                let col = table
+                    .column_for(path.as_arc())
+                    .ok_or_else(|| unknown(path))?;
                 cols.retain(|(c, _)| *c != col);
                 cols.push((col, None));
             }

@@ -400,7 +400,7 @@ impl ChannelTask {
                     tracing::warn!(channel = %self.cfg.name, replay_id = %replay_id, "{w}");
                 }
                 let entity = decoded.header.entity_name.clone();
-                if !self.objects.contains(&entity) {
+                if !self.objects.contains(entity.as_str()) {
                     return Ok(());
                 }
                 if !self.checked_schemas.contains(&event.schema_id) {
