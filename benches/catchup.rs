@@ -21,6 +21,33 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_util::sync::CancellationToken;
 
+/// CPU seconds (user + system) used so far by the processes whose `/proc/<pid>/stat` the
+/// filter accepts: this process, or every Postgres backend, to see which side is busy.
+fn cpu_secs(only_self: bool) -> f64 {
+    let ticks = |stat: &str| -> Option<(String, f64)> {
+        let (head, rest) = stat.rsplit_once(") ")?;
+        let comm = head.split_once(" (")?.1.to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some((comm, t / 100.0))
+    };
+    if only_self {
+        return std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ticks(&s))
+            .map_or(0.0, |(_, t)| t);
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| ticks(&s))
+        .filter(|(comm, _)| comm == "postgres")
+        .map(|(_, t)| t)
+        .sum()
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Create,
@@ -402,6 +429,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
     let stop = CancellationToken::new();
+    let (cpu_self, cpu_pg) = (cpu_secs(true), cpu_secs(false));
     let t0 = Instant::now();
     let daemon = {
         let (cfg, stop) = (cfg.clone(), stop.clone());
@@ -427,6 +455,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     let rate = n as f64 / secs;
+    println!(
+        "catch-up CPU: daemon + emulator {:.1} s, Postgres {:.1} s (of {secs:.1} s wall, 2 cores)",
+        cpu_secs(true) - cpu_self,
+        cpu_secs(false) - cpu_pg
+    );
     println!(
         "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB (emulator and backlog included)",
         peak_rss_mb()

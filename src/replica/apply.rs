@@ -3,7 +3,9 @@
 //!
 //! Events become row operations (one per record id), gathered into runs by table, kind and
 //! column set; each run goes out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
-//! statement, not one round trip per event. Planning ([`plan_events`]: runs, rendered values,
+//! statement, not one round trip per event. UPDATE and soft DELETE runs first try a plain
+//! `UPDATE .. FROM unnest(..)` with the same guards, which is cheaper for rows that exist,
+//! and fall back to the `ON CONFLICT` form only when some row was not updated. Planning ([`plan_events`]: runs, rendered values,
 //! repairs) needs no connection and is kept apart from sending ([`execute`]), so a caller can
 //! plan the next batch while Postgres applies this one. Per-record order is kept: a change joins the
 //! newest run of its shape only if no run opened after it touched the same record (so two
@@ -420,18 +422,25 @@ async fn flush(
     let mut unnest = vec!["$1::text[]".to_string()];
     let mut alias = vec!["id".to_string()];
     let mut set = Vec::new();
+    // The same assignments for a plain UPDATE, from the unnested row `u`.
+    let mut assign = Vec::new();
     for (i, &col) in run.columns.iter().enumerate() {
         let c = &t.columns[col];
         let q = quote(&c.name);
         match sent.binary_search(&i) {
             Ok(k) => {
+                let value = format!("u.c{k}::{}", c.pg_type.sql());
                 insert_cols.push(q.clone());
-                select.push(format!("u.c{k}::{}", c.pg_type.sql()));
+                assign.push(format!("{q} = {value}"));
+                select.push(value);
                 unnest.push(format!("${}::text[]", k + 2));
                 alias.push(format!("c{k}"));
                 set.push(format!("{q} = EXCLUDED.{q}"));
             }
-            Err(_) => set.push(format!("{q} = NULL")),
+            Err(_) => {
+                set.push(format!("{q} = NULL"));
+                assign.push(format!("{q} = NULL"));
+            }
         }
     }
     unnest.push(format!("${}::bigint[]", n + 2));
@@ -445,12 +454,18 @@ async fn flush(
         "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
         "_sfm_synced_at = now()".to_string(),
     ]);
+    assign.extend([
+        "_sfm_version = u.v".to_string(),
+        "_sfm_commit_number = u.n".to_string(),
+        "_sfm_synced_at = now()".to_string(),
+    ]);
     match run.kind {
         OpKind::Upsert => set.push("_sfm_deleted = false".into()),
         OpKind::Delete => {
             insert_cols.push("_sfm_deleted".into());
             select.push("true".into());
             set.push("_sfm_deleted = true".into());
+            assign.push("_sfm_deleted = true".into());
         }
         OpKind::Merge => {}
     }
@@ -488,6 +503,40 @@ async fn flush(
     params.push(&versions);
     params.push(&commits);
     params.push(&t.object);
+    if run.kind != OpKind::Upsert {
+        // Changes to records the replica has (the usual case for UPDATE and DELETE) go out
+        // as a plain UPDATE: unlike ON CONFLICT it neither probes for a conflict first nor
+        // locks each row before changing it. Only if some row was not updated (missing,
+        // newer, or behind a tombstone) does the whole run go out again below, where the
+        // guard makes the rows already updated no-ops in effect.
+        let update = format!(
+            "UPDATE {table} AS t SET {assign}
+             FROM unnest({unnest}) AS u({alias})
+             WHERE t.id = u.id
+               AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
+                   <= (u.v, coalesce(u.n, -1))
+               AND NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
+                               WHERE ts.object = ${obj}::text AND ts.id = u.id
+                                 AND (ts.version, coalesce(ts.commit_number, -1))
+                                     > (u.v, coalesce(u.n, -1)))",
+            assign = assign.join(", "),
+            unnest = unnest.join(", "),
+            alias = alias.join(", "),
+            obj = n + 4,
+        );
+        let stmt = tx
+            .prepare_cached(&update)
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        let updated = tx
+            .execute(&stmt, &params)
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        if updated as usize == run.ops.len() {
+            return Ok(());
+        }
+        outcome.statements += 1;
+    }
     let stmt = tx
         .prepare_cached(&sql)
         .await
