@@ -16,14 +16,15 @@ use serde_json::json;
 use sfmirror::config::Config;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::sync::supervisor;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_util::sync::CancellationToken;
 
-/// CPU seconds (user + system) used so far by the processes whose `/proc/<pid>/stat` the
-/// filter accepts: this process, or every Postgres backend, to see which side is busy.
-fn cpu_secs(only_self: bool) -> f64 {
+/// CPU seconds (user + system) used so far per process: this process, or every Postgres
+/// process (by pid), to see which side is busy.
+fn cpu_secs(only_self: bool) -> HashMap<String, f64> {
     let ticks = |stat: &str| -> Option<(String, f64)> {
         let (head, rest) = stat.rsplit_once(") ")?;
         let comm = head.split_once(" (")?.1.to_string();
@@ -35,16 +36,29 @@ fn cpu_secs(only_self: bool) -> f64 {
         return std::fs::read_to_string("/proc/self/stat")
             .ok()
             .and_then(|s| ticks(&s))
-            .map_or(0.0, |(_, t)| t);
+            .map(|(_, t)| ("self".to_string(), t))
+            .into_iter()
+            .collect();
     }
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return HashMap::new();
     };
     dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter_map(|s| ticks(&s))
-        .filter(|(comm, _)| comm == "postgres")
-        .map(|(_, t)| t)
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (comm, t) = ticks(&stat)?;
+            (comm == "postgres").then(|| (e.file_name().to_string_lossy().into_owned(), t))
+        })
+        .collect()
+}
+
+/// CPU used between two samples by the processes alive at the second (the daemon's backends
+/// start after the first). Other sessions on a shared server that start in between count too,
+/// and ones that end do not.
+fn cpu_used(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0))
         .sum()
 }
 
@@ -457,8 +471,8 @@ async fn main() -> anyhow::Result<()> {
     let rate = n as f64 / secs;
     println!(
         "catch-up CPU: daemon + emulator {:.1} s, Postgres {:.1} s (of {secs:.1} s wall, 2 cores)",
-        cpu_secs(true) - cpu_self,
-        cpu_secs(false) - cpu_pg
+        cpu_used(&cpu_self, &cpu_secs(true)),
+        cpu_used(&cpu_pg, &cpu_secs(false))
     );
     println!(
         "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB (emulator and backlog included)",
