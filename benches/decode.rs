@@ -1,6 +1,6 @@
 //! Decode throughput: Avro payload + bitmaps -> ChangeEvent, on one core.
 //!
-//! Budget (design.md): >= 500,000 events/s. Run with `cargo bench --bench decode`.
+//! Budget (design.md): >= 500,000 events/s. Run with `cargo bench --bench decode [-- N]`.
 //! Payloads are real emulator Account events: a CREATE with every field populated and UPDATEs
 //! with a few changed fields and a compound component, mixed 1:3.
 
@@ -68,7 +68,11 @@ fn main() {
         update.as_slice(),
     ];
 
-    let n = 1_000_000u64;
+    // N events from the command line (`cargo bench --bench decode -- N`), for profiling runs.
+    let n: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let t0 = Instant::now();
     let mut fields = 0usize;
     for i in 0..n {

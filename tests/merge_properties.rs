@@ -223,8 +223,8 @@ fn history(intents: &[Intent]) -> (Vec<ChangeEvent>, HashMap<String, (State, boo
                 commit_timestamp: ts,
                 commit_number: n as i64,
                 commit_user: String::new(),
-                changed_fields: changed,
-                nulled_fields: nulled,
+                changed_fields: changed.into_iter().map(Into::into).collect(),
+                nulled_fields: nulled.into_iter().map(Into::into).collect(),
                 diff_fields: vec![],
             },
             fields: body

@@ -3,7 +3,11 @@
 //!
 //! Events become row operations (one per record id), gathered into runs by table, kind and
 //! column set; each run goes out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
-//! statement, not one round trip per event. Per-record order is kept: a change joins the
+//! statement, not one round trip per event. UPDATE and soft DELETE runs first try a plain
+//! `UPDATE .. FROM unnest(..)` with the same guards, which is cheaper for rows that exist,
+//! and fall back to the `ON CONFLICT` form only when some row was not updated. Planning ([`plan_events`]: runs, rendered values,
+//! repairs) needs no connection and is kept apart from sending ([`execute`]), so a caller can
+//! plan the next batch while Postgres applies this one. Per-record order is kept: a change joins the
 //! newest run of its shape only if no run opened after it touched the same record (so two
 //! changes of one record never meet in one statement), and runs execute in opening order.
 //!
@@ -20,7 +24,7 @@ use super::schema::TableSchema;
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What the stream could not deliver, to be fetched over REST.
@@ -81,8 +85,31 @@ struct Run {
     kind: OpKind,
     columns: Vec<usize>,
     ops: Vec<Op>,
-    ids: HashSet<String>,
 }
+
+/// A batch turned into runs of rows, ready to send: everything [`apply_events`] does that needs
+/// no connection. Built apart from the transaction so that a caller can prepare the next batch
+/// while Postgres works on this one.
+pub struct MergePlan {
+    runs: Vec<Run>,
+    events: HashMap<ChangeType, u64>,
+    repairs: Vec<RepairRequest>,
+}
+
+impl MergePlan {
+    /// Repairs the batch needs so far (more can come from executing it).
+    pub fn repairs(&self) -> &[RepairRequest] {
+        &self.repairs
+    }
+}
+
+/// Identifies a table within one call (tables are shared, so their address is stable).
+fn table_key(table: &Arc<TableSchema>) -> usize {
+    Arc::as_ptr(table) as usize
+}
+
+/// For each (table, kind): the column sets seen and the newest run of each.
+type OpenRuns = HashMap<(usize, OpKind), Vec<(Vec<usize>, usize)>>;
 
 /// Applies `events` in order inside `tx`. `tables` must hold every entity of the batch.
 pub async fn apply_events(
@@ -91,18 +118,53 @@ pub async fn apply_events(
     tables: &HashMap<String, Arc<TableSchema>>,
     events: &[ChangeEvent],
 ) -> Result<ApplyOutcome, ReplicaError> {
-    let mut outcome = ApplyOutcome::default();
-    let mut runs: Vec<Run> = Vec::new();
+    let plan = plan_events(settings, tables, events)?;
+    execute(tx, settings, plan).await
+}
+
+/// Sends a plan's runs inside `tx`, in the order they were opened: every record sees its
+/// changes in order.
+pub async fn execute(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    plan: MergePlan,
+) -> Result<ApplyOutcome, ReplicaError> {
+    let mut outcome = ApplyOutcome {
+        events: plan.events,
+        statements: 0,
+        repairs: plan.repairs,
+    };
+    for run in plan.runs {
+        flush(tx, settings, run, &mut outcome).await?;
+    }
+    Ok(outcome)
+}
+
+/// Turns `events` into runs (see the module docs) and the repairs they need, without I/O.
+/// `tables` must hold every entity of the batch.
+pub fn plan_events(
+    settings: &ApplySettings,
+    tables: &HashMap<String, Arc<TableSchema>>,
+    events: &[ChangeEvent],
+) -> Result<MergePlan, ReplicaError> {
+    let mut outcome = MergePlan {
+        runs: Vec::new(),
+        events: HashMap::new(),
+        repairs: Vec::new(),
+    };
+    let runs = &mut outcome.runs;
     // The newest run of each (table, kind, column set), and the last run touching each record.
-    let mut open: HashMap<(String, OpKind, Vec<usize>), usize> = HashMap::new();
-    let mut last_touch: HashMap<(String, String), usize> = HashMap::new();
+    let mut open = OpenRuns::new();
+    let mut last_touch: HashMap<(usize, &str), usize> = HashMap::with_capacity(events.len());
+    // Columns of every field path of a writer schema, per table and schema.
+    let mut upsert_columns: HashMap<(usize, usize), Arc<[usize]>> = HashMap::new();
     for event in events {
         let h = &event.header;
         *outcome.events.entry(h.change_type).or_default() += 1;
         let table = tables
-            .get(&h.entity_name)
+            .get(h.entity_name.as_str())
             .ok_or_else(|| ReplicaError::Schema {
-                object: h.entity_name.clone(),
+                object: h.entity_name.to_string(),
                 message: "no table prepared for this object".to_string(),
             })?;
         let since_ms = h.commit_timestamp - settings.repair_margin_ms;
@@ -113,7 +175,7 @@ pub async fn apply_events(
             ChangeType::Delete => OpKind::Delete,
             ChangeType::GapOverflow => {
                 outcome.repairs.push(RepairRequest::Entity {
-                    object: h.entity_name.clone(),
+                    object: h.entity_name.to_string(),
                     since_ms,
                     reason: format!("GAP_OVERFLOW at replay {}", event.replay_id),
                 });
@@ -125,7 +187,7 @@ pub async fn apply_events(
             | ChangeType::GapUndelete => {
                 if wildcard || h.record_ids.is_empty() {
                     outcome.repairs.push(RepairRequest::Entity {
-                        object: h.entity_name.clone(),
+                        object: h.entity_name.to_string(),
                         since_ms,
                         reason: format!(
                             "{} for all records at replay {}",
@@ -135,7 +197,7 @@ pub async fn apply_events(
                 } else {
                     for id in &h.record_ids {
                         outcome.repairs.push(RepairRequest::Record {
-                            object: h.entity_name.clone(),
+                            object: h.entity_name.to_string(),
                             id: id.clone(),
                             reason: format!("{} at replay {}", h.change_type, event.replay_id),
                         });
@@ -148,7 +210,7 @@ pub async fn apply_events(
             // A wildcard on a real change (field type conversion): the body cannot be trusted
             // for "all records", so re-read the entity.
             outcome.repairs.push(RepairRequest::Entity {
-                object: h.entity_name.clone(),
+                object: h.entity_name.to_string(),
                 since_ms,
                 reason: format!(
                     "{} with wildcard ids at replay {}",
@@ -157,11 +219,11 @@ pub async fn apply_events(
             });
             continue;
         }
-        let (columns, values) = row_values(table, event, kind)?;
+        let (columns, mut values) = row_values(table, event, kind, &mut upsert_columns)?;
         if kind == OpKind::Merge && !h.diff_fields.is_empty() {
             for id in &h.record_ids {
                 outcome.repairs.push(RepairRequest::Record {
-                    object: h.entity_name.clone(),
+                    object: h.entity_name.to_string(),
                     id: id.clone(),
                     reason: format!(
                         "diff fields {} at replay {}",
@@ -171,48 +233,55 @@ pub async fn apply_events(
                 });
             }
         }
-        for id in &h.record_ids {
+        let tkey = table_key(table);
+        for (k, id) in h.record_ids.iter().enumerate() {
             // The newest run of this shape takes the change unless the record was touched by
             // that run or a later one: then a new run keeps the record's changes in order.
-            let key = (table.table.clone(), kind, columns.clone());
-            let touched = last_touch.get(&(table.table.clone(), id.clone())).copied();
-            let index = match open.get(&key) {
-                Some(&i) if touched.is_none_or(|t| t < i) => i,
-                _ => {
+            let shapes = open.entry((tkey, kind)).or_default();
+            let newest = shapes.iter_mut().find(|(c, _)| *c == columns);
+            let touched = last_touch.get(&(tkey, id.as_str())).copied();
+            let index = match newest {
+                Some((_, i)) if touched.is_none_or(|t| t < *i) => *i,
+                found => {
                     runs.push(Run {
                         table: table.clone(),
                         kind,
                         columns: columns.clone(),
                         ops: Vec::new(),
-                        ids: HashSet::new(),
                     });
-                    open.insert(key, runs.len() - 1);
-                    runs.len() - 1
+                    let i = runs.len() - 1;
+                    match found {
+                        Some((_, newest)) => *newest = i,
+                        None => shapes.push((columns.clone(), i)),
+                    }
+                    i
                 }
             };
-            last_touch.insert((table.table.clone(), id.clone()), index);
-            let r = &mut runs[index];
-            r.ids.insert(id.clone());
-            r.ops.push(Op {
+            last_touch.insert((tkey, id.as_str()), index);
+            // The last id takes the values; earlier ids (rare) get copies.
+            let values = if k + 1 == h.record_ids.len() {
+                std::mem::take(&mut values)
+            } else {
+                values.clone()
+            };
+            runs[index].ops.push(Op {
                 id: id.clone(),
-                values: values.clone(),
+                values,
                 version: h.commit_timestamp,
                 commit_number: h.commit_number,
             });
         }
     }
-    // Runs go out in the order they were opened: every record sees its changes in order.
-    for done in runs {
-        flush(tx, settings, done, &mut outcome).await?;
-    }
     Ok(outcome)
 }
 
-/// The columns an event writes and their text values, in column order.
+/// The columns an event writes and their text values, in column order. `upsert_columns`
+/// caches, per table and writer schema, the column of every field path.
 fn row_values(
-    table: &TableSchema,
+    table: &Arc<TableSchema>,
     event: &ChangeEvent,
     kind: OpKind,
+    upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
 ) -> Result<(Vec<usize>, Vec<Option<String>>), ReplicaError> {
     let h = &event.header;
     let unknown = |path: &str| ReplicaError::Schema {
@@ -223,9 +292,9 @@ fn row_values(
         ),
     };
     let mut cols: Vec<(usize, Option<String>)> = Vec::new();
-    let render = |col: usize, path: &str| -> Result<Option<String>, ReplicaError> {
+    let render_value = |col: usize, path: &str, value: Option<&crate::model::Value>| {
         let c = &table.columns[col];
-        match event.value(path) {
+        match value {
             None => Ok(None),
             Some(v) => c
                 .pg_type
@@ -238,17 +307,45 @@ fn row_values(
                 }),
         }
     };
+    let render = |col: usize, path: &str| render_value(col, path, event.value(path));
     match kind {
         OpKind::Upsert => {
-            for path in event.schema_fields.iter() {
-                let col = table.column_for(path).ok_or_else(|| unknown(path))?;
-                cols.push((col, render(col, path)?));
+            let key = (
+                table_key(table),
+                event.schema_fields.as_ptr() as *const () as usize,
+            );
+            let columns = match upsert_columns.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = event
+                        .schema_fields
+                        .iter()
+                        .map(|path| table.column_for(path).ok_or_else(|| unknown(path)))
+                        .collect::<Result<Arc<[usize]>, _>>()?;
+                    upsert_columns.insert(key, c.clone());
+                    c
+                }
+            };
+            // A decoded event's values come in schema order: walk both lists together and
+            // search only when that order does not hold.
+            let mut next = 0;
+            cols.reserve(columns.len());
+            for (path, &col) in event.schema_fields.iter().zip(columns.iter()) {
+                let value = match event.fields.get(next) {
+                    Some(f) if f.path == *path => {
+                        next += 1;
+                        Some(&f.value)
+                    }
+                    _ => event.value(path),
+                };
+                cols.push((col, render_value(col, path, value)?));
             }
         }
         OpKind::Merge => {
             for path in &h.changed_fields {
-                let key: Arc<str> = Arc::from(path.as_str());
-                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                let col = table
+                    .column_for(path.as_arc())
+                    .ok_or_else(|| unknown(path))?;
                 let value = render(col, path)?;
                 // A changed field that arrives null was either nulled (listed below) or
                 // cannot be told from unchanged: write it only when it has a value.
@@ -257,8 +354,9 @@ fn row_values(
                 }
             }
             for path in &h.nulled_fields {
-                let key: Arc<str> = Arc::from(path.as_str());
-                let col = table.column_for(&key).ok_or_else(|| unknown(path))?;
+                let col = table
+                    .column_for(path.as_arc())
+                    .ok_or_else(|| unknown(path))?;
                 cols.retain(|(c, _)| *c != col);
                 cols.push((col, None));
             }
@@ -311,21 +409,39 @@ async fn flush(
         return Ok(());
     }
 
-    // Upsert, merge and soft delete share one statement shape.
-    let n = run.columns.len();
+    // Upsert, merge and soft delete share one statement shape. Columns that are null in every
+    // row of the run are not sent (a CREATE carries many): they are set to NULL on conflict and
+    // left to their (null) default on insert, which is what sending nulls would do, minus the
+    // arrays and casts.
+    let sent: Vec<usize> = (0..run.columns.len())
+        .filter(|&i| run.ops.iter().any(|o| o.values[i].is_some()))
+        .collect();
+    let n = sent.len();
     let mut insert_cols = vec!["id".to_string()];
     let mut select = vec!["u.id".to_string()];
     let mut unnest = vec!["$1::text[]".to_string()];
     let mut alias = vec!["id".to_string()];
     let mut set = Vec::new();
+    // The same assignments for a plain UPDATE, from the unnested row `u`.
+    let mut assign = Vec::new();
     for (i, &col) in run.columns.iter().enumerate() {
         let c = &t.columns[col];
         let q = quote(&c.name);
-        insert_cols.push(q.clone());
-        select.push(format!("u.c{i}::{}", c.pg_type.sql()));
-        unnest.push(format!("${}::text[]", i + 2));
-        alias.push(format!("c{i}"));
-        set.push(format!("{q} = EXCLUDED.{q}"));
+        match sent.binary_search(&i) {
+            Ok(k) => {
+                let value = format!("u.c{k}::{}", c.pg_type.sql());
+                insert_cols.push(q.clone());
+                assign.push(format!("{q} = {value}"));
+                select.push(value);
+                unnest.push(format!("${}::text[]", k + 2));
+                alias.push(format!("c{k}"));
+                set.push(format!("{q} = EXCLUDED.{q}"));
+            }
+            Err(_) => {
+                set.push(format!("{q} = NULL"));
+                assign.push(format!("{q} = NULL"));
+            }
+        }
     }
     unnest.push(format!("${}::bigint[]", n + 2));
     unnest.push(format!("${}::bigint[]", n + 3));
@@ -338,15 +454,27 @@ async fn flush(
         "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
         "_sfm_synced_at = now()".to_string(),
     ]);
+    assign.extend([
+        "_sfm_version = u.v".to_string(),
+        "_sfm_commit_number = u.n".to_string(),
+        "_sfm_synced_at = now()".to_string(),
+    ]);
     match run.kind {
         OpKind::Upsert => set.push("_sfm_deleted = false".into()),
         OpKind::Delete => {
             insert_cols.push("_sfm_deleted".into());
             select.push("true".into());
             set.push("_sfm_deleted = true".into());
+            assign.push("_sfm_deleted = true".into());
         }
         OpKind::Merge => {}
     }
+    // Only a merge needs to know which rows it inserted.
+    let returning = if run.kind == OpKind::Merge {
+        "RETURNING t.id, (xmax = 0) AS inserted"
+    } else {
+        ""
+    };
     let sql = format!(
         "INSERT INTO {table} AS t ({cols})
          SELECT {select} FROM unnest({unnest}) AS u({alias})
@@ -355,7 +483,7 @@ async fn flush(
                              AND (ts.version, coalesce(ts.commit_number, -1))
                                  > (u.v, coalesce(u.n, -1)))
          ON CONFLICT (id) DO UPDATE SET {set} WHERE {GUARD}
-         RETURNING t.id, (xmax = 0) AS inserted",
+         {returning}",
         cols = insert_cols.join(", "),
         select = select.join(", "),
         unnest = unnest.join(", "),
@@ -363,8 +491,9 @@ async fn flush(
         set = set.join(", "),
         obj = n + 4,
     );
-    let columns: Vec<Vec<Option<&str>>> = (0..n)
-        .map(|i| run.ops.iter().map(|o| o.values[i].as_deref()).collect())
+    let columns: Vec<Vec<Option<&str>>> = sent
+        .iter()
+        .map(|&i| run.ops.iter().map(|o| o.values[i].as_deref()).collect())
         .collect();
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(n + 4);
     params.push(&ids);
@@ -374,6 +503,40 @@ async fn flush(
     params.push(&versions);
     params.push(&commits);
     params.push(&t.object);
+    if run.kind != OpKind::Upsert {
+        // Changes to records the replica has (the usual case for UPDATE and DELETE) go out
+        // as a plain UPDATE: unlike ON CONFLICT it neither probes for a conflict first nor
+        // locks each row before changing it. Only if some row was not updated (missing,
+        // newer, or behind a tombstone) does the whole run go out again below, where the
+        // guard makes the rows already updated no-ops in effect.
+        let update = format!(
+            "UPDATE {table} AS t SET {assign}
+             FROM unnest({unnest}) AS u({alias})
+             WHERE t.id = u.id
+               AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
+                   <= (u.v, coalesce(u.n, -1))
+               AND NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
+                               WHERE ts.object = ${obj}::text AND ts.id = u.id
+                                 AND (ts.version, coalesce(ts.commit_number, -1))
+                                     > (u.v, coalesce(u.n, -1)))",
+            assign = assign.join(", "),
+            unnest = unnest.join(", "),
+            alias = alias.join(", "),
+            obj = n + 4,
+        );
+        let stmt = tx
+            .prepare_cached(&update)
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        let updated = tx
+            .execute(&stmt, &params)
+            .await
+            .map_err(ReplicaError::pg(context()))?;
+        if updated as usize == run.ops.len() {
+            return Ok(());
+        }
+        outcome.statements += 1;
+    }
     let stmt = tx
         .prepare_cached(&sql)
         .await

@@ -153,7 +153,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn varint(&mut self, what: &'static str) -> Result<u64, AvroError> {
+        // Union branches, lengths and most small numbers fit in one byte.
+        if let Some(&byte) = self.buf.get(self.pos)
+            && byte & 0x80 == 0
+        {
+            self.pos += 1;
+            return Ok(u64::from(byte));
+        }
+        self.varint_long(what)
+    }
+
+    fn varint_long(&mut self, what: &'static str) -> Result<u64, AvroError> {
         let mut value: u64 = 0;
         let mut shift = 0u32;
         loop {
@@ -173,16 +185,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     pub fn long(&mut self) -> Result<i64, AvroError> {
         let n = self.varint("long")?;
         Ok((n >> 1) as i64 ^ -((n & 1) as i64))
     }
 
+    #[inline]
     pub fn int(&mut self) -> Result<i32, AvroError> {
         let v = self.long()?;
         i32::try_from(v).map_err(|_| self.corrupt(format!("int out of range: {v}")))
     }
 
+    #[inline]
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], AvroError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         match end {
@@ -198,16 +213,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn len(&mut self, what: &'static str) -> Result<usize, AvroError> {
         let n = self.long()?;
         usize::try_from(n).map_err(|_| self.corrupt(format!("negative length {n} for {what}")))
     }
 
+    #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8], AvroError> {
         let n = self.len("bytes")?;
         self.take(n, "bytes")
     }
 
+    #[inline]
     pub fn str(&mut self) -> Result<&'a str, AvroError> {
         let start = self.pos;
         let b = self.bytes()?;
@@ -238,6 +256,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a union branch index and returns the branch.
+    #[inline]
     pub fn branch<'n>(&mut self, branches: &'n [Node]) -> Result<&'n Node, AvroError> {
         let i = self.long()?;
         usize::try_from(i)
@@ -348,6 +367,27 @@ impl<'a> Reader<'a> {
                 self.string_list(b)
             }
             Node::Null => Ok(Vec::new()),
+            other => Err(self.corrupt(format!("expected array<string>, schema has {other:?}"))),
+        }
+    }
+
+    /// Calls `each` with every string of a list (`array<string>`, possibly inside a nullable
+    /// union), borrowed from the payload: nothing is copied.
+    pub fn for_each_str(
+        &mut self,
+        node: &Node,
+        mut each: impl FnMut(&'a str),
+    ) -> Result<(), AvroError> {
+        match node {
+            Node::Array(item) if matches!(**item, Node::String) => self.blocks(false, |r| {
+                each(r.str()?);
+                Ok(())
+            }),
+            Node::Union(branches) => {
+                let b = self.branch(branches)?;
+                self.for_each_str(b, each)
+            }
+            Node::Null => Ok(()),
             other => Err(self.corrupt(format!("expected array<string>, schema has {other:?}"))),
         }
     }

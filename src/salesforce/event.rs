@@ -6,7 +6,8 @@
 //! is built (once per schema id), never from constants.
 
 use super::avro::{AvroError, Node, Reader, Record};
-use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId};
+use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId, SharedStr};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -69,7 +70,7 @@ impl HeaderSlot {
 /// One top-level body field of the writer schema.
 #[derive(Debug)]
 struct BodyField {
-    name: Arc<str>,
+    name: SharedStr,
     node: Node,
     /// For a compound field: `Parent.Sub` for each sub-field of its record branch.
     sub_paths: Option<Vec<Arc<str>>>,
@@ -81,6 +82,11 @@ pub struct EventPlan {
     pub schema_id: String,
     /// Record name, e.g. `AccountChangeEvent`.
     pub record_name: String,
+    /// `schema_id`, shared by every event decoded with this plan.
+    shared_schema_id: Arc<str>,
+    /// The entity name the record name implies (`Account`, `Employee__c`): events that carry
+    /// it share this allocation; any other name is still taken from the payload.
+    entity: SharedStr,
     header_index: usize,
     header: Vec<(HeaderSlot, Node)>,
     /// Top-level fields by schema position; `None` at the header's position.
@@ -127,7 +133,7 @@ impl EventPlan {
             .enumerate()
             .map(|(i, (name, node))| {
                 (i != header_index).then(|| BodyField {
-                    name: Arc::from(name.as_str()),
+                    name: SharedStr::from(name.as_str()),
                     node: node.clone(),
                     sub_paths: node.record().map(|r| sub_paths(name, r)),
                 })
@@ -137,12 +143,19 @@ impl EventPlan {
         for f in body.iter().flatten() {
             match &f.sub_paths {
                 Some(subs) => paths.extend(subs.iter().cloned()),
-                None => paths.push(f.name.clone()),
+                None => paths.push(f.name.as_arc().clone()),
             }
         }
+        let entity = match top.name.strip_suffix("ChangeEvent") {
+            Some(custom) if custom.ends_with("__") => format!("{custom}c"),
+            Some(standard) => standard.to_string(),
+            None => top.name.clone(),
+        };
         Ok(EventPlan {
             schema_id: schema_id.to_string(),
             record_name: top.name.clone(),
+            shared_schema_id: Arc::from(schema_id),
+            entity: SharedStr::from(entity),
             header_index,
             header,
             body,
@@ -169,17 +182,27 @@ impl EventPlan {
         };
         let mut r = Reader::new(payload);
         let mut header = None;
+        let mut warnings = Vec::new();
         let mut fields = Vec::new();
         for (i, slot) in self.body.iter().enumerate() {
             if i == self.header_index {
-                header = Some(self.decode_header(&mut r).map_err(|e| match e {
-                    HeaderError::Avro(a) => payload_err(a),
-                    HeaderError::Bad(message) => EventError::Header {
-                        replay_id: replay_id.clone(),
-                        schema_id: self.schema_id.clone(),
-                        message,
-                    },
-                })?);
+                let h = self
+                    .decode_header(&mut r, &mut warnings)
+                    .map_err(|e| match e {
+                        HeaderError::Avro(a) => payload_err(a),
+                        HeaderError::Bad(message) => EventError::Header {
+                            replay_id: replay_id.clone(),
+                            schema_id: self.schema_id.clone(),
+                            message,
+                        },
+                    })?;
+                // Size the body once from what the header says it carries: every field of a
+                // CREATE or UNDELETE, the changed ones (plus enrichment) of an UPDATE.
+                fields.reserve(match h.change_type {
+                    ChangeType::Create | ChangeType::Undelete => self.paths.len(),
+                    _ => h.changed_fields.len() + 4,
+                });
+                header = Some(h);
                 continue;
             }
             let Some(field) = slot else { continue };
@@ -194,26 +217,21 @@ impl EventPlan {
                 ),
             }));
         }
-        let Some(mut header) = header else {
+        let Some(header) = header else {
             return Err(EventError::Header {
                 replay_id,
                 schema_id: self.schema_id.clone(),
                 message: "payload has no header".to_string(),
             });
         };
-        let mut warnings = Vec::new();
-        for list in [
-            &mut header.changed_fields,
-            &mut header.nulled_fields,
-            &mut header.diff_fields,
-        ] {
-            let raw = std::mem::take(list);
-            *list = self.bitmap_names(&raw, &mut warnings);
+        // A sparse CREATE gives back what it did not use (batches hold events a while).
+        if fields.capacity() - fields.len() > 16 {
+            fields.shrink_to_fit();
         }
         Ok((
             ChangeEvent {
                 replay_id,
-                schema_id: self.schema_id.clone(),
+                schema_id: self.shared_schema_id.clone(),
                 header,
                 fields,
                 schema_fields: self.paths.clone(),
@@ -222,9 +240,14 @@ impl EventPlan {
         ))
     }
 
-    fn decode_header(&self, r: &mut Reader<'_>) -> Result<ChangeHeader, HeaderError> {
+    /// Reads the header; the bitmap lists are decoded to names straight from the payload.
+    fn decode_header(
+        &self,
+        r: &mut Reader<'_>,
+        warnings: &mut Vec<String>,
+    ) -> Result<ChangeHeader, HeaderError> {
         let mut h = ChangeHeader {
-            entity_name: String::new(),
+            entity_name: self.entity.clone(),
             record_ids: Vec::new(),
             change_type: ChangeType::Update,
             change_origin: String::new(),
@@ -240,14 +263,25 @@ impl EventPlan {
         let mut change_type = None;
         for (slot, node) in &self.header {
             match slot {
-                HeaderSlot::EntityName => h.entity_name = text(r, node)?,
-                HeaderSlot::ChangeOrigin => h.change_origin = text(r, node)?,
-                HeaderSlot::TransactionKey => h.transaction_key = text(r, node)?,
-                HeaderSlot::CommitUser => h.commit_user = text(r, node)?,
+                HeaderSlot::EntityName => {
+                    let name = text(r, node)?;
+                    if *name != *self.entity {
+                        h.entity_name = SharedStr::from(name.as_ref());
+                    }
+                }
+                HeaderSlot::ChangeOrigin => h.change_origin = text(r, node)?.into_owned(),
+                HeaderSlot::TransactionKey => h.transaction_key = text(r, node)?.into_owned(),
+                HeaderSlot::CommitUser => h.commit_user = text(r, node)?.into_owned(),
                 HeaderSlot::RecordIds => h.record_ids = r.string_list(node)?,
-                HeaderSlot::NulledFields => h.nulled_fields = r.string_list(node)?,
-                HeaderSlot::DiffFields => h.diff_fields = r.string_list(node)?,
-                HeaderSlot::ChangedFields => h.changed_fields = r.string_list(node)?,
+                HeaderSlot::NulledFields => r.for_each_str(node, |e| {
+                    self.bitmap_element(e, &mut h.nulled_fields, warnings)
+                })?,
+                HeaderSlot::DiffFields => r.for_each_str(node, |e| {
+                    self.bitmap_element(e, &mut h.diff_fields, warnings)
+                })?,
+                HeaderSlot::ChangedFields => r.for_each_str(node, |e| {
+                    self.bitmap_element(e, &mut h.changed_fields, warnings)
+                })?,
                 HeaderSlot::SequenceNumber => {
                     h.sequence_number = i32::try_from(integer(r, node)?).map_err(|_| {
                         HeaderError::Bad("sequenceNumber out of int range".to_string())
@@ -257,7 +291,8 @@ impl EventPlan {
                 HeaderSlot::CommitNumber => h.commit_number = integer(r, node)?,
                 HeaderSlot::ChangeType => {
                     let symbol = text(r, node)?;
-                    change_type = Some(ChangeType::from_symbol(&symbol).ok_or_else(|| {
+                    let symbol = symbol.as_ref();
+                    change_type = Some(ChangeType::from_symbol(symbol).ok_or_else(|| {
                         HeaderError::Bad(format!("unknown changeType `{symbol}`"))
                     })?);
                 }
@@ -271,61 +306,70 @@ impl EventPlan {
 
     /// Decodes bitmap strings to field names: element `0x..` over top-level fields, elements
     /// `p-0x..` over the sub-fields of compound field `p`.
-    pub fn bitmap_names(&self, bitmaps: &[String], warnings: &mut Vec<String>) -> Vec<String> {
+    pub fn bitmap_names(
+        &self,
+        bitmaps: &[impl AsRef<str>],
+        warnings: &mut Vec<String>,
+    ) -> Vec<SharedStr> {
         let mut names = Vec::new();
         for element in bitmaps {
-            let (parent, hex) = match element.split_once('-') {
-                Some((p, h)) => match p.trim().parse::<usize>() {
-                    Ok(p) => (Some(p), h),
-                    Err(_) => {
-                        warnings.push(format!("bitmap element `{element}` has a bad parent index"));
-                        continue;
-                    }
-                },
-                None => (None, element.as_str()),
-            };
-            let Some(bits) = set_bits(hex) else {
-                warnings.push(format!("bitmap element `{element}` is not hex"));
-                continue;
-            };
-            match parent {
-                None => {
-                    for bit in bits {
-                        match self.body.get(bit) {
-                            Some(Some(f)) => names.push(f.name.to_string()),
-                            Some(None) => {} // the header's own bit carries no field
-                            None => warnings.push(format!(
-                                "bitmap `{element}` sets bit {bit}, schema has {} fields",
-                                self.body.len()
-                            )),
-                        }
-                    }
-                }
-                Some(p) => {
-                    let subs = self
-                        .body
-                        .get(p)
-                        .and_then(|f| f.as_ref())
-                        .and_then(|f| f.sub_paths.as_ref());
-                    let Some(subs) = subs else {
-                        warnings.push(format!(
-                            "bitmap `{element}` names field {p}, which is not a compound field"
-                        ));
-                        continue;
-                    };
-                    for bit in bits {
-                        match subs.get(bit) {
-                            Some(path) => names.push(path.to_string()),
-                            None => warnings.push(format!(
-                                "bitmap `{element}` sets sub-field bit {bit}, compound has {}",
-                                subs.len()
-                            )),
-                        }
-                    }
-                }
-            }
+            self.bitmap_element(element.as_ref(), &mut names, warnings);
         }
         names
+    }
+
+    /// Appends the names one bitmap element selects. Names are the plan's shared strings, so
+    /// this allocates nothing but the list itself (and warnings).
+    fn bitmap_element(
+        &self,
+        element: &str,
+        names: &mut Vec<SharedStr>,
+        warnings: &mut Vec<String>,
+    ) {
+        let (parent, hex) = match element.split_once('-') {
+            Some((p, h)) => match p.trim().parse::<usize>() {
+                Ok(p) => (Some(p), h),
+                Err(_) => {
+                    warnings.push(format!("bitmap element `{element}` has a bad parent index"));
+                    return;
+                }
+            },
+            None => (None, element),
+        };
+        let Some(digits) = hex_digits(hex) else {
+            warnings.push(format!("bitmap element `{element}` is not hex"));
+            return;
+        };
+        match parent {
+            None => for_each_set_bit(digits, |bit| match self.body.get(bit) {
+                Some(Some(f)) => names.push(f.name.clone()),
+                Some(None) => {} // the header's own bit carries no field
+                None => warnings.push(format!(
+                    "bitmap `{element}` sets bit {bit}, schema has {} fields",
+                    self.body.len()
+                )),
+            }),
+            Some(p) => {
+                let subs = self
+                    .body
+                    .get(p)
+                    .and_then(|f| f.as_ref())
+                    .and_then(|f| f.sub_paths.as_ref());
+                let Some(subs) = subs else {
+                    warnings.push(format!(
+                        "bitmap `{element}` names field {p}, which is not a compound field"
+                    ));
+                    return;
+                };
+                for_each_set_bit(digits, |bit| match subs.get(bit) {
+                    Some(path) => names.push(SharedStr::from(path.clone())),
+                    None => warnings.push(format!(
+                        "bitmap `{element}` sets sub-field bit {bit}, compound has {}",
+                        subs.len()
+                    )),
+                });
+            }
+        }
     }
 }
 
@@ -340,13 +384,25 @@ impl From<AvroError> for HeaderError {
     }
 }
 
-/// A header string (or enum symbol), tolerating a nullable union around it.
-fn text(r: &mut Reader<'_>, node: &Node) -> Result<String, HeaderError> {
-    Ok(match r.value(node)? {
-        Some(crate::model::Value::String(s)) => s,
-        Some(other) => return Err(HeaderError::Bad(format!("expected text, got {other:?}"))),
-        None => String::new(),
-    })
+/// A header string (or enum symbol), tolerating a nullable union around it; borrowed from the
+/// payload or the schema where it can be.
+fn text<'x, 'a: 'x, 'n: 'x>(
+    r: &mut Reader<'a>,
+    node: &'n Node,
+) -> Result<Cow<'x, str>, HeaderError> {
+    match node {
+        Node::String => Ok(Cow::Borrowed(r.str()?)),
+        Node::Enum(symbols) => Ok(Cow::Borrowed(r.enum_symbol(symbols)?)),
+        Node::Null => Ok(Cow::Borrowed("")),
+        Node::Union(branches) => {
+            let b = r.branch(branches)?;
+            text(r, b)
+        }
+        other => match r.value(other)? {
+            Some(v) => Err(HeaderError::Bad(format!("expected text, got {v:?}"))),
+            None => Ok(Cow::Borrowed("")),
+        },
+    }
 }
 
 fn integer(r: &mut Reader<'_>, node: &Node) -> Result<i64, HeaderError> {
@@ -390,7 +446,7 @@ fn decode_body_field(
         (other, _) => {
             if let Some(value) = r.value(other)? {
                 out.push(FieldValue {
-                    path: field.name.clone(),
+                    path: field.name.as_arc().clone(),
                     value,
                 });
             }
@@ -466,24 +522,39 @@ pub fn inspect(schema_json: &str, payload: &[u8]) -> Result<serde_json::Value, E
 /// The set bit positions of a hex string (`0x` prefix optional), least significant = 0.
 /// Accepts either case and odd digit counts.
 pub fn set_bits(hex: &str) -> Option<Vec<usize>> {
-    let digits = hex
-        .trim()
-        .strip_prefix("0x")
-        .or_else(|| hex.trim().strip_prefix("0X"))
-        .unwrap_or(hex.trim());
-    if digits.is_empty() {
-        return None;
-    }
+    let digits = hex_digits(hex)?;
     let mut bits = Vec::new();
-    for (k, c) in digits.chars().rev().enumerate() {
-        let nibble = c.to_digit(16)?;
-        for b in 0..4 {
-            if nibble & (1 << b) != 0 {
-                bits.push(k * 4 + b);
-            }
+    for_each_set_bit(digits, |b| bits.push(b));
+    Some(bits)
+}
+
+/// The hex digits of a bitmap (`0x`/`0X` prefix and surrounding space removed), or `None` if
+/// there are none or any is not a hex digit.
+fn hex_digits(hex: &str) -> Option<&[u8]> {
+    let t = hex.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t)
+        .as_bytes();
+    (!digits.is_empty() && digits.iter().all(u8::is_ascii_hexdigit)).then_some(digits)
+}
+
+/// Calls `f` with each set bit of validated hex digits, least significant first.
+fn for_each_set_bit(digits: &[u8], mut f: impl FnMut(usize)) {
+    for (k, &c) in digits.iter().rev().enumerate() {
+        let mut nibble = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => 0,
+        };
+        while nibble != 0 {
+            let b = nibble.trailing_zeros() as usize;
+            f(k * 4 + b);
+            nibble &= nibble - 1;
         }
     }
-    Some(bits)
 }
 
 /// Encodes field positions as Salesforce writes a bitmap: `0x` + upper-case hex, two digits
@@ -577,7 +648,7 @@ mod tests {
         {"name":"diffFields","type":{"type":"array","items":"string"}},
         {"name":"changedFields","type":{"type":"array","items":"string"}}]}"#;
 
-    fn names(p: &EventPlan, bitmaps: &[&str]) -> (Vec<String>, Vec<String>) {
+    fn names(p: &EventPlan, bitmaps: &[&str]) -> (Vec<SharedStr>, Vec<String>) {
         let mut w = Vec::new();
         let list: Vec<String> = bitmaps.iter().map(|s| s.to_string()).collect();
         (p.bitmap_names(&list, &mut w), w)

@@ -6,22 +6,33 @@
 //!        │                  v
 //!  resume after the     batch (size / time bound)
 //!  committed replay id      │
-//!        │                  v
-//!        └──── one Postgres transaction: rows + repairs + dead letters + checkpoint
+//!        │                  v  bounded queue (PIPELINE_DEPTH batches), stream order
+//!        │              apply task
+//!        │                  │
+//!        └──── one Postgres transaction per batch: rows + repairs + dead letters + checkpoint
 //! ```
+//!
+//! Decoding and applying run as two tasks joined by a bounded queue, so the next batch is
+//! received and decoded while Postgres commits the previous one; the queue's bound is what
+//! keeps memory flat when Postgres is the slower side.
 //!
 //! Why the checkpoint is safe: the replay id saved is that of the last event in the batch, and
 //! it is saved in the transaction that applies the batch, so the stored position never runs
-//! ahead of the rows (invariant 1). Nothing in the batch is dropped without trace: an event is
-//! applied, turned into a repair request, or dead-lettered with a repair, all in that same
-//! transaction (invariant 2). On any error the in-memory batch is discarded and the stream is
-//! reopened after the committed position, so uncommitted events are simply delivered again;
-//! the version guard makes the re-delivery of committed ones harmless.
+//! ahead of the rows (invariant 1). One apply task takes batches (and keepalive positions) in
+//! the order the stream delivered them and commits each before it takes the next, so the
+//! stored position only ever moves forward over applied batches, however far the decode side
+//! has run ahead. Nothing in a batch is dropped without trace: an event is applied, turned
+//! into a repair request, or dead-lettered with a repair, all in that same transaction
+//! (invariant 2). When the stream fails, what was already received is queued and committed
+//! before reconnecting; when applying fails, the queued batches are discarded. Either way the
+//! stream is reopened after the committed position (read back from Postgres), so uncommitted
+//! events are simply delivered again; the version guard makes the re-delivery of committed
+//! ones harmless.
 
 use super::SyncError;
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::{ChangeEvent, ReplayId};
-use crate::replica::apply::{ApplySettings, RepairRequest, apply_events};
+use crate::replica::apply::{ApplySettings, MergePlan, RepairRequest, execute, plan_events};
 use crate::replica::schema::TableSchema;
 use crate::replica::{ReplicaError, checkpoint, quote, repair_queue};
 use crate::salesforce::SourceError;
@@ -32,8 +43,12 @@ use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+
+/// Batches decoded ahead of the one being committed. Two keep Postgres busy while the stream
+/// side works, without holding more than a few batches in memory.
+const PIPELINE_DEPTH: usize = 2;
 
 /// What a committed batch covered; published to observers (tests, embedding applications).
 #[derive(Debug, Clone)]
@@ -133,6 +148,24 @@ pub struct ChannelTask {
     /// Schema ids whose fields are known to map to table columns.
     checked_schemas: HashSet<String>,
     tables: HashMap<String, Arc<TableSchema>>,
+}
+
+/// What the decode side hands the apply side, in stream order.
+enum Work {
+    /// A batch to commit, with its rows already planned.
+    Batch(Batch, MergePlan),
+    /// A keepalive: everything up to this topic position was delivered.
+    Position(ReplayId),
+}
+
+/// The apply side of one `Subscribe` call: commits what the decode side queued, in order.
+struct Applier {
+    name: String,
+    objects: Vec<String>,
+    pool: deadpool_postgres::Pool,
+    settings: ApplySettings,
+    observer: Option<broadcast::Sender<AppliedBatch>>,
+    started_after: Option<ReplayId>,
     /// The position committed last (by a batch or a keepalive).
     committed: Option<ReplayId>,
 }
@@ -146,7 +179,6 @@ impl ChannelTask {
             schemas: SchemaCache::default(),
             checked_schemas: HashSet::new(),
             tables: HashMap::new(),
-            committed: None,
         }
     }
 
@@ -230,12 +262,45 @@ impl ChannelTask {
             StartAt::After(r) => Some(r.clone()),
             _ => None,
         };
-        self.committed = started_after.clone();
         let mut sub = self.deps.pubsub.subscribe(&name, start).await?;
         telemetry::record_connected(&name, true);
         if let Some(since) = covered_since {
             self.cover_jump_to_latest(since, subscribed_at).await?;
         }
+        let (work_tx, work_rx) = mpsc::channel(PIPELINE_DEPTH);
+        let applier = Applier {
+            name: name.clone(),
+            objects: self.cfg.objects.clone(),
+            pool: self.deps.pool.clone(),
+            settings: self.deps.apply.clone(),
+            observer: self.deps.observer.clone(),
+            committed: started_after.clone(),
+            started_after,
+        };
+        // Aborted if this future is dropped, so no apply task outlives its stream.
+        let mut apply = AbortOnDrop(tokio::spawn(applier.run(work_rx)));
+        let received = self.receive(&mut sub, shutdown, work_tx).await;
+        // The queue is closed: the apply task commits what is queued and ends. Its error, if
+        // any, is the reason the receiving stopped, so it wins.
+        let applied = match (&mut apply.0).await {
+            Ok(r) => r,
+            Err(e) => Err(SyncError::Protocol(format!(
+                "channel {name}: apply task failed: {e}"
+            ))),
+        };
+        applied.and(received)
+    }
+
+    /// Reads the stream, decodes and batches, and queues batches for the apply task until
+    /// shutdown, a stream error, or the apply task stopping. The last partial batch is always
+    /// queued: events already received are valid and are committed before reconnecting.
+    async fn receive(
+        &mut self,
+        sub: &mut crate::salesforce::pubsub::Subscription,
+        shutdown: &CancellationToken,
+        work: mpsc::Sender<Work>,
+    ) -> Result<(), SyncError> {
+        let name = self.cfg.name.clone();
         let mut batch = Batch::default();
         let max_wait = self.deps.sync.batch_max_wait();
         let stale_after = Duration::from_secs(self.deps.sync.stale_stream_secs);
@@ -244,17 +309,29 @@ impl ChannelTask {
             let deadline = batch.started.map(|t| t + max_wait);
             let response = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.flush(&mut batch, &started_after).await?;
+                    self.queue(&mut batch, &work).await?;
                     return Ok(());
                 }
+                // The apply task stopped (it failed): its error is what the caller reports.
+                _ = work.closed() => return Ok(()),
                 // Neither an event nor a keepalive for too long: the stream is dead even if
                 // the connection looks open.
                 _ = tokio::time::sleep_until((last_heard + stale_after).into()) => {
-                    self.flush(&mut batch, &started_after).await?;
+                    self.queue(&mut batch, &work).await?;
                     return Err(SyncError::StaleStream(stale_after));
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    self.flush(&mut batch, &started_after).await?;
+                    // The time bound is there so that a quiet stream's events do not wait for
+                    // a full batch. While earlier batches are still queued, the apply task is
+                    // the bottleneck and a small batch would only add a transaction: keep
+                    // filling this one and look again a period later.
+                    if work.capacity() < work.max_capacity() {
+                        batch.started = Some(Instant::now());
+                        continue;
+                    }
+                    if !self.queue(&mut batch, &work).await? {
+                        return Ok(());
+                    }
                     continue;
                 }
                 r = sub.next() => r,
@@ -265,29 +342,24 @@ impl ChannelTask {
                     r
                 }
                 Ok(None) => {
-                    self.flush(&mut batch, &started_after).await?;
+                    self.queue(&mut batch, &work).await?;
                     return Err(SyncError::StreamEnded);
                 }
                 Err(e) => {
                     // Events already received are valid: commit them before reconnecting.
-                    self.flush(&mut batch, &started_after).await?;
+                    self.queue(&mut batch, &work).await?;
                     return Err(e.into());
                 }
             };
             if response.events.is_empty() {
-                // Keepalive: everything was delivered. Persist the topic position so a
-                // later resubscribe does not start from a very old id.
-                self.flush(&mut batch, &started_after).await?;
-                telemetry::record_batch(&name, 0.0, 0.0);
+                // Keepalive: everything was delivered. The apply task persists the topic
+                // position so a later resubscribe does not start from a very old id.
+                if !self.queue(&mut batch, &work).await? {
+                    return Ok(());
+                }
                 let latest = ReplayId(response.latest_replay_id);
-                if !latest.0.is_empty() && self.committed.as_ref() != Some(&latest) {
-                    let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-                    let cp = checkpoint::Checkpoint {
-                        replay_id: latest.clone(),
-                        commit_timestamp_ms: None,
-                    };
-                    checkpoint::save(&client, &self.deps.apply.control_schema, &name, &cp).await?;
-                    self.committed = Some(latest);
+                if work.send(Work::Position(latest)).await.is_err() {
+                    return Ok(());
                 }
                 continue;
             }
@@ -305,12 +377,27 @@ impl ChannelTask {
             }
             if batch.events.len() >= self.deps.sync.batch_max_events {
                 let tail = batch.split_open_transaction();
-                self.flush(&mut batch, &started_after).await?;
+                if !self.queue(&mut batch, &work).await? {
+                    return Ok(());
+                }
                 if !tail.is_empty() {
                     batch = tail;
                 }
             }
         }
+    }
+
+    /// Plans the batch's rows (here, so that this work overlaps the previous batch's commit)
+    /// and hands the batch, if any, to the apply task, waiting while the queue is full.
+    /// `Ok(false)` when the apply task has stopped.
+    async fn queue(&self, batch: &mut Batch, work: &mpsc::Sender<Work>) -> Result<bool, SyncError> {
+        if batch.is_empty() {
+            batch.started = None;
+            return Ok(true);
+        }
+        let b = std::mem::take(batch);
+        let plan = plan_events(&self.deps.apply, &self.tables, &b.events)?;
+        Ok(work.send(Work::Batch(b, plan)).await.is_ok())
     }
 
     /// The channel now starts at LATEST: queue entity repairs for its objects since `since`
@@ -400,7 +487,7 @@ impl ChannelTask {
                     tracing::warn!(channel = %self.cfg.name, replay_id = %replay_id, "{w}");
                 }
                 let entity = decoded.header.entity_name.clone();
-                if !self.objects.contains(&entity) {
+                if !self.objects.contains(entity.as_str()) {
                     return Ok(());
                 }
                 if !self.checked_schemas.contains(&event.schema_id) {
@@ -467,30 +554,51 @@ impl ChannelTask {
         self.tables.insert(object.to_string(), table);
         Ok(())
     }
+}
 
-    /// Commits the batch: rows, repairs, dead letters and the checkpoint in one transaction.
-    async fn flush(
-        &mut self,
-        batch: &mut Batch,
-        started_after: &Option<ReplayId>,
-    ) -> Result<(), SyncError> {
-        if batch.is_empty() {
-            batch.started = None;
+impl Applier {
+    /// Commits what the decode side queues, in order, until the queue closes.
+    async fn run(mut self, mut work: mpsc::Receiver<Work>) -> Result<(), SyncError> {
+        while let Some(w) = work.recv().await {
+            match w {
+                Work::Batch(b, plan) => self.commit(b, plan).await?,
+                Work::Position(latest) => self.keepalive(latest).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists a keepalive's topic position (nothing is pending before it).
+    async fn keepalive(&mut self, latest: ReplayId) -> Result<(), SyncError> {
+        telemetry::record_batch(&self.name, 0.0, 0.0);
+        if latest.0.is_empty() || self.committed.as_ref() == Some(&latest) {
             return Ok(());
         }
-        let b = std::mem::take(batch);
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let cp = checkpoint::Checkpoint {
+            replay_id: latest.clone(),
+            commit_timestamp_ms: None,
+        };
+        checkpoint::save(&client, &self.settings.control_schema, &self.name, &cp).await?;
+        self.committed = Some(latest);
+        Ok(())
+    }
+
+    /// Commits the batch: rows, repairs, dead letters and the checkpoint in one transaction.
+    async fn commit(&mut self, b: Batch, plan: MergePlan) -> Result<(), SyncError> {
         let Some(last) = b.last_replay.clone() else {
             return Ok(());
         };
-        let name = &self.cfg.name;
-        let settings = &self.deps.apply;
+        let name = &self.name;
+        let settings = &self.settings;
         let t0 = Instant::now();
-        let mut client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
         let tx = client
             .transaction()
             .await
             .map_err(ReplicaError::pg("begin batch"))?;
-        let outcome = apply_events(&tx, settings, &self.tables, &b.events).await?;
+        let outcome = execute(&tx, settings, plan).await?;
+        let t_apply = t0.elapsed();
         let mut repairs = outcome.repairs;
         if !b.dead.is_empty() {
             let since = b
@@ -499,7 +607,7 @@ impl ChannelTask {
                 .map(|e| e.header.commit_timestamp)
                 .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
                 - settings.repair_margin_ms;
-            for object in &self.cfg.objects {
+            for object in &self.objects {
                 repairs.push(RepairRequest::Entity {
                     object: object.clone(),
                     since_ms: since,
@@ -551,16 +659,26 @@ impl ChannelTask {
             telemetry::record_retention_headroom(name, ms, now_ms);
         }
         tracing::debug!(channel = %name, events = b.events.len(), statements = outcome.statements,
-            repairs = repairs.len(), checkpoint = %last, "batch committed");
-        if let Some(obs) = &self.deps.observer {
+            repairs = repairs.len(), checkpoint = %last, apply_ms = t_apply.as_millis() as u64,
+            commit_ms = (t0.elapsed() - t_apply).as_millis() as u64, "batch committed");
+        if let Some(obs) = &self.observer {
             let _ = obs.send(AppliedBatch {
                 channel: name.clone(),
                 replay_ids: b.events.iter().map(|e| e.replay_id.clone()).collect(),
                 checkpoint: last,
-                started_after: started_after.clone(),
+                started_after: self.started_after.clone(),
             });
         }
         Ok(())
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -446,9 +446,9 @@ pub fn soql_escape(s: &str) -> String {
 fn synthetic_delete(object: &str, ids: Vec<String>, now_ms: i64) -> ChangeEvent {
     ChangeEvent {
         replay_id: Default::default(),
-        schema_id: String::new(),
+        schema_id: "".into(),
         header: ChangeHeader {
-            entity_name: object.to_string(),
+            entity_name: object.into(),
             record_ids: ids,
             change_type: ChangeType::Delete,
             change_origin: String::new(),
