@@ -173,6 +173,10 @@ pub struct SyncConfig {
     pub batch_max_events: usize,
     /// Longest time an event waits in a partial batch before it is applied.
     pub batch_max_wait_ms: u64,
+    /// When the apply side is idle, how long the stream must stay quiet before the trailing
+    /// Salesforce transaction of a batch is taken as complete and applied (complete ones are
+    /// applied at once). Keeps apply delay low at steady rates.
+    pub batch_linger_ms: u64,
     /// First reconnect delay after a transient error; doubles up to `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -196,6 +200,7 @@ impl Default for SyncConfig {
         SyncConfig {
             batch_max_events: 5_000,
             batch_max_wait_ms: 100,
+            batch_linger_ms: 10,
             reconnect_min_ms: 500,
             reconnect_max_ms: 60_000,
             repair_margin_secs: 600,

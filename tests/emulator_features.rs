@@ -335,7 +335,12 @@ async fn a_custom_channel_carries_its_members_only() {
     let events = events_of(&mut raw, "/data/SalesPipeline__chn", 2).await;
     let ids: Vec<(String, String)> = events
         .iter()
-        .map(|(_, e)| (e.header.entity_name.clone(), e.header.record_ids[0].clone()))
+        .map(|(_, e)| {
+            (
+                e.header.entity_name.to_string(),
+                e.header.record_ids[0].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         ids,
@@ -476,7 +481,8 @@ async fn small_edits_of_long_texts_travel_as_diffs() {
         diffed
             .header
             .changed_fields
-            .contains(&"Description".to_string())
+            .iter()
+            .any(|f| f.as_str() == "Description")
     );
     let Some(sfmirror::model::Value::String(d)) = diffed.value("Description") else {
         panic!("a diff value: {:?}", diffed.value("Description"));

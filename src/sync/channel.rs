@@ -14,7 +14,11 @@
 //!
 //! Decoding and applying run as two tasks joined by a bounded queue, so the next batch is
 //! received and decoded while Postgres commits the previous one; the queue's bound is what
-//! keeps memory flat when Postgres is the slower side.
+//! keeps memory flat when Postgres is the slower side. Batch size follows the load: while the
+//! apply task is busy, batches grow to the size or time bound (few large transactions); while
+//! it waits for work, complete Salesforce transactions go to it at once and the trailing one
+//! after `batch_linger_ms` of quiet, so a steady trickle of changes is applied within
+//! milliseconds.
 //!
 //! Why the checkpoint is safe: the replay id saved is that of the last event in the batch, and
 //! it is saved in the transaction that applies the batch, so the stored position never runs
@@ -91,11 +95,25 @@ struct Batch {
     last_replay: Option<ReplayId>,
     last_commit_ms: Option<i64>,
     started: Option<Instant>,
+    /// When the newest event arrived.
+    last_event_at: Option<Instant>,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
         self.last_replay.is_none()
+    }
+
+    /// Whether the batch holds more than its trailing Salesforce transaction: then every
+    /// transaction before that one is known to be complete.
+    fn has_complete_transactions(&self) -> bool {
+        match self.events.last() {
+            Some(last) if !last.header.transaction_key.is_empty() => self
+                .events
+                .iter()
+                .any(|e| e.header.transaction_key != last.header.transaction_key),
+            _ => false,
+        }
     }
 
     /// Splits off the trailing Salesforce transaction, which may still be arriving, so that a
@@ -132,6 +150,7 @@ impl Batch {
             last_replay: self.last_replay.take(),
             last_commit_ms: self.last_commit_ms,
             started: Some(Instant::now()),
+            last_event_at: self.last_event_at,
         };
         self.last_replay = Some(head_last.replay_id.clone());
         self.last_commit_ms = Some(head_last.header.commit_timestamp);
@@ -168,6 +187,15 @@ struct Applier {
     started_after: Option<ReplayId>,
     /// The position committed last (by a batch or a keepalive).
     committed: Option<ReplayId>,
+    /// Whether the task is waiting for work, and the signal that it just started to.
+    idle: Arc<Idle>,
+}
+
+/// The apply task's idleness, watched by the decode side to apply at once what it can.
+#[derive(Default)]
+struct Idle {
+    waiting: std::sync::atomic::AtomicBool,
+    became: tokio::sync::Notify,
 }
 
 impl ChannelTask {
@@ -268,7 +296,9 @@ impl ChannelTask {
             self.cover_jump_to_latest(since, subscribed_at).await?;
         }
         let (work_tx, work_rx) = mpsc::channel(PIPELINE_DEPTH);
+        let idle = Arc::new(Idle::default());
         let applier = Applier {
+            idle: idle.clone(),
             name: name.clone(),
             objects: self.cfg.objects.clone(),
             pool: self.deps.pool.clone(),
@@ -279,7 +309,7 @@ impl ChannelTask {
         };
         // Aborted if this future is dropped, so no apply task outlives its stream.
         let mut apply = AbortOnDrop(tokio::spawn(applier.run(work_rx)));
-        let received = self.receive(&mut sub, shutdown, work_tx).await;
+        let received = self.receive(&mut sub, shutdown, work_tx, &idle).await;
         // The queue is closed: the apply task commits what is queued and ends. Its error, if
         // any, is the reason the receiving stopped, so it wins.
         let applied = match (&mut apply.0).await {
@@ -299,15 +329,38 @@ impl ChannelTask {
         sub: &mut crate::salesforce::pubsub::Subscription,
         shutdown: &CancellationToken,
         work: mpsc::Sender<Work>,
+        idle: &Idle,
     ) -> Result<(), SyncError> {
         let name = self.cfg.name.clone();
         let mut batch = Batch::default();
         let max_wait = self.deps.sync.batch_max_wait();
+        let linger = Duration::from_millis(self.deps.sync.batch_linger_ms);
         let stale_after = Duration::from_secs(self.deps.sync.stale_stream_secs);
         let mut last_heard = Instant::now();
         loop {
-            let deadline = batch.started.map(|t| t + max_wait);
+            // Latency: while the apply task waits for work, every transaction known to be
+            // complete goes to it now, and the trailing one after `linger` of quiet. While it
+            // is busy, batches grow instead (fewer, larger transactions: throughput).
+            let apply_idle = || {
+                idle.waiting.load(std::sync::atomic::Ordering::Acquire)
+                    && work.capacity() == work.max_capacity()
+            };
+            if apply_idle() && batch.has_complete_transactions() {
+                let tail = batch.split_open_transaction();
+                if !self.queue(&mut batch, &work).await? {
+                    return Ok(());
+                }
+                batch = tail;
+            }
+            let mut deadline = batch.started.map(|t| t + max_wait);
+            if apply_idle()
+                && let Some(quiet) = batch.last_event_at.map(|t| t + linger)
+            {
+                deadline = deadline.map(|d| d.min(quiet));
+            }
             let response = tokio::select! {
+                // The apply task ran out of work: look again at what can go now.
+                _ = idle.became.notified(), if !batch.is_empty() => continue,
                 _ = shutdown.cancelled() => {
                     self.queue(&mut batch, &work).await?;
                     return Ok(());
@@ -374,6 +427,7 @@ impl ChannelTask {
                 if batch.started.is_none() {
                     batch.started = Some(Instant::now());
                 }
+                batch.last_event_at = Some(Instant::now());
             }
             if batch.events.len() >= self.deps.sync.batch_max_events {
                 let tail = batch.split_open_transaction();
@@ -559,7 +613,25 @@ impl ChannelTask {
 impl Applier {
     /// Commits what the decode side queues, in order, until the queue closes.
     async fn run(mut self, mut work: mpsc::Receiver<Work>) -> Result<(), SyncError> {
-        while let Some(w) = work.recv().await {
+        loop {
+            let w = match work.try_recv() {
+                Ok(w) => w,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.idle
+                        .waiting
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    self.idle.became.notify_one();
+                    let next = work.recv().await;
+                    self.idle
+                        .waiting
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    match next {
+                        Some(w) => w,
+                        None => break,
+                    }
+                }
+            };
             match w {
                 Work::Batch(b, plan) => self.commit(b, plan).await?,
                 Work::Position(latest) => self.keepalive(latest).await?,
