@@ -825,7 +825,9 @@ mod tests {
             last_replay: Some(ReplayId::from_u64(8)),
             last_commit_ms: Some(80),
             started: Some(Instant::now()),
+            last_event_at: Some(Instant::now()),
         };
+        assert!(b.has_complete_transactions());
         let tail = b.split_open_transaction();
         assert_eq!(b.events.len(), 3);
         assert_eq!(
@@ -850,6 +852,7 @@ mod tests {
             last_replay: Some(ReplayId::from_u64(2)),
             ..Default::default()
         };
+        assert!(!b.has_complete_transactions(), "one transaction may still be arriving");
         let tail = b.split_open_transaction();
         assert!(tail.is_empty());
         assert_eq!(b.events.len(), 2);
