@@ -11,6 +11,10 @@
 //! into a staging table plus one set-based merge per object (newest change per record, the
 //! version guard in `ON CONFLICT`) into a fresh table shaped like the replica's, in one
 //! transaction. It prints both rates and their ratio (budget: >= 0.7).
+//!
+//! With `-- N external`, the emulator runs as its own process (`sfmirror emulator --backlog
+//! N:Account,Contact,Opportunity`, a random mix of creates, updates, deletes and undeletes
+//! built before it serves), so the peak RSS printed is the daemon's alone.
 
 use serde_json::json;
 use sfmirror::config::Config;
@@ -358,10 +362,116 @@ async fn main() -> anyhow::Result<()> {
         None => anyhow::bail!("DATABASE_URL has no database part"),
     };
 
+    let external = std::env::args().any(|a| a == "external");
+    let (source, start_tip, end_tip) = if external {
+        external_backlog(n).await?
+    } else {
+        in_process_backlog(n).await?
+    };
+    let (rest, id, secret, grpc) = match &source {
+        Source::InProcess(e) => (
+            e.rest_url.clone(),
+            e.credentials.client_id.clone(),
+            e.credentials.client_secret.clone(),
+            e.pubsub_endpoint.clone(),
+        ),
+        Source::External { info, .. } => {
+            let s = |k: &str| info[k].as_str().unwrap_or_default().to_string();
+            (
+                s("rest_url"),
+                s("client_id"),
+                s("client_secret"),
+                s("pubsub_endpoint"),
+            )
+        }
+    };
+
+    let result = run(
+        n, &url, &source, &rest, &id, &secret, &grpc, start_tip, end_tip,
+    )
+    .await;
+    if let Source::InProcess(e) = source {
+        e.stop().await;
+    }
+    client
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await?;
+    result
+}
+
+/// Where the backlog is served from.
+enum Source {
+    InProcess(Box<Emulator>),
+    /// A child `sfmirror emulator` process (killed when dropped) and its start-up line.
+    External {
+        _child: ChildProcess,
+        info: serde_json::Value,
+    },
+}
+
+struct ChildProcess(std::process::Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sfmirror emulator --backlog N:...` and reads its start-up line; the backlog's
+/// replay ids run from just after the bus's first id to the tip the stats report.
+async fn external_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
+    use std::io::BufRead;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"))
+        .args([
+            "emulator",
+            "--listen-rest",
+            "127.0.0.1:0",
+            "--listen-grpc",
+            "127.0.0.1:0",
+            "--backlog",
+            &format!("{n}:Account,Contact,Opportunity"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no emulator stdout"))?;
+    let child = ChildProcess(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let info: serde_json::Value = serde_json::from_str(&line)?;
+    let rest = info["rest_url"].as_str().unwrap_or_default().to_string();
+    let stats: serde_json::Value = reqwest::get(format!("{rest}/emulator/stats"))
+        .await?
+        .json()
+        .await?;
+    let end_tip = stats["tip_replay_id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no tip in the emulator's stats"))?;
+    println!(
+        "backlog: {n} events built by the emulator process in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    // The bus hands out ids after 1,000,000; the backlog is everything after that.
+    Ok((
+        Source::External {
+            _child: child,
+            info,
+        },
+        1_000_000,
+        end_tip,
+    ))
+}
+
+/// The backlog built in this process: creates, then updates and deletes, over three objects.
+async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
     let emulator = Emulator::start(EmulatorConfig::default()).await?;
     let org = emulator.org.clone();
     let start_tip = org.bus.tip();
-
     // The backlog: creates, then updates and deletes, over three objects.
     let t0 = Instant::now();
     let objects = ["Account", "Contact", "Opportunity"];
@@ -407,7 +517,21 @@ async fn main() -> anyhow::Result<()> {
         "backlog: {n} events built in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    Ok((Source::InProcess(Box::new(emulator)), start_tip, end_tip))
+}
 
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    n: usize,
+    url: &str,
+    source: &Source,
+    rest: &str,
+    id: &str,
+    secret: &str,
+    grpc: &str,
+    start_tip: u64,
+    end_tip: u64,
+) -> anyhow::Result<()> {
     let cfg = Config::from_toml(&format!(
         r#"
         [salesforce]
@@ -426,10 +550,6 @@ async fn main() -> anyhow::Result<()> {
         name = "/data/ChangeEvents"
         objects = ["Account", "Contact", "Opportunity"]
         "#,
-        rest = emulator.rest_url,
-        id = emulator.credentials.client_id,
-        secret = emulator.credentials.client_secret,
-        grpc = emulator.pubsub_endpoint,
     ))?;
     // Start from just before the backlog, as a daemon that was down would.
     let pool = supervisor::prepare_replica(&cfg).await?;
@@ -474,8 +594,12 @@ async fn main() -> anyhow::Result<()> {
         cpu_used(&cpu_self, &cpu_secs(true)),
         cpu_used(&cpu_pg, &cpu_secs(false))
     );
+    let rss_note = match source {
+        Source::InProcess(_) => "emulator and backlog included",
+        Source::External { .. } => "the daemon alone",
+    };
     println!(
-        "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB (emulator and backlog included)",
+        "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB ({rss_note})",
         peak_rss_mb()
     );
     stop.cancel();
@@ -487,9 +611,5 @@ async fn main() -> anyhow::Result<()> {
         rate / limit
     );
     drop(pool);
-    emulator.stop().await;
-    client
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await?;
     Ok(())
 }
