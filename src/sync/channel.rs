@@ -852,7 +852,10 @@ mod tests {
             last_replay: Some(ReplayId::from_u64(2)),
             ..Default::default()
         };
-        assert!(!b.has_complete_transactions(), "one transaction may still be arriving");
+        assert!(
+            !b.has_complete_transactions(),
+            "one transaction may still be arriving"
+        );
         let tail = b.split_open_transaction();
         assert!(tail.is_empty());
         assert_eq!(b.events.len(), 2);
