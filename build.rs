@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["proto"])?;
     tonic_prost_build::configure()
+        // Event payloads as `Bytes`: a stored event is served, and a received one decoded,
+        // without copying its payload.
+        .bytes(".eventbus.v1.ProducerEvent.payload")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -229,19 +229,19 @@ async fn platform_events_are_published_checked_and_delivered() {
         ProducerEvent {
             id: "corr-1".into(),
             schema_id: info.schema_id.clone(),
-            payload: good.clone(),
+            payload: good.clone().into(),
             headers: vec![],
         },
         ProducerEvent {
             id: "corr-2".into(),
             schema_id: "not-the-schema".into(),
-            payload: good.clone(),
+            payload: good.clone().into(),
             headers: vec![],
         },
         ProducerEvent {
             id: "corr-3".into(),
             schema_id: info.schema_id.clone(),
-            payload: good[..good.len() / 2].to_vec(),
+            payload: good[..good.len() / 2].to_vec().into(),
             headers: vec![],
         },
     ];
@@ -272,7 +272,7 @@ async fn platform_events_are_published_checked_and_delivered() {
         events: vec![ProducerEvent {
             id: "corr-4".into(),
             schema_id: info.schema_id.clone(),
-            payload: second,
+            payload: second.into(),
             headers: vec![],
         }],
         auth_refresh: String::new(),
@@ -296,7 +296,7 @@ async fn platform_events_are_published_checked_and_delivered() {
         .expect("open");
     assert_eq!(got.events.len(), 2);
     let first = got.events[0].event.as_ref().expect("event");
-    assert_eq!(first.payload, good);
+    assert_eq!(first.payload[..], good[..]);
     assert_eq!(got.events[0].replay_id, answer.results[0].replay_id);
 
     // CDC channels take no publishing.

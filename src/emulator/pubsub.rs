@@ -132,7 +132,7 @@ impl PubSubService {
         let events: Vec<(String, Vec<u8>)> = request
             .events
             .iter()
-            .map(|e| (e.schema_id.clone(), e.payload.clone()))
+            .map(|e| (e.schema_id.clone(), e.payload.to_vec()))
             .collect();
         let results = self.org.publish_events(&topic, &events).map_err(|e| {
             sf_status(
@@ -414,7 +414,8 @@ async fn serve_subscription(
                         event: Some(ProducerEvent {
                             id: e.event_uuid.clone(),
                             schema_id: e.schema_id.clone(),
-                            payload: e.payload.to_vec(),
+                            // Shared with the stored event: no copy per delivery.
+                            payload: e.payload.clone(),
                             headers: Vec::new(),
                         }),
                         replay_id: e.replay.to_be_bytes().to_vec(),

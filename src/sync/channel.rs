@@ -568,7 +568,7 @@ impl ChannelTask {
         batch.dead.push(DeadLetter {
             replay_id,
             schema_id: event.schema_id.clone(),
-            payload: event.payload.clone(),
+            payload: event.payload.to_vec(),
             error,
             position: batch.events.len(),
         });
