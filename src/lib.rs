@@ -24,3 +24,9 @@ pub mod replica;
 pub mod salesforce;
 pub mod sync;
 pub mod telemetry;
+
+/// Decoding and merging allocate many small, short-lived strings per event; mimalloc's
+/// thread-local free lists handle that pattern markedly faster than the system allocator
+/// (measured with `cargo bench --bench decode`). Every binary linking the crate uses it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
