@@ -29,7 +29,15 @@ async fn main() -> anyhow::Result<()> {
         "backlog: {n} events built in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let mut client = PubSubClient::connect(emulator.pubsub_endpoint.clone()).await?;
+    // Receive windows as a fast subscriber sets them (sfmirror's client does the same): with
+    // HTTP/2's 64 KB default, every 100-event response would wait for a window update.
+    let channel = tonic::transport::Endpoint::from_shared(emulator.pubsub_endpoint.clone())?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 * 1024 * 1024))
+        .initial_connection_window_size(Some(32 * 1024 * 1024))
+        .connect()
+        .await?;
+    let mut client = PubSubClient::new(channel);
     let (tx, rx) = mpsc::channel::<FetchRequest>(16);
     tx.send(FetchRequest {
         topic_name: "/data/ChangeEvents".into(),
