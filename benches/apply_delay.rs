@@ -13,26 +13,14 @@
 use metrics::{
     Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
+mod common;
+
+use common::{BenchDb, EmulatorProcess, peak_rss_mb};
 use sfmirror::config::Config;
 use sfmirror::sync::supervisor;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
 
 /// Keeps every observation of the apply-delay histogram; every other metric is dropped.
 #[derive(Default)]
@@ -67,15 +55,6 @@ impl Recorder for Capture {
     }
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -96,56 +75,20 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let seconds = numbers.first().copied().unwrap_or(30.0);
     let rate = numbers.get(1).copied().unwrap_or(1000.0);
-    let admin = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-    let db = format!("sfm_bench_delay_{}", std::process::id());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = match admin.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("DATABASE_URL has no database part"),
-    };
-    let result = run(&url, seconds, rate, &delays).await;
-    client
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await?;
+    let db = BenchDb::create("sfm_bench_delay").await?;
+    let result = run(&db.url, seconds, rate, &delays).await;
+    db.drop().await?;
     result
 }
 
 async fn run(url: &str, seconds: f64, rate: f64, delays: &Delays) -> anyhow::Result<()> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sfmirror"))
-        .args([
-            "emulator",
-            "--listen-rest",
-            "127.0.0.1:0",
-            "--listen-grpc",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no emulator stdout"))?;
-    let _child = Child(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let info: serde_json::Value = serde_json::from_str(&line)?;
-    let rest = info["rest_url"].as_str().unwrap_or_default().to_string();
+    let emulator = EmulatorProcess::start(&[])?;
+    let rest = emulator.get("rest_url");
     let http = reqwest::Client::new();
 
     let cfg = Config::from_toml(&format!(
         r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
+        {salesforce}
         [replica]
         url = "{url}"
         [metrics]
@@ -154,9 +97,7 @@ async fn run(url: &str, seconds: f64, rate: f64, delays: &Delays) -> anyhow::Res
         name = "/data/ChangeEvents"
         objects = ["Account", "Contact", "Opportunity"]
         "#,
-        id = info["client_id"].as_str().unwrap_or_default(),
-        secret = info["client_secret"].as_str().unwrap_or_default(),
-        grpc = info["pubsub_endpoint"].as_str().unwrap_or_default(),
+        salesforce = emulator.salesforce_toml(),
     ))?;
     let stop = CancellationToken::new();
     let daemon = {

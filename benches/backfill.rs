@@ -11,35 +11,13 @@
 //! Postgres and into a fresh table of the same shape through this process with binary COPY:
 //! what moving the same rows costs with no Salesforce, CSV or merge in between.
 
+mod common;
+
+use common::{BenchDb, EmulatorProcess, peak_rss_mb};
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use sfmirror::config::Config;
 use sfmirror::sync::backfill::{BackfillOptions, Progress, backfill_with};
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::time::Instant;
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
-/// The emulator child process; killed when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -48,46 +26,15 @@ async fn main() -> anyhow::Result<()> {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    let admin = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-    let db = format!("sfm_bench_backfill_{}", std::process::id());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = match admin.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("DATABASE_URL has no database part"),
-    };
-    let result = run(n, &url).await;
-    client
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await?;
+    let db = BenchDb::create("sfm_bench_backfill").await?;
+    let result = run(n, &db.url).await;
+    db.drop().await?;
     result
 }
 
 async fn run(n: usize, url: &str) -> anyhow::Result<()> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sfmirror"))
-        .args([
-            "emulator",
-            "--listen-rest",
-            "127.0.0.1:0",
-            "--listen-grpc",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no emulator stdout"))?;
-    let child = Child(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let info: serde_json::Value = serde_json::from_str(&line)?;
-    let rest = info["rest_url"].as_str().unwrap_or_default().to_string();
+    let emulator = EmulatorProcess::start(&[])?;
+    let rest = emulator.get("rest_url");
 
     let t0 = Instant::now();
     let seeded: serde_json::Value = reqwest::Client::new()
@@ -106,12 +53,7 @@ async fn run(n: usize, url: &str) -> anyhow::Result<()> {
 
     let cfg = Config::from_toml(&format!(
         r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
+        {salesforce}
         [replica]
         url = "{url}"
         [metrics]
@@ -120,9 +62,7 @@ async fn run(n: usize, url: &str) -> anyhow::Result<()> {
         name = "/data/AccountChangeEvent"
         objects = ["Account"]
         "#,
-        id = info["client_id"].as_str().unwrap_or_default(),
-        secret = info["client_secret"].as_str().unwrap_or_default(),
-        grpc = info["pubsub_endpoint"].as_str().unwrap_or_default(),
+        salesforce = emulator.salesforce_toml(),
     ))?;
     let mut opts = BackfillOptions::new(vec!["Account".to_string()], None);
     opts.progress = Progress::Quiet;
@@ -142,7 +82,7 @@ async fn run(n: usize, url: &str) -> anyhow::Result<()> {
         "backfill: {rows} rows over {:?} in {secs:.2} s = {backfill_rate:.0} rows/s; peak RSS {rss:.0} MB",
         object.method
     );
-    drop(child);
+    drop(emulator);
 
     // The baseline: the same rows through binary COPY out of the replica and into a fresh
     // table of the same shape, in the same database.

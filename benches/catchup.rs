@@ -16,6 +16,9 @@
 //! N:Account,Contact,Opportunity`, a random mix of creates, updates, deletes and undeletes
 //! built before it serves), so the peak RSS printed is the daemon's alone.
 
+mod common;
+
+use common::{BenchDb, EmulatorProcess, peak_rss_mb};
 use serde_json::json;
 use sfmirror::config::Config;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
@@ -329,19 +332,6 @@ async fn postgres_limit(pool: &deadpool_postgres::Pool, n: usize) -> anyhow::Res
     Ok(t0.elapsed().as_secs_f64())
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sfmirror::telemetry::init_logging();
@@ -349,102 +339,48 @@ async fn main() -> anyhow::Result<()> {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(200_000);
-    let admin = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-    let db = format!("sfm_bench_{}", std::process::id());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = match admin.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("DATABASE_URL has no database part"),
-    };
-
+    let db = BenchDb::create("sfm_bench").await?;
     let external = std::env::args().any(|a| a == "external");
     let (source, start_tip, end_tip) = if external {
         external_backlog(n).await?
     } else {
         in_process_backlog(n).await?
     };
-    let (rest, id, secret, grpc) = match &source {
-        Source::InProcess(e) => (
-            e.rest_url.clone(),
-            e.credentials.client_id.clone(),
-            e.credentials.client_secret.clone(),
-            e.pubsub_endpoint.clone(),
-        ),
-        Source::External { info, .. } => {
-            let s = |k: &str| info[k].as_str().unwrap_or_default().to_string();
-            (
-                s("rest_url"),
-                s("client_id"),
-                s("client_secret"),
-                s("pubsub_endpoint"),
-            )
-        }
-    };
-
-    let result = run(
-        n, &url, &source, &rest, &id, &secret, &grpc, start_tip, end_tip,
-    )
-    .await;
+    let result = run(n, &db.url, &source, start_tip, end_tip).await;
     if let Source::InProcess(e) = source {
         e.stop().await;
     }
-    client
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await?;
+    db.drop().await?;
     result
 }
 
 /// Where the backlog is served from.
 enum Source {
     InProcess(Box<Emulator>),
-    /// A child `sfmirror emulator` process (killed when dropped) and its start-up line.
-    External {
-        _child: ChildProcess,
-        info: serde_json::Value,
-    },
+    External(EmulatorProcess),
 }
 
-struct ChildProcess(std::process::Child);
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Source {
+    /// The `[salesforce]` config section that logs in to this emulator.
+    fn salesforce_toml(&self) -> String {
+        match self {
+            Source::InProcess(e) => format!(
+                "[salesforce]\nlogin_url = \"{}\"\nauth = \"client_credentials\"\n\
+                 client_id = \"{}\"\nclient_secret = \"{}\"\npubsub_endpoint = \"{}\"\n",
+                e.rest_url, e.credentials.client_id, e.credentials.client_secret, e.pubsub_endpoint
+            ),
+            Source::External(p) => p.salesforce_toml(),
+        }
     }
 }
 
 /// Starts `sfmirror emulator --backlog N:...` and reads its start-up line; the backlog's
 /// replay ids run from just after the bus's first id to the tip the stats report.
 async fn external_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
-    use std::io::BufRead;
     let t0 = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"))
-        .args([
-            "emulator",
-            "--listen-rest",
-            "127.0.0.1:0",
-            "--listen-grpc",
-            "127.0.0.1:0",
-            "--backlog",
-            &format!("{n}:Account,Contact,Opportunity"),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no emulator stdout"))?;
-    let child = ChildProcess(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let info: serde_json::Value = serde_json::from_str(&line)?;
-    let rest = info["rest_url"].as_str().unwrap_or_default().to_string();
+    let emulator =
+        EmulatorProcess::start(&["--backlog", &format!("{n}:Account,Contact,Opportunity")])?;
+    let rest = emulator.get("rest_url");
     let stats: serde_json::Value = reqwest::get(format!("{rest}/emulator/stats"))
         .await?
         .json()
@@ -457,14 +393,7 @@ async fn external_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
         t0.elapsed().as_secs_f64()
     );
     // The bus hands out ids after 1,000,000; the backlog is everything after that.
-    Ok((
-        Source::External {
-            _child: child,
-            info,
-        },
-        1_000_000,
-        end_tip,
-    ))
+    Ok((Source::External(emulator), 1_000_000, end_tip))
 }
 
 /// The backlog built in this process: creates, then updates and deletes, over three objects.
@@ -520,26 +449,16 @@ async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
     Ok((Source::InProcess(Box::new(emulator)), start_tip, end_tip))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     n: usize,
     url: &str,
     source: &Source,
-    rest: &str,
-    id: &str,
-    secret: &str,
-    grpc: &str,
     start_tip: u64,
     end_tip: u64,
 ) -> anyhow::Result<()> {
     let cfg = Config::from_toml(&format!(
         r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
+        {salesforce}
         [replica]
         url = "{url}"
         [sync]
@@ -550,6 +469,7 @@ async fn run(
         name = "/data/ChangeEvents"
         objects = ["Account", "Contact", "Opportunity"]
         "#,
+        salesforce = source.salesforce_toml(),
     ))?;
     // Start from just before the backlog, as a daemon that was down would.
     let pool = supervisor::prepare_replica(&cfg).await?;
@@ -596,7 +516,7 @@ async fn run(
     );
     let rss_note = match source {
         Source::InProcess(_) => "emulator and backlog included",
-        Source::External { .. } => "the daemon alone",
+        Source::External(_) => "the daemon alone",
     };
     println!(
         "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB ({rss_note})",

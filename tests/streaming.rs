@@ -81,6 +81,18 @@ async fn converged(emulator: &Emulator, db: &TestDb, objects: &[&str]) {
     }
 }
 
+/// Waits until the repair worker has emptied the queue.
+async fn repairs_drained(client: &tokio_postgres::Client) {
+    wait_for("the repair queue to drain", WAIT, async || {
+        client
+            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_type_over_three_channels_converges() {
     let db = TestDb::create().await;
@@ -480,14 +492,7 @@ async fn gaps_overflows_and_wildcards_are_repaired_until_the_replica_equals_the_
     .await;
     converged(&emulator, &db, &["Account"]).await;
     let client = db.client().await;
-    wait_for("the repair queue to drain", WAIT, async || {
-        client
-            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0) == 0)
-            .unwrap_or(false)
-    })
-    .await;
+    repairs_drained(&client).await;
     let deleted: bool = client
         .query_one(
             "SELECT _sfm_deleted FROM salesforce.account WHERE id = $1",
@@ -889,14 +894,7 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
     );
     converged(&emulator, &db, &objects).await;
     let client = db.client().await;
-    wait_for("the repair queue to drain", WAIT, async || {
-        client
-            .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0) == 0)
-            .unwrap_or(false)
-    })
-    .await;
+    repairs_drained(&client).await;
     let live_deals: i64 = client
         .query_one(
             "SELECT count(*) FROM salesforce.opportunity WHERE NOT _sfm_deleted",

@@ -72,7 +72,8 @@ fn sub_name(parent: &str, field: &str) -> String {
     s.strip_suffix("__s").unwrap_or(s).to_string()
 }
 
-fn avro_type(kind: &FieldType) -> &'static str {
+/// The Avro type that carries a field of `kind` in Salesforce's event schemas.
+pub(super) fn avro_type(kind: &FieldType) -> &'static str {
     match kind {
         FieldType::Boolean => "boolean",
         FieldType::Int => "int",
@@ -80,6 +81,13 @@ fn avro_type(kind: &FieldType) -> &'static str {
         FieldType::Double | FieldType::Currency | FieldType::Percent => "double",
         _ => "string",
     }
+}
+
+/// A schema id like Salesforce's: 22 URL-safe base64 characters, here a fingerprint of the
+/// schema JSON, so the same schema always gets the same id.
+pub(super) fn schema_id(schema_json: &str) -> String {
+    let digest = Sha256::digest(schema_json.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
 }
 
 fn header_schema() -> J {
@@ -188,8 +196,7 @@ impl CdcSchema {
         .to_string();
         let avro = apache_avro::Schema::parse_str(&schema_json)
             .map_err(|e| format!("{}: generated schema does not parse: {e}", describe.name))?;
-        let digest = Sha256::digest(schema_json.as_bytes());
-        let schema_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]);
+        let schema_id = schema_id(&schema_json);
         Ok(CdcSchema {
             schema_id,
             json: schema_json,

@@ -8,10 +8,9 @@
 //! before it gets a replay id, as Salesforce does, so a client with a stale or wrong schema
 //! learns it at publish time.
 
-use crate::model::{FieldType, ObjectDescribe};
-use base64::Engine;
+use super::cdc::{avro_type, schema_id};
+use crate::model::ObjectDescribe;
 use serde_json::{Value as J, json};
-use sha2::{Digest, Sha256};
 
 /// Describe fields that are not part of a platform event's payload.
 const NOT_IN_PAYLOAD: &[&str] = &["ReplayId", "EventUuid", "Id"];
@@ -24,16 +23,6 @@ pub struct EventType {
     pub schema_id: String,
     pub json: String,
     pub avro: apache_avro::Schema,
-}
-
-fn avro_type(kind: &FieldType) -> &'static str {
-    match kind {
-        FieldType::Boolean => "boolean",
-        FieldType::Int => "int",
-        FieldType::Long | FieldType::Date | FieldType::Datetime | FieldType::Time => "long",
-        FieldType::Double | FieldType::Currency | FieldType::Percent => "double",
-        _ => "string",
-    }
 }
 
 /// The channel of an event type: `/event/Order_Shipped__e`.
@@ -76,11 +65,10 @@ impl EventType {
         .to_string();
         let avro = apache_avro::Schema::parse_str(&json)
             .map_err(|e| format!("{}: generated schema does not parse: {e}", describe.name))?;
-        let digest = Sha256::digest(json.as_bytes());
         Ok(EventType {
             name: describe.name.clone(),
             channel: event_channel(&describe.name),
-            schema_id: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]),
+            schema_id: schema_id(&json),
             json,
             avro,
         })

@@ -36,6 +36,7 @@ pub struct SubscriptionRecord {
     pub started_after: u64,
 }
 
+#[derive(Clone)]
 pub struct PubSubService {
     org: Arc<Org>,
     keepalive: Duration,
@@ -330,13 +331,7 @@ impl PubSub for PubSubService {
         self.authenticate(request.metadata())?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<PublishResponse, Status>>(16);
-        let service = PubSubService {
-            org: self.org.clone(),
-            keepalive: self.keepalive,
-            idle_close: self.idle_close,
-            subscriptions: self.subscriptions.clone(),
-            drop_streams: self.drop_streams.clone(),
-        };
+        let service = self.clone();
         let dropped = self
             .drop_streams
             .lock()

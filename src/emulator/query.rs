@@ -218,7 +218,7 @@ fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
 
 /// The records `q` selects, filtered, ordered and limited; with `all`, deleted ones too.
 fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
-    let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| r.clone()));
+    let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| Record::clone(r)));
     q.sort(&mut out);
     if let Some(n) = q.limit() {
         out.truncate(n);
@@ -1031,7 +1031,7 @@ async fn create_job(
                 matching(&org, &q, all).into_iter().map(Arc::new).collect()
             } else {
                 // Id order, as stored: share the matching records themselves.
-                let mut rows = org.select_shared(&q.object, all, |r| q.matches(r));
+                let mut rows = org.scan(&q.object, all, |r| q.matches(r).then(|| r.clone()));
                 if let Some(n) = q.limit() {
                     rows.truncate(n);
                 }

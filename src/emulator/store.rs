@@ -66,8 +66,41 @@ fn record_in<'a>(
     data.records
         .get_mut(object)
         .and_then(|r| r.get_mut(id))
-        .filter(|r| (r.get("IsDeleted") == Some(&J::Bool(true))) == deleted)
+        .filter(|r| is_deleted(r) == deleted)
         .map(Arc::make_mut)
+}
+
+/// Sets `values` on `record`; returns the fields whose value changed (and those now null).
+fn set_values(record: &mut Record, values: &Record) -> Changes {
+    let mut c = Changes::default();
+    for (k, v) in values {
+        if record.get(k).unwrap_or(&J::Null) != v {
+            if v.is_null() {
+                c.nulled.insert(k.clone());
+            }
+            c.changed.insert(k.clone());
+            record.insert(k.clone(), v.clone());
+        }
+    }
+    c
+}
+
+/// Stamps an updated record (`LastModifiedDate`, which every UPDATE lists as changed, and
+/// `SystemModstamp`) and returns the event body: the changed fields' new values.
+fn stamp_update(record: &mut Record, changes: &mut Changes, stamp: &str) -> Record {
+    changes.changed.insert("LastModifiedDate".to_string());
+    record.insert("LastModifiedDate".into(), J::String(stamp.to_string()));
+    record.insert("SystemModstamp".into(), J::String(stamp.to_string()));
+    changes
+        .changed
+        .iter()
+        .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
+        .collect()
+}
+
+/// Is the record in the recycle bin?
+fn is_deleted(record: &Record) -> bool {
+    record.get("IsDeleted") == Some(&J::Bool(true))
 }
 
 /// The field lists of one change.
@@ -586,8 +619,7 @@ impl Org {
             ChangeType::Create,
             vec![id.clone()],
             &record,
-            HashSet::new(),
-            HashSet::new(),
+            Changes::default(),
             now,
             origin,
         )?;
@@ -708,8 +740,7 @@ impl Org {
                 None => record.get(k).map(|v| (k.clone(), v.clone())),
             })
             .collect();
-        let key = uuid::Uuid::new_v4().to_string();
-        self.publish_in(
+        self.publish(
             &mut data,
             &def,
             ChangeType::Update,
@@ -718,10 +749,6 @@ impl Org {
             changes,
             now,
             origin,
-            &Txn {
-                key: &key,
-                sequence: 1,
-            },
         )
     }
 
@@ -741,8 +768,7 @@ impl Org {
             ChangeType::Delete,
             vec![id.to_string()],
             &Record::new(),
-            HashSet::new(),
-            HashSet::new(),
+            Changes::default(),
             now,
             origin,
         )
@@ -755,32 +781,25 @@ impl Org {
             .records
             .get(object)
             .and_then(|r| r.get(id))
-            .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
+            .filter(|r| !is_deleted(r))
             .map(|r| Record::clone(r))
             .ok_or_else(|| ApiError::new(404, "NOT_FOUND", "The requested resource does not exist"))
     }
 
     /// Every live record of `object`, in id order.
     pub fn records(&self, object: &str) -> Vec<Record> {
-        self.data()
-            .records
-            .get(object)
-            .map(|r| {
-                r.values()
-                    .filter(|r| r.get("IsDeleted") != Some(&J::Bool(true)))
-                    .map(|r| Record::clone(r))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.scan(object, false, |r| Some(Record::clone(r)))
     }
 
     /// Visits the records of `object` in id order under the org's lock (recycle bin included
-    /// when `deleted`), keeping what `f` returns: queries clone only what they select.
+    /// when `deleted`), keeping what `f` returns. Records are handed over shared: a query
+    /// clones only what it selects, and a Bulk job keeps the `Arc`s themselves (a record is
+    /// copied only if it changes while the job still holds it).
     pub fn scan<T>(
         &self,
         object: &str,
         deleted: bool,
-        mut f: impl FnMut(&Record) -> Option<T>,
+        f: impl FnMut(&Arc<Record>) -> Option<T>,
     ) -> Vec<T> {
         let data = self.data();
         let Some(records) = data.records.get(object) else {
@@ -788,41 +807,18 @@ impl Org {
         };
         records
             .values()
-            .filter(|r| deleted || r.get("IsDeleted") != Some(&J::Bool(true)))
-            .filter_map(|r| f(r))
-            .collect()
-    }
-
-    /// The records of `object` that `keep` selects, shared as they are now (a Bulk job's
-    /// results): no copy is made unless a record changes while the result is held.
-    pub fn select_shared(
-        &self,
-        object: &str,
-        deleted: bool,
-        keep: impl Fn(&Record) -> bool,
-    ) -> Vec<Arc<Record>> {
-        let data = self.data();
-        let Some(records) = data.records.get(object) else {
-            return Vec::new();
-        };
-        records
-            .values()
-            .filter(|r| deleted || r.get("IsDeleted") != Some(&J::Bool(true)))
-            .filter(|r| keep(r))
-            .cloned()
+            .filter(|r| deleted || !is_deleted(r))
+            .filter_map(f)
             .collect()
     }
 
     /// Every record of `object`, those in the recycle bin (`IsDeleted: true`) included, in id
     /// order: what `queryAll` sees.
     pub fn all_records(&self, object: &str) -> Vec<Record> {
-        self.data()
-            .records
-            .get(object)
-            .map(|r| r.values().map(|r| Record::clone(r)).collect())
-            .unwrap_or_default()
+        self.scan(object, true, |r| Some(Record::clone(r)))
     }
 
+    /// Publishes one event that is its own transaction.
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -831,8 +827,7 @@ impl Org {
         change_type: ChangeType,
         record_ids: Vec<String>,
         body: &Record,
-        changed: HashSet<String>,
-        nulled: HashSet<String>,
+        changes: Changes,
         now: i64,
         origin: &str,
     ) -> Result<(), ApiError> {
@@ -840,11 +835,6 @@ impl Org {
         let txn = Txn {
             key: &key,
             sequence: 1,
-        };
-        let changes = Changes {
-            changed,
-            nulled,
-            diff: HashSet::new(),
         };
         self.publish_in(
             data,
@@ -1023,27 +1013,11 @@ impl Org {
                         let Some(record) = record_in(&mut data, &object, &id, false) else {
                             continue;
                         };
-                        let mut c = Changes::default();
-                        for (k, v) in &values {
-                            if record.get(k).unwrap_or(&J::Null) != v {
-                                if v.is_null() {
-                                    c.nulled.insert(k.clone());
-                                }
-                                c.changed.insert(k.clone());
-                                record.insert(k.clone(), v.clone());
-                            }
-                        }
+                        let mut c = set_values(record, &values);
                         if c.changed.is_empty() {
                             continue;
                         }
-                        c.changed.insert("LastModifiedDate".to_string());
-                        record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
-                        record.insert("SystemModstamp".into(), J::String(stamp.clone()));
-                        let body = c
-                            .changed
-                            .iter()
-                            .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
-                            .collect();
+                        let body = stamp_update(record, &mut c, &stamp);
                         changes.push((ChangeType::Update, id, body, c));
                     }
                 }
@@ -1222,8 +1196,7 @@ impl Org {
             ChangeType::Undelete,
             vec![id.to_string()],
             &body,
-            HashSet::new(),
-            HashSet::new(),
+            Changes::default(),
             now,
             origin,
         )
@@ -1253,29 +1226,13 @@ impl Org {
                     format!("no live record {id}"),
                 ));
             };
-            let mut changed = HashSet::new();
-            let mut nulled = HashSet::new();
-            for (k, v) in &values {
-                if record.get(k).unwrap_or(&J::Null) != v {
-                    if v.is_null() {
-                        nulled.insert(k.clone());
-                    }
-                    changed.insert(k.clone());
-                    record.insert(k.clone(), v.clone());
-                }
-            }
-            changed.insert("LastModifiedDate".to_string());
-            record.insert("LastModifiedDate".into(), J::String(stamp.clone()));
-            record.insert("SystemModstamp".into(), J::String(stamp.clone()));
-            let mut key: Vec<String> = changed.iter().cloned().collect();
+            let mut c = set_values(record, &values);
+            let body = stamp_update(record, &mut c, &stamp);
+            let mut key: Vec<String> = c.changed.iter().cloned().collect();
             key.sort();
-            let body: Record = changed
-                .iter()
-                .filter_map(|k| record.get(k).map(|v| (k.clone(), v.clone())))
-                .collect();
             groups
                 .entry(key)
-                .or_insert_with(|| (Vec::new(), body, nulled))
+                .or_insert_with(|| (Vec::new(), body, c.nulled))
                 .0
                 .push(id.clone());
         }
@@ -1287,8 +1244,11 @@ impl Org {
                 ChangeType::Update,
                 record_ids,
                 &body,
-                changed,
-                nulled,
+                Changes {
+                    changed,
+                    nulled,
+                    ..Default::default()
+                },
                 now,
                 origin,
             )?;
@@ -1348,8 +1308,7 @@ impl Org {
             change_type,
             record_ids,
             &Record::new(),
-            HashSet::new(),
-            HashSet::new(),
+            Changes::default(),
             now,
             "",
         )

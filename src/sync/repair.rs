@@ -276,9 +276,9 @@ impl RepairWorker {
         if let Some(field) = window_field
             && since_ms > 0
         {
-            let since = chrono::DateTime::from_timestamp_millis(since_ms)
-                .unwrap_or_default()
-                .format("%Y-%m-%dT%H:%M:%SZ");
+            let since = crate::sync::backfill::soql_datetime(
+                chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default(),
+            );
             window = format!(" WHERE {field} >= {since}");
         }
         soql.push_str(&window);

@@ -37,6 +37,20 @@ pub struct ChannelStatus {
     pub retention_headroom_seconds: Option<i64>,
 }
 
+impl ChannelStatus {
+    /// A configured channel that has no checkpoint yet.
+    fn not_started(channel: &str) -> ChannelStatus {
+        ChannelStatus {
+            channel: channel.to_string(),
+            configured: true,
+            replay_id: None,
+            last_event_committed_at: None,
+            checkpoint_updated_at: None,
+            retention_headroom_seconds: None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RepairStatus {
     pub object: String,
@@ -84,14 +98,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         // Never started against this replica: every configured channel is still to come.
         report.channels = configured
             .iter()
-            .map(|c| ChannelStatus {
-                channel: c.to_string(),
-                configured: true,
-                replay_id: None,
-                last_event_committed_at: None,
-                checkpoint_updated_at: None,
-                retention_headroom_seconds: None,
-            })
+            .map(|c| ChannelStatus::not_started(c))
             .collect();
         return Ok(report);
     }
@@ -126,14 +133,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
     }
     for c in configured {
         if !report.channels.iter().any(|s| s.channel == c) {
-            report.channels.push(ChannelStatus {
-                channel: c.to_string(),
-                configured: true,
-                replay_id: None,
-                last_event_committed_at: None,
-                checkpoint_updated_at: None,
-                retention_headroom_seconds: None,
-            });
+            report.channels.push(ChannelStatus::not_started(c));
         }
     }
     for row in client
