@@ -69,6 +69,9 @@ fn intent() -> impl Strategy<Value = Intent> {
     ]
 }
 
+/// The "channel" of a snapshot row: a repair, applied in a transaction of its own.
+const REPAIR: u8 = 2;
+
 fn id(r: usize) -> String {
     format!("001000000000{r:03}AAA")
 }
@@ -242,8 +245,9 @@ fn history(intents: &[Intent]) -> (Vec<ChangeEvent>, HashMap<String, (State, boo
 
 /// What the replica sees: the history on one channel with at-least-once replays, interleaved
 /// with the same history arriving on a second channel (an object on both
-/// `/data/ChangeEvents` and its own channel), each channel in order.
-fn deliveries(n: usize, replays: &[(usize, usize)], interleave: &[bool]) -> Vec<usize> {
+/// `/data/ChangeEvents` and its own channel), each channel in order. Each entry is (event,
+/// channel).
+fn deliveries(n: usize, replays: &[(usize, usize)], interleave: &[bool]) -> Vec<(usize, u8)> {
     let first = replayed(n, replays);
     let mut out = Vec::with_capacity(first.len() + n);
     let (mut a, mut b) = (first.into_iter().peekable(), (0..n).peekable());
@@ -255,9 +259,9 @@ fn deliveries(n: usize, replays: &[(usize, usize)], interleave: &[bool]) -> Vec<
             *pick.next().unwrap_or(&true)
         };
         let next = if (from_a && a.peek().is_some()) || b.peek().is_none() {
-            a.next()
+            a.next().map(|i| (i, 0))
         } else {
-            b.next()
+            b.next().map(|i| (i, 1))
         };
         out.extend(next);
     }
@@ -290,7 +294,7 @@ async fn converge(
     schema: &str,
     mode: DeleteMode,
     events: &[ChangeEvent],
-    order: &[usize],
+    order: &[(usize, u8)],
     cuts: &[usize],
     model: &HashMap<String, (State, bool)>,
 ) -> Result<(), String> {
@@ -317,14 +321,32 @@ async fn converge(
         delete_mode: mode,
         repair_margin_ms: 0,
     };
-    let delivered: Vec<ChangeEvent> = order.iter().map(|&i| events[i].clone()).collect();
+    // The daemon applies each channel's stream in its own batches (contiguous parts of that
+    // channel's order), and each repair in its own transaction: a batch ends at its size or
+    // where the next delivery comes from elsewhere.
+    let delivered: Vec<(ChangeEvent, u8)> = order
+        .iter()
+        .map(|&(i, channel)| (events[i].clone(), channel))
+        .collect();
     let mut start = 0;
     let mut cut_iter = cuts.iter();
     while start < delivered.len() {
         let size = cut_iter.next().copied().unwrap_or(7).max(1);
-        let end = (start + size).min(delivered.len());
+        let channel = delivered[start].1;
+        let mut end = start + 1;
+        while end < delivered.len()
+            && end - start < size
+            && delivered[end].1 == channel
+            && channel != REPAIR
+        {
+            end += 1;
+        }
+        let batch: Vec<ChangeEvent> = delivered[start..end]
+            .iter()
+            .map(|(e, _)| e.clone())
+            .collect();
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        apply_events(&tx, &settings, &tables, &delivered[start..end])
+        apply_events(&tx, &settings, &tables, &batch)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
@@ -353,10 +375,9 @@ async fn converge(
             if !is_deleted {
                 return Err(format!("{rid} deleted in the org, not in the replica"));
             }
-            seen += 1;
-            continue;
-        }
-        if is_deleted {
+            // A soft-deleted row keeps the values the record had when it was deleted (checked
+            // below like a live row's).
+        } else if is_deleted {
             return Err(format!("{rid} live in the org, deleted in the replica"));
         }
         seen += 1;
@@ -394,7 +415,7 @@ fn random_histories_with_replays_converge() {
         .expect("runtime");
     let db = rt.block_on(TestDb::create());
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 48,
+        cases: 64,
         ..ProptestConfig::default()
     });
     let strategy = (
@@ -418,10 +439,10 @@ fn random_histories_with_replays_converge() {
                 }
                 let k = k % n;
                 if let Some(snap) = snapshot_after(&events, k) {
-                    let first_k = order.iter().position(|&i| i == k).unwrap_or(0);
+                    let first_k = order.iter().position(|&(i, _)| i == k).unwrap_or(0);
                     let at = (first_k + 1 + delay % (order.len() - first_k)).min(order.len());
                     events.push(snap);
-                    order.insert(at, events.len() - 1);
+                    order.insert(at, (events.len() - 1, REPAIR));
                 }
             }
             let mode = if hard {

@@ -1,15 +1,28 @@
 //! The merge: a batch of change events -> version-guarded, set-based SQL in the caller's
 //! transaction.
 //!
-//! Events become row operations (one per record id), gathered into runs by table, kind and
-//! column set; each run goes out as one `INSERT .. SELECT FROM unnest(..) ON CONFLICT`
-//! statement, not one round trip per event. UPDATE and soft DELETE runs first try a plain
-//! `UPDATE .. FROM unnest(..)` with the same guards, which is cheaper for rows that exist,
-//! and fall back to the `ON CONFLICT` form only when some row was not updated. Planning ([`plan_events`]: runs, rendered values,
-//! repairs) needs no connection and is kept apart from sending ([`execute`]), so a caller can
-//! plan the next batch while Postgres applies this one. Per-record order is kept: a change joins the
-//! newest run of its shape only if no run opened after it touched the same record (so two
-//! changes of one record never meet in one statement), and runs execute in opening order.
+//! Planning ([`plan_events`]: folding, runs, rendered values, repairs) needs no connection and
+//! is kept apart from sending ([`execute`]), so a caller can plan the next batch while Postgres
+//! applies this one.
+//!
+//! Folding: a batch's changes of one record are folded into as few writes as give the same row:
+//! UPDATEs after an UPDATE or CREATE add their columns to it, a CREATE / UNDELETE replaces what
+//! came before it, a hard DELETE replaces everything before it, and a change older than one
+//! already folded is dropped (the version guard would refuse it). Any other sequence (an UPDATE
+//! after a DELETE, a soft DELETE after an UPDATE) keeps the later change as a separate write in
+//! the next round. Folding UPDATEs is exact because a batch is a contiguous part of one
+//! channel's stream: every change of the record between two folded ones is in the batch and
+//! folded too, so whatever version the row has when the batch lands (from the stream or a
+//! snapshot taken at any point of that history), the folded columns carry the values that
+//! history gives them at the newest folded change. A change Salesforce could not send (a gap)
+//! comes with a repair that re-reads the record.
+//!
+//! Runs: each round is one statement per table and kind (per column set, for upserts). UPDATEs
+//! and soft DELETEs of different column sets share one plain `UPDATE .. FROM unnest(..)`, each
+//! row carrying a mask of the columns it writes; rows it does not reach (a record the replica
+//! lacks, a newer row, a tombstone) go again through `INSERT .. ON CONFLICT`, where the guard
+//! decides. CREATE / UNDELETE runs go straight to `INSERT .. ON CONFLICT`. Rounds execute in
+//! order, so every record sees its writes in order.
 //!
 //! Why replays are harmless (invariant 3): every write carries the change's version
 //! (`commitTimestamp` ms, `commitNumber` as tie-breaker) and only replaces a row whose version
@@ -72,17 +85,70 @@ enum OpKind {
     Delete,
 }
 
+/// What one statement writes to one record: a change, or several folded into one.
 struct Op {
     id: String,
-    values: Vec<Option<String>>,
+    kind: OpKind,
+    /// (column, value) sorted by column; `None` writes NULL.
+    cells: Vec<(usize, Option<String>)>,
     version: i64,
     commit_number: i64,
 }
 
-/// A run of operations that goes out as one statement.
+impl Op {
+    fn at(&self) -> (i64, i64) {
+        (self.version, self.commit_number)
+    }
+}
+
+/// Folds `next`, a later change of the same record, into `last`, when writing the result once
+/// leaves the row exactly as writing both in order would (see the module docs). Gives `next`
+/// back when it must be written on its own, after `last`.
+fn fold(last: &mut Op, next: Op, mode: DeleteMode) -> Result<(), Op> {
+    use OpKind::{Delete, Merge, Upsert};
+    if next.at() < last.at() {
+        // The guard would refuse it once `last` is written (or whatever refused `last`).
+        return Ok(());
+    }
+    match (last.kind, next.kind) {
+        // A CREATE / UNDELETE rewrites every column the earlier change wrote.
+        (_, Upsert) if covers(&next.cells, &last.cells) => *last = next,
+        (Upsert | Merge, Merge) => {
+            overlay(&mut last.cells, next.cells);
+            last.version = next.version;
+            last.commit_number = next.commit_number;
+        }
+        (Delete, Delete) => *last = next,
+        // A hard delete removes whatever was written before it.
+        (Upsert | Merge, Delete) if mode == DeleteMode::Hard => *last = next,
+        _ => return Err(next),
+    }
+    Ok(())
+}
+
+/// Whether every column of `older` (sorted) is among `newer` (sorted).
+fn covers(newer: &[(usize, Option<String>)], older: &[(usize, Option<String>)]) -> bool {
+    let mut it = newer.iter().map(|(c, _)| *c);
+    older.iter().all(|(c, _)| it.any(|n| n == *c))
+}
+
+/// Writes `next`'s cells over `cells` (both sorted by column).
+fn overlay(cells: &mut Vec<(usize, Option<String>)>, next: Vec<(usize, Option<String>)>) {
+    for (col, value) in next {
+        match cells.binary_search_by_key(&col, |(c, _)| *c) {
+            Ok(i) => cells[i].1 = value,
+            Err(i) => cells.insert(i, (col, value)),
+        }
+    }
+}
+
+/// Records' folded changes that go out as one statement: same table, kind, and for upserts the
+/// same columns. Merges and soft deletes of different column sets share a statement (each row
+/// says which columns it writes).
 struct Run {
     table: Arc<TableSchema>,
     kind: OpKind,
+    /// Every column some row writes, sorted.
     columns: Vec<usize>,
     ops: Vec<Op>,
 }
@@ -101,15 +167,17 @@ impl MergePlan {
     pub fn repairs(&self) -> &[RepairRequest] {
         &self.repairs
     }
+
+    /// Statements [`execute`] sends at least (one per run).
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
 }
 
 /// Identifies a table within one call (tables are shared, so their address is stable).
 fn table_key(table: &Arc<TableSchema>) -> usize {
     Arc::as_ptr(table) as usize
 }
-
-/// For each (table, kind): the column sets seen and the newest run of each.
-type OpenRuns = HashMap<(usize, OpKind), Vec<(Vec<usize>, usize)>>;
 
 /// Applies `events` in order inside `tx`. `tables` must hold every entity of the batch.
 pub async fn apply_events(
@@ -122,8 +190,7 @@ pub async fn apply_events(
     execute(tx, settings, plan).await
 }
 
-/// Sends a plan's runs inside `tx`, in the order they were opened: every record sees its
-/// changes in order.
+/// Sends a plan's runs inside `tx`, round by round: every record sees its changes in order.
 pub async fn execute(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
@@ -141,26 +208,27 @@ pub async fn execute(
 }
 
 /// Turns `events` into runs (see the module docs) and the repairs they need, without I/O.
-/// `tables` must hold every entity of the batch.
+/// `tables` must hold every entity of the batch, and `events` must be a contiguous part of one
+/// channel's stream, in stream order (what folding relies on).
 pub fn plan_events(
     settings: &ApplySettings,
     tables: &HashMap<String, Arc<TableSchema>>,
     events: &[ChangeEvent],
 ) -> Result<MergePlan, ReplicaError> {
-    let mut outcome = MergePlan {
+    let mut plan = MergePlan {
         runs: Vec::new(),
         events: HashMap::new(),
         repairs: Vec::new(),
     };
-    let runs = &mut outcome.runs;
-    // The newest run of each (table, kind, column set), and the last run touching each record.
-    let mut open = OpenRuns::new();
-    let mut last_touch: HashMap<(usize, &str), usize> = HashMap::with_capacity(events.len());
+    // Each record's folded changes, in order: the first goes out in round 0, the next (one
+    // that could not be folded) in round 1, and so on.
+    let mut records: Vec<(Arc<TableSchema>, Vec<Op>)> = Vec::new();
+    let mut index: HashMap<(usize, &str), usize> = HashMap::with_capacity(events.len());
     // Columns of every field path of a writer schema, per table and schema.
     let mut upsert_columns: HashMap<(usize, usize), Arc<[usize]>> = HashMap::new();
     for event in events {
         let h = &event.header;
-        *outcome.events.entry(h.change_type).or_default() += 1;
+        *plan.events.entry(h.change_type).or_default() += 1;
         let table = tables
             .get(h.entity_name.as_str())
             .ok_or_else(|| ReplicaError::Schema {
@@ -174,7 +242,7 @@ pub fn plan_events(
             ChangeType::Update => OpKind::Merge,
             ChangeType::Delete => OpKind::Delete,
             ChangeType::GapOverflow => {
-                outcome.repairs.push(RepairRequest::Entity {
+                plan.repairs.push(RepairRequest::Entity {
                     object: h.entity_name.to_string(),
                     since_ms,
                     reason: format!("GAP_OVERFLOW at replay {}", event.replay_id),
@@ -186,7 +254,7 @@ pub fn plan_events(
             | ChangeType::GapDelete
             | ChangeType::GapUndelete => {
                 if wildcard || h.record_ids.is_empty() {
-                    outcome.repairs.push(RepairRequest::Entity {
+                    plan.repairs.push(RepairRequest::Entity {
                         object: h.entity_name.to_string(),
                         since_ms,
                         reason: format!(
@@ -196,7 +264,7 @@ pub fn plan_events(
                     });
                 } else {
                     for id in &h.record_ids {
-                        outcome.repairs.push(RepairRequest::Record {
+                        plan.repairs.push(RepairRequest::Record {
                             object: h.entity_name.to_string(),
                             id: id.clone(),
                             reason: format!("{} at replay {}", h.change_type, event.replay_id),
@@ -209,7 +277,7 @@ pub fn plan_events(
         if wildcard {
             // A wildcard on a real change (field type conversion): the body cannot be trusted
             // for "all records", so re-read the entity.
-            outcome.repairs.push(RepairRequest::Entity {
+            plan.repairs.push(RepairRequest::Entity {
                 object: h.entity_name.to_string(),
                 since_ms,
                 reason: format!(
@@ -219,10 +287,10 @@ pub fn plan_events(
             });
             continue;
         }
-        let (columns, mut values) = row_values(table, event, kind, &mut upsert_columns)?;
+        let mut cells = row_values(table, event, kind, &mut upsert_columns)?;
         if kind == OpKind::Merge && !h.diff_fields.is_empty() {
             for id in &h.record_ids {
-                outcome.repairs.push(RepairRequest::Record {
+                plan.repairs.push(RepairRequest::Record {
                     object: h.entity_name.to_string(),
                     id: id.clone(),
                     reason: format!(
@@ -235,54 +303,94 @@ pub fn plan_events(
         }
         let tkey = table_key(table);
         for (k, id) in h.record_ids.iter().enumerate() {
-            // The newest run of this shape takes the change unless the record was touched by
-            // that run or a later one: then a new run keeps the record's changes in order.
-            let shapes = open.entry((tkey, kind)).or_default();
-            let newest = shapes.iter_mut().find(|(c, _)| *c == columns);
-            let touched = last_touch.get(&(tkey, id.as_str())).copied();
-            let index = match newest {
-                Some((_, i)) if touched.is_none_or(|t| t < *i) => *i,
-                found => {
-                    runs.push(Run {
-                        table: table.clone(),
-                        kind,
-                        columns: columns.clone(),
-                        ops: Vec::new(),
-                    });
-                    let i = runs.len() - 1;
-                    match found {
-                        Some((_, newest)) => *newest = i,
-                        None => shapes.push((columns.clone(), i)),
-                    }
-                    i
-                }
-            };
-            last_touch.insert((tkey, id.as_str()), index);
             // The last id takes the values; earlier ids (rare) get copies.
-            let values = if k + 1 == h.record_ids.len() {
-                std::mem::take(&mut values)
+            let cells = if k + 1 == h.record_ids.len() {
+                std::mem::take(&mut cells)
             } else {
-                values.clone()
+                cells.clone()
             };
-            runs[index].ops.push(Op {
+            let op = Op {
                 id: id.clone(),
-                values,
+                kind,
+                cells,
                 version: h.commit_timestamp,
                 commit_number: h.commit_number,
-            });
+            };
+            match index.get(&(tkey, id.as_str())) {
+                Some(&r) => {
+                    let ops = &mut records[r].1;
+                    if let Some(last) = ops.last_mut()
+                        && let Err(op) = fold(last, op, settings.delete_mode)
+                    {
+                        ops.push(op);
+                    }
+                }
+                None => {
+                    index.insert((tkey, id.as_str()), records.len());
+                    records.push((table.clone(), vec![op]));
+                }
+            }
         }
     }
-    Ok(outcome)
+    drop(index);
+    // Round by round, one run per table and kind (and column set, for upserts), in the order
+    // records first appeared.
+    let rounds = records.iter().map(|(_, ops)| ops.len()).max().unwrap_or(0);
+    let mut queues: Vec<std::vec::IntoIter<Op>> = Vec::with_capacity(records.len());
+    let mut owners = Vec::with_capacity(records.len());
+    for (table, ops) in records {
+        owners.push(table);
+        queues.push(ops.into_iter());
+    }
+    for _ in 0..rounds {
+        let mut runs: HashMap<(usize, OpKind, Vec<usize>), usize> = HashMap::new();
+        let first = plan.runs.len();
+        for (table, queue) in owners.iter().zip(queues.iter_mut()) {
+            let Some(op) = queue.next() else { continue };
+            let shape = match op.kind {
+                OpKind::Upsert => op.cells.iter().map(|(c, _)| *c).collect(),
+                OpKind::Merge | OpKind::Delete => Vec::new(),
+            };
+            let key = (table_key(table), op.kind, shape);
+            let i = match runs.get(&key) {
+                Some(&i) => i,
+                None => {
+                    plan.runs.push(Run {
+                        table: table.clone(),
+                        kind: op.kind,
+                        columns: key.2.clone(),
+                        ops: Vec::new(),
+                    });
+                    runs.insert(key, plan.runs.len() - 1);
+                    plan.runs.len() - 1
+                }
+            };
+            plan.runs[i].ops.push(op);
+        }
+        for run in &mut plan.runs[first..] {
+            if run.kind == OpKind::Merge {
+                let mut columns: Vec<usize> = run
+                    .ops
+                    .iter()
+                    .flat_map(|o| o.cells.iter().map(|(c, _)| *c))
+                    .collect();
+                columns.sort_unstable();
+                columns.dedup();
+                run.columns = columns;
+            }
+        }
+    }
+    Ok(plan)
 }
 
-/// The columns an event writes and their text values, in column order. `upsert_columns`
+/// The columns an event writes with their text values, in column order. `upsert_columns`
 /// caches, per table and writer schema, the column of every field path.
 fn row_values(
     table: &Arc<TableSchema>,
     event: &ChangeEvent,
     kind: OpKind,
     upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
-) -> Result<(Vec<usize>, Vec<Option<String>>), ReplicaError> {
+) -> Result<Vec<(usize, Option<String>)>, ReplicaError> {
     let h = &event.header;
     let unknown = |path: &str| ReplicaError::Schema {
         object: table.object.clone(),
@@ -365,13 +473,67 @@ fn row_values(
     }
     cols.sort_by_key(|(c, _)| *c);
     cols.dedup_by_key(|(c, _)| *c);
-    Ok(cols.into_iter().unzip())
+    Ok(cols)
 }
 
 const GUARD: &str = "(t._sfm_version, coalesce(t._sfm_commit_number, -1)) \
                      <= (EXCLUDED._sfm_version, coalesce(EXCLUDED._sfm_commit_number, -1))";
 
+/// The tombstone check: no newer delete of the record is on file.
+fn not_tombstoned(ctl: &str, object_param: usize) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
+                     WHERE ts.object = ${object_param}::text AND ts.id = u.id
+                       AND (ts.version, coalesce(ts.commit_number, -1))
+                           > (u.v, coalesce(u.n, -1)))"
+    )
+}
+
 async fn flush(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    run: Run,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ReplicaError> {
+    match (run.kind, settings.delete_mode) {
+        (OpKind::Delete, DeleteMode::Hard) => hard_delete(tx, settings, run, outcome).await,
+        (OpKind::Upsert, _) => upsert(tx, settings, run, outcome).await,
+        (OpKind::Merge | OpKind::Delete, _) => {
+            let (table, kind) = (run.table.clone(), run.kind);
+            let missed = update(tx, settings, run, outcome).await?;
+            // What the plain UPDATE did not reach (a record the replica lacks, a newer row,
+            // a tombstone) goes through the upsert, grouped by the columns each row writes.
+            let mut runs: Vec<Run> = Vec::new();
+            for op in missed {
+                let columns: Vec<usize> = op.cells.iter().map(|(c, _)| *c).collect();
+                match runs.iter_mut().find(|r| r.columns == columns) {
+                    Some(r) => r.ops.push(op),
+                    None => runs.push(Run {
+                        table: table.clone(),
+                        kind,
+                        columns,
+                        ops: vec![op],
+                    }),
+                }
+            }
+            for run in runs {
+                upsert(tx, settings, run, outcome).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn context(run: &Run) -> String {
+    format!(
+        "apply {:?} of {} rows to {}",
+        run.kind,
+        run.ops.len(),
+        run.table.table
+    )
+}
+
+async fn hard_delete(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     run: Run,
@@ -383,38 +545,157 @@ async fn flush(
     let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
     let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
     let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
-    let context = || format!("apply {:?} of {} rows to {}", run.kind, ids.len(), t.table);
     outcome.statements += 1;
+    let sql = format!(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, v, n)),
+         gone AS (DELETE FROM {table} AS t USING u WHERE t.id = u.id
+                  AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
+                      <= (u.v, coalesce(u.n, -1)))
+         INSERT INTO {ctl}.tombstones AS ts (object, id, version, commit_number)
+         SELECT $4::text, u.id, u.v, u.n FROM u
+         ON CONFLICT (object, id) DO UPDATE SET version = EXCLUDED.version,
+             commit_number = EXCLUDED.commit_number, deleted_at = now()
+         WHERE (ts.version, coalesce(ts.commit_number, -1))
+               <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
+    );
+    let stmt = tx
+        .prepare_cached(&sql)
+        .await
+        .map_err(ReplicaError::pg(context(&run)))?;
+    tx.execute(&stmt, &[&ids, &versions, &commits, &t.object])
+        .await
+        .map_err(ReplicaError::pg(context(&run)))?;
+    Ok(())
+}
 
-    if run.kind == OpKind::Delete && settings.delete_mode == DeleteMode::Hard {
-        let sql = format!(
-            "WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, v, n)),
-             gone AS (DELETE FROM {table} AS t USING u WHERE t.id = u.id
-                      AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
-                          <= (u.v, coalesce(u.n, -1)))
-             INSERT INTO {ctl}.tombstones AS ts (object, id, version, commit_number)
-             SELECT $4::text, u.id, u.v, u.n FROM u
-             ON CONFLICT (object, id) DO UPDATE SET version = EXCLUDED.version,
-                 commit_number = EXCLUDED.commit_number, deleted_at = now()
-             WHERE (ts.version, coalesce(ts.commit_number, -1))
-                   <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
-        );
-        let stmt = tx
-            .prepare_cached(&sql)
-            .await
-            .map_err(ReplicaError::pg(context()))?;
-        tx.execute(&stmt, &[&ids, &versions, &commits, &t.object])
-            .await
-            .map_err(ReplicaError::pg(context()))?;
-        return Ok(());
+/// One plain `UPDATE` for every row of a merge or soft-delete run, whatever columns each row
+/// writes: a column some rows leave alone comes with a mask (`CASE WHEN` keeps the row's
+/// value). Unlike `ON CONFLICT` it neither probes for a conflict nor locks each row first.
+/// Returns the rows it did not update (missing, newer, or behind a tombstone).
+async fn update(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    run: Run,
+    outcome: &mut ApplyOutcome,
+) -> Result<Vec<Op>, ReplicaError> {
+    let t = &run.table;
+    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let ctl = quote(&settings.control_schema);
+    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
+    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
+    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    // Per column of the run: each row's value, and whether the row writes it at all.
+    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
+    let mut masks: Vec<Vec<bool>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
+    for op in &run.ops {
+        let mut cells = op.cells.iter().peekable();
+        for (k, &col) in run.columns.iter().enumerate() {
+            match cells.next_if(|(c, _)| *c == col) {
+                Some((_, v)) => {
+                    values[k].push(v.as_deref());
+                    masks[k].push(true);
+                }
+                None => {
+                    values[k].push(None);
+                    masks[k].push(false);
+                }
+            }
+        }
     }
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&ids];
+    let mut unnest = vec!["$1::text[]".to_string()];
+    let mut alias = vec!["id".to_string()];
+    let mut assign = Vec::new();
+    for (k, &col) in run.columns.iter().enumerate() {
+        let c = &t.columns[col];
+        let q = quote(&c.name);
+        params.push(&values[k]);
+        unnest.push(format!("${}::text[]", params.len()));
+        alias.push(format!("c{k}"));
+        let value = format!("u.c{k}::{}", c.pg_type.sql());
+        if masks[k].iter().all(|m| *m) {
+            assign.push(format!("{q} = {value}"));
+        } else {
+            params.push(&masks[k]);
+            unnest.push(format!("${}::boolean[]", params.len()));
+            alias.push(format!("m{k}"));
+            assign.push(format!(
+                "{q} = CASE WHEN u.m{k} THEN {value} ELSE t.{q} END"
+            ));
+        }
+    }
+    params.push(&versions);
+    unnest.push(format!("${}::bigint[]", params.len()));
+    params.push(&commits);
+    unnest.push(format!("${}::bigint[]", params.len()));
+    alias.extend(["v".to_string(), "n".to_string()]);
+    params.push(&t.object);
+    let object_param = params.len();
+    assign.extend([
+        "_sfm_version = u.v".to_string(),
+        "_sfm_commit_number = u.n".to_string(),
+        "_sfm_synced_at = now()".to_string(),
+    ]);
+    if run.kind == OpKind::Delete {
+        assign.push("_sfm_deleted = true".to_string());
+    }
+    let sql = format!(
+        "WITH u AS MATERIALIZED (SELECT * FROM unnest({unnest}) AS u({alias})),
+         done AS (UPDATE {table} AS t SET {assign} FROM u
+                  WHERE t.id = u.id
+                    AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
+                        <= (u.v, coalesce(u.n, -1))
+                    AND {tomb}
+                  RETURNING t.id)
+         SELECT u.id FROM u WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.id = u.id)",
+        unnest = unnest.join(", "),
+        alias = alias.join(", "),
+        assign = assign.join(", "),
+        tomb = not_tombstoned(&ctl, object_param),
+    );
+    outcome.statements += 1;
+    let stmt = tx
+        .prepare_cached(&sql)
+        .await
+        .map_err(ReplicaError::pg(context(&run)))?;
+    let rows = tx
+        .query(&stmt, &params)
+        .await
+        .map_err(ReplicaError::pg(context(&run)))?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let missed: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    drop(params);
+    drop(values);
+    Ok(run
+        .ops
+        .into_iter()
+        .filter(|o| missed.contains(&o.id))
+        .collect())
+}
 
-    // Upsert, merge and soft delete share one statement shape. Columns that are null in every
-    // row of the run are not sent (a CREATE carries many): they are set to NULL on conflict and
-    // left to their (null) default on insert, which is what sending nulls would do, minus the
-    // arrays and casts.
+/// `INSERT .. ON CONFLICT` of a run whose rows all write the same columns: inserts records the
+/// replica lacks, replaces older rows. Upserts go out this way; merges and soft deletes only for
+/// what [`update`] missed.
+async fn upsert(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    run: Run,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ReplicaError> {
+    let t = &run.table;
+    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let ctl = quote(&settings.control_schema);
+    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
+    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
+    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    outcome.statements += 1;
+    // Columns that are null in every row of the run are not sent (a CREATE carries many): they
+    // are set to NULL on conflict and left to their (null) default on insert, which is what
+    // sending nulls would do, minus the arrays and casts.
     let sent: Vec<usize> = (0..run.columns.len())
-        .filter(|&i| run.ops.iter().any(|o| o.values[i].is_some()))
+        .filter(|&i| run.ops.iter().any(|o| o.cells[i].1.is_some()))
         .collect();
     let n = sent.len();
     let mut insert_cols = vec!["id".to_string()];
@@ -422,8 +703,6 @@ async fn flush(
     let mut unnest = vec!["$1::text[]".to_string()];
     let mut alias = vec!["id".to_string()];
     let mut set = Vec::new();
-    // The same assignments for a plain UPDATE, from the unnested row `u`.
-    let mut assign = Vec::new();
     for (i, &col) in run.columns.iter().enumerate() {
         let c = &t.columns[col];
         let q = quote(&c.name);
@@ -431,16 +710,12 @@ async fn flush(
             Ok(k) => {
                 let value = format!("u.c{k}::{}", c.pg_type.sql());
                 insert_cols.push(q.clone());
-                assign.push(format!("{q} = {value}"));
                 select.push(value);
                 unnest.push(format!("${}::text[]", k + 2));
                 alias.push(format!("c{k}"));
                 set.push(format!("{q} = EXCLUDED.{q}"));
             }
-            Err(_) => {
-                set.push(format!("{q} = NULL"));
-                assign.push(format!("{q} = NULL"));
-            }
+            Err(_) => set.push(format!("{q} = NULL")),
         }
     }
     unnest.push(format!("${}::bigint[]", n + 2));
@@ -454,18 +729,12 @@ async fn flush(
         "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
         "_sfm_synced_at = now()".to_string(),
     ]);
-    assign.extend([
-        "_sfm_version = u.v".to_string(),
-        "_sfm_commit_number = u.n".to_string(),
-        "_sfm_synced_at = now()".to_string(),
-    ]);
     match run.kind {
         OpKind::Upsert => set.push("_sfm_deleted = false".into()),
         OpKind::Delete => {
             insert_cols.push("_sfm_deleted".into());
             select.push("true".into());
             set.push("_sfm_deleted = true".into());
-            assign.push("_sfm_deleted = true".into());
         }
         OpKind::Merge => {}
     }
@@ -478,10 +747,7 @@ async fn flush(
     let sql = format!(
         "INSERT INTO {table} AS t ({cols})
          SELECT {select} FROM unnest({unnest}) AS u({alias})
-         WHERE NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
-                           WHERE ts.object = ${obj}::text AND ts.id = u.id
-                             AND (ts.version, coalesce(ts.commit_number, -1))
-                                 > (u.v, coalesce(u.n, -1)))
+         WHERE {tomb}
          ON CONFLICT (id) DO UPDATE SET {set} WHERE {GUARD}
          {returning}",
         cols = insert_cols.join(", "),
@@ -489,11 +755,11 @@ async fn flush(
         unnest = unnest.join(", "),
         alias = alias.join(", "),
         set = set.join(", "),
-        obj = n + 4,
+        tomb = not_tombstoned(&ctl, n + 4),
     );
     let columns: Vec<Vec<Option<&str>>> = sent
         .iter()
-        .map(|&i| run.ops.iter().map(|o| o.values[i].as_deref()).collect())
+        .map(|&i| run.ops.iter().map(|o| o.cells[i].1.as_deref()).collect())
         .collect();
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(n + 4);
     params.push(&ids);
@@ -503,48 +769,14 @@ async fn flush(
     params.push(&versions);
     params.push(&commits);
     params.push(&t.object);
-    if run.kind != OpKind::Upsert {
-        // Changes to records the replica has (the usual case for UPDATE and DELETE) go out
-        // as a plain UPDATE: unlike ON CONFLICT it neither probes for a conflict first nor
-        // locks each row before changing it. Only if some row was not updated (missing,
-        // newer, or behind a tombstone) does the whole run go out again below, where the
-        // guard makes the rows already updated no-ops in effect.
-        let update = format!(
-            "UPDATE {table} AS t SET {assign}
-             FROM unnest({unnest}) AS u({alias})
-             WHERE t.id = u.id
-               AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
-                   <= (u.v, coalesce(u.n, -1))
-               AND NOT EXISTS (SELECT 1 FROM {ctl}.tombstones ts
-                               WHERE ts.object = ${obj}::text AND ts.id = u.id
-                                 AND (ts.version, coalesce(ts.commit_number, -1))
-                                     > (u.v, coalesce(u.n, -1)))",
-            assign = assign.join(", "),
-            unnest = unnest.join(", "),
-            alias = alias.join(", "),
-            obj = n + 4,
-        );
-        let stmt = tx
-            .prepare_cached(&update)
-            .await
-            .map_err(ReplicaError::pg(context()))?;
-        let updated = tx
-            .execute(&stmt, &params)
-            .await
-            .map_err(ReplicaError::pg(context()))?;
-        if updated as usize == run.ops.len() {
-            return Ok(());
-        }
-        outcome.statements += 1;
-    }
     let stmt = tx
         .prepare_cached(&sql)
         .await
-        .map_err(ReplicaError::pg(context()))?;
+        .map_err(ReplicaError::pg(context(&run)))?;
     let rows = tx
         .query(&stmt, &params)
         .await
-        .map_err(ReplicaError::pg(context()))?;
+        .map_err(ReplicaError::pg(context(&run)))?;
     if run.kind == OpKind::Merge {
         // An UPDATE for a record the replica lacked inserted only what it carried.
         for row in rows {
@@ -560,4 +792,89 @@ async fn flush(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: OpKind, cells: &[(usize, Option<&str>)], version: i64) -> Op {
+        Op {
+            id: "001000000000001AAA".to_string(),
+            kind,
+            cells: cells
+                .iter()
+                .map(|(c, v)| (*c, v.map(str::to_string)))
+                .collect(),
+            version,
+            commit_number: 1,
+        }
+    }
+
+    fn cells(op: &Op) -> Vec<(usize, Option<&str>)> {
+        op.cells.iter().map(|(c, v)| (*c, v.as_deref())).collect()
+    }
+
+    #[test]
+    fn updates_fold_into_one_write_with_the_newest_values() {
+        let mut last = op(OpKind::Merge, &[(1, Some("a")), (4, Some("b"))], 10);
+        let next = op(OpKind::Merge, &[(2, None), (4, Some("c"))], 11);
+        assert!(fold(&mut last, next, DeleteMode::Soft).is_ok());
+        assert_eq!(last.kind, OpKind::Merge);
+        assert_eq!(last.version, 11);
+        assert_eq!(cells(&last), [(1, Some("a")), (2, None), (4, Some("c"))]);
+    }
+
+    #[test]
+    fn an_update_after_a_create_stays_a_create() {
+        let mut last = op(OpKind::Upsert, &[(1, Some("a")), (2, None), (3, None)], 10);
+        let next = op(OpKind::Merge, &[(3, Some("x"))], 10);
+        assert!(fold(&mut last, next, DeleteMode::Hard).is_ok());
+        assert_eq!(last.kind, OpKind::Upsert);
+        assert_eq!(cells(&last), [(1, Some("a")), (2, None), (3, Some("x"))]);
+    }
+
+    #[test]
+    fn an_older_change_is_dropped_as_the_guard_would() {
+        let mut last = op(OpKind::Merge, &[(1, Some("new"))], 20);
+        let next = op(OpKind::Upsert, &[(1, Some("old")), (2, Some("old"))], 19);
+        assert!(fold(&mut last, next, DeleteMode::Soft).is_ok());
+        assert_eq!(cells(&last), [(1, Some("new"))]);
+        assert_eq!(last.version, 20);
+        // Same timestamp, lower commit number: older too.
+        let mut older = op(OpKind::Merge, &[(1, Some("older"))], 20);
+        older.commit_number = 0;
+        assert!(fold(&mut last, older, DeleteMode::Soft).is_ok());
+        assert_eq!(cells(&last), [(1, Some("new"))]);
+    }
+
+    #[test]
+    fn a_create_replaces_only_what_it_covers() {
+        let mut last = op(OpKind::Delete, &[], 10);
+        let undelete = op(OpKind::Upsert, &[(1, Some("a")), (2, None)], 11);
+        assert!(fold(&mut last, undelete, DeleteMode::Soft).is_ok());
+        assert_eq!(last.kind, OpKind::Upsert);
+        // A writer schema without column 5 cannot replace a write of column 5.
+        let mut last = op(OpKind::Merge, &[(5, Some("x"))], 10);
+        let create = op(OpKind::Upsert, &[(1, Some("a"))], 11);
+        assert!(fold(&mut last, create, DeleteMode::Soft).is_err());
+    }
+
+    #[test]
+    fn deletes_fold_by_mode() {
+        // Hard: the row goes, whatever was written before.
+        let mut last = op(OpKind::Upsert, &[(1, Some("a"))], 10);
+        assert!(fold(&mut last, op(OpKind::Delete, &[], 11), DeleteMode::Hard).is_ok());
+        assert_eq!((last.kind, last.version), (OpKind::Delete, 11));
+        // Soft: the deleted row keeps its columns, so the write before it must land first.
+        let mut last = op(OpKind::Upsert, &[(1, Some("a"))], 10);
+        assert!(fold(&mut last, op(OpKind::Delete, &[], 11), DeleteMode::Soft).is_err());
+        // An update after a delete is never folded.
+        let mut last = op(OpKind::Delete, &[], 10);
+        let update = op(OpKind::Merge, &[(1, Some("a"))], 11);
+        assert!(fold(&mut last, update, DeleteMode::Hard).is_err());
+        let mut last = op(OpKind::Delete, &[], 10);
+        assert!(fold(&mut last, op(OpKind::Delete, &[], 12), DeleteMode::Soft).is_ok());
+        assert_eq!(last.version, 12);
+    }
 }
