@@ -33,7 +33,8 @@
 //! for a record the replica lacks) becomes a [`RepairRequest`] that the caller commits in the
 //! same transaction (invariant 2).
 
-use super::schema::TableSchema;
+use super::binary::{Raw, param_type};
+use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType};
@@ -90,7 +91,7 @@ struct Op {
     id: String,
     kind: OpKind,
     /// (column, value) sorted by column; `None` writes NULL.
-    cells: Vec<(usize, Option<String>)>,
+    cells: Vec<(usize, Option<Vec<u8>>)>,
     version: i64,
     commit_number: i64,
 }
@@ -127,13 +128,13 @@ fn fold(last: &mut Op, next: Op, mode: DeleteMode) -> Result<(), Op> {
 }
 
 /// Whether every column of `older` (sorted) is among `newer` (sorted).
-fn covers(newer: &[(usize, Option<String>)], older: &[(usize, Option<String>)]) -> bool {
+fn covers(newer: &[(usize, Option<Vec<u8>>)], older: &[(usize, Option<Vec<u8>>)]) -> bool {
     let mut it = newer.iter().map(|(c, _)| *c);
     older.iter().all(|(c, _)| it.any(|n| n == *c))
 }
 
 /// Writes `next`'s cells over `cells` (both sorted by column).
-fn overlay(cells: &mut Vec<(usize, Option<String>)>, next: Vec<(usize, Option<String>)>) {
+fn overlay(cells: &mut Vec<(usize, Option<Vec<u8>>)>, next: Vec<(usize, Option<Vec<u8>>)>) {
     for (col, value) in next {
         match cells.binary_search_by_key(&col, |(c, _)| *c) {
             Ok(i) => cells[i].1 = value,
@@ -390,7 +391,7 @@ fn row_values(
     event: &ChangeEvent,
     kind: OpKind,
     upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
-) -> Result<Vec<(usize, Option<String>)>, ReplicaError> {
+) -> Result<Vec<(usize, Option<Vec<u8>>)>, ReplicaError> {
     let h = &event.header;
     let unknown = |path: &str| ReplicaError::Schema {
         object: table.object.clone(),
@@ -399,14 +400,12 @@ fn row_values(
             event.replay_id
         ),
     };
-    let mut cols: Vec<(usize, Option<String>)> = Vec::new();
+    let mut cols: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
     let render_value = |col: usize, path: &str, value: Option<&crate::model::Value>| {
         let c = &table.columns[col];
         match value {
             None => Ok(None),
-            Some(v) => c
-                .pg_type
-                .text(v)
+            Some(v) => super::binary::encode(&c.pg_type, v)
                 .map(Some)
                 .map_err(|message| ReplicaError::Data {
                     object: table.object.clone(),
@@ -478,6 +477,15 @@ fn row_values(
 
 const GUARD: &str = "(t._sfm_version, coalesce(t._sfm_commit_number, -1)) \
                      <= (EXCLUDED._sfm_version, coalesce(EXCLUDED._sfm_commit_number, -1))";
+
+/// `expr` (a parameter of [`param_type`]) as the column's type: only a `numeric(p,s)` needs
+/// the cast, which rounds to the scale as text input would.
+fn typed(pg_type: &PgType, expr: &str) -> String {
+    match pg_type {
+        PgType::Numeric { .. } => format!("{expr}::{}", pg_type.sql()),
+        _ => expr.to_string(),
+    }
+}
 
 /// The tombstone check: no newer delete of the record is on file.
 fn not_tombstoned(ctl: &str, object_param: usize) -> String {
@@ -585,14 +593,14 @@ async fn update(
     let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
     let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
     // Per column of the run: each row's value, and whether the row writes it at all.
-    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
+    let mut values: Vec<Vec<Option<Raw>>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
     let mut masks: Vec<Vec<bool>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
     for op in &run.ops {
         let mut cells = op.cells.iter().peekable();
         for (k, &col) in run.columns.iter().enumerate() {
             match cells.next_if(|(c, _)| *c == col) {
                 Some((_, v)) => {
-                    values[k].push(v.as_deref());
+                    values[k].push(v.as_deref().map(Raw));
                     masks[k].push(true);
                 }
                 None => {
@@ -610,9 +618,9 @@ async fn update(
         let c = &t.columns[col];
         let q = quote(&c.name);
         params.push(&values[k]);
-        unnest.push(format!("${}::text[]", params.len()));
+        unnest.push(format!("${}::{}[]", params.len(), param_type(&c.pg_type)));
         alias.push(format!("c{k}"));
-        let value = format!("u.c{k}::{}", c.pg_type.sql());
+        let value = typed(&c.pg_type, &format!("u.c{k}"));
         if masks[k].iter().all(|m| *m) {
             assign.push(format!("{q} = {value}"));
         } else {
@@ -708,10 +716,10 @@ async fn upsert(
         let q = quote(&c.name);
         match sent.binary_search(&i) {
             Ok(k) => {
-                let value = format!("u.c{k}::{}", c.pg_type.sql());
+                let value = typed(&c.pg_type, &format!("u.c{k}"));
                 insert_cols.push(q.clone());
                 select.push(value);
-                unnest.push(format!("${}::text[]", k + 2));
+                unnest.push(format!("${}::{}[]", k + 2, param_type(&c.pg_type)));
                 alias.push(format!("c{k}"));
                 set.push(format!("{q} = EXCLUDED.{q}"));
             }
@@ -757,9 +765,14 @@ async fn upsert(
         set = set.join(", "),
         tomb = not_tombstoned(&ctl, n + 4),
     );
-    let columns: Vec<Vec<Option<&str>>> = sent
+    let columns: Vec<Vec<Option<Raw>>> = sent
         .iter()
-        .map(|&i| run.ops.iter().map(|o| o.cells[i].1.as_deref()).collect())
+        .map(|&i| {
+            run.ops
+                .iter()
+                .map(|o| o.cells[i].1.as_deref().map(Raw))
+                .collect()
+        })
         .collect();
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(n + 4);
     params.push(&ids);
@@ -804,7 +817,7 @@ mod tests {
             kind,
             cells: cells
                 .iter()
-                .map(|(c, v)| (*c, v.map(str::to_string)))
+                .map(|(c, v)| (*c, v.map(|v| v.as_bytes().to_vec())))
                 .collect(),
             version,
             commit_number: 1,
@@ -812,7 +825,10 @@ mod tests {
     }
 
     fn cells(op: &Op) -> Vec<(usize, Option<&str>)> {
-        op.cells.iter().map(|(c, v)| (*c, v.as_deref())).collect()
+        op.cells
+            .iter()
+            .map(|(c, v)| (*c, v.as_deref().and_then(|v| std::str::from_utf8(v).ok())))
+            .collect()
     }
 
     #[test]

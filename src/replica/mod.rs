@@ -3,11 +3,13 @@
 //! - [`migrate`]: the control schema, from `sql/NNN_name.sql`, applied once each, in order.
 //! - [`schema`]: describe -> table and columns (type map, new columns, safe names).
 //! - [`apply`]: the version-guarded, set-based merge of a batch of change events.
+//! - [`binary`]: values in Postgres' binary format, for typed parameters and COPY.
 //! - [`checkpoint`]: replay positions, written in the batch's transaction.
 //!
 //! This module consumes [`crate::model`] values and never talks to Salesforce.
 
 pub mod apply;
+pub mod binary;
 pub mod checkpoint;
 pub mod migrate;
 pub mod repair_queue;
