@@ -86,12 +86,15 @@ enum OpKind {
     Delete,
 }
 
+/// A column and the value written to it (`None`: NULL), in Postgres' binary format.
+type Cell = (usize, Option<Vec<u8>>);
+
 /// What one statement writes to one record: a change, or several folded into one.
 struct Op {
     id: String,
     kind: OpKind,
     /// (column, value) sorted by column; `None` writes NULL.
-    cells: Vec<(usize, Option<Vec<u8>>)>,
+    cells: Vec<Cell>,
     version: i64,
     commit_number: i64,
 }
@@ -128,13 +131,13 @@ fn fold(last: &mut Op, next: Op, mode: DeleteMode) -> Result<(), Op> {
 }
 
 /// Whether every column of `older` (sorted) is among `newer` (sorted).
-fn covers(newer: &[(usize, Option<Vec<u8>>)], older: &[(usize, Option<Vec<u8>>)]) -> bool {
+fn covers(newer: &[Cell], older: &[Cell]) -> bool {
     let mut it = newer.iter().map(|(c, _)| *c);
     older.iter().all(|(c, _)| it.any(|n| n == *c))
 }
 
 /// Writes `next`'s cells over `cells` (both sorted by column).
-fn overlay(cells: &mut Vec<(usize, Option<Vec<u8>>)>, next: Vec<(usize, Option<Vec<u8>>)>) {
+fn overlay(cells: &mut Vec<Cell>, next: Vec<Cell>) {
     for (col, value) in next {
         match cells.binary_search_by_key(&col, |(c, _)| *c) {
             Ok(i) => cells[i].1 = value,
@@ -391,7 +394,7 @@ fn row_values(
     event: &ChangeEvent,
     kind: OpKind,
     upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
-) -> Result<Vec<(usize, Option<Vec<u8>>)>, ReplicaError> {
+) -> Result<Vec<Cell>, ReplicaError> {
     let h = &event.header;
     let unknown = |path: &str| ReplicaError::Schema {
         object: table.object.clone(),
@@ -400,7 +403,7 @@ fn row_values(
             event.replay_id
         ),
     };
-    let mut cols: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+    let mut cols: Vec<Cell> = Vec::new();
     let render_value = |col: usize, path: &str, value: Option<&crate::model::Value>| {
         let c = &table.columns[col];
         match value {
