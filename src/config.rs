@@ -171,6 +171,9 @@ pub struct ChannelConfig {
 pub struct SyncConfig {
     /// Most events applied in one transaction.
     pub batch_max_events: usize,
+    /// A batch also closes once its events' payloads reach this many bytes: wide events
+    /// (creates with every field) make smaller batches, which bounds the daemon's memory.
+    pub batch_max_bytes: usize,
     /// Longest time an event waits in a partial batch before it is applied.
     pub batch_max_wait_ms: u64,
     /// When the apply side is idle, how long the stream must stay quiet before the trailing
@@ -199,6 +202,7 @@ impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
             batch_max_events: 5_000,
+            batch_max_bytes: 2 * 1024 * 1024,
             batch_max_wait_ms: 100,
             batch_linger_ms: 10,
             reconnect_min_ms: 500,
@@ -487,6 +491,9 @@ impl Config {
         }
         if self.sync.batch_max_events == 0 {
             return Err(invalid("sync.batch_max_events", "must be at least 1"));
+        }
+        if self.sync.batch_max_bytes < 1024 {
+            return Err(invalid("sync.batch_max_bytes", "must be at least 1024"));
         }
         if self.sync.reconnect_min_ms == 0
             || self.sync.reconnect_max_ms < self.sync.reconnect_min_ms

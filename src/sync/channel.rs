@@ -90,6 +90,9 @@ struct DeadLetter {
 #[derive(Default)]
 struct Batch {
     events: Vec<ChangeEvent>,
+    /// Payload bytes of each event, and their sum (the batch's memory grows with it).
+    sizes: Vec<u32>,
+    bytes: usize,
     dead: Vec<DeadLetter>,
     /// Position of the newest event received, applicable or not.
     last_replay: Option<ReplayId>,
@@ -97,6 +100,12 @@ struct Batch {
     started: Option<Instant>,
     /// When the newest event arrived.
     last_event_at: Option<Instant>,
+}
+
+/// What the commit needs of a planned batch's events.
+struct Applied {
+    replay_ids: Vec<ReplayId>,
+    commit_ms: Vec<i64>,
 }
 
 impl Batch {
@@ -133,6 +142,13 @@ impl Batch {
             return Batch::default();
         }
         let tail_events = self.events.split_off(start);
+        let tail_sizes = if start <= self.sizes.len() {
+            self.sizes.split_off(start)
+        } else {
+            Vec::new()
+        };
+        let tail_bytes: usize = tail_sizes.iter().map(|s| *s as usize).sum();
+        self.bytes = self.bytes.saturating_sub(tail_bytes);
         let (keep, carry): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dead)
             .into_iter()
             .partition(|d| d.position < start);
@@ -140,6 +156,8 @@ impl Batch {
         let head_last = &self.events[start - 1];
         let tail = Batch {
             events: tail_events,
+            sizes: tail_sizes,
+            bytes: tail_bytes,
             dead: carry
                 .into_iter()
                 .map(|mut d| {
@@ -172,7 +190,7 @@ pub struct ChannelTask {
 /// What the decode side hands the apply side, in stream order.
 enum Work {
     /// A batch to commit, with its rows already planned.
-    Batch(Batch, MergePlan),
+    Batch(Batch, Applied, MergePlan),
     /// A keepalive: everything up to this topic position was delivered.
     Position(ReplayId),
 }
@@ -429,7 +447,9 @@ impl ChannelTask {
                 }
                 batch.last_event_at = Some(Instant::now());
             }
-            if batch.events.len() >= self.deps.sync.batch_max_events {
+            if batch.events.len() >= self.deps.sync.batch_max_events
+                || batch.bytes >= self.deps.sync.batch_max_bytes
+            {
                 let tail = batch.split_open_transaction();
                 if !self.queue(&mut batch, &work).await? {
                     return Ok(());
@@ -449,9 +469,16 @@ impl ChannelTask {
             batch.started = None;
             return Ok(true);
         }
-        let b = std::mem::take(batch);
+        let mut b = std::mem::take(batch);
         let plan = plan_events(&self.deps.apply, &self.tables, &b.events)?;
-        Ok(work.send(Work::Batch(b, plan)).await.is_ok())
+        // The plan holds the rows; only the events' positions and commit times are needed
+        // from here on, so their decoded bodies are freed before the batch waits in the queue.
+        let applied = Applied {
+            replay_ids: b.events.iter().map(|e| e.replay_id.clone()).collect(),
+            commit_ms: b.events.iter().map(|e| e.header.commit_timestamp).collect(),
+        };
+        b.events = Vec::new();
+        Ok(work.send(Work::Batch(b, applied, plan)).await.is_ok())
     }
 
     /// The channel now starts at LATEST: queue entity repairs for its objects since `since`
@@ -550,6 +577,9 @@ impl ChannelTask {
                 }
                 batch.last_commit_ms = Some(decoded.header.commit_timestamp);
                 batch.events.push(decoded);
+                let size = u32::try_from(event.payload.len()).unwrap_or(u32::MAX);
+                batch.sizes.push(size);
+                batch.bytes += size as usize;
             }
             Err(e) => self.dead_letter(batch, replay_id, &event, e.to_string()),
         }
@@ -633,7 +663,7 @@ impl Applier {
                 }
             };
             match w {
-                Work::Batch(b, plan) => self.commit(b, plan).await?,
+                Work::Batch(b, applied, plan) => self.commit(b, applied, plan).await?,
                 Work::Position(latest) => self.keepalive(latest).await?,
             }
         }
@@ -657,7 +687,12 @@ impl Applier {
     }
 
     /// Commits the batch: rows, repairs, dead letters and the checkpoint in one transaction.
-    async fn commit(&mut self, b: Batch, plan: MergePlan) -> Result<(), SyncError> {
+    async fn commit(
+        &mut self,
+        b: Batch,
+        applied: Applied,
+        plan: MergePlan,
+    ) -> Result<(), SyncError> {
         let Some(last) = b.last_replay.clone() else {
             return Ok(());
         };
@@ -673,10 +708,10 @@ impl Applier {
         let t_apply = t0.elapsed();
         let mut repairs = outcome.repairs;
         if !b.dead.is_empty() {
-            let since = b
-                .events
+            let since = applied
+                .commit_ms
                 .first()
-                .map(|e| e.header.commit_timestamp)
+                .copied()
                 .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
                 - settings.repair_margin_ms;
             for object in &self.objects {
@@ -715,8 +750,8 @@ impl Applier {
         for (kind, n) in &outcome.events {
             telemetry::record_events(name, kind.symbol(), *n);
         }
-        for e in &b.events {
-            telemetry::record_apply_delay((now_ms - e.header.commit_timestamp).max(0) as f64 / 1e3);
+        for ms in &applied.commit_ms {
+            telemetry::record_apply_delay((now_ms - ms).max(0) as f64 / 1e3);
         }
         if !b.dead.is_empty() {
             metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "channel" => name.clone())
@@ -730,13 +765,13 @@ impl Applier {
         if let Some(ms) = b.last_commit_ms {
             telemetry::record_retention_headroom(name, ms, now_ms);
         }
-        tracing::debug!(channel = %name, events = b.events.len(), statements = outcome.statements,
+        tracing::debug!(channel = %name, events = applied.replay_ids.len(), statements = outcome.statements,
             repairs = repairs.len(), checkpoint = %last, apply_ms = t_apply.as_millis() as u64,
             commit_ms = (t0.elapsed() - t_apply).as_millis() as u64, "batch committed");
         if let Some(obs) = &self.observer {
             let _ = obs.send(AppliedBatch {
                 channel: name.clone(),
-                replay_ids: b.events.iter().map(|e| e.replay_id.clone()).collect(),
+                replay_ids: applied.replay_ids,
                 checkpoint: last,
                 started_after: self.started_after.clone(),
             });
@@ -821,6 +856,8 @@ mod tests {
                 event(5, "c"),
                 event(6, "c"),
             ],
+            sizes: vec![100, 100, 100, 50, 60],
+            bytes: 410,
             dead: vec![dead(4, 3), dead(7, 5)],
             last_replay: Some(ReplayId::from_u64(8)),
             last_commit_ms: Some(80),
@@ -838,6 +875,11 @@ mod tests {
         assert_eq!(b.last_commit_ms, Some(30));
         assert_eq!(b.dead.len(), 0, "dead letter 4 arrived after event 3");
         assert_eq!(tail.events.len(), 2);
+        assert_eq!(
+            (b.bytes, tail.bytes),
+            (300, 110),
+            "payload bytes follow the events"
+        );
         assert_eq!(
             tail.dead.iter().map(|d| d.position).collect::<Vec<_>>(),
             [0, 2]
