@@ -190,7 +190,7 @@ pub struct ChannelTask {
 /// What the decode side hands the apply side, in stream order.
 enum Work {
     /// A batch to commit, with its rows already planned.
-    Batch(Batch, Applied, MergePlan),
+    Batch(Box<(Batch, Applied, MergePlan)>),
     /// A keepalive: everything up to this topic position was delivered.
     Position(ReplayId),
 }
@@ -478,7 +478,10 @@ impl ChannelTask {
             commit_ms: b.events.iter().map(|e| e.header.commit_timestamp).collect(),
         };
         b.events = Vec::new();
-        Ok(work.send(Work::Batch(b, applied, plan)).await.is_ok())
+        Ok(work
+            .send(Work::Batch(Box::new((b, applied, plan))))
+            .await
+            .is_ok())
     }
 
     /// The channel now starts at LATEST: queue entity repairs for its objects since `since`
@@ -663,7 +666,10 @@ impl Applier {
                 }
             };
             match w {
-                Work::Batch(b, applied, plan) => self.commit(b, applied, plan).await?,
+                Work::Batch(planned) => {
+                    let (b, applied, plan) = *planned;
+                    self.commit(b, applied, plan).await?
+                }
                 Work::Position(latest) => self.keepalive(latest).await?,
             }
         }
