@@ -33,8 +33,8 @@
 //! for a record the replica lacks) becomes a [`RepairRequest`] that the caller commits in the
 //! same transaction (invariant 2).
 
-use super::binary::{Raw, param_type};
-use super::schema::{PgType, TableSchema};
+use super::binary::{Raw, column_expr, param_type};
+use super::schema::TableSchema;
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType};
@@ -481,15 +481,6 @@ fn row_values(
 const GUARD: &str = "(t._sfm_version, coalesce(t._sfm_commit_number, -1)) \
                      <= (EXCLUDED._sfm_version, coalesce(EXCLUDED._sfm_commit_number, -1))";
 
-/// `expr` (a parameter of [`param_type`]) as the column's type: only a `numeric(p,s)` needs
-/// the cast, which rounds to the scale as text input would.
-fn typed(pg_type: &PgType, expr: &str) -> String {
-    match pg_type {
-        PgType::Numeric { .. } => format!("{expr}::{}", pg_type.sql()),
-        _ => expr.to_string(),
-    }
-}
-
 /// The tombstone check: no newer delete of the record is on file.
 fn not_tombstoned(ctl: &str, object_param: usize) -> String {
     format!(
@@ -623,7 +614,7 @@ async fn update(
         params.push(&values[k]);
         unnest.push(format!("${}::{}[]", params.len(), param_type(&c.pg_type)));
         alias.push(format!("c{k}"));
-        let value = typed(&c.pg_type, &format!("u.c{k}"));
+        let value = column_expr(&c.pg_type, &format!("u.c{k}"));
         if masks[k].iter().all(|m| *m) {
             assign.push(format!("{q} = {value}"));
         } else {
@@ -719,7 +710,7 @@ async fn upsert(
         let q = quote(&c.name);
         match sent.binary_search(&i) {
             Ok(k) => {
-                let value = typed(&c.pg_type, &format!("u.c{k}"));
+                let value = column_expr(&c.pg_type, &format!("u.c{k}"));
                 insert_cols.push(q.clone());
                 select.push(value);
                 unnest.push(format!("${}::{}[]", k + 2, param_type(&c.pg_type)));

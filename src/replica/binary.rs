@@ -53,6 +53,15 @@ pub fn param_type(pg_type: &PgType) -> &'static str {
     }
 }
 
+/// `expr` (a value of [`param_type`]) as a column of `pg_type`: only a `numeric(p,s)` needs
+/// the cast, which rounds to the scale as text input would.
+pub fn column_expr(pg_type: &PgType, expr: &str) -> String {
+    match pg_type {
+        PgType::Numeric { .. } => format!("{expr}::{}", pg_type.sql()),
+        _ => expr.to_string(),
+    }
+}
+
 /// Encodes a decoded event value for a column of `pg_type`.
 pub fn encode(pg_type: &PgType, value: &Value) -> Result<Vec<u8>, String> {
     let bad = || format!("{value:?} cannot be stored as {}", pg_type.sql());

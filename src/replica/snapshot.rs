@@ -1,6 +1,7 @@
 //! Snapshot rows (records read over REST or Bulk API) -> the replica, version-guarded.
 //!
-//! Rows are streamed with `COPY` into a per-transaction staging table and merged with one
+//! Rows are streamed with binary `COPY` (values typed while parsing, so Postgres parses no
+//! text) into a per-transaction staging table and merged with one
 //! set-based statement per table.
 //!
 //! Versions. A snapshot row reflects the record as of the read, which is at least its
@@ -18,6 +19,7 @@
 //! tombstone.
 
 use super::apply::{ApplySettings, RepairRequest};
+use super::binary;
 use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
@@ -25,11 +27,12 @@ use crate::model::Value;
 use bytes::{BufMut, BytesMut};
 use futures::SinkExt;
 
-/// One record as a snapshot saw it, with text values aligned to the table's columns.
+/// One record as a snapshot saw it, with values aligned to the table's columns, in Postgres'
+/// binary format ([`super::binary`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRow {
     pub id: String,
-    pub values: Vec<Option<String>>,
+    pub values: Vec<Option<Vec<u8>>>,
     /// `SystemModstamp` in epoch ms.
     pub version_ms: i64,
     pub deleted: bool,
@@ -51,21 +54,22 @@ pub fn datetime_ms(s: &str) -> Option<i64> {
         .map(|d| d.timestamp_millis())
 }
 
-/// A REST JSON value -> the text input form of `pg_type` (`None` for null).
-fn json_text(pg_type: &PgType, value: &serde_json::Value) -> Result<Option<String>, String> {
+/// A REST JSON value -> `pg_type`'s binary form (`None` for null).
+fn json_value(pg_type: &PgType, value: &serde_json::Value) -> Result<Option<Vec<u8>>, String> {
     use serde_json::Value as J;
-    Ok(match value {
-        J::Null => None,
-        J::Bool(b) => Some(pg_type.text(&Value::Boolean(*b))?),
-        J::Number(n) => Some(match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => pg_type.text(&Value::Long(i))?,
-            (None, Some(f)) => pg_type.text(&Value::Double(f))?,
-            _ => n.to_string(),
-        }),
-        J::String(s) => Some(pg_type.text(&Value::String(s.clone()))?),
+    let v = match value {
+        J::Null => return Ok(None),
+        J::Bool(b) => Value::Boolean(*b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::Long(i),
+            (None, Some(f)) => Value::Double(f),
+            _ => Value::String(n.to_string()),
+        },
+        J::String(s) => Value::String(s.clone()),
         // Compound values (addresses) have no column; their components do.
         J::Object(_) | J::Array(_) => return Err(format!("unexpected structured value {value}")),
-    })
+    };
+    binary::encode(pg_type, &v).map(Some)
 }
 
 /// A REST record (query or retrieve answer) -> a snapshot row.
@@ -97,7 +101,7 @@ pub fn row_from_json(
     for c in &table.columns {
         let v = record.get(&c.field).unwrap_or(&serde_json::Value::Null);
         values.push(
-            json_text(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
+            json_value(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
         );
     }
     Ok(SnapshotRow {
@@ -150,8 +154,7 @@ impl CsvLayout {
                 None
             } else {
                 Some(
-                    c.pg_type
-                        .text(&Value::String(raw.to_string()))
+                    binary::encode(&c.pg_type, &Value::String(raw.to_string()))
                         .map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
                 )
             });
@@ -165,20 +168,13 @@ impl CsvLayout {
     }
 }
 
-/// Escapes one value for COPY's text format.
-fn copy_field(out: &mut BytesMut, value: Option<&str>) {
+/// Appends one field to a binary COPY row (`None`: NULL).
+fn copy_field(out: &mut BytesMut, value: Option<&[u8]>) {
     match value {
-        None => out.put_slice(b"\\N"),
-        Some(s) => {
-            for b in s.bytes() {
-                match b {
-                    b'\\' => out.put_slice(b"\\\\"),
-                    b'\t' => out.put_slice(b"\\t"),
-                    b'\n' => out.put_slice(b"\\n"),
-                    b'\r' => out.put_slice(b"\\r"),
-                    _ => out.put_u8(b),
-                }
-            }
+        None => out.put_i32(-1),
+        Some(v) => {
+            out.put_i32(v.len() as i32);
+            out.put_slice(v);
         }
     }
 }
@@ -213,7 +209,12 @@ pub async fn apply_snapshot(
     let ctx = |what: &str| format!("snapshot of {}: {what}", table.object);
     let t0 = std::time::Instant::now();
     let n = table.columns.len();
-    let stage_cols: Vec<String> = (0..n).map(|i| format!("c{i} text")).collect();
+    let stage_cols: Vec<String> = table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("c{i} {}", binary::param_type(&c.pg_type)))
+        .collect();
     tx.batch_execute(&format!(
         "CREATE TEMP TABLE IF NOT EXISTS _sfm_stage (id text, v bigint, d boolean) ON COMMIT DROP;
          DROP TABLE _sfm_stage;
@@ -223,34 +224,44 @@ pub async fn apply_snapshot(
     .await
     .map_err(ReplicaError::pg(ctx("staging table")))?;
     let sink = tx
-        .copy_in("COPY _sfm_stage FROM STDIN")
+        .copy_in("COPY _sfm_stage FROM STDIN (FORMAT binary)")
         .await
         .map_err(ReplicaError::pg(ctx("COPY")))?;
     futures::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0); // flags
+    buf.put_i32(0); // header extension length
+    let fields = i16::try_from(n + 3).map_err(|_| ReplicaError::Schema {
+        object: table.object.clone(),
+        message: format!("{n} columns are more than COPY can send"),
+    })?;
     for r in rows {
-        copy_field(&mut buf, Some(&r.id));
-        buf.put_u8(b'\t');
+        if r.values.len() != n {
+            return Err(bad(
+                table,
+                &r.id,
+                format!("{} values for {n} columns", r.values.len()),
+            ));
+        }
+        buf.put_i16(fields);
+        copy_field(&mut buf, Some(r.id.as_bytes()));
         let version = r.version_ms.max(read_floor_ms.unwrap_or(i64::MIN));
-        copy_field(&mut buf, Some(&version.to_string()));
-        buf.put_u8(b'\t');
-        copy_field(&mut buf, Some(if r.deleted { "t" } else { "f" }));
+        copy_field(&mut buf, Some(&version.to_be_bytes()));
+        copy_field(&mut buf, Some(&[u8::from(r.deleted)]));
         for v in &r.values {
-            buf.put_u8(b'\t');
             copy_field(&mut buf, v.as_deref());
         }
-        buf.put_u8(b'\n');
         if buf.len() > 512 * 1024 {
             sink.send(buf.split().freeze())
                 .await
                 .map_err(ReplicaError::pg(ctx("COPY")))?;
         }
     }
-    if !buf.is_empty() {
-        sink.send(buf.freeze())
-            .await
-            .map_err(ReplicaError::pg(ctx("COPY")))?;
-    }
+    buf.put_i16(-1);
+    sink.send(buf.freeze())
+        .await
+        .map_err(ReplicaError::pg(ctx("COPY")))?;
     sink.finish().await.map_err(ReplicaError::pg(ctx("COPY")))?;
     let copied = t0.elapsed();
 
@@ -286,7 +297,7 @@ pub async fn apply_snapshot(
     for (i, c) in table.columns.iter().enumerate() {
         let q = quote(&c.name);
         cols.push(q.clone());
-        select.push(format!("s.c{i}::{}", c.pg_type.sql()));
+        select.push(binary::column_expr(&c.pg_type, &format!("s.c{i}")));
         set.push(format!("{q} = EXCLUDED.{q}"));
     }
     cols.extend(["_sfm_version", "_sfm_commit_number", "_sfm_deleted"].map(String::from));
@@ -350,13 +361,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copy_text_escaping() {
+    fn copy_fields_are_length_prefixed() {
         let mut b = BytesMut::new();
-        copy_field(&mut b, Some("a\tb\\c\nd\re"));
-        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\\re");
-        let mut b = BytesMut::new();
+        copy_field(&mut b, Some(b"a\tb"));
         copy_field(&mut b, None);
-        assert_eq!(&b[..], b"\\N");
+        assert_eq!(&b[..], b"\0\0\0\x03a\tb\xff\xff\xff\xff");
     }
 
     #[test]
