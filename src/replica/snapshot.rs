@@ -27,12 +27,15 @@ use crate::model::Value;
 use bytes::{BufMut, BytesMut};
 use futures::SinkExt;
 
-/// One record as a snapshot saw it, with values aligned to the table's columns, in Postgres'
-/// binary format ([`super::binary`]).
+/// One record as a snapshot saw it. Its values, one per table column in order, are kept as
+/// the fields of a binary COPY row (each a length and Postgres' binary form, or -1 for NULL):
+/// one allocation per row, written out as is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRow {
     pub id: String,
-    pub values: Vec<Option<Vec<u8>>>,
+    fields: Vec<u8>,
+    /// How many columns `fields` holds.
+    columns: usize,
     /// `SystemModstamp` in epoch ms.
     pub version_ms: i64,
     pub deleted: bool,
@@ -97,16 +100,17 @@ pub fn row_from_json(
         .get("IsDeleted")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let mut values = Vec::with_capacity(table.columns.len());
+    let mut fields = Vec::with_capacity(table.columns.len() * 16);
     for c in &table.columns {
         let v = record.get(&c.field).unwrap_or(&serde_json::Value::Null);
-        values.push(
-            json_value(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
-        );
+        let value =
+            json_value(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?;
+        copy_field(&mut fields, value.as_deref());
     }
     Ok(SnapshotRow {
         id,
-        values,
+        fields,
+        columns: table.columns.len(),
         version_ms,
         deleted,
     })
@@ -147,21 +151,23 @@ impl CsvLayout {
             )
         })?;
         let deleted = self.deleted.is_some_and(|i| get(i) == "true");
-        let mut values = Vec::with_capacity(table.columns.len());
+        let mut fields = Vec::with_capacity(record.iter().map(|f| f.len() + 4).sum());
         for (c, pos) in table.columns.iter().zip(&self.columns) {
             let raw = pos.map(get).unwrap_or("");
-            values.push(if raw.is_empty() {
-                None
+            if raw.is_empty() {
+                copy_field(&mut fields, None);
+            } else if c.pg_type == PgType::Text {
+                copy_field(&mut fields, Some(raw.as_bytes()));
             } else {
-                Some(
-                    binary::encode(&c.pg_type, &Value::String(raw.to_string()))
-                        .map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?,
-                )
-            });
+                let value = binary::encode(&c.pg_type, &Value::String(raw.to_string()))
+                    .map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?;
+                copy_field(&mut fields, Some(&value));
+            }
         }
         Ok(SnapshotRow {
             id,
-            values,
+            fields,
+            columns: table.columns.len(),
             version_ms,
             deleted,
         })
@@ -169,7 +175,7 @@ impl CsvLayout {
 }
 
 /// Appends one field to a binary COPY row (`None`: NULL).
-fn copy_field(out: &mut BytesMut, value: Option<&[u8]>) {
+fn copy_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
         None => out.put_i32(-1),
         Some(v) => {
@@ -237,21 +243,22 @@ pub async fn apply_snapshot(
         message: format!("{n} columns are more than COPY can send"),
     })?;
     for r in rows {
-        if r.values.len() != n {
+        if r.columns != n {
             return Err(bad(
                 table,
                 &r.id,
-                format!("{} values for {n} columns", r.values.len()),
+                format!("read with {} columns, the table has {n}", r.columns),
             ));
         }
         buf.put_i16(fields);
-        copy_field(&mut buf, Some(r.id.as_bytes()));
         let version = r.version_ms.max(read_floor_ms.unwrap_or(i64::MIN));
-        copy_field(&mut buf, Some(&version.to_be_bytes()));
-        copy_field(&mut buf, Some(&[u8::from(r.deleted)]));
-        for v in &r.values {
-            copy_field(&mut buf, v.as_deref());
-        }
+        buf.put_i32(r.id.len() as i32);
+        buf.put_slice(r.id.as_bytes());
+        buf.put_i32(8);
+        buf.put_i64(version);
+        buf.put_i32(1);
+        buf.put_u8(u8::from(r.deleted));
+        buf.put_slice(&r.fields);
         if buf.len() > 512 * 1024 {
             sink.send(buf.split().freeze())
                 .await
@@ -362,7 +369,7 @@ mod tests {
 
     #[test]
     fn copy_fields_are_length_prefixed() {
-        let mut b = BytesMut::new();
+        let mut b = Vec::new();
         copy_field(&mut b, Some(b"a\tb"));
         copy_field(&mut b, None);
         assert_eq!(&b[..], b"\0\0\0\x03a\tb\xff\xff\xff\xff");
