@@ -193,6 +193,9 @@ pub struct SyncConfig {
     /// Entity repairs whose window holds more records than this read them over Bulk API 2.0
     /// instead of REST query paging.
     pub repair_bulk_threshold: u64,
+    /// Rows per Bulk result chunk of an entity repair; each chunk commits in its own
+    /// transaction and renews the repair's lease.
+    pub repair_chunk_rows: u32,
 }
 
 /// Default of `sync.repair_bulk_threshold`.
@@ -211,6 +214,7 @@ impl Default for SyncConfig {
             stale_stream_secs: 540,
             repair_idle_ms: 1000,
             repair_bulk_threshold: DEFAULT_REPAIR_BULK_THRESHOLD,
+            repair_chunk_rows: 10_000,
         }
     }
 }
@@ -491,6 +495,9 @@ impl Config {
         }
         if self.sync.batch_max_events == 0 {
             return Err(invalid("sync.batch_max_events", "must be at least 1"));
+        }
+        if self.sync.repair_chunk_rows == 0 {
+            return Err(invalid("sync.repair_chunk_rows", "must be at least 1"));
         }
         if self.sync.batch_max_bytes < 1024 {
             return Err(invalid("sync.batch_max_bytes", "must be at least 1024"));

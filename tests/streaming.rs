@@ -841,6 +841,8 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
     cfg.sync.repair_idle_ms = 50;
     // Overflow windows hold more than 5 records: the entity repairs go over Bulk API 2.0.
     cfg.sync.repair_bulk_threshold = 5;
+    // Several chunks per Bulk repair: each commits and renews the repair's lease.
+    cfg.sync.repair_chunk_rows = 3;
     let daemon = Daemon::start(&emulator, &cfg).await;
     let w = RestWriter::new(&emulator);
     let long: String = (0..50)

@@ -188,6 +188,30 @@ pub async fn complete(
     Ok(())
 }
 
+/// Extends the lease of a repair still in progress (a large entity repair, chunk by chunk), so
+/// that no other worker takes it over while it is making progress.
+pub async fn renew(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    repair: &Repair,
+    lease_secs: i64,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.repair_queue
+                 SET next_attempt_at = greatest(next_attempt_at,
+                                                now() + make_interval(secs => $2::bigint))
+                 WHERE repair_id = $1",
+                quote(control_schema)
+            ),
+            &[&repair.repair_id, &lease_secs],
+        )
+        .await
+        .map_err(ReplicaError::pg("renew repair lease"))?;
+    Ok(())
+}
+
 /// Records a failed attempt: the repair is retried after an exponential backoff (capped at an
 /// hour), and the error is kept for `status`.
 pub async fn fail(

@@ -400,6 +400,8 @@ impl RepairWorker {
         .await?;
         if last {
             repair_queue::complete(&tx, &self.settings.control_schema, &[repair]).await?;
+        } else {
+            repair_queue::renew(&tx, &self.settings.control_schema, repair, LEASE_SECS).await?;
         }
         tx.commit()
             .await

@@ -112,7 +112,7 @@ pub async fn run(
             deps.apply.clone(),
             std::time::Duration::from_millis(cfg.sync.repair_idle_ms),
         )
-        .with_bulk(cfg.sync.repair_bulk_threshold, 10_000);
+        .with_bulk(cfg.sync.repair_bulk_threshold, cfg.sync.repair_chunk_rows);
         let stop = shutdown.clone();
         tokio::spawn(async move { worker.run(stop).await })
     };
