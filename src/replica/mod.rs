@@ -104,6 +104,20 @@ pub fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
         .map_err(|e| ReplicaError::Pool(e.to_string()))
 }
 
+/// Most statements a pooled connection keeps prepared. The merge's statements depend on the
+/// columns each batch writes, so a long-running daemon would otherwise prepare new ones (and
+/// keep them, on both sides of the connection) for ever.
+pub const STATEMENT_CACHE_LIMIT: usize = 512;
+
+/// Forgets a connection's prepared statements once there are more than
+/// [`STATEMENT_CACHE_LIMIT`] (dropping them closes them on the server too). Call before a
+/// transaction.
+pub fn bound_statement_cache(client: &deadpool_postgres::Object) {
+    if client.statement_cache.size() > STATEMENT_CACHE_LIMIT {
+        client.statement_cache.clear();
+    }
+}
+
 /// Quotes an identifier that has already been checked by [`crate::model::is_safe_identifier`].
 pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
