@@ -4,6 +4,8 @@
 //! Nothing here does I/O. Keeping these types free of gRPC, HTTP and Postgres is what lets
 //! `replica` consume what `salesforce` produces without either importing the other.
 
+pub mod textdiff;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;

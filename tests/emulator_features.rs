@@ -490,7 +490,7 @@ async fn small_edits_of_long_texts_travel_as_diffs() {
     assert!(d.starts_with("--- \n+++ "), "{d}");
     assert!(d.contains("-Line 5: the quick") && d.contains("+Line 5: the slow"));
     assert_eq!(
-        sfmirror::emulator::diff::apply_diff(&text, d).as_deref(),
+        sfmirror::model::textdiff::apply(&text, d).as_deref(),
         Some(edited.as_str())
     );
     // A value below 1,000 characters is sent whole.

@@ -923,3 +923,105 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
     daemon.stop().await;
     emulator.stop().await;
 }
+
+/// API calls the emulator has counted so far, this `limits` call included.
+async fn api_calls_used(emulator: &Emulator) -> i64 {
+    let limits: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
+        .bearer_auth(&emulator.access_token)
+        .send()
+        .await
+        .expect("limits")
+        .json()
+        .await
+        .expect("json");
+    let api = &limits["DailyApiRequests"];
+    api["Max"].as_i64().unwrap_or(0) - api["Remaining"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_text_diffs_apply_in_place_and_fall_back_to_a_re_read() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let objects = ["Account"];
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &objects)],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let long: String = (0..60)
+        .map(|i| format!("Clause {i}: the supplier delivers on time and in full."))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let id = w
+        .create("Account", json!({"Name": "Contract", "Description": long}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &objects).await;
+    let client = db.client().await;
+    repairs_drained(&client).await;
+    let description = async |client: &tokio_postgres::Client| -> Option<String> {
+        client
+            .query_one(
+                "SELECT description FROM salesforce.account WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get(0))
+    };
+
+    // A one-line edit arrives as a diff and is applied to the replica's value: the only API
+    // call in between is the update itself (no re-read).
+    let edited = long.replacen("Clause 7: the supplier", "Clause 7: the buyer", 1);
+    let before = api_calls_used(&emulator).await;
+    w.update("Account", &id, json!({"Description": edited}))
+        .await
+        .expect("update");
+    wait_for("the edited text", WAIT, async || {
+        description(&client).await.as_deref() == Some(edited.as_str())
+    })
+    .await;
+    repairs_drained(&client).await;
+    assert_eq!(
+        api_calls_used(&emulator).await - before,
+        2,
+        "the update and this count: the diff was applied without reading the record again"
+    );
+
+    // The replica's value has drifted: the next diff does not fit it, so the column is left
+    // alone (never set to the diff text) and the record is read again.
+    client
+        .execute(
+            "UPDATE salesforce.account SET description = 'drifted' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("drift");
+    let edited_again = edited.replacen("Clause 9: the supplier", "Clause 9: nobody", 1);
+    let before = api_calls_used(&emulator).await;
+    w.update("Account", &id, json!({"Description": edited_again}))
+        .await
+        .expect("update");
+    wait_for("the re-read text", WAIT, async || {
+        let now = description(&client).await;
+        assert!(
+            !now.as_deref().unwrap_or("").starts_with("--- "),
+            "a diff was stored as the value: {now:?}"
+        );
+        now.as_deref() == Some(edited_again.as_str())
+    })
+    .await;
+    assert!(
+        api_calls_used(&emulator).await - before > 2,
+        "the record was read again"
+    );
+    converged(&emulator, &db, &objects).await;
+    daemon.stop().await;
+    emulator.stop().await;
+}

@@ -7,7 +7,7 @@
 //! quarter of all lines change, and the diff is shorter than the new value. Otherwise the
 //! whole value is sent.
 
-use sha2::{Digest, Sha256};
+use crate::model::textdiff::sha256_hex;
 
 /// Above this many line pairs the emulator sends the whole value instead of a diff.
 const MAX_CELLS: usize = 4_000_000;
@@ -31,8 +31,7 @@ pub fn text_diff(old: &str, new: &str, min_chars: usize) -> Option<String> {
     if changed * 4 > a.len() + b.len() {
         return None;
     }
-    let hash = Sha256::digest(new.as_bytes());
-    let mut out = format!("--- \n+++ {}\n", hex(&hash));
+    let mut out = format!("--- \n+++ {}\n", sha256_hex(new));
     for h in &hunks {
         // Unified diff numbering: 1-based start, or the line before when the side is empty.
         let start = |at: usize, len: usize| if len == 0 { at } else { at + 1 };
@@ -55,10 +54,6 @@ pub fn text_diff(old: &str, new: &str, min_chars: usize) -> Option<String> {
         }
     }
     (out.chars().count() < new_len).then_some(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A run of removed and added lines (0-based positions).
@@ -113,75 +108,10 @@ fn hunks(a: &[&str], b: &[&str]) -> Vec<Hunk> {
     out
 }
 
-/// Applies a diff produced by [`text_diff`] (or Salesforce) to `old`; `None` if it does not
-/// fit `old` or the result does not hash to the diff's `+++` value.
-pub fn apply_diff(old: &str, diff: &str) -> Option<String> {
-    let mut lines = diff.split('\n');
-    if lines.next()? != "--- " {
-        return None;
-    }
-    let hash = lines
-        .next()?
-        .strip_prefix("+++ ")?
-        .trim()
-        .to_ascii_lowercase();
-    let a: Vec<&str> = old.split('\n').collect();
-    let mut out: Vec<&str> = Vec::with_capacity(a.len());
-    let mut next_old = 0usize;
-    let mut pending: Option<(usize, usize)> = None; // (old lines to drop, new lines to add)
-    for line in lines {
-        if let Some(spec) = line.strip_prefix("@@ ") {
-            if pending.is_some_and(|(d, a)| d != 0 || a != 0) {
-                return None;
-            }
-            let spec = spec.strip_suffix(" @@")?;
-            let (minus, plus) = spec.split_once(' ')?;
-            let (o_start, o_len) = range(minus.strip_prefix('-')?)?;
-            let (_, n_len) = range(plus.strip_prefix('+')?)?;
-            let first = if o_len == 0 { o_start } else { o_start - 1 };
-            if first < next_old || first > a.len() {
-                return None;
-            }
-            out.extend_from_slice(&a[next_old..first]);
-            next_old = first;
-            pending = Some((o_len, n_len));
-        } else if let Some(removed) = line.strip_prefix('-') {
-            let (drop, add) = pending.as_mut()?;
-            if *drop == 0 || a.get(next_old) != Some(&removed) {
-                return None;
-            }
-            *drop -= 1;
-            next_old += 1;
-            let _ = add;
-        } else if let Some(added) = line.strip_prefix('+') {
-            let (_, add) = pending.as_mut()?;
-            if *add == 0 {
-                return None;
-            }
-            *add -= 1;
-            out.push(added);
-        } else if !line.is_empty() {
-            return None;
-        }
-    }
-    if pending.is_some_and(|(d, a)| d != 0 || a != 0) {
-        return None;
-    }
-    out.extend_from_slice(a.get(next_old..)?);
-    let value = out.join("\n");
-    (hex(&Sha256::digest(value.as_bytes())) == hash).then_some(value)
-}
-
-fn range(s: &str) -> Option<(usize, usize)> {
-    match s.split_once(',') {
-        Some((start, len)) => Some((start.parse().ok()?, len.parse().ok()?)),
-        None => Some((s.parse().ok()?, 1)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::textdiff::apply as apply_diff;
     use proptest::prelude::*;
 
     fn paragraphs(n: usize, tag: &str) -> String {

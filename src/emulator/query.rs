@@ -634,10 +634,8 @@ async fn retrieve(
 
 async fn limits(State(st): S, Path(version): Path<String>) -> Result<Json<J>, ApiError> {
     api_version(&version)?;
-    // The store counts calls but offers no read without counting; the middleware has already
-    // counted this call, so the usage it reported is one less than this count.
-    let (counted, max) = st.org.count_api_call();
-    let used = (counted - 1).max(0);
+    // The middleware has already counted this call, as Salesforce counts it.
+    let (used, max) = st.org.api_usage();
     let jobs = st.query.jobs_created.load(Ordering::Relaxed);
     let mb = st.query.result_bytes.load(Ordering::Relaxed) / (1024 * 1024);
     let limit = |max: i64, used: i64| json!({"Max": max, "Remaining": (max - used).max(0)});

@@ -405,6 +405,11 @@ impl Org {
         )
     }
 
+    /// API calls counted so far and the daily maximum, without counting one.
+    pub fn api_usage(&self) -> (i64, i64) {
+        (self.api_calls.load(Ordering::Relaxed), self.api_limit)
+    }
+
     pub fn issue_token(&self, ttl_ms: Option<i64>) -> String {
         let token = format!("{}!{}", &self.org_id[..15], uuid::Uuid::new_v4().simple());
         self.register_token(&token, ttl_ms);

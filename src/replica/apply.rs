@@ -29,15 +29,17 @@
 //! is not newer; deletes leave the version behind (soft: the row with `_sfm_deleted`; hard: a
 //! tombstone), so an older change cannot resurrect a record. Field-level merge (invariant 4):
 //! an UPDATE writes exactly the columns `changedFields` names and nulls exactly those
-//! `nulledFields` names. What the event cannot carry (gaps, overflows, diff fields, an UPDATE
-//! for a record the replica lacks) becomes a [`RepairRequest`] that the caller commits in the
-//! same transaction (invariant 2).
+//! `nulledFields` names. A long text sent as a diff (`diffFields`) is applied to the row's
+//! current value and kept only if the result has the SHA-256 Salesforce sent; a diff is never
+//! folded onto a value the same batch writes. What the event cannot carry (gaps, overflows, a
+//! diff that does not fit, an UPDATE for a record the replica lacks) becomes a
+//! [`RepairRequest`] that the caller commits in the same transaction (invariant 2).
 
 use super::binary::{Raw, column_expr, param_type};
-use super::schema::TableSchema;
+use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
-use crate::model::{ChangeEvent, ChangeType};
+use crate::model::{ChangeEvent, ChangeType, textdiff};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -95,6 +97,8 @@ struct Op {
     kind: OpKind,
     /// (column, value) sorted by column; `None` writes NULL.
     cells: Vec<Cell>,
+    /// Columns whose cell holds a diff (`diffFields`) to apply to the row's current value.
+    diffs: Vec<usize>,
     version: i64,
     commit_number: i64,
 }
@@ -118,6 +122,13 @@ fn fold(last: &mut Op, next: Op, mode: DeleteMode) -> Result<(), Op> {
         // A CREATE / UNDELETE rewrites every column the earlier change wrote.
         (_, Upsert) if covers(&next.cells, &last.cells) => *last = next,
         (Upsert | Merge, Merge) => {
+            // A diff applies to the value before it: not to one `last` writes.
+            let writes = |cells: &[Cell], col: usize| cells.iter().any(|(c, _)| *c == col);
+            if next.diffs.iter().any(|&c| writes(&last.cells, c)) {
+                return Err(next);
+            }
+            last.diffs.retain(|&c| !writes(&next.cells, c));
+            last.diffs.extend(next.diffs);
             overlay(&mut last.cells, next.cells);
             last.version = next.version;
             last.commit_number = next.commit_number;
@@ -205,7 +216,10 @@ pub async fn execute(
         statements: 0,
         repairs: plan.repairs,
     };
-    for run in plan.runs {
+    for mut run in plan.runs {
+        if run.ops.iter().any(|o| !o.diffs.is_empty()) {
+            resolve_diffs(tx, settings, &mut run, &mut outcome).await?;
+        }
         flush(tx, settings, run, &mut outcome).await?;
     }
     Ok(outcome)
@@ -292,17 +306,15 @@ pub fn plan_events(
             continue;
         }
         let mut cells = row_values(table, event, kind, &mut upsert_columns)?;
-        if kind == OpKind::Merge && !h.diff_fields.is_empty() {
-            for id in &h.record_ids {
-                plan.repairs.push(RepairRequest::Record {
-                    object: h.entity_name.to_string(),
-                    id: id.clone(),
-                    reason: format!(
-                        "diff fields {} at replay {}",
-                        h.diff_fields.join(","),
-                        event.replay_id
-                    ),
-                });
+        // Long text sent as a diff: applied to the row's value when the write goes out.
+        let mut diffs = Vec::new();
+        if kind == OpKind::Merge {
+            for path in &h.diff_fields {
+                if let Some(col) = table.column_for(path.as_arc())
+                    && cells.iter().any(|(c, v)| *c == col && v.is_some())
+                {
+                    diffs.push(col);
+                }
             }
         }
         let tkey = table_key(table);
@@ -317,6 +329,7 @@ pub fn plan_events(
                 id: id.clone(),
                 kind,
                 cells,
+                diffs: diffs.clone(),
                 version: h.commit_timestamp,
                 commit_number: h.commit_number,
             };
@@ -677,6 +690,74 @@ async fn update(
         .collect())
 }
 
+/// Turns the diffs of a run's rows into full values: each is applied to the row's current
+/// value (read in this transaction, after the earlier rounds) and accepted only if the result
+/// has the hash Salesforce sent ([`textdiff::apply`]). A diff that does not fit (no row, a
+/// missed change, a text column it cannot be) leaves the column alone and asks for the record
+/// to be read again.
+async fn resolve_diffs(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    run: &mut Run,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ReplicaError> {
+    let t = run.table.clone();
+    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let mut columns: Vec<usize> = run.ops.iter().flat_map(|o| o.diffs.clone()).collect();
+    columns.sort_unstable();
+    columns.dedup();
+    for col in columns {
+        let column = &t.columns[col];
+        let ids: Vec<&str> = run
+            .ops
+            .iter()
+            .filter(|o| o.diffs.contains(&col))
+            .map(|o| o.id.as_str())
+            .collect();
+        let sql = format!(
+            "SELECT id, {}::text FROM {table} WHERE id = ANY($1::text[])",
+            quote(&column.name)
+        );
+        outcome.statements += 1;
+        let rows = tx
+            .query(&sql, &[&ids])
+            .await
+            .map_err(ReplicaError::pg(format!("read {} for diffs", column.field)))?;
+        let current: HashMap<String, Option<String>> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        drop(ids);
+        for op in run.ops.iter_mut().filter(|o| o.diffs.contains(&col)) {
+            op.diffs.retain(|&c| c != col);
+            let Some(i) = op.cells.iter().position(|(c, _)| *c == col) else {
+                continue;
+            };
+            let new = match (&op.cells[i].1, current.get(&op.id)) {
+                (Some(diff), Some(Some(old))) if column.pg_type == PgType::Text => {
+                    std::str::from_utf8(diff)
+                        .ok()
+                        .and_then(|d| textdiff::apply(old, d))
+                }
+                _ => None,
+            };
+            match new {
+                Some(value) => op.cells[i].1 = Some(value.into_bytes()),
+                None => {
+                    op.cells.remove(i);
+                    outcome.repairs.push(RepairRequest::Record {
+                        object: t.object.clone(),
+                        id: op.id.clone(),
+                        reason: format!(
+                            "the diff of {} does not fit the replica's value",
+                            column.field
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `INSERT .. ON CONFLICT` of a run whose rows all write the same columns: inserts records the
 /// replica lacks, replaces older rows. Upserts go out this way; merges and soft deletes only for
 /// what [`update`] missed.
@@ -813,6 +894,7 @@ mod tests {
                 .iter()
                 .map(|(c, v)| (*c, v.map(|v| v.as_bytes().to_vec())))
                 .collect(),
+            diffs: Vec::new(),
             version,
             commit_number: 1,
         }
@@ -868,6 +950,24 @@ mod tests {
         let mut last = op(OpKind::Merge, &[(5, Some("x"))], 10);
         let create = op(OpKind::Upsert, &[(1, Some("a"))], 11);
         assert!(fold(&mut last, create, DeleteMode::Soft).is_err());
+    }
+
+    #[test]
+    fn a_diff_is_never_folded_onto_a_value_the_batch_writes() {
+        let mut last = op(OpKind::Merge, &[(1, Some("full")), (2, Some("x"))], 10);
+        let mut next = op(OpKind::Merge, &[(1, Some("--- \n+++ h\n"))], 11);
+        next.diffs = vec![1];
+        assert!(fold(&mut last, next, DeleteMode::Soft).is_err());
+        // A diff on a column `last` leaves alone folds; a full value later replaces it.
+        let mut last = op(OpKind::Merge, &[(2, Some("x"))], 10);
+        let mut next = op(OpKind::Merge, &[(1, Some("--- \n+++ h\n"))], 11);
+        next.diffs = vec![1];
+        assert!(fold(&mut last, next, DeleteMode::Soft).is_ok());
+        assert_eq!(last.diffs, [1]);
+        let full = op(OpKind::Merge, &[(1, Some("whole text"))], 12);
+        assert!(fold(&mut last, full, DeleteMode::Soft).is_ok());
+        assert!(last.diffs.is_empty());
+        assert_eq!(cells(&last), [(1, Some("whole text")), (2, Some("x"))]);
     }
 
     #[test]
