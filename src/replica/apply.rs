@@ -173,6 +173,8 @@ struct Run {
 /// while Postgres works on this one.
 pub struct MergePlan {
     runs: Vec<Run>,
+    /// How many runs each round has, in order.
+    rounds: Vec<usize>,
     events: HashMap<ChangeType, u64>,
     repairs: Vec<RepairRequest>,
 }
@@ -216,11 +218,26 @@ pub async fn execute(
         statements: 0,
         repairs: plan.repairs,
     };
-    for mut run in plan.runs {
-        if run.ops.iter().any(|o| !o.diffs.is_empty()) {
-            resolve_diffs(tx, settings, &mut run, &mut outcome).await?;
+    let mut runs = plan.runs.into_iter();
+    for size in plan.rounds {
+        let mut round: Vec<Run> = runs.by_ref().take(size).collect();
+        for run in &mut round {
+            if run.ops.iter().any(|o| !o.diffs.is_empty()) {
+                resolve_diffs(tx, settings, run, &mut outcome).await?;
+            }
         }
-        flush(tx, settings, run, &mut outcome).await?;
+        // A round's runs touch different records: they go out together, pipelined on the
+        // connection, so Postgres does not wait for a round trip between them.
+        let done = futures::future::try_join_all(round.into_iter().map(|run| async move {
+            let mut part = ApplyOutcome::default();
+            flush(tx, settings, run, &mut part).await?;
+            Ok::<_, ReplicaError>(part)
+        }))
+        .await?;
+        for part in done {
+            outcome.statements += part.statements;
+            outcome.repairs.extend(part.repairs);
+        }
     }
     Ok(outcome)
 }
@@ -235,6 +252,7 @@ pub fn plan_events(
 ) -> Result<MergePlan, ReplicaError> {
     let mut plan = MergePlan {
         runs: Vec::new(),
+        rounds: Vec::new(),
         events: HashMap::new(),
         repairs: Vec::new(),
     };
@@ -362,6 +380,7 @@ pub fn plan_events(
     for _ in 0..rounds {
         let mut runs: HashMap<(usize, OpKind, Vec<usize>), usize> = HashMap::new();
         let first = plan.runs.len();
+        plan.rounds.push(0);
         for (table, queue) in owners.iter().zip(queues.iter_mut()) {
             let Some(op) = queue.next() else { continue };
             let shape = match op.kind {
@@ -383,6 +402,9 @@ pub fn plan_events(
                 }
             };
             plan.runs[i].ops.push(op);
+        }
+        if let Some(n) = plan.rounds.last_mut() {
+            *n = plan.runs.len() - first;
         }
         for run in &mut plan.runs[first..] {
             if run.kind == OpKind::Merge {
