@@ -40,6 +40,7 @@ use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType, textdiff};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -191,6 +192,9 @@ impl MergePlan {
     }
 }
 
+/// Runs of one round sent before the first of them has answered.
+const PIPELINED_RUNS: usize = 2;
+
 /// Identifies a table within one call (tables are shared, so their address is stable).
 fn table_key(table: &Arc<TableSchema>) -> usize {
     Arc::as_ptr(table) as usize
@@ -226,15 +230,17 @@ pub async fn execute(
                 resolve_diffs(tx, settings, run, &mut outcome).await?;
             }
         }
-        // A round's runs touch different records: they go out together, pipelined on the
-        // connection, so Postgres does not wait for a round trip between them.
-        let done = futures::future::try_join_all(round.into_iter().map(|run| async move {
+        // A round's runs touch different records: the next one goes out while Postgres works
+        // on the current one (pipelined on the connection), so it never waits for a round trip
+        // and the client's encoding. Two at a time bound the parameters held in memory.
+        let mut parts = futures::stream::iter(round.into_iter().map(|run| async move {
             let mut part = ApplyOutcome::default();
             flush(tx, settings, run, &mut part).await?;
             Ok::<_, ReplicaError>(part)
         }))
-        .await?;
-        for part in done {
+        .buffered(PIPELINED_RUNS);
+        while let Some(part) = parts.next().await {
+            let part = part?;
             outcome.statements += part.statements;
             outcome.repairs.extend(part.repairs);
         }
