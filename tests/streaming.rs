@@ -81,6 +81,19 @@ async fn converged(emulator: &Emulator, db: &TestDb, objects: &[&str]) {
     }
 }
 
+/// The org's `limits` resource.
+async fn limits(emulator: &Emulator) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
+        .bearer_auth(&emulator.access_token)
+        .send()
+        .await
+        .expect("limits")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// Waits until the repair worker has emptied the queue.
 async fn repairs_drained(client: &tokio_postgres::Client) {
     wait_for("the repair queue to drain", WAIT, async || {
@@ -906,15 +919,7 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
         .expect("count")
         .get(0);
     assert_eq!(live_deals, 0, "deletions inside the overflow were found");
-    let limits: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
-        .bearer_auth(&emulator.access_token)
-        .send()
-        .await
-        .expect("limits")
-        .json()
-        .await
-        .expect("json");
+    let limits = limits(&emulator).await;
     let jobs = &limits["DailyBulkV2QueryJobs"];
     assert!(
         jobs["Max"].as_i64().unwrap_or(0) - jobs["Remaining"].as_i64().unwrap_or(0) >= 2,
@@ -926,15 +931,7 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
 
 /// API calls the emulator has counted so far, this `limits` call included.
 async fn api_calls_used(emulator: &Emulator) -> i64 {
-    let limits: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
-        .bearer_auth(&emulator.access_token)
-        .send()
-        .await
-        .expect("limits")
-        .json()
-        .await
-        .expect("json");
+    let limits = limits(emulator).await;
     let api = &limits["DailyApiRequests"];
     api["Max"].as_i64().unwrap_or(0) - api["Remaining"].as_i64().unwrap_or(0)
 }

@@ -567,6 +567,32 @@ async fn flush(
     }
 }
 
+/// What every statement of a run names and sends: the qualified table, the control schema, and
+/// each row's id and version.
+struct RunRows<'a> {
+    table: String,
+    ctl: String,
+    ids: Vec<&'a str>,
+    versions: Vec<i64>,
+    commits: Vec<i64>,
+}
+
+impl<'a> RunRows<'a> {
+    fn new(settings: &ApplySettings, run: &'a Run) -> RunRows<'a> {
+        RunRows {
+            table: format!(
+                "{}.{}",
+                quote(&settings.data_schema),
+                quote(&run.table.table)
+            ),
+            ctl: quote(&settings.control_schema),
+            ids: run.ops.iter().map(|o| o.id.as_str()).collect(),
+            versions: run.ops.iter().map(|o| o.version).collect(),
+            commits: run.ops.iter().map(|o| o.commit_number).collect(),
+        }
+    }
+}
+
 fn context(run: &Run) -> String {
     format!(
         "apply {:?} of {} rows to {}",
@@ -583,11 +609,13 @@ async fn hard_delete(
     outcome: &mut ApplyOutcome,
 ) -> Result<(), ReplicaError> {
     let t = &run.table;
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
-    let ctl = quote(&settings.control_schema);
-    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
-    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
-    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    let RunRows {
+        table,
+        ctl,
+        ids,
+        versions,
+        commits,
+    } = RunRows::new(settings, &run);
     outcome.statements += 1;
     let sql = format!(
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, v, n)),
@@ -622,11 +650,13 @@ async fn update(
     outcome: &mut ApplyOutcome,
 ) -> Result<Vec<Op>, ReplicaError> {
     let t = &run.table;
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
-    let ctl = quote(&settings.control_schema);
-    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
-    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
-    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    let RunRows {
+        table,
+        ctl,
+        ids,
+        versions,
+        commits,
+    } = RunRows::new(settings, &run);
     // Per column of the run: each row's value, and whether the row writes it at all.
     let mut values: Vec<Vec<Option<Raw>>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
     let mut masks: Vec<Vec<bool>> = vec![Vec::with_capacity(ids.len()); run.columns.len()];
@@ -796,11 +826,13 @@ async fn upsert(
     outcome: &mut ApplyOutcome,
 ) -> Result<(), ReplicaError> {
     let t = &run.table;
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
-    let ctl = quote(&settings.control_schema);
-    let ids: Vec<&str> = run.ops.iter().map(|o| o.id.as_str()).collect();
-    let versions: Vec<i64> = run.ops.iter().map(|o| o.version).collect();
-    let commits: Vec<i64> = run.ops.iter().map(|o| o.commit_number).collect();
+    let RunRows {
+        table,
+        ctl,
+        ids,
+        versions,
+        commits,
+    } = RunRows::new(settings, &run);
     outcome.statements += 1;
     // Columns that are null in every row of the run are not sent (a CREATE carries many): they
     // are set to NULL on conflict and left to their (null) default on insert, which is what
