@@ -318,33 +318,32 @@ pub async fn apply_snapshot(
         ]
         .map(String::from),
     );
-    tx.execute(
-        &format!(
-            "INSERT INTO {target} AS t ({cols})
-             SELECT {select} FROM _sfm_stage s
-             WHERE {live_filter} NOT {newer_tombstone}
-             ON CONFLICT (id) DO UPDATE SET {set}
-             WHERE t._sfm_version <= EXCLUDED._sfm_version",
-            cols = cols.join(", "),
-            select = select.join(", "),
-            set = set.join(", "),
-        ),
-        &[&table.object],
-    )
-    .await
-    .map_err(ReplicaError::pg(ctx("merge")))?;
-    let merged = t0.elapsed();
-    // Rows the stream had already moved past the read: read them again.
+    // One statement merges and finds the rows the stream had already moved past the read
+    // (left alone by the guard, newer in the table): those are read again. Only rows the merge
+    // did not write are probed.
     let newer = tx
         .query(
             &format!(
-                "SELECT s.id FROM _sfm_stage s JOIN {target} t ON t.id = s.id
-                 WHERE t._sfm_version > s.v"
+                "WITH merged AS (
+                   INSERT INTO {target} AS t ({cols})
+                   SELECT {select} FROM _sfm_stage s
+                   WHERE {live_filter} NOT {newer_tombstone}
+                   ON CONFLICT (id) DO UPDATE SET {set}
+                   WHERE t._sfm_version <= EXCLUDED._sfm_version
+                   RETURNING t.id)
+                 SELECT s.id FROM _sfm_stage s
+                 WHERE NOT EXISTS (SELECT 1 FROM merged m WHERE m.id = s.id)
+                   AND EXISTS (SELECT 1 FROM {target} t
+                               WHERE t.id = s.id AND t._sfm_version > s.v)",
+                cols = cols.join(", "),
+                select = select.join(", "),
+                set = set.join(", "),
             ),
-            &[],
+            &[&table.object],
         )
         .await
-        .map_err(ReplicaError::pg(ctx("newer rows")))?;
+        .map_err(ReplicaError::pg(ctx("merge")))?;
+    let merged = t0.elapsed();
     for row in newer {
         outcome.repairs.push(RepairRequest::Record {
             object: table.object.clone(),
@@ -357,7 +356,6 @@ pub async fn apply_snapshot(
         rows = rows.len(),
         copy_ms = copied.as_millis() as u64,
         merge_ms = (merged - copied).as_millis() as u64,
-        recheck_ms = (t0.elapsed() - merged).as_millis() as u64,
         "snapshot rows applied"
     );
     Ok(outcome)
