@@ -185,11 +185,6 @@ impl MergePlan {
     pub fn repairs(&self) -> &[RepairRequest] {
         &self.repairs
     }
-
-    /// Statements [`execute`] sends at least (one per run).
-    pub fn runs(&self) -> usize {
-        self.runs.len()
-    }
 }
 
 /// Runs of one round sent before the first of them has answered.

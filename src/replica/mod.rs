@@ -100,6 +100,11 @@ pub fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
     );
     Pool::builder(manager)
         .max_size(cfg.pool_size)
+        // Every connection handed out, to whichever user, has a bounded statement cache.
+        .post_recycle(deadpool_postgres::Hook::sync_fn(|client, _| {
+            bound_statement_cache(client);
+            Ok(())
+        }))
         .build()
         .map_err(|e| ReplicaError::Pool(e.to_string()))
 }
@@ -110,9 +115,9 @@ pub fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
 pub const STATEMENT_CACHE_LIMIT: usize = 512;
 
 /// Forgets a connection's prepared statements once there are more than
-/// [`STATEMENT_CACHE_LIMIT`] (dropping them closes them on the server too). Call before a
-/// transaction.
-pub fn bound_statement_cache(client: &deadpool_postgres::Object) {
+/// [`STATEMENT_CACHE_LIMIT`] (dropping them closes them on the server too). Runs each time the
+/// pool hands a connection out again.
+fn bound_statement_cache(client: &deadpool_postgres::ClientWrapper) {
     if client.statement_cache.size() > STATEMENT_CACHE_LIMIT {
         client.statement_cache.clear();
     }

@@ -706,7 +706,6 @@ impl Applier {
         let settings = &self.settings;
         let t0 = Instant::now();
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        crate::replica::bound_statement_cache(&client);
         let tx = client
             .transaction()
             .await
