@@ -204,8 +204,8 @@ pub const DEFAULT_REPAIR_BULK_THRESHOLD: u64 = 10_000;
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            batch_max_events: 5_000,
-            batch_max_bytes: 768 * 1024,
+            batch_max_events: 10_000,
+            batch_max_bytes: 1536 * 1024,
             batch_max_wait_ms: 100,
             batch_linger_ms: 10,
             reconnect_min_ms: 500,
