@@ -51,15 +51,16 @@ fn tune_allocator_once() {
     }
 }
 
+/// The options set to 0, with the variables that override them. The numbers are those of
+/// `mimalloc.h` (equal in the v2 and v3 sources the sys crate builds), which the sys crate
+/// does not name.
+const ALLOCATOR_OPTIONS: [(libmimalloc_sys::mi_option_t, &str); 2] = [
+    (4, "MIMALLOC_ARENA_EAGER_COMMIT"),
+    (15, "MIMALLOC_PURGE_DELAY"),
+];
+
 fn tune_allocator() {
-    // Option numbers from `mimalloc.h` (equal in the v2 and v3 sources the sys crate builds),
-    // which the sys crate does not name.
-    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    for (option, env) in [
-        (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT"),
-        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY"),
-    ] {
+    for (option, env) in ALLOCATOR_OPTIONS {
         // Reading the environment allocates: the flag is already set, so that allocation
         // goes straight to mimalloc.
         if std::env::var_os(env).is_none() {
@@ -89,14 +90,30 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
         unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
-    unsafe fn realloc(
-        &self,
-        ptr: *mut u8,
-        layout: std::alloc::Layout,
-        new_size: usize,
-    ) -> *mut u8 {
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         tune_allocator_once();
         // SAFETY: as for `alloc`.
         unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_allocator_is_tuned_before_it_serves() {
+        let _ = Box::new(1u64);
+        for (option, env) in [
+            (4, "MIMALLOC_ARENA_EAGER_COMMIT"),
+            (15, "MIMALLOC_PURGE_DELAY"),
+        ] {
+            if std::env::var_os(env).is_none() {
+                // SAFETY: reads an integer from mimalloc's option table.
+                assert_eq!(
+                    unsafe { libmimalloc_sys::mi_option_get(option) },
+                    0,
+                    "{env}"
+                );
+            }
+        }
     }
 }
