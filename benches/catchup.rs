@@ -192,30 +192,23 @@ impl Stage {
     }
 }
 
-/// Reads the backlog (replay ids after `start_tip` up to `end_tip`) from the emulator as the
-/// daemon did, and lays every change out for COPY, per object.
-async fn stage_backlog(
+/// Reads the backlog (replay ids after `start_tip` up to `end_tip`) of `/data/ChangeEvents`
+/// from the emulator as the daemon does, and hands each decoded change to `each`.
+async fn read_backlog(
     cfg: &Config,
-    channel: &str,
     start_tip: u64,
     end_tip: u64,
-) -> anyhow::Result<HashMap<String, Stage>> {
+    mut each: impl FnMut(ChangeEvent) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let http = supervisor::http_client(&cfg.salesforce)?;
-    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
-    let rest = RestClient::new(auth.clone(), http, &cfg.salesforce.api_version);
+    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http));
     let pubsub = PubSub::connect(&cfg.salesforce, auth)?;
-    let mut stages = HashMap::new();
-    for object in ["Account", "Contact", "Opportunity"] {
-        let table = TableSchema::from_describe(rest.describe(object).await?)?;
-        stages.insert(object.to_string(), Stage::new(table));
-    }
     let mut plans: HashMap<String, EventPlan> = HashMap::new();
     let mut sub = pubsub
-        .subscribe(channel, StartAt::After(ReplayId::from_u64(start_tip)))
+        .subscribe(ALL_CHANGES, StartAt::After(ReplayId::from_u64(start_tip)))
         .await?;
     let end = ReplayId::from_u64(end_tip);
-    let mut seq = 0i64;
-    'read: while let Some(msg) = sub.next().await? {
+    while let Some(msg) = sub.next().await? {
         for ce in msg.events {
             let Some(event) = ce.event else { continue };
             if !plans.contains_key(&event.schema_id) {
@@ -227,16 +220,39 @@ async fn stage_backlog(
             }
             let plan = &plans[&event.schema_id];
             let replay_id = ReplayId(ce.replay_id.to_vec());
-            let (decoded, _) = plan.decode(replay_id.clone(), &event.payload)?;
-            if let Some(stage) = stages.get_mut(decoded.header.entity_name.as_str()) {
-                stage.push(seq, &decoded)?;
-                seq += 1;
-            }
-            if replay_id == end {
-                break 'read;
+            let last = replay_id == end;
+            each(plan.decode(replay_id, &event.payload)?.0)?;
+            if last {
+                return Ok(());
             }
         }
     }
+    anyhow::bail!("the backlog's stream ended before replay id {end_tip}")
+}
+
+/// Lays every change of the backlog out for COPY, per object.
+async fn stage_backlog(
+    cfg: &Config,
+    start_tip: u64,
+    end_tip: u64,
+) -> anyhow::Result<HashMap<String, Stage>> {
+    let http = supervisor::http_client(&cfg.salesforce)?;
+    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
+    let rest = RestClient::new(auth, http, &cfg.salesforce.api_version);
+    let mut stages = HashMap::new();
+    for object in OBJECTS {
+        let table = TableSchema::from_describe(rest.describe(object).await?)?;
+        stages.insert(object.to_string(), Stage::new(table));
+    }
+    let mut seq = 0i64;
+    read_backlog(cfg, start_tip, end_tip, |event| {
+        if let Some(stage) = stages.get_mut(event.header.entity_name.as_str()) {
+            stage.push(seq, &event)?;
+            seq += 1;
+        }
+        Ok(())
+    })
+    .await?;
     Ok(stages)
 }
 
@@ -383,6 +399,10 @@ async fn compare_with_limit(
     Ok(out)
 }
 
+/// The backlog's objects, and the channel that carries them all.
+const OBJECTS: [&str; 3] = ["Account", "Contact", "Opportunity"];
+const ALL_CHANGES: &str = "/data/ChangeEvents";
+
 /// Where the replica's tables are (the config's default).
 const DATA_SCHEMA: &str = "salesforce";
 
@@ -462,7 +482,7 @@ async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
     let start_tip = org.bus.tip();
     // The backlog: creates, then updates and deletes, over three objects.
     let t0 = Instant::now();
-    let objects = ["Account", "Contact", "Opportunity"];
+    let objects = OBJECTS;
     let mut ids: Vec<(usize, String)> = Vec::new();
     let mut made = 0usize;
     while made < n {
@@ -524,8 +544,8 @@ async fn run(
         [metrics]
         listen = ""
         [[channels]]
-        name = "/data/ChangeEvents"
-        objects = ["Account", "Contact", "Opportunity"]
+        name = "{ALL_CHANGES}"
+        objects = {OBJECTS:?}
         "#,
         salesforce = source.salesforce_toml(),
     ))?;
@@ -535,8 +555,8 @@ async fn run(
         let c = pool.get().await?;
         c.execute(
             "INSERT INTO sfmirror.checkpoints (channel, replay_id, commit_timestamp)
-             VALUES ('/data/ChangeEvents', $1, now())",
-            &[&start_tip.to_be_bytes().to_vec()],
+             VALUES ($1, $2, now())",
+            &[&ALL_CHANGES, &start_tip.to_be_bytes().to_vec()],
         )
         .await?;
     }
@@ -552,8 +572,8 @@ async fn run(
         let c = pool.get().await?;
         let row = c
             .query_one(
-                "SELECT replay_id FROM sfmirror.checkpoints WHERE channel = '/data/ChangeEvents'",
-                &[],
+                "SELECT replay_id FROM sfmirror.checkpoints WHERE channel = $1",
+                &[&ALL_CHANGES],
             )
             .await?;
         let at: Vec<u8> = row.get(0);
@@ -582,7 +602,7 @@ async fn run(
     );
     stop.cancel();
     let _ = daemon.await;
-    let stages = stage_backlog(&cfg, "/data/ChangeEvents", start_tip, end_tip).await?;
+    let stages = stage_backlog(&cfg, start_tip, end_tip).await?;
     let (limit_secs, copy_secs) = postgres_limit(&pool, &stages).await?;
     let limit = n as f64 / limit_secs;
     for (table, differing) in compare_with_limit(&pool, &stages).await? {
