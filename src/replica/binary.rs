@@ -53,6 +53,23 @@ pub fn param_type(pg_type: &PgType) -> &'static str {
     }
 }
 
+/// The OID of [`param_type`]: what a field of a composite value carrying `pg_type`'s binary
+/// values declares (the column's typmod is applied on receipt, so a `numeric(p,s)` rounds
+/// there).
+pub fn type_oid(pg_type: &PgType) -> u32 {
+    match pg_type {
+        PgType::Text => 25,
+        PgType::Boolean => 16,
+        PgType::Integer => 23,
+        PgType::Bigint => 20,
+        PgType::Numeric { .. } => 1700,
+        PgType::Date => 1082,
+        PgType::Timestamptz => 1184,
+        PgType::Time => 1083,
+        PgType::Bytea => 17,
+    }
+}
+
 /// `expr` (a value of [`param_type`]) as a column of `pg_type`: only a `numeric(p,s)` needs
 /// the cast, which rounds to the scale as text input would.
 pub fn column_expr(pg_type: &PgType, expr: &str) -> String {
