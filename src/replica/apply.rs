@@ -609,6 +609,24 @@ fn context(run: &Run) -> String {
     )
 }
 
+/// Prepares `sql` (cached on the connection) and runs it for `run`, counting the statement.
+async fn send(
+    tx: &deadpool_postgres::Transaction<'_>,
+    run: &Run,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    outcome: &mut ApplyOutcome,
+) -> Result<Vec<tokio_postgres::Row>, ReplicaError> {
+    outcome.statements += 1;
+    let stmt = tx
+        .prepare_cached(sql)
+        .await
+        .map_err(ReplicaError::pg(context(run)))?;
+    tx.query(&stmt, params)
+        .await
+        .map_err(ReplicaError::pg(context(run)))
+}
+
 async fn hard_delete(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
@@ -623,7 +641,6 @@ async fn hard_delete(
         versions,
         commits,
     } = RunRows::new(settings, &run);
-    outcome.statements += 1;
     let sql = format!(
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, v, n)),
          gone AS (DELETE FROM {table} AS t USING u WHERE t.id = u.id
@@ -636,13 +653,14 @@ async fn hard_delete(
          WHERE (ts.version, coalesce(ts.commit_number, -1))
                <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
     );
-    let stmt = tx
-        .prepare_cached(&sql)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    tx.execute(&stmt, &[&ids, &versions, &commits, &t.object])
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
+    send(
+        tx,
+        &run,
+        &sql,
+        &[&ids, &versions, &commits, &t.object],
+        outcome,
+    )
+    .await?;
     Ok(())
 }
 
@@ -824,45 +842,62 @@ async fn update_rows(
             ));
         }
     }
+    let sql = update_sql(
+        run.kind,
+        &table,
+        &format!("unnest($1::bytea[], $2::{table}[]) AS u(sfm_mask)"),
+        ["u._sfm_version", "u._sfm_commit_number"],
+        assign,
+        &not_tombstoned(&ctl, 3, COMPOSITE_ROW),
+    );
+    let rows = row_type.encode(&run);
+    let missed = send(tx, &run, &sql, &[&masks, &Raw(&rows), &t.object], outcome).await?;
+    Ok(missed_ops(run, &missed))
+}
+
+/// The masked `UPDATE` of a merge or soft-delete run over the rows `from` yields (as `u`),
+/// returning the ids it did not update. `assign` holds the data columns' assignments;
+/// `version` names the rows' version and commit number.
+fn update_sql(
+    kind: OpKind,
+    table: &str,
+    from: &str,
+    version: [&str; 2],
+    mut assign: Vec<String>,
+    tomb: &str,
+) -> String {
+    let [v, n] = version;
     assign.extend([
-        "_sfm_version = u._sfm_version".to_string(),
-        "_sfm_commit_number = u._sfm_commit_number".to_string(),
+        format!("_sfm_version = {v}"),
+        format!("_sfm_commit_number = {n}"),
         "_sfm_synced_at = now()".to_string(),
     ]);
-    if run.kind == OpKind::Delete {
+    if kind == OpKind::Delete {
         assign.push("_sfm_deleted = true".to_string());
     }
-    let sql = format!(
-        "WITH u AS MATERIALIZED (SELECT * FROM unnest($1::bytea[], $2::{table}[]) AS u(sfm_mask)),
+    format!(
+        "WITH u AS MATERIALIZED (SELECT * FROM {from}),
          done AS (UPDATE {table} AS t SET {assign} FROM u
                   WHERE t.id = u.id
                     AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
-                        <= (u._sfm_version, coalesce(u._sfm_commit_number, -1))
+                        <= ({v}, coalesce({n}, -1))
                     AND {tomb}
                   RETURNING t.id)
          SELECT u.id FROM u WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.id = u.id)",
         assign = assign.join(", "),
-        tomb = not_tombstoned(&ctl, 3, COMPOSITE_ROW),
-    );
-    let rows = row_type.encode(&run);
-    outcome.statements += 1;
-    let stmt = tx
-        .prepare_cached(&sql)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    let missed = tx
-        .query(&stmt, &[&masks, &Raw(&rows), &t.object])
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
+    )
+}
+
+/// The run's ops whose ids an update returned as missed (to go through the upsert).
+fn missed_ops(run: Run, missed: &[tokio_postgres::Row]) -> Vec<Op> {
     if missed.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
     let missed: std::collections::HashSet<String> = missed.iter().map(|r| r.get(0)).collect();
-    Ok(run
-        .ops
+    run.ops
         .into_iter()
         .filter(|o| missed.contains(&o.id))
-        .collect())
+        .collect()
 }
 
 /// One plain `UPDATE` for every row of a merge or soft-delete run, whatever columns each row
@@ -930,48 +965,18 @@ async fn update(
     alias.extend(["v".to_string(), "n".to_string()]);
     params.push(&t.object);
     let object_param = params.len();
-    assign.extend([
-        "_sfm_version = u.v".to_string(),
-        "_sfm_commit_number = u.n".to_string(),
-        "_sfm_synced_at = now()".to_string(),
-    ]);
-    if run.kind == OpKind::Delete {
-        assign.push("_sfm_deleted = true".to_string());
-    }
-    let sql = format!(
-        "WITH u AS MATERIALIZED (SELECT * FROM unnest({unnest}) AS u({alias})),
-         done AS (UPDATE {table} AS t SET {assign} FROM u
-                  WHERE t.id = u.id
-                    AND (t._sfm_version, coalesce(t._sfm_commit_number, -1))
-                        <= (u.v, coalesce(u.n, -1))
-                    AND {tomb}
-                  RETURNING t.id)
-         SELECT u.id FROM u WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.id = u.id)",
-        unnest = unnest.join(", "),
-        alias = alias.join(", "),
-        assign = assign.join(", "),
-        tomb = not_tombstoned(&ctl, object_param, ["u.id", "u.v", "u.n"]),
+    let sql = update_sql(
+        run.kind,
+        &table,
+        &format!("unnest({}) AS u({})", unnest.join(", "), alias.join(", ")),
+        ["u.v", "u.n"],
+        assign,
+        &not_tombstoned(&ctl, object_param, ["u.id", "u.v", "u.n"]),
     );
-    outcome.statements += 1;
-    let stmt = tx
-        .prepare_cached(&sql)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    let rows = tx
-        .query(&stmt, &params)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let missed: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    let rows = send(tx, &run, &sql, &params, outcome).await?;
     drop(params);
     drop(values);
-    Ok(run
-        .ops
-        .into_iter()
-        .filter(|o| missed.contains(&o.id))
-        .collect())
+    Ok(missed_ops(run, &rows))
 }
 
 /// Turns the diffs of a run's rows into full values: each is applied to the row's current
@@ -1077,15 +1082,46 @@ async fn upsert_rows(
         .collect();
     let mut insert_cols: Vec<String> = vec!["id".into()];
     insert_cols.extend(names.iter().cloned());
-    insert_cols.extend(["_sfm_version".into(), "_sfm_commit_number".into()]);
-    let mut select: Vec<String> = insert_cols.iter().map(|c| format!("u.{c}")).collect();
-    let mut set: Vec<String> = names
+    let select: Vec<String> = insert_cols.iter().map(|c| format!("u.{c}")).collect();
+    let set: Vec<String> = names
         .iter()
-        .chain(["_sfm_version".to_string(), "_sfm_commit_number".to_string()].iter())
         .map(|c| format!("{c} = EXCLUDED.{c}"))
         .collect();
-    set.push("_sfm_synced_at = now()".into());
-    match run.kind {
+    let sql = upsert_sql(
+        run.kind,
+        &table,
+        &format!("unnest($1::{table}[]) AS u"),
+        ["u._sfm_version", "u._sfm_commit_number"],
+        (insert_cols, select, set),
+        &not_tombstoned(&ctl, 2, COMPOSITE_ROW),
+    );
+    let rows = row_type.encode(&run);
+    let inserted = send(tx, &run, &sql, &[&Raw(&rows), &t.object], outcome).await?;
+    report_inserted_merges(&run, inserted, outcome);
+    Ok(())
+}
+
+/// The `INSERT .. ON CONFLICT` of an upsert run. `columns` holds the id and data columns
+/// inserted, where their values come from in `from`, and what a conflict sets them to;
+/// `version` names the rows' version and commit number. The bookkeeping columns, the deleted
+/// flag of the run's kind, the guard and what a merge returns are added here.
+fn upsert_sql(
+    kind: OpKind,
+    table: &str,
+    from: &str,
+    version: [&str; 2],
+    columns: (Vec<String>, Vec<String>, Vec<String>),
+    tomb: &str,
+) -> String {
+    let (mut insert_cols, mut select, mut set) = columns;
+    insert_cols.extend(["_sfm_version".into(), "_sfm_commit_number".into()]);
+    select.extend(version.iter().map(|v| v.to_string()));
+    set.extend([
+        "_sfm_version = EXCLUDED._sfm_version".to_string(),
+        "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
+        "_sfm_synced_at = now()".to_string(),
+    ]);
+    match kind {
         OpKind::Upsert => set.push("_sfm_deleted = false".into()),
         OpKind::Delete => {
             insert_cols.push("_sfm_deleted".into());
@@ -1095,34 +1131,21 @@ async fn upsert_rows(
         OpKind::Merge => {}
     }
     // Only a merge needs to know which rows it inserted.
-    let returning = if run.kind == OpKind::Merge {
+    let returning = if kind == OpKind::Merge {
         "RETURNING t.id, (xmax = 0) AS inserted"
     } else {
         ""
     };
-    let sql = format!(
+    format!(
         "INSERT INTO {table} AS t ({cols})
-         SELECT {select} FROM unnest($1::{table}[]) AS u
+         SELECT {select} FROM {from}
          WHERE {tomb}
          ON CONFLICT (id) DO UPDATE SET {set} WHERE {GUARD}
          {returning}",
         cols = insert_cols.join(", "),
         select = select.join(", "),
         set = set.join(", "),
-        tomb = not_tombstoned(&ctl, 2, COMPOSITE_ROW),
-    );
-    let rows = row_type.encode(&run);
-    outcome.statements += 1;
-    let stmt = tx
-        .prepare_cached(&sql)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    let inserted = tx
-        .query(&stmt, &[&Raw(&rows), &t.object])
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    report_inserted_merges(&run, inserted, outcome);
-    Ok(())
+    )
 }
 
 /// An UPDATE for a record the replica lacked inserted only what it carried: the record is read
@@ -1161,7 +1184,6 @@ async fn upsert(
         versions,
         commits,
     } = RunRows::new(settings, &run);
-    outcome.statements += 1;
     // Columns that are null in every row of the run are not sent (a CREATE carries many): they
     // are set to NULL on conflict and left to their (null) default on insert, which is what
     // sending nulls would do, minus the arrays and casts.
@@ -1193,40 +1215,13 @@ async fn upsert(
     unnest.push(format!("${}::bigint[]", n + 3));
     alias.push("v".into());
     alias.push("n".into());
-    insert_cols.extend(["_sfm_version".into(), "_sfm_commit_number".into()]);
-    select.extend(["u.v".into(), "u.n".into()]);
-    set.extend([
-        "_sfm_version = EXCLUDED._sfm_version".to_string(),
-        "_sfm_commit_number = EXCLUDED._sfm_commit_number".to_string(),
-        "_sfm_synced_at = now()".to_string(),
-    ]);
-    match run.kind {
-        OpKind::Upsert => set.push("_sfm_deleted = false".into()),
-        OpKind::Delete => {
-            insert_cols.push("_sfm_deleted".into());
-            select.push("true".into());
-            set.push("_sfm_deleted = true".into());
-        }
-        OpKind::Merge => {}
-    }
-    // Only a merge needs to know which rows it inserted.
-    let returning = if run.kind == OpKind::Merge {
-        "RETURNING t.id, (xmax = 0) AS inserted"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "INSERT INTO {table} AS t ({cols})
-         SELECT {select} FROM unnest({unnest}) AS u({alias})
-         WHERE {tomb}
-         ON CONFLICT (id) DO UPDATE SET {set} WHERE {GUARD}
-         {returning}",
-        cols = insert_cols.join(", "),
-        select = select.join(", "),
-        unnest = unnest.join(", "),
-        alias = alias.join(", "),
-        set = set.join(", "),
-        tomb = not_tombstoned(&ctl, n + 4, ["u.id", "u.v", "u.n"]),
+    let sql = upsert_sql(
+        run.kind,
+        &table,
+        &format!("unnest({}) AS u({})", unnest.join(", "), alias.join(", ")),
+        ["u.v", "u.n"],
+        (insert_cols, select, set),
+        &not_tombstoned(&ctl, n + 4, ["u.id", "u.v", "u.n"]),
     );
     let columns: Vec<Vec<Option<Raw>>> = sent
         .iter()
@@ -1245,14 +1240,7 @@ async fn upsert(
     params.push(&versions);
     params.push(&commits);
     params.push(&t.object);
-    let stmt = tx
-        .prepare_cached(&sql)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
-    let rows = tx
-        .query(&stmt, &params)
-        .await
-        .map_err(ReplicaError::pg(context(&run)))?;
+    let rows = send(tx, &run, &sql, &params, outcome).await?;
     report_inserted_merges(&run, rows, outcome);
     Ok(())
 }
