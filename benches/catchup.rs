@@ -99,24 +99,15 @@ const KIND_DELETE: i16 = 2;
 
 impl Stage {
     fn new(table: TableSchema) -> Stage {
-        let mut buf = b"PGCOPY\n\xff\r\n\0".to_vec();
-        buf.extend_from_slice(&0i32.to_be_bytes());
-        buf.extend_from_slice(&0i32.to_be_bytes());
         Stage {
             table,
-            buf,
+            buf: binary::COPY_HEADER.to_vec(),
             rows: 0,
         }
     }
 
     fn field(&mut self, value: Option<&[u8]>) {
-        match value {
-            Some(v) => {
-                self.buf.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                self.buf.extend_from_slice(v);
-            }
-            None => self.buf.extend_from_slice(&(-1i32).to_be_bytes()),
-        }
+        binary::put_field(&mut self.buf, value);
     }
 
     /// One change, as the daemon reads it: id, stream position, version, commit number,
@@ -482,7 +473,6 @@ async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
     let start_tip = org.bus.tip();
     // The backlog: creates, then updates and deletes, over three objects.
     let t0 = Instant::now();
-    let objects = OBJECTS;
     let mut ids: Vec<(usize, String)> = Vec::new();
     let mut made = 0usize;
     while made < n {
@@ -499,7 +489,7 @@ async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
             };
             let map = fields.as_object().cloned().unwrap_or_default();
             let id = org
-                .create(objects[o], &map, "")
+                .create(OBJECTS[o], &map, "")
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             ids.push((o, id));
         } else if roll < 9 {
@@ -509,12 +499,12 @@ async fn in_process_backlog(n: usize) -> anyhow::Result<(Source, u64, u64)> {
                 .as_object()
                 .cloned()
                 .unwrap_or_default();
-            if org.update(objects[*o], id, &map, "").is_err() {
+            if org.update(OBJECTS[*o], id, &map, "").is_err() {
                 continue;
             }
         } else {
             let (o, id) = ids.swap_remove((i * 104_729) % ids.len());
-            if org.delete(objects[o], &id, "").is_err() {
+            if org.delete(OBJECTS[o], &id, "").is_err() {
                 continue;
             }
         }

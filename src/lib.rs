@@ -102,10 +102,7 @@ mod tests {
     #[test]
     fn the_allocator_is_tuned_before_it_serves() {
         let _ = Box::new(1u64);
-        for (option, env) in [
-            (4, "MIMALLOC_ARENA_EAGER_COMMIT"),
-            (15, "MIMALLOC_PURGE_DELAY"),
-        ] {
+        for (option, env) in super::ALLOCATOR_OPTIONS {
             if std::env::var_os(env).is_none() {
                 // SAFETY: reads an integer from mimalloc's option table.
                 assert_eq!(

@@ -858,10 +858,7 @@ async fn an_overflowing_transaction_and_long_text_diffs_converge() {
     cfg.sync.repair_chunk_rows = 3;
     let daemon = Daemon::start(&emulator, &cfg).await;
     let w = RestWriter::new(&emulator);
-    let long: String = (0..50)
-        .map(|i| format!("Clause {i}: the supplier delivers on time and in full."))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let long = contract_text(50);
     let account = w
         .create("Account", json!({"Name": "Long text", "Description": long}))
         .await
@@ -951,10 +948,7 @@ async fn long_text_diffs_apply_in_place_and_fall_back_to_a_re_read() {
     );
     let daemon = Daemon::start(&emulator, &cfg).await;
     let w = RestWriter::new(&emulator);
-    let long: String = (0..60)
-        .map(|i| format!("Clause {i}: the supplier delivers on time and in full."))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let long = contract_text(60);
     let id = w
         .create("Account", json!({"Name": "Contract", "Description": long}))
         .await
@@ -1021,4 +1015,12 @@ async fn long_text_diffs_apply_in_place_and_fall_back_to_a_re_read() {
     converged(&emulator, &db, &objects).await;
     daemon.stop().await;
     emulator.stop().await;
+}
+
+/// A long text of `clauses` lines: long enough for Salesforce to send its edits as diffs.
+fn contract_text(clauses: usize) -> String {
+    (0..clauses)
+        .map(|i| format!("Clause {i}: the supplier delivers on time and in full."))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -60,7 +60,6 @@ pub struct EmulatorProcess {
 impl EmulatorProcess {
     pub fn start(extra_args: &[&str]) -> anyhow::Result<EmulatorProcess> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sfmirror"))
-            .env_remove("LD_PRELOAD")
             .args([
                 "emulator",
                 "--listen-rest",

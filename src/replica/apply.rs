@@ -38,7 +38,7 @@
 //! diff that does not fit, an UPDATE for a record the replica lacks) becomes a
 //! [`RepairRequest`] that the caller commits in the same transaction (invariant 2).
 
-use super::binary::{Raw, column_expr, param_type, type_oid};
+use super::binary::{Raw, column_expr, param_type, put_field, type_oid};
 use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
@@ -574,6 +574,11 @@ async fn flush(
     }
 }
 
+/// The replica table's name, schema-qualified and quoted.
+fn qualified_table(settings: &ApplySettings, table: &TableSchema) -> String {
+    format!("{}.{}", quote(&settings.data_schema), quote(&table.table))
+}
+
 /// What every statement of a run names and sends: the qualified table, the control schema, and
 /// each row's id and version.
 struct RunRows<'a> {
@@ -587,11 +592,7 @@ struct RunRows<'a> {
 impl<'a> RunRows<'a> {
     fn new(settings: &ApplySettings, run: &'a Run) -> RunRows<'a> {
         RunRows {
-            table: format!(
-                "{}.{}",
-                quote(&settings.data_schema),
-                quote(&run.table.table)
-            ),
+            table: qualified_table(settings, &run.table),
             ctl: quote(&settings.control_schema),
             ids: run.ops.iter().map(|o| o.id.as_str()).collect(),
             versions: run.ops.iter().map(|o| o.version).collect(),
@@ -678,6 +679,17 @@ struct RowType {
     column_oids: Vec<Option<u32>>,
 }
 
+impl RowField {
+    /// Whether an attribute of type `oid` can carry what this field sends.
+    fn accepts(&self, oid: u32) -> bool {
+        match self {
+            RowField::Id => oid == type_oid(&PgType::Text),
+            RowField::Version | RowField::CommitNumber => oid == type_oid(&PgType::Bigint),
+            RowField::Column(_) | RowField::Null => true,
+        }
+    }
+}
+
 enum RowField {
     Id,
     Version,
@@ -691,28 +703,15 @@ impl RowType {
     /// Whether every column the run writes has the type its values are encoded for (a table
     /// someone altered by hand may not; such a run takes the per-column statement).
     fn fits(&self, run: &Run) -> bool {
-        let bookkeeping = self.fields.iter().all(|(oid, field)| match field {
-            RowField::Id => *oid == type_oid(&PgType::Text),
-            RowField::Version | RowField::CommitNumber => *oid == type_oid(&PgType::Bigint),
-            RowField::Column(_) | RowField::Null => true,
-        });
-        bookkeeping
-            && run.columns.iter().all(|&col| {
-                self.column_oids.get(col).copied().flatten()
-                    == Some(type_oid(&run.table.columns[col].pg_type))
-            })
+        run.columns.iter().all(|&col| {
+            self.column_oids.get(col).copied().flatten()
+                == Some(type_oid(&run.table.columns[col].pg_type))
+        })
     }
 
     /// The run's rows as one binary array of this row type: per row its id, version, commit
     /// number and the cells it writes, NULL elsewhere.
     fn encode(&self, run: &Run) -> Vec<u8> {
-        let put = |buf: &mut Vec<u8>, v: Option<&[u8]>| match v {
-            Some(v) => {
-                buf.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                buf.extend_from_slice(v);
-            }
-            None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
-        };
         let mut buf = Vec::with_capacity(20 + run.ops.len() * (8 + self.fields.len() * 8));
         for word in [1, 0, self.oid as i32, run.ops.len() as i32, 1] {
             buf.extend_from_slice(&word.to_be_bytes());
@@ -728,11 +727,13 @@ impl RowType {
             for (oid, field) in &self.fields {
                 buf.extend_from_slice(&oid.to_be_bytes());
                 match field {
-                    RowField::Id => put(&mut buf, Some(op.id.as_bytes())),
-                    RowField::Version => put(&mut buf, Some(&op.version.to_be_bytes())),
-                    RowField::CommitNumber => put(&mut buf, Some(&op.commit_number.to_be_bytes())),
-                    RowField::Column(c) => put(&mut buf, slots[*c]),
-                    RowField::Null => put(&mut buf, None),
+                    RowField::Id => put_field(&mut buf, Some(op.id.as_bytes())),
+                    RowField::Version => put_field(&mut buf, Some(&op.version.to_be_bytes())),
+                    RowField::CommitNumber => {
+                        put_field(&mut buf, Some(&op.commit_number.to_be_bytes()))
+                    }
+                    RowField::Column(c) => put_field(&mut buf, slots[*c]),
+                    RowField::Null => put_field(&mut buf, None),
                 }
             }
             let len = (buf.len() - start - 4) as i32;
@@ -745,15 +746,18 @@ impl RowType {
     }
 }
 
-/// Reads the row types of the tables the plan writes, in one round trip, inside the
-/// transaction that uses them (a table another task has just widened is seen as it is now).
+/// Reads the row types of the tables the plan updates or upserts into, in one round trip,
+/// inside the transaction that uses them (a table another task has just widened is seen as it
+/// is now). A table whose id or version columns were retyped by hand is left out: its runs
+/// take the per-column statements.
 async fn load_row_types(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     runs: &[Run],
 ) -> Result<HashMap<String, RowType>, ReplicaError> {
     let mut tables: HashMap<&str, &Arc<TableSchema>> = HashMap::new();
-    for run in runs {
+    let hard = settings.delete_mode == DeleteMode::Hard;
+    for run in runs.iter().filter(|r| !(hard && r.kind == OpKind::Delete)) {
         tables.insert(run.table.table.as_str(), &run.table);
     }
     if tables.is_empty() {
@@ -798,6 +802,7 @@ async fn load_row_types(
         };
         row_type.fields.push((atttypid as u32, field));
     }
+    out.retain(|_, t| t.fields.iter().all(|(oid, field)| field.accepts(*oid)));
     Ok(out)
 }
 
@@ -812,7 +817,7 @@ async fn update_rows(
     outcome: &mut ApplyOutcome,
 ) -> Result<Vec<Op>, ReplicaError> {
     let t = &run.table;
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let table = qualified_table(settings, t);
     let ctl = quote(&settings.control_schema);
     // Bit k of a row's mask (bytea bit order: least significant first) says it writes the
     // run's k-th column; columns every row writes need no mask.
@@ -991,7 +996,7 @@ async fn resolve_diffs(
     outcome: &mut ApplyOutcome,
 ) -> Result<(), ReplicaError> {
     let t = run.table.clone();
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let table = qualified_table(settings, &t);
     let mut columns: Vec<usize> = run.ops.iter().flat_map(|o| o.diffs.clone()).collect();
     columns.sort_unstable();
     columns.dedup();
@@ -1073,7 +1078,7 @@ async fn upsert_rows(
     outcome: &mut ApplyOutcome,
 ) -> Result<(), ReplicaError> {
     let t = &run.table;
-    let table = format!("{}.{}", quote(&settings.data_schema), quote(&t.table));
+    let table = qualified_table(settings, t);
     let ctl = quote(&settings.control_schema);
     let names: Vec<String> = run
         .columns

@@ -58,15 +58,31 @@ pub fn param_type(pg_type: &PgType) -> &'static str {
 /// there).
 pub fn type_oid(pg_type: &PgType) -> u32 {
     match pg_type {
-        PgType::Text => 25,
-        PgType::Boolean => 16,
-        PgType::Integer => 23,
-        PgType::Bigint => 20,
-        PgType::Numeric { .. } => 1700,
-        PgType::Date => 1082,
-        PgType::Timestamptz => 1184,
-        PgType::Time => 1083,
-        PgType::Bytea => 17,
+        PgType::Text => Type::TEXT,
+        PgType::Boolean => Type::BOOL,
+        PgType::Integer => Type::INT4,
+        PgType::Bigint => Type::INT8,
+        PgType::Numeric { .. } => Type::NUMERIC,
+        PgType::Date => Type::DATE,
+        PgType::Timestamptz => Type::TIMESTAMPTZ,
+        PgType::Time => Type::TIME,
+        PgType::Bytea => Type::BYTEA,
+    }
+    .oid()
+}
+
+/// The start of a binary COPY stream: signature, flags, no header extension.
+pub const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Appends one length-prefixed binary value (`None`: NULL, length -1): the form of a binary
+/// COPY field, of a composite value's field and of an array element alike.
+pub fn put_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        Some(v) => {
+            out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
     }
 }
 
@@ -266,6 +282,20 @@ pub fn numeric(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_fields_are_length_prefixed() {
+        let mut b = Vec::new();
+        put_field(&mut b, Some(b"a\tb"));
+        put_field(&mut b, None);
+        assert_eq!(&b[..], b"\0\0\0\x03a\tb\xff\xff\xff\xff");
+    }
+
+    #[test]
+    fn the_copy_header_is_signature_flags_and_extension_length() {
+        assert_eq!(COPY_HEADER.len(), 11 + 4 + 4);
+        assert!(COPY_HEADER.starts_with(b"PGCOPY\n\xff\r\n\0"));
+    }
 
     fn num(ndigits: i16, weight: i16, sign: u16, dscale: u16, digits: &[i16]) -> Vec<u8> {
         let mut out = Vec::new();

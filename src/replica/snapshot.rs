@@ -19,7 +19,7 @@
 //! tombstone.
 
 use super::apply::{ApplySettings, RepairRequest};
-use super::binary;
+use super::binary::{self, COPY_HEADER, put_field};
 use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
@@ -105,7 +105,7 @@ pub fn row_from_json(
         let v = record.get(&c.field).unwrap_or(&serde_json::Value::Null);
         let value =
             json_value(&c.pg_type, v).map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?;
-        copy_field(&mut fields, value.as_deref());
+        put_field(&mut fields, value.as_deref());
     }
     Ok(SnapshotRow {
         id,
@@ -155,13 +155,13 @@ impl CsvLayout {
         for (c, pos) in table.columns.iter().zip(&self.columns) {
             let raw = pos.map(get).unwrap_or("");
             if raw.is_empty() {
-                copy_field(&mut fields, None);
+                put_field(&mut fields, None);
             } else if c.pg_type == PgType::Text {
-                copy_field(&mut fields, Some(raw.as_bytes()));
+                put_field(&mut fields, Some(raw.as_bytes()));
             } else {
                 let value = binary::encode(&c.pg_type, &Value::String(raw.to_string()))
                     .map_err(|m| bad(table, &id, format!("{}: {m}", c.field)))?;
-                copy_field(&mut fields, Some(&value));
+                put_field(&mut fields, Some(&value));
             }
         }
         Ok(SnapshotRow {
@@ -171,17 +171,6 @@ impl CsvLayout {
             version_ms,
             deleted,
         })
-    }
-}
-
-/// Appends one field to a binary COPY row (`None`: NULL).
-fn copy_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
-    match value {
-        None => out.put_i32(-1),
-        Some(v) => {
-            out.put_i32(v.len() as i32);
-            out.put_slice(v);
-        }
     }
 }
 
@@ -235,9 +224,7 @@ pub async fn apply_snapshot(
         .map_err(ReplicaError::pg(ctx("COPY")))?;
     futures::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
-    buf.put_i32(0); // flags
-    buf.put_i32(0); // header extension length
+    buf.put_slice(COPY_HEADER);
     let fields = i16::try_from(n + 3).map_err(|_| ReplicaError::Schema {
         object: table.object.clone(),
         message: format!("{n} columns are more than COPY can send"),
@@ -364,14 +351,6 @@ pub async fn apply_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn copy_fields_are_length_prefixed() {
-        let mut b = Vec::new();
-        copy_field(&mut b, Some(b"a\tb"));
-        copy_field(&mut b, None);
-        assert_eq!(&b[..], b"\0\0\0\x03a\tb\xff\xff\xff\xff");
-    }
 
     #[test]
     fn datetimes_in_both_forms() {
