@@ -44,9 +44,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// CPU seconds (user + system) used so far per process: this process, or every Postgres
-/// process (by pid), to see which side is busy.
-fn cpu_secs(only_self: bool) -> HashMap<String, f64> {
+/// Which processes a CPU sample covers.
+#[derive(Clone, Copy)]
+enum Procs {
+    /// This process: the daemon (and, in-process, the emulator).
+    Myself,
+    /// The emulator process of an external run.
+    Pid(u32),
+    /// Every Postgres process, by pid.
+    Postgres,
+}
+
+/// CPU seconds (user + system) used so far per process of `procs`, to see which side is busy.
+fn cpu_secs(procs: Procs) -> HashMap<String, f64> {
     let ticks = |stat: &str| -> Option<(String, f64)> {
         let (head, rest) = stat.rsplit_once(") ")?;
         let comm = head.split_once(" (")?.1.to_string();
@@ -54,24 +64,30 @@ fn cpu_secs(only_self: bool) -> HashMap<String, f64> {
         let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
         Some((comm, t / 100.0))
     };
-    if only_self {
-        return std::fs::read_to_string("/proc/self/stat")
+    let one = |path: String| -> HashMap<String, f64> {
+        std::fs::read_to_string(&path)
             .ok()
             .and_then(|s| ticks(&s))
-            .map(|(_, t)| ("self".to_string(), t))
+            .map(|(_, t)| (path, t))
             .into_iter()
-            .collect();
-    }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return HashMap::new();
+            .collect()
     };
-    dir.flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let (comm, t) = ticks(&stat)?;
-            (comm == "postgres").then(|| (e.file_name().to_string_lossy().into_owned(), t))
-        })
-        .collect()
+    match procs {
+        Procs::Myself => one("/proc/self/stat".to_string()),
+        Procs::Pid(pid) => one(format!("/proc/{pid}/stat")),
+        Procs::Postgres => {
+            let Ok(dir) = std::fs::read_dir("/proc") else {
+                return HashMap::new();
+            };
+            dir.flatten()
+                .filter_map(|e| {
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    let (comm, t) = ticks(&stat)?;
+                    (comm == "postgres").then(|| (e.file_name().to_string_lossy().into_owned(), t))
+                })
+                .collect()
+        }
+    }
 }
 
 /// CPU used between two samples by the processes alive at the second (the daemon's backends
@@ -409,19 +425,62 @@ async fn main() -> anyhow::Result<()> {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(200_000);
-    let db = BenchDb::create("sfm_bench").await?;
+    let rounds: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("rounds=").and_then(|r| r.parse().ok()))
+        .unwrap_or(1)
+        .max(1);
     let external = std::env::args().any(|a| a == "external");
     let (source, start_tip, end_tip) = if external {
         external_backlog(n).await?
     } else {
         in_process_backlog(n).await?
     };
-    let result = run(n, &db.url, &source, start_tip, end_tip).await;
+    let mut results = Vec::new();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round} of {rounds}");
+            // Each round's peak RSS is its own: the kernel resets VmHWM on "5".
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        let db = BenchDb::create(&format!("sfm_bench_r{round}")).await?;
+        let result = run(n, &db.url, &source, start_tip, end_tip).await;
+        db.drop().await?;
+        results.push(result?);
+    }
     if let Source::InProcess(e) = source {
         e.stop().await;
     }
-    db.drop().await?;
-    result
+    if rounds > 1 {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let list = |v: &[f64], digits: usize| {
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let rates: Vec<f64> = results.iter().map(|r| r.rate).collect();
+        let ratios: Vec<f64> = results.iter().map(|r| r.ratio).collect();
+        let rss: Vec<f64> = results.iter().map(|r| r.peak_rss_mb).collect();
+        println!(
+            "{rounds} rounds: catch-up events/s {} (median {:.0}); catch-up / limit {} (median {:.2}); peak RSS MB {}",
+            list(&rates, 0),
+            median(rates.clone()),
+            list(&ratios, 2),
+            median(ratios.clone()),
+            list(&rss, 0),
+        );
+    }
+    Ok(())
+}
+
+/// One round's numbers.
+struct RoundResult {
+    rate: f64,
+    ratio: f64,
+    peak_rss_mb: f64,
 }
 
 /// Where the backlog is served from.
@@ -524,7 +583,7 @@ async fn run(
     source: &Source,
     start_tip: u64,
     end_tip: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RoundResult> {
     let cfg = Config::from_toml(&format!(
         r#"
         {salesforce}
@@ -551,7 +610,12 @@ async fn run(
         .await?;
     }
     let stop = CancellationToken::new();
-    let (cpu_self, cpu_pg) = (cpu_secs(true), cpu_secs(false));
+    let mut sides = vec![("daemon", Procs::Myself), ("Postgres", Procs::Postgres)];
+    match source {
+        Source::InProcess(_) => sides[0].0 = "daemon + emulator",
+        Source::External(p) => sides.push(("emulator", Procs::Pid(p.pid()))),
+    }
+    let before: Vec<_> = sides.iter().map(|(_, p)| cpu_secs(*p)).collect();
     let t0 = Instant::now();
     let daemon = {
         let (cfg, stop) = (cfg.clone(), stop.clone());
@@ -577,18 +641,22 @@ async fn run(
     }
     let secs = t0.elapsed().as_secs_f64();
     let rate = n as f64 / secs;
+    let used: Vec<String> = sides
+        .iter()
+        .zip(&before)
+        .map(|((name, p), b)| format!("{name} {:.1} s", cpu_used(b, &cpu_secs(*p))))
+        .collect();
     println!(
-        "catch-up CPU: daemon + emulator {:.1} s, Postgres {:.1} s (of {secs:.1} s wall, 2 cores)",
-        cpu_used(&cpu_self, &cpu_secs(true)),
-        cpu_used(&cpu_pg, &cpu_secs(false))
+        "catch-up CPU: {} (of {secs:.1} s wall, 2 cores)",
+        used.join(", ")
     );
+    let peak_rss_mb = peak_rss_mb();
     let rss_note = match source {
         Source::InProcess(_) => "emulator and backlog included",
         Source::External(_) => "the daemon alone",
     };
     println!(
-        "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {:.0} MB ({rss_note})",
-        peak_rss_mb()
+        "catch-up: {n} events in {secs:.2} s = {rate:.0} events/s; peak RSS {peak_rss_mb:.0} MB ({rss_note})"
     );
     stop.cancel();
     let _ = daemon.await;
@@ -606,5 +674,9 @@ async fn run(
         rate / limit
     );
     drop(pool);
-    Ok(())
+    Ok(RoundResult {
+        rate,
+        ratio: rate / limit,
+        peak_rss_mb,
+    })
 }

@@ -1024,3 +1024,93 @@ fn contract_text(clauses: usize) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The checkpoint move of a batch whose transaction runs while the batch before it commits:
+/// it waits for that batch, and moves only if that batch committed. So a batch never commits
+/// after one that rolled back, which would skip that one's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_behind_a_committing_one_commits_only_if_that_one_did() {
+    use sfmirror::model::ReplayId;
+    use sfmirror::replica::checkpoint::{self, Checkpoint};
+    let db = TestDb::create().await;
+    let mut cfg = deadpool_postgres::Config::new();
+    cfg.url = Some(db.url.clone());
+    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+    let mut client = pool.get().await.expect("connection");
+    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
+        .await
+        .expect("migrate");
+    let at = |n: u64| Checkpoint {
+        replay_id: ReplayId::from_u64(n),
+        commit_timestamp_ms: Some(n as i64),
+    };
+    let stored = async || {
+        let c = pool.get().await.expect("connection");
+        checkpoint::load(&c, "sfmirror", "/data/ChangeEvents")
+            .await
+            .expect("load")
+            .map(|c| c.replay_id)
+    };
+    checkpoint::save(&client, "sfmirror", "/data/ChangeEvents", &at(1))
+        .await
+        .expect("save");
+
+    for first_commits in [false, true] {
+        let base = stored().await.expect("a checkpoint");
+        let next = ReplayId::from_u64(base.as_u64().expect("numeric") + 1);
+        let after = ReplayId::from_u64(base.as_u64().expect("numeric") + 2);
+        // Batch N: has moved the checkpoint and holds the row, not yet committed.
+        let mut first = pool.get().await.expect("connection");
+        let tx = first.transaction().await.expect("begin");
+        let moved = checkpoint::advance(
+            &tx,
+            "sfmirror",
+            "/data/ChangeEvents",
+            &base,
+            &Checkpoint {
+                replay_id: next.clone(),
+                commit_timestamp_ms: None,
+            },
+        )
+        .await
+        .expect("advance");
+        assert!(moved, "batch N moves the checkpoint from where it is");
+        // Batch N+1, on another connection, moves it from N's position: it waits for N.
+        let behind = {
+            let pool = pool.clone();
+            let (next, after) = (next.clone(), after.clone());
+            tokio::spawn(async move {
+                let mut c = pool.get().await.expect("connection");
+                let tx = c.transaction().await.expect("begin");
+                let moved = checkpoint::advance(
+                    &tx,
+                    "sfmirror",
+                    "/data/ChangeEvents",
+                    &next,
+                    &Checkpoint {
+                        replay_id: after,
+                        commit_timestamp_ms: None,
+                    },
+                )
+                .await
+                .expect("advance");
+                if moved {
+                    tx.commit().await.expect("commit");
+                }
+                moved
+            })
+        };
+        if first_commits {
+            tx.commit().await.expect("commit N");
+        } else {
+            tx.rollback().await.expect("roll back N");
+        }
+        let moved = behind.await.expect("batch N+1 task");
+        assert_eq!(
+            moved, first_commits,
+            "N+1 moves the checkpoint exactly when N committed"
+        );
+        let want = if first_commits { after } else { base };
+        assert_eq!(stored().await, Some(want));
+    }
+}

@@ -58,6 +58,13 @@ pub struct EmulatorProcess {
 }
 
 impl EmulatorProcess {
+    /// The emulator's process id (to sample its CPU time). Each bench compiles this module
+    /// on its own, and not every bench samples it.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(extra_args: &[&str]) -> anyhow::Result<EmulatorProcess> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sfmirror"))
             .args([

@@ -4,6 +4,12 @@
 //! covers, never on its own: so a crash leaves the replica at exactly some committed batch and
 //! its position (invariant 1). A keepalive position is only saved when nothing is pending.
 //!
+//! A batch whose transaction runs while the one before it is still committing moves the
+//! checkpoint with [`advance`] instead: from the position that batch commits, and only from
+//! there. Its UPDATE waits for the row lock the batch before holds until that one ends, and
+//! then sees how it ended; so a batch never commits after one that rolled back, and the
+//! stored position never skips a batch.
+//!
 //! A checkpoint with an empty replay id is a marker: "resume at LATEST, and re-read every
 //! object of the channel changed since `commit_timestamp`". It is what a first start and a
 //! replay id that Salesforce refused (past retention) leave behind, so the channel never jumps
@@ -109,4 +115,38 @@ pub async fn save(
         .await
         .map_err(ReplicaError::pg(format!("save checkpoint of {channel}")))?;
     Ok(())
+}
+
+/// Moves `channel`'s checkpoint from `from` to `checkpoint`, inside the batch's transaction.
+/// Returns false, changing nothing, when the stored position is not `from`: the batch before
+/// did not commit, or something else moved it. A transaction holding the row (the batch
+/// before, committing) is waited for first, and its outcome is what is compared.
+pub async fn advance(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+    from: &ReplayId,
+    checkpoint: &Checkpoint,
+) -> Result<bool, ReplicaError> {
+    let moved = client
+        .execute(
+            &format!(
+                "UPDATE {}.checkpoints AS c
+                 SET replay_id = $3,
+                     commit_timestamp = coalesce(to_timestamp($4::bigint / 1000.0),
+                                                 c.commit_timestamp),
+                     updated_at = now()
+                 WHERE channel = $1 AND replay_id = $2",
+                quote(control_schema)
+            ),
+            &[
+                &channel,
+                &from.0,
+                &checkpoint.replay_id.0,
+                &checkpoint.commit_timestamp_ms,
+            ],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("advance checkpoint of {channel}")))?;
+    Ok(moved == 1)
 }

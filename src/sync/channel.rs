@@ -23,9 +23,12 @@
 //! Why the checkpoint is safe: the replay id saved is that of the last event in the batch, and
 //! it is saved in the transaction that applies the batch, so the stored position never runs
 //! ahead of the rows (invariant 1). One apply task takes batches (and keepalive positions) in
-//! the order the stream delivered them and commits each before it takes the next, so the
-//! stored position only ever moves forward over applied batches, however far the decode side
-//! has run ahead. Nothing in a batch is dropped without trace: an event is applied, turned
+//! the order the stream delivered them, so the stored position only ever moves forward over
+//! applied batches, however far the decode side has run ahead. Under a backlog, a batch's
+//! transaction starts while the one before is still committing (its statements all ran, so it
+//! takes no new lock and waits for nothing but its WAL flush); it moves the checkpoint only
+//! from the position that one commits, after waiting for it, so it rolls back unless that one
+//! committed. A keepalive position, and an idle channel, wait for the batch in flight. Nothing in a batch is dropped without trace: an event is applied, turned
 //! into a repair request, or dead-lettered with a repair, all in that same transaction
 //! (invariant 2). When the stream fails, what was already received is queued and committed
 //! before reconnecting; when applying fails, the queued batches are discarded. Either way the
@@ -47,7 +50,7 @@ use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Batches decoded ahead of the one being committed. Two keep Postgres busy while the stream
@@ -645,12 +648,23 @@ impl ChannelTask {
 
 impl Applier {
     /// Commits what the decode side queues, in order, until the queue closes.
+    ///
+    /// While batches are queued, the next one's transaction starts as soon as every statement
+    /// of the one before has run, and runs while that one's `COMMIT` waits for its WAL flush.
+    /// It moves the checkpoint only from the position the batch before commits
+    /// ([`checkpoint::advance`]), so it cannot commit unless that one did. With nothing
+    /// queued, the batch in flight is finished before the task waits.
     async fn run(mut self, mut work: mpsc::Receiver<Work>) -> Result<(), SyncError> {
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let w = match work.try_recv() {
                 Ok(w) => w,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    if let Some(f) = in_flight.take() {
+                        self.finish(f).await?;
+                        continue;
+                    }
                     self.idle
                         .waiting
                         .store(true, std::sync::atomic::Ordering::Release);
@@ -668,10 +682,26 @@ impl Applier {
             match w {
                 Work::Batch(planned) => {
                     let (b, applied, plan) = *planned;
-                    self.commit(b, applied, plan).await?
+                    let Some(last) = b.last_replay.clone() else {
+                        continue;
+                    };
+                    let after = in_flight.as_ref().map(|f| f.checkpoint.clone());
+                    let next = self.start(b, applied, plan, last, after);
+                    if let Some(f) = in_flight.take() {
+                        self.finish(f).await?;
+                    }
+                    in_flight = Some(self.statements_done(next).await?);
                 }
-                Work::Position(latest) => self.keepalive(latest).await?,
+                Work::Position(latest) => {
+                    if let Some(f) = in_flight.take() {
+                        self.finish(f).await?;
+                    }
+                    self.keepalive(latest).await?
+                }
             }
+        }
+        if let Some(f) = in_flight.take() {
+            self.finish(f).await?;
         }
         Ok(())
     }
@@ -692,26 +722,161 @@ impl Applier {
         Ok(())
     }
 
-    /// Commits the batch: rows, repairs, dead letters and the checkpoint in one transaction.
-    async fn commit(
-        &mut self,
+    /// Starts the batch's transaction as a task of its own. `after` is the position of the
+    /// batch still committing before it, if any.
+    fn start(
+        &self,
         b: Batch,
         applied: Applied,
         plan: MergePlan,
-    ) -> Result<(), SyncError> {
-        let Some(last) = b.last_replay.clone() else {
-            return Ok(());
+        last: ReplayId,
+        after: Option<ReplayId>,
+    ) -> InFlight {
+        let (ready_tx, ready) = oneshot::channel();
+        let job = BatchJob {
+            name: self.name.clone(),
+            objects: self.objects.clone(),
+            pool: self.pool.clone(),
+            settings: self.settings.clone(),
+        };
+        let done = AbortOnDrop(tokio::spawn(job.run(
+            b,
+            applied,
+            plan,
+            last.clone(),
+            after,
+            ready_tx,
+        )));
+        InFlight {
+            ready,
+            checkpoint: last,
+            done,
+        }
+    }
+
+    /// Waits until every statement of the batch but `COMMIT` has run; its error if it failed
+    /// before.
+    async fn statements_done(&mut self, mut f: InFlight) -> Result<InFlight, SyncError> {
+        if (&mut f.ready).await.is_ok() {
+            return Ok(f);
+        }
+        // The task ended without reaching COMMIT: only a failure does that.
+        match (&mut f.done.0).await {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Err(SyncError::Protocol(format!(
+                "channel {}: a batch committed without running its statements",
+                self.name
+            ))),
+            Err(e) => Err(SyncError::Protocol(format!(
+                "channel {}: batch task failed: {e}",
+                self.name
+            ))),
+        }
+    }
+
+    /// Waits for the batch's commit, then records it: the committed position, metrics, and
+    /// observers.
+    async fn finish(&mut self, mut f: InFlight) -> Result<(), SyncError> {
+        let c = match (&mut f.done.0).await {
+            Ok(r) => r?,
+            Err(e) => {
+                return Err(SyncError::Protocol(format!(
+                    "channel {}: batch task failed: {e}",
+                    self.name
+                )));
+            }
         };
         let name = &self.name;
+        self.committed = Some(c.last.clone());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (kind, n) in &c.events {
+            telemetry::record_events(name, kind.symbol(), *n);
+        }
+        for ms in &c.applied.commit_ms {
+            telemetry::record_apply_delay((now_ms - ms).max(0) as f64 / 1e3);
+        }
+        if c.dead > 0 {
+            metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "channel" => name.clone())
+                .increment(c.dead as u64);
+        }
+        let lag = c
+            .last_commit_ms
+            .map(|ms| (now_ms - ms).max(0) as f64 / 1e3)
+            .unwrap_or(0.0);
+        telemetry::record_batch(name, c.started.elapsed().as_secs_f64(), lag);
+        if let Some(ms) = c.last_commit_ms {
+            telemetry::record_retention_headroom(name, ms, now_ms);
+        }
+        tracing::debug!(channel = %name, events = c.applied.replay_ids.len(),
+            statements = c.statements, repairs = c.repairs, checkpoint = %c.last,
+            apply_ms = c.statements_took.as_millis() as u64,
+            commit_ms = (c.started.elapsed() - c.statements_took).as_millis() as u64,
+            "batch committed");
+        if let Some(obs) = &self.observer {
+            let _ = obs.send(AppliedBatch {
+                channel: name.clone(),
+                replay_ids: c.applied.replay_ids,
+                checkpoint: c.last,
+                started_after: self.started_after.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A batch's transaction running as its own task.
+struct InFlight {
+    /// Resolves once every statement but `COMMIT` has run: the next batch may start then,
+    /// since this one will take no further row lock. Dropped unresolved when it fails.
+    ready: oneshot::Receiver<()>,
+    /// The position it commits.
+    checkpoint: ReplayId,
+    done: AbortOnDrop<Result<Committed, SyncError>>,
+}
+
+/// What a committed batch reports.
+struct Committed {
+    applied: Applied,
+    last: ReplayId,
+    last_commit_ms: Option<i64>,
+    events: HashMap<crate::model::ChangeType, u64>,
+    statements: usize,
+    repairs: usize,
+    dead: usize,
+    started: Instant,
+    statements_took: Duration,
+}
+
+/// What a batch's task needs: cheap clones of the apply side's handles.
+struct BatchJob {
+    name: String,
+    objects: Vec<String>,
+    pool: deadpool_postgres::Pool,
+    settings: ApplySettings,
+}
+
+impl BatchJob {
+    /// Applies the batch: rows, repairs, dead letters and the checkpoint in one transaction.
+    /// Signals `ready` before `COMMIT`. With `after` (the batch before is still committing) the
+    /// checkpoint moves only from that batch's position.
+    async fn run(
+        self,
+        b: Batch,
+        applied: Applied,
+        plan: MergePlan,
+        last: ReplayId,
+        after: Option<ReplayId>,
+        ready: oneshot::Sender<()>,
+    ) -> Result<Committed, SyncError> {
+        let name = &self.name;
         let settings = &self.settings;
-        let t0 = Instant::now();
+        let started = Instant::now();
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
         let tx = client
             .transaction()
             .await
             .map_err(ReplicaError::pg("begin batch"))?;
         let outcome = execute(&tx, settings, plan).await?;
-        let t_apply = t0.elapsed();
         let mut repairs = outcome.repairs;
         if !b.dead.is_empty() {
             let since = applied
@@ -746,43 +911,33 @@ impl Applier {
             replay_id: last.clone(),
             commit_timestamp_ms: b.last_commit_ms,
         };
-        checkpoint::save(&tx, &settings.control_schema, name, &cp).await?;
+        match &after {
+            None => checkpoint::save(&tx, &settings.control_schema, name, &cp).await?,
+            Some(from) => {
+                if !checkpoint::advance(&tx, &settings.control_schema, name, from, &cp).await? {
+                    return Err(SyncError::CheckpointMoved {
+                        channel: name.clone(),
+                        expected: from.clone(),
+                    });
+                }
+            }
+        }
+        let statements_took = started.elapsed();
+        let _ = ready.send(());
         tx.commit()
             .await
             .map_err(ReplicaError::pg("commit batch"))?;
-        self.committed = Some(last.clone());
-
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        for (kind, n) in &outcome.events {
-            telemetry::record_events(name, kind.symbol(), *n);
-        }
-        for ms in &applied.commit_ms {
-            telemetry::record_apply_delay((now_ms - ms).max(0) as f64 / 1e3);
-        }
-        if !b.dead.is_empty() {
-            metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "channel" => name.clone())
-                .increment(b.dead.len() as u64);
-        }
-        let lag = b
-            .last_commit_ms
-            .map(|ms| (now_ms - ms).max(0) as f64 / 1e3)
-            .unwrap_or(0.0);
-        telemetry::record_batch(name, t0.elapsed().as_secs_f64(), lag);
-        if let Some(ms) = b.last_commit_ms {
-            telemetry::record_retention_headroom(name, ms, now_ms);
-        }
-        tracing::debug!(channel = %name, events = applied.replay_ids.len(), statements = outcome.statements,
-            repairs = repairs.len(), checkpoint = %last, apply_ms = t_apply.as_millis() as u64,
-            commit_ms = (t0.elapsed() - t_apply).as_millis() as u64, "batch committed");
-        if let Some(obs) = &self.observer {
-            let _ = obs.send(AppliedBatch {
-                channel: name.clone(),
-                replay_ids: applied.replay_ids,
-                checkpoint: last,
-                started_after: self.started_after.clone(),
-            });
-        }
-        Ok(())
+        Ok(Committed {
+            applied,
+            last,
+            last_commit_ms: b.last_commit_ms,
+            events: outcome.events,
+            statements: outcome.statements,
+            repairs: repairs.len(),
+            dead: b.dead.len(),
+            started,
+            statements_took,
+        })
     }
 }
 

@@ -28,6 +28,14 @@ pub enum SyncError {
     StaleStream(std::time::Duration),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error(
+        "checkpoint of {channel} is no longer at {expected}, where the batch before left it: \
+         that batch did not commit, or another sfmirror moved it; resuming from the stored position"
+    )]
+    CheckpointMoved {
+        channel: String,
+        expected: crate::model::ReplayId,
+    },
 }
 
 impl SyncError {
@@ -35,7 +43,9 @@ impl SyncError {
         match self {
             SyncError::Source(e) => e.is_transient(),
             SyncError::Replica(e) => e.is_transient(),
-            SyncError::StreamEnded | SyncError::StaleStream(_) => true,
+            SyncError::StreamEnded
+            | SyncError::StaleStream(_)
+            | SyncError::CheckpointMoved { .. } => true,
             SyncError::Protocol(_) => false,
         }
     }
@@ -49,6 +59,7 @@ impl SyncError {
             SyncError::StreamEnded => "stream_ended",
             SyncError::StaleStream(_) => "stale_stream",
             SyncError::Protocol(_) => "protocol",
+            SyncError::CheckpointMoved { .. } => "checkpoint_moved",
         }
     }
 }
