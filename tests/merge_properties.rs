@@ -358,7 +358,7 @@ async fn converge(
             .map(|(e, _)| e.clone())
             .collect();
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        apply_events(&tx, &settings, &tables, &batch)
+        apply_events(&tx, &settings, &tables, batch)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;

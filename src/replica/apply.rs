@@ -203,9 +203,9 @@ pub async fn apply_events(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     tables: &HashMap<String, Arc<TableSchema>>,
-    events: &[ChangeEvent],
+    mut events: Vec<ChangeEvent>,
 ) -> Result<ApplyOutcome, ReplicaError> {
-    let plan = plan_events(settings, tables, events)?;
+    let plan = plan_events(settings, tables, &mut events)?;
     execute(tx, settings, plan).await
 }
 
@@ -253,7 +253,7 @@ pub async fn execute(
 pub fn plan_events(
     settings: &ApplySettings,
     tables: &HashMap<String, Arc<TableSchema>>,
-    events: &[ChangeEvent],
+    events: &mut [ChangeEvent],
 ) -> Result<MergePlan, ReplicaError> {
     let mut plan = MergePlan {
         runs: Vec::new(),
@@ -267,7 +267,7 @@ pub fn plan_events(
     let mut index: HashMap<(usize, &str), usize> = HashMap::with_capacity(events.len());
     // Columns of every field path of a writer schema, per table and schema.
     let mut upsert_columns: HashMap<(usize, usize), Arc<[usize]>> = HashMap::new();
-    for event in events {
+    for event in events.iter_mut() {
         let h = &event.header;
         *plan.events.entry(h.change_type).or_default() += 1;
         let table = tables
@@ -329,6 +329,9 @@ pub fn plan_events(
             continue;
         }
         let mut cells = row_values(table, event, kind, &mut upsert_columns)?;
+        // The event is only read from here on (its ids key the index for the whole plan).
+        let event: &ChangeEvent = event;
+        let h = &event.header;
         // Long text sent as a diff: applied to the row's value when the write goes out.
         let mut diffs = Vec::new();
         if kind == OpKind::Merge {
@@ -427,28 +430,35 @@ pub fn plan_events(
     Ok(plan)
 }
 
-/// The columns an event writes with their text values, in column order. `upsert_columns`
+/// The columns an event writes with their binary values, in column order. Text values are
+/// moved out of the event, not copied: the caller does not read them again. `upsert_columns`
 /// caches, per table and writer schema, the column of every field path.
 fn row_values(
     table: &Arc<TableSchema>,
-    event: &ChangeEvent,
+    event: &mut ChangeEvent,
     kind: OpKind,
     upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
 ) -> Result<Vec<Cell>, ReplicaError> {
-    let h = &event.header;
+    let ChangeEvent {
+        replay_id,
+        header: h,
+        fields,
+        schema_fields,
+        ..
+    } = event;
+    let h = &*h;
     let unknown = |path: &str| ReplicaError::Schema {
         object: table.object.clone(),
         message: format!(
-            "event {} carries field `{path}`, which the table's describe lacks",
-            event.replay_id
+            "event {replay_id} carries field `{path}`, which the table's describe lacks"
         ),
     };
     let mut cols: Vec<Cell> = Vec::new();
-    let render_value = |col: usize, path: &str, value: Option<&crate::model::Value>| {
+    let render_value = |col: usize, path: &str, value: Option<&mut crate::model::Value>| {
         let c = &table.columns[col];
         match value {
             None => Ok(None),
-            Some(v) => super::binary::encode(&c.pg_type, v)
+            Some(v) => super::binary::encode_taking(&c.pg_type, v)
                 .map(Some)
                 .map_err(|message| ReplicaError::Data {
                     object: table.object.clone(),
@@ -457,18 +467,25 @@ fn row_values(
                 }),
         }
     };
-    let render = |col: usize, path: &str| render_value(col, path, event.value(path));
+    fn value_of<'a>(
+        fields: &'a mut [crate::model::FieldValue],
+        path: &str,
+    ) -> Option<&'a mut crate::model::Value> {
+        fields
+            .iter_mut()
+            .find(|f| &*f.path == path)
+            .map(|f| &mut f.value)
+    }
     match kind {
         OpKind::Upsert => {
             let key = (
                 table_key(table),
-                event.schema_fields.as_ptr() as *const () as usize,
+                schema_fields.as_ptr() as *const () as usize,
             );
             let columns = match upsert_columns.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = event
-                        .schema_fields
+                    let c = schema_fields
                         .iter()
                         .map(|path| table.column_for(path).ok_or_else(|| unknown(path)))
                         .collect::<Result<Arc<[usize]>, _>>()?;
@@ -480,13 +497,13 @@ fn row_values(
             // search only when that order does not hold.
             let mut next = 0;
             cols.reserve(columns.len());
-            for (path, &col) in event.schema_fields.iter().zip(columns.iter()) {
-                let value = match event.fields.get(next) {
-                    Some(f) if f.path == *path => {
-                        next += 1;
-                        Some(&f.value)
-                    }
-                    _ => event.value(path),
+            for (path, &col) in schema_fields.iter().zip(columns.iter()) {
+                let in_order = fields.get(next).is_some_and(|f| f.path == *path);
+                let value = if in_order {
+                    next += 1;
+                    fields.get_mut(next - 1).map(|f| &mut f.value)
+                } else {
+                    value_of(fields, path)
                 };
                 cols.push((col, render_value(col, path, value)?));
             }
@@ -496,7 +513,7 @@ fn row_values(
                 let col = table
                     .column_for(path.as_arc())
                     .ok_or_else(|| unknown(path))?;
-                let value = render(col, path)?;
+                let value = render_value(col, path, value_of(fields, path))?;
                 // A changed field that arrives null was either nulled (listed below) or
                 // cannot be told from unchanged: write it only when it has a value.
                 if value.is_some() {
@@ -712,7 +729,21 @@ impl RowType {
     /// The run's rows as one binary array of this row type: per row its id, version, commit
     /// number and the cells it writes, NULL elsewhere.
     fn encode(&self, run: &Run) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(20 + run.ops.len() * (8 + self.fields.len() * 8));
+        // Sized once: growing a buffer of megabytes copies it and faults in new pages.
+        let per_row = 8 + self.fields.len() * 8 + 16;
+        let size: usize = run
+            .ops
+            .iter()
+            .map(|op| {
+                let cells: usize = op
+                    .cells
+                    .iter()
+                    .map(|(_, v)| v.as_ref().map_or(0, Vec::len))
+                    .sum();
+                per_row + op.id.len() + cells
+            })
+            .sum();
+        let mut buf = Vec::with_capacity(20 + size);
         for word in [1, 0, self.oid as i32, run.ops.len() as i32, 1] {
             buf.extend_from_slice(&word.to_be_bytes());
         }

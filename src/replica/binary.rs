@@ -95,6 +95,15 @@ pub fn column_expr(pg_type: &PgType, expr: &str) -> String {
     }
 }
 
+/// [`encode`], moving a text value's bytes out of `value` instead of copying them: for a caller
+/// that does not read the value again (the merge plan, which owns the batch's events).
+pub fn encode_taking(pg_type: &PgType, value: &mut Value) -> Result<Vec<u8>, String> {
+    match (pg_type, value) {
+        (PgType::Text, Value::String(s)) => Ok(std::mem::take(s).into_bytes()),
+        (_, value) => encode(pg_type, value),
+    }
+}
+
 /// Encodes a decoded event value for a column of `pg_type`.
 pub fn encode(pg_type: &PgType, value: &Value) -> Result<Vec<u8>, String> {
     let bad = || format!("{value:?} cannot be stored as {}", pg_type.sql());
@@ -282,6 +291,37 @@ pub fn numeric(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taking_a_value_encodes_it_as_copying_does() {
+        let cases = [
+            (PgType::Text, Value::String("Zürich".into())),
+            (PgType::Text, Value::Long(42)),
+            (PgType::Bigint, Value::String("42".into())),
+            (PgType::Date, Value::String("2026-11-23".into())),
+            (PgType::Time, Value::String("08:30:00.000Z".into())),
+            (
+                PgType::Numeric {
+                    precision: 18,
+                    scale: 2,
+                },
+                Value::String("12.50".into()),
+            ),
+        ];
+        for (pg_type, value) in cases {
+            let copied = encode(&pg_type, &value);
+            let mut taken = value.clone();
+            assert_eq!(
+                encode_taking(&pg_type, &mut taken),
+                copied,
+                "{pg_type:?} {value:?}"
+            );
+            // Only a text column's text is moved out.
+            if pg_type != PgType::Text {
+                assert_eq!(taken, value);
+            }
+        }
+    }
 
     #[test]
     fn copy_fields_are_length_prefixed() {

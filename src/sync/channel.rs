@@ -473,7 +473,7 @@ impl ChannelTask {
             return Ok(true);
         }
         let mut b = std::mem::take(batch);
-        let plan = plan_events(&self.deps.apply, &self.tables, &b.events)?;
+        let plan = plan_events(&self.deps.apply, &self.tables, &mut b.events)?;
         // The plan holds the rows; only the events' positions and commit times are needed
         // from here on, so their decoded bodies are freed before the batch waits in the queue.
         let applied = Applied {

@@ -242,7 +242,7 @@ impl RepairWorker {
             let tables: HashMap<String, Arc<TableSchema>> =
                 [(object.to_string(), table.clone())].into();
             let event = synthetic_delete(object, gone, now);
-            apply_events(&tx, &self.settings, &tables, &[event]).await?;
+            apply_events(&tx, &self.settings, &tables, vec![event]).await?;
         }
         enqueue(
             &tx,
