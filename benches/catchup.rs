@@ -465,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
         let ratios: Vec<f64> = results.iter().map(|r| r.ratio).collect();
         let rss: Vec<f64> = results.iter().map(|r| r.peak_rss_mb).collect();
         println!(
-            "{rounds} rounds: catch-up events/s {} (median {:.0}); catch-up / limit {} (median {:.2}); peak RSS MB {}",
+            "{rounds} rounds: catch-up events/s {} (median {:.0}); catch-up / limit {} (median {:.2}); peak RSS MB {} (only round 1's is the daemon's alone: later rounds start with what the limit's staging left in the allocator)",
             list(&rates, 0),
             median(rates.clone()),
             list(&ratios, 2),

@@ -44,7 +44,7 @@ use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType, textdiff};
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// What the stream could not deliver, to be fetched over REST.
@@ -81,6 +81,17 @@ pub struct ApplyOutcome {
     pub events: HashMap<ChangeType, u64>,
     pub statements: usize,
     pub repairs: Vec<RepairRequest>,
+}
+
+impl ApplyOutcome {
+    /// Adds what another part of the same batch did.
+    pub fn absorb(&mut self, other: ApplyOutcome) {
+        for (kind, n) in other.events {
+            *self.events.entry(kind).or_default() += n;
+        }
+        self.statements += other.statements;
+        self.repairs.extend(other.repairs);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,11 +194,97 @@ pub struct MergePlan {
     repairs: Vec<RepairRequest>,
 }
 
+/// The records a plan writes, as hashes of table and id. Two records whose hashes collide
+/// count as one, which can only make a write wait for a batch it did not need to wait for.
+pub type RecordKeys = HashSet<u64>;
+
+fn record_key(table: &str, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    table.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
+}
+
 impl MergePlan {
     /// Repairs the batch needs so far (more can come from executing it).
     pub fn repairs(&self) -> &[RepairRequest] {
         &self.repairs
     }
+
+    /// The records the plan writes.
+    pub fn record_keys(&self) -> RecordKeys {
+        self.runs
+            .iter()
+            .flat_map(|r| r.ops.iter().map(|o| record_key(&r.table.table, &o.id)))
+            .collect()
+    }
+
+    /// Splits the plan in two: the writes to records not in `keys`, and the rest (writes to
+    /// records in `keys`, the batch's event counts and its repairs). A record keeps all its
+    /// writes, in their rounds, on one side; writes to different records are independent, so
+    /// the two sides may be executed in either order, in one transaction.
+    pub fn split(self, keys: &RecordKeys) -> (MergePlan, MergePlan) {
+        let mut free = MergePlan {
+            runs: Vec::new(),
+            rounds: Vec::new(),
+            events: HashMap::new(),
+            repairs: Vec::new(),
+        };
+        let mut rest = MergePlan {
+            runs: Vec::new(),
+            rounds: Vec::new(),
+            events: self.events,
+            repairs: self.repairs,
+        };
+        let mut runs = self.runs.into_iter();
+        for size in self.rounds {
+            let (free_before, rest_before) = (free.runs.len(), rest.runs.len());
+            for run in runs.by_ref().take(size) {
+                let Run {
+                    table,
+                    kind,
+                    columns,
+                    ops,
+                } = run;
+                let (later, now): (Vec<Op>, Vec<Op>) = ops
+                    .into_iter()
+                    .partition(|o| keys.contains(&record_key(&table.table, &o.id)));
+                for (ops, side) in [(now, &mut free), (later, &mut rest)] {
+                    if ops.is_empty() {
+                        continue;
+                    }
+                    let columns = match kind {
+                        OpKind::Merge => written_columns(&ops),
+                        OpKind::Upsert | OpKind::Delete => columns.clone(),
+                    };
+                    side.runs.push(Run {
+                        table: table.clone(),
+                        kind,
+                        columns,
+                        ops,
+                    });
+                }
+            }
+            for (side, before) in [(&mut free, free_before), (&mut rest, rest_before)] {
+                if side.runs.len() > before {
+                    side.rounds.push(side.runs.len() - before);
+                }
+            }
+        }
+        (free, rest)
+    }
+}
+
+/// Every column some op writes, sorted: what a merge run's mask ranges over.
+fn written_columns(ops: &[Op]) -> Vec<usize> {
+    let mut columns: Vec<usize> = ops
+        .iter()
+        .flat_map(|o| o.cells.iter().map(|(c, _)| *c))
+        .collect();
+    columns.sort_unstable();
+    columns.dedup();
+    columns
 }
 
 /// Runs of one round sent before the first of them has answered.
@@ -416,14 +513,7 @@ pub fn plan_events(
         }
         for run in &mut plan.runs[first..] {
             if run.kind == OpKind::Merge {
-                let mut columns: Vec<usize> = run
-                    .ops
-                    .iter()
-                    .flat_map(|o| o.cells.iter().map(|(c, _)| *c))
-                    .collect();
-                columns.sort_unstable();
-                columns.dedup();
-                run.columns = columns;
+                run.columns = written_columns(&run.ops);
             }
         }
     }
@@ -1304,6 +1394,98 @@ mod tests {
             .iter()
             .map(|(c, v)| (*c, v.as_deref().and_then(|v| std::str::from_utf8(v).ok())))
             .collect()
+    }
+
+    fn with_id(mut op: Op, id: &str) -> Op {
+        op.id = id.to_string();
+        op
+    }
+
+    fn account() -> Arc<TableSchema> {
+        let path = format!(
+            "{}/src/emulator/org/Account.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("describe file");
+        Arc::new(
+            TableSchema::from_describe(serde_json::from_str(&text).expect("describe"))
+                .expect("table"),
+        )
+    }
+
+    /// (round, kind, columns, ids) of every run.
+    fn shape(plan: &MergePlan) -> Vec<(usize, OpKind, Vec<usize>, Vec<String>)> {
+        let mut out = Vec::new();
+        let mut runs = plan.runs.iter();
+        for (round, &size) in plan.rounds.iter().enumerate() {
+            for run in runs.by_ref().take(size) {
+                let ids = run.ops.iter().map(|o| o.id.clone()).collect();
+                out.push((round, run.kind, run.columns.clone(), ids));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_split_keeps_each_record_whole_and_in_its_rounds() {
+        let table = account();
+        let merge = |id: &str, cols: &[usize]| {
+            let cells: Vec<(usize, Option<&str>)> = cols.iter().map(|c| (*c, Some("v"))).collect();
+            with_id(op(OpKind::Merge, &cells, 10), id)
+        };
+        let run = |kind, columns: Vec<usize>, ops| Run {
+            table: table.clone(),
+            kind,
+            columns,
+            ops,
+        };
+        let plan = MergePlan {
+            runs: vec![
+                run(
+                    OpKind::Merge,
+                    vec![1, 2, 3, 5],
+                    vec![merge("A", &[1]), merge("B", &[2, 3]), merge("C", &[5])],
+                ),
+                run(
+                    OpKind::Upsert,
+                    vec![1, 2],
+                    vec![with_id(
+                        op(OpKind::Upsert, &[(1, None), (2, None)], 10),
+                        "D",
+                    )],
+                ),
+                run(OpKind::Merge, vec![4], vec![merge("A", &[4])]),
+            ],
+            rounds: vec![2, 1],
+            events: [(ChangeType::Update, 4), (ChangeType::Create, 1)].into(),
+            repairs: vec![RepairRequest::Entity {
+                object: "Account".into(),
+                since_ms: 0,
+                reason: "gap".into(),
+            }],
+        };
+        let keys: RecordKeys = ["A", "D", "Z"]
+            .iter()
+            .map(|id| record_key(&table.table, id))
+            .collect();
+        assert_eq!(plan.record_keys().len(), 4);
+        let (free, rest) = plan.split(&keys);
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shape(&free),
+            [(0, OpKind::Merge, vec![2, 3, 5], ids(&["B", "C"]))]
+        );
+        assert_eq!(
+            shape(&rest),
+            [
+                (0, OpKind::Merge, vec![1], ids(&["A"])),
+                (0, OpKind::Upsert, vec![1, 2], ids(&["D"])),
+                (1, OpKind::Merge, vec![4], ids(&["A"])),
+            ]
+        );
+        assert!(free.events.is_empty() && free.repairs.is_empty());
+        assert_eq!(rest.events.values().sum::<u64>(), 5);
+        assert_eq!(rest.repairs.len(), 1);
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! covers, never on its own: so a crash leaves the replica at exactly some committed batch and
 //! its position (invariant 1). A keepalive position is only saved when nothing is pending.
 //!
-//! A batch whose transaction runs while the one before it is still committing moves the
-//! checkpoint with [`advance`] instead: from the position that batch commits, and only from
-//! there. Its UPDATE waits for the row lock the batch before holds until that one ends, and
-//! then sees how it ended; so a batch never commits after one that rolled back, and the
-//! stored position never skips a batch.
+//! A batch whose transaction started while the one before it was still in flight moves the
+//! checkpoint with [`advance`] instead: from the position that batch committed, and only from
+//! there. Were that batch still holding the row, the UPDATE would wait for it to end and see
+//! how it ended; so a batch never commits after one that rolled back, and the stored position
+//! never skips a batch.
 //!
 //! A checkpoint with an empty replay id is a marker: "resume at LATEST, and re-read every
 //! object of the channel changed since `commit_timestamp`". It is what a first start and a

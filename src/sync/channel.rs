@@ -24,11 +24,13 @@
 //! it is saved in the transaction that applies the batch, so the stored position never runs
 //! ahead of the rows (invariant 1). One apply task takes batches (and keepalive positions) in
 //! the order the stream delivered them, so the stored position only ever moves forward over
-//! applied batches, however far the decode side has run ahead. Under a backlog, a batch's
-//! transaction starts while the one before is still committing (its statements all ran, so it
-//! takes no new lock and waits for nothing but its WAL flush); it moves the checkpoint only
-//! from the position that one commits, after waiting for it, so it rolls back unless that one
-//! committed. A keepalive position, and an idle channel, wait for the batch in flight. Nothing in a batch is dropped without trace: an event is applied, turned
+//! applied batches, however far the decode side has run ahead. Under a backlog two batches are
+//! in flight: the next one's transaction starts while the one before still runs, but writes
+//! only records that one does not write until it has committed (so neither waits for a lock
+//! the other holds, and every record sees its changes in stream order); only then does it
+//! write the shared records, queue its repairs and move the checkpoint, from the position that
+//! batch committed and from no other. It cannot commit unless the batch before did. A
+//! keepalive position, and an idle channel, wait for the batch in flight. Nothing in a batch is dropped without trace: an event is applied, turned
 //! into a repair request, or dead-lettered with a repair, all in that same transaction
 //! (invariant 2). When the stream fails, what was already received is queued and committed
 //! before reconnecting; when applying fails, the queued batches are discarded. Either way the
@@ -39,7 +41,9 @@
 use super::SyncError;
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::{ChangeEvent, ReplayId};
-use crate::replica::apply::{ApplySettings, MergePlan, RepairRequest, execute, plan_events};
+use crate::replica::apply::{
+    ApplySettings, MergePlan, RecordKeys, RepairRequest, execute, plan_events,
+};
 use crate::replica::schema::TableSchema;
 use crate::replica::{ReplicaError, checkpoint, quote, repair_queue};
 use crate::salesforce::SourceError;
@@ -649,11 +653,12 @@ impl ChannelTask {
 impl Applier {
     /// Commits what the decode side queues, in order, until the queue closes.
     ///
-    /// While batches are queued, the next one's transaction starts as soon as every statement
-    /// of the one before has run, and runs while that one's `COMMIT` waits for its WAL flush.
-    /// It moves the checkpoint only from the position the batch before commits
-    /// ([`checkpoint::advance`]), so it cannot commit unless that one did. With nothing
-    /// queued, the batch in flight is finished before the task waits.
+    /// While batches are queued, two are in flight: the next one's transaction starts at
+    /// once and writes the records the one before does not write, while that one still runs;
+    /// it writes the others, queues its repairs and moves the checkpoint only once that one
+    /// has committed, and moves it only from the position that one committed
+    /// ([`checkpoint::advance`]). With nothing queued, the batch in flight is finished before
+    /// the task waits.
     async fn run(mut self, mut work: mpsc::Receiver<Work>) -> Result<(), SyncError> {
         let mut in_flight: Option<InFlight> = None;
         loop {
@@ -685,12 +690,12 @@ impl Applier {
                     let Some(last) = b.last_replay.clone() else {
                         continue;
                     };
-                    let after = in_flight.as_ref().map(|f| f.checkpoint.clone());
-                    let next = self.start(b, applied, plan, last, after);
+                    let before = in_flight.as_mut().map(InFlight::successor);
+                    let next = self.start(b, applied, plan, last, before);
                     if let Some(f) = in_flight.take() {
                         self.finish(f).await?;
                     }
-                    in_flight = Some(self.statements_done(next).await?);
+                    in_flight = Some(next);
                 }
                 Work::Position(latest) => {
                     if let Some(f) = in_flight.take() {
@@ -722,17 +727,18 @@ impl Applier {
         Ok(())
     }
 
-    /// Starts the batch's transaction as a task of its own. `after` is the position of the
-    /// batch still committing before it, if any.
+    /// Starts the batch's transaction as a task of its own. `before` is the batch still in
+    /// flight ahead of it, if any.
     fn start(
         &self,
         b: Batch,
         applied: Applied,
         plan: MergePlan,
         last: ReplayId,
-        after: Option<ReplayId>,
+        before: Option<Before>,
     ) -> InFlight {
-        let (ready_tx, ready) = oneshot::channel();
+        let (committed_tx, committed) = oneshot::channel();
+        let records = Arc::new(plan.record_keys());
         let job = BatchJob {
             name: self.name.clone(),
             objects: self.objects.clone(),
@@ -744,33 +750,14 @@ impl Applier {
             applied,
             plan,
             last.clone(),
-            after,
-            ready_tx,
+            before,
+            committed_tx,
         )));
         InFlight {
-            ready,
             checkpoint: last,
+            records,
+            committed: Some(committed),
             done,
-        }
-    }
-
-    /// Waits until every statement of the batch but `COMMIT` has run; its error if it failed
-    /// before.
-    async fn statements_done(&mut self, mut f: InFlight) -> Result<InFlight, SyncError> {
-        if (&mut f.ready).await.is_ok() {
-            return Ok(f);
-        }
-        // The task ended without reaching COMMIT: only a failure does that.
-        match (&mut f.done.0).await {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(_)) => Err(SyncError::Protocol(format!(
-                "channel {}: a batch committed without running its statements",
-                self.name
-            ))),
-            Err(e) => Err(SyncError::Protocol(format!(
-                "channel {}: batch task failed: {e}",
-                self.name
-            ))),
         }
     }
 
@@ -826,12 +813,32 @@ impl Applier {
 
 /// A batch's transaction running as its own task.
 struct InFlight {
-    /// Resolves once every statement but `COMMIT` has run: the next batch may start then,
-    /// since this one will take no further row lock. Dropped unresolved when it fails.
-    ready: oneshot::Receiver<()>,
     /// The position it commits.
     checkpoint: ReplayId,
+    /// The records it writes.
+    records: Arc<RecordKeys>,
+    /// Resolves when it has committed; dropped unresolved when it fails. Handed to the batch
+    /// after it.
+    committed: Option<oneshot::Receiver<()>>,
     done: AbortOnDrop<Result<Committed, SyncError>>,
+}
+
+impl InFlight {
+    /// What the batch queued behind this one needs to know of it.
+    fn successor(&mut self) -> Before {
+        Before {
+            checkpoint: self.checkpoint.clone(),
+            records: self.records.clone(),
+            committed: self.committed.take(),
+        }
+    }
+}
+
+/// The batch in flight ahead of a batch's transaction.
+struct Before {
+    checkpoint: ReplayId,
+    records: Arc<RecordKeys>,
+    committed: Option<oneshot::Receiver<()>>,
 }
 
 /// What a committed batch reports.
@@ -856,8 +863,13 @@ struct BatchJob {
 }
 
 impl BatchJob {
-    /// Applies the batch: rows, repairs, dead letters and the checkpoint in one transaction.
-    /// Signals `ready` before `COMMIT`. With `after` (the batch before is still committing) the
+    /// Applies the batch: rows, repairs, dead letters and the checkpoint in one transaction,
+    /// and resolves `committed` once it has committed.
+    ///
+    /// With a batch `before` it still in flight, this one first writes only the records that
+    /// one does not write (no row lock either takes can then be one the other waits for), and
+    /// waits for it to commit before the rest: the records both write are read and locked as
+    /// that batch left them, the repairs and the checkpoint go after its own, and the
     /// checkpoint moves only from that batch's position.
     async fn run(
         self,
@@ -865,8 +877,8 @@ impl BatchJob {
         applied: Applied,
         plan: MergePlan,
         last: ReplayId,
-        after: Option<ReplayId>,
-        ready: oneshot::Sender<()>,
+        before: Option<Before>,
+        committed: oneshot::Sender<()>,
     ) -> Result<Committed, SyncError> {
         let name = &self.name;
         let settings = &self.settings;
@@ -876,7 +888,25 @@ impl BatchJob {
             .transaction()
             .await
             .map_err(ReplicaError::pg("begin batch"))?;
-        let outcome = execute(&tx, settings, plan).await?;
+        let (after, outcome) = match before {
+            None => (None, execute(&tx, settings, plan).await?),
+            Some(before) => {
+                let (free, rest) = plan.split(&before.records);
+                let mut outcome = execute(&tx, settings, free).await?;
+                let before_committed = match before.committed {
+                    Some(c) => c.await.is_ok(),
+                    None => false,
+                };
+                if !before_committed {
+                    return Err(SyncError::CheckpointMoved {
+                        channel: name.clone(),
+                        expected: before.checkpoint,
+                    });
+                }
+                outcome.absorb(execute(&tx, settings, rest).await?);
+                (Some(before.checkpoint), outcome)
+            }
+        };
         let mut repairs = outcome.repairs;
         if !b.dead.is_empty() {
             let since = applied
@@ -923,10 +953,10 @@ impl BatchJob {
             }
         }
         let statements_took = started.elapsed();
-        let _ = ready.send(());
         tx.commit()
             .await
             .map_err(ReplicaError::pg("commit batch"))?;
+        let _ = committed.send(());
         Ok(Committed {
             applied,
             last,
