@@ -681,7 +681,11 @@ async fn every_field_type_round_trips_with_values_and_nulls() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     for (kind, method) in &methods {
-        let want = if lz4 && (kind == "text" || kind == "bytea") { "l" } else { "" };
+        let want = if lz4 && (kind == "text" || kind == "bytea") {
+            "l"
+        } else {
+            ""
+        };
         assert_eq!(method, want, "{kind} columns: {methods:?}");
     }
     daemon.stop().await;
