@@ -1057,13 +1057,15 @@ fn contract_text(clauses: usize) -> String {
         .join("\n")
 }
 
-/// The checkpoint move of a batch whose transaction runs while the batch before it commits:
-/// it waits for that batch, and moves only if that batch committed. So a batch never commits
-/// after one that rolled back, which would skip that one's events.
+/// The checkpoint move of a batch whose transaction started while the batch before it was in
+/// flight: it moves only from the position that batch committed, so a batch never commits
+/// after one that rolled back (which would skip that one's events), and the position that
+/// batch has not committed yet does not count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_behind_a_committing_one_commits_only_if_that_one_did() {
+async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed_it() {
     use sfmirror::model::ReplayId;
     use sfmirror::replica::checkpoint::{self, Checkpoint};
+    const CHANNEL: &str = "/data/ChangeEvents";
     let db = TestDb::create().await;
     let mut cfg = deadpool_postgres::Config::new();
     cfg.url = Some(db.url.clone());
@@ -1078,71 +1080,55 @@ async fn a_batch_behind_a_committing_one_commits_only_if_that_one_did() {
     };
     let stored = async || {
         let c = pool.get().await.expect("connection");
-        checkpoint::load(&c, "sfmirror", "/data/ChangeEvents")
+        checkpoint::load(&c, "sfmirror", CHANNEL)
             .await
             .expect("load")
             .map(|c| c.replay_id)
     };
-    checkpoint::save(&client, "sfmirror", "/data/ChangeEvents", &at(1))
+    // Batch N+1's move, from N's position, in a transaction of its own: whether it moved.
+    let behind = async |from: &ReplayId, to: u64| {
+        let mut c = pool.get().await.expect("connection");
+        let tx = c.transaction().await.expect("begin");
+        let moved = checkpoint::advance(&tx, "sfmirror", CHANNEL, from, &at(to))
+            .await
+            .expect("advance");
+        tx.commit().await.expect("commit");
+        moved
+    };
+    checkpoint::save(&client, "sfmirror", CHANNEL, &at(1))
         .await
         .expect("save");
 
     for first_commits in [false, true] {
         let base = stored().await.expect("a checkpoint");
-        let next = ReplayId::from_u64(base.as_u64().expect("numeric") + 1);
-        let after = ReplayId::from_u64(base.as_u64().expect("numeric") + 2);
-        // Batch N: has moved the checkpoint and holds the row, not yet committed.
+        let n = base.as_u64().expect("numeric");
+        let next = ReplayId::from_u64(n + 1);
+        // Batch N has moved the checkpoint and not committed yet.
         let mut first = pool.get().await.expect("connection");
         let tx = first.transaction().await.expect("begin");
-        let moved = checkpoint::advance(
-            &tx,
-            "sfmirror",
-            "/data/ChangeEvents",
-            &base,
-            &Checkpoint {
-                replay_id: next.clone(),
-                commit_timestamp_ms: None,
-            },
-        )
-        .await
-        .expect("advance");
+        let moved = checkpoint::advance(&tx, "sfmirror", CHANNEL, &base, &at(n + 1))
+            .await
+            .expect("advance");
         assert!(moved, "batch N moves the checkpoint from where it is");
-        // Batch N+1, on another connection, moves it from N's position: it waits for N.
-        let behind = {
-            let pool = pool.clone();
-            let (next, after) = (next.clone(), after.clone());
-            tokio::spawn(async move {
-                let mut c = pool.get().await.expect("connection");
-                let tx = c.transaction().await.expect("begin");
-                let moved = checkpoint::advance(
-                    &tx,
-                    "sfmirror",
-                    "/data/ChangeEvents",
-                    &next,
-                    &Checkpoint {
-                        replay_id: after,
-                        commit_timestamp_ms: None,
-                    },
-                )
-                .await
-                .expect("advance");
-                if moved {
-                    tx.commit().await.expect("commit");
-                }
-                moved
-            })
-        };
+        assert!(
+            !behind(&next, n + 2).await,
+            "N's position does not count before N commits"
+        );
         if first_commits {
             tx.commit().await.expect("commit N");
         } else {
             tx.rollback().await.expect("roll back N");
         }
-        let moved = behind.await.expect("batch N+1 task");
         assert_eq!(
-            moved, first_commits,
+            behind(&next, n + 2).await,
+            first_commits,
             "N+1 moves the checkpoint exactly when N committed"
         );
-        let want = if first_commits { after } else { base };
+        let want = if first_commits {
+            ReplayId::from_u64(n + 2)
+        } else {
+            base
+        };
         assert_eq!(stored().await, Some(want));
     }
 }

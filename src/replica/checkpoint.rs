@@ -5,10 +5,10 @@
 //! its position (invariant 1). A keepalive position is only saved when nothing is pending.
 //!
 //! A batch whose transaction started while the one before it was still in flight moves the
-//! checkpoint with [`advance`] instead: from the position that batch committed, and only from
-//! there. Were that batch still holding the row, the UPDATE would wait for it to end and see
-//! how it ended; so a batch never commits after one that rolled back, and the stored position
-//! never skips a batch.
+//! checkpoint with [`advance`] instead, once that batch has ended: from the position that
+//! batch committed, and only from there. A batch therefore never commits after one that
+//! rolled back, and the stored position never skips a batch. (A position not yet committed
+//! does not count: the UPDATE compares with what its statement sees.)
 //!
 //! A checkpoint with an empty replay id is a marker: "resume at LATEST, and re-read every
 //! object of the channel changed since `commit_timestamp`". It is what a first start and a
@@ -118,9 +118,9 @@ pub async fn save(
 }
 
 /// Moves `channel`'s checkpoint from `from` to `checkpoint`, inside the batch's transaction.
-/// Returns false, changing nothing, when the stored position is not `from`: the batch before
-/// did not commit, or something else moved it. A transaction holding the row (the batch
-/// before, committing) is waited for first, and its outcome is what is compared.
+/// Returns false, changing nothing, when the committed position is not `from`: the batch
+/// before did not commit (or has not yet: call this after it ended), or something else moved
+/// it.
 pub async fn advance(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
