@@ -339,7 +339,7 @@ impl TableSchema {
 /// Text and binary columns ask for it: it compresses several times faster than the default
 /// pglz, which a profile of the catch-up showed taking 8% of Postgres's time on inserts of
 /// wide rows. Elsewhere they keep the server's default.
-async fn lz4_available(
+pub(crate) async fn lz4_available(
     client: &impl deadpool_postgres::GenericClient,
 ) -> Result<bool, ReplicaError> {
     let row = client

@@ -204,11 +204,25 @@ pub async fn apply_snapshot(
     let ctx = |what: &str| format!("snapshot of {}: {what}", table.object);
     let t0 = std::time::Instant::now();
     let n = table.columns.len();
+    // Long values are compressed once, here, and the merge keeps them as they are: with lz4
+    // where the table's columns use it.
+    let compression = if super::schema::lz4_available(tx).await? {
+        " COMPRESSION lz4"
+    } else {
+        ""
+    };
     let stage_cols: Vec<String> = table
         .columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("c{i} {}", binary::param_type(&c.pg_type)))
+        .map(|(i, c)| {
+            let toasted = matches!(c.pg_type, PgType::Text | PgType::Bytea);
+            format!(
+                "c{i} {}{}",
+                binary::param_type(&c.pg_type),
+                if toasted { compression } else { "" }
+            )
+        })
         .collect();
     tx.batch_execute(&format!(
         "CREATE TEMP TABLE IF NOT EXISTS _sfm_stage (id text, v bigint, d boolean) ON COMMIT DROP;
