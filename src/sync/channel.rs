@@ -26,13 +26,17 @@
 //! the order the stream delivered them, so the stored position only ever moves forward over
 //! applied batches, however far the decode side has run ahead. Under a backlog two batches are
 //! in flight: the next one's transaction starts while the one before still runs, but writes
-//! only records that one does not write until it has committed (so neither waits for a lock
-//! the other holds, and every record sees its changes in stream order); only then does it
+//! only records that one does not write until it has ended (so the two never wait for each
+//! other's row locks, and every record sees its changes in stream order); only then does it
 //! write the shared records, queue its repairs and move the checkpoint, from the position that
-//! batch committed and from no other. It cannot commit unless the batch before did. A
-//! keepalive position, and an idle channel, wait for the batch in flight. Nothing in a batch is dropped without trace: an event is applied, turned
-//! into a repair request, or dead-lettered with a repair, all in that same transaction
-//! (invariant 2). When the stream fails, what was already received is queued and committed
+//! batch committed and from no other. It cannot commit unless the batch before did. It waits
+//! for that batch inside Postgres, on an advisory lock the batch holds, so a lock cycle through
+//! a third transaction (a repair, a backfill, DDL) is one the deadlock detector sees and
+//! breaks, as a transient error. A keepalive position, and an idle channel, wait for the batch
+//! in flight.
+//!
+//! Nothing in a batch is dropped without trace: an event is applied, turned into a repair
+//! request, or dead-lettered with a repair, all in that same transaction (invariant 2). When the stream fails, what was already received is queued and committed
 //! before reconnecting; when applying fails, the queued batches are discarded. Either way the
 //! stream is reopened after the committed position (read back from Postgres), so uncommitted
 //! events are simply delivered again; the version guard makes the re-delivery of committed
@@ -57,8 +61,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Batches decoded ahead of the one being committed. Two keep Postgres busy while the stream
-/// side works, without holding more than a few batches in memory.
+/// Batches decoded and queued for the apply task, besides the (up to two) it has in flight and
+/// the one being received: memory holds at most five batches.
 const PIPELINE_DEPTH: usize = 2;
 
 /// What a committed batch covered; published to observers (tests, embedding applications).
@@ -214,6 +218,8 @@ struct Applier {
     committed: Option<ReplayId>,
     /// Whether the task is waiting for work, and the signal that it just started to.
     idle: Arc<Idle>,
+    /// Batches started so far: picks each batch's advisory lock.
+    started: u64,
 }
 
 /// The apply task's idleness, watched by the decode side to apply at once what it can.
@@ -331,6 +337,7 @@ impl ChannelTask {
             observer: self.deps.observer.clone(),
             committed: started_after.clone(),
             started_after,
+            started: 0,
         };
         // Aborted if this future is dropped, so no apply task outlives its stream.
         let mut apply = AbortOnDrop(tokio::spawn(applier.run(work_rx)));
@@ -691,7 +698,10 @@ impl Applier {
                         continue;
                     };
                     let before = in_flight.as_mut().map(InFlight::successor);
-                    let next = self.start(b, applied, plan, last, before);
+                    let mut next = self.start(b, applied, plan, last, before);
+                    // The batch after this one will wait on this one's advisory lock: it
+                    // must be held first.
+                    next.lock_held().await;
                     if let Some(f) = in_flight.take() {
                         self.finish(f).await?;
                     }
@@ -730,7 +740,7 @@ impl Applier {
     /// Starts the batch's transaction as a task of its own. `before` is the batch still in
     /// flight ahead of it, if any.
     fn start(
-        &self,
+        &mut self,
         b: Batch,
         applied: Applied,
         plan: MergePlan,
@@ -738,7 +748,10 @@ impl Applier {
         before: Option<Before>,
     ) -> InFlight {
         let (committed_tx, committed) = oneshot::channel();
+        let (locked_tx, locked) = oneshot::channel();
         let records = Arc::new(plan.record_keys());
+        let lock = batch_lock(&self.name, self.started);
+        self.started += 1;
         let job = BatchJob {
             name: self.name.clone(),
             objects: self.objects.clone(),
@@ -750,12 +763,15 @@ impl Applier {
             applied,
             plan,
             last.clone(),
+            (lock, locked_tx),
             before,
             committed_tx,
         )));
         InFlight {
             checkpoint: last,
             records,
+            lock,
+            locked: Some(locked),
             committed: Some(committed),
             done,
         }
@@ -817,6 +833,10 @@ struct InFlight {
     checkpoint: ReplayId,
     /// The records it writes.
     records: Arc<RecordKeys>,
+    /// The advisory lock its transaction holds, and the signal that it took it (dropped if
+    /// the batch failed first).
+    lock: i64,
+    locked: Option<oneshot::Receiver<()>>,
     /// Resolves when it has committed; dropped unresolved when it fails. Handed to the batch
     /// after it.
     committed: Option<oneshot::Receiver<()>>,
@@ -824,11 +844,19 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Waits until the batch's transaction holds its advisory lock, or has failed.
+    async fn lock_held(&mut self) {
+        if let Some(locked) = self.locked.take() {
+            let _ = locked.await;
+        }
+    }
+
     /// What the batch queued behind this one needs to know of it.
     fn successor(&mut self) -> Before {
         Before {
             checkpoint: self.checkpoint.clone(),
             records: self.records.clone(),
+            lock: self.lock,
             committed: self.committed.take(),
         }
     }
@@ -838,7 +866,22 @@ impl InFlight {
 struct Before {
     checkpoint: ReplayId,
     records: Arc<RecordKeys>,
+    lock: i64,
     committed: Option<oneshot::Receiver<()>>,
+}
+
+/// The transaction-level advisory lock of a channel's `n`-th batch. A batch waits for the one
+/// before by asking for that one's lock, so Postgres sees the wait: should a third
+/// transaction (a repair, a backfill, another channel, DDL) wait for the later batch while
+/// the earlier one waits for it, the deadlock detector sees the whole cycle and breaks it.
+/// A wait inside the daemon would leave the three blocked for good. Three keys in turn: a
+/// batch holds its own and, shared, the one before's, and the batch that reuses a key starts
+/// only after both of those have ended.
+fn batch_lock(channel: &str, n: u64) -> i64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ("sfmirror batch", channel, n % 3).hash(&mut h);
+    h.finish() as i64
 }
 
 /// What a committed batch reports.
@@ -871,12 +914,14 @@ impl BatchJob {
     /// waits for it to commit before the rest: the records both write are read and locked as
     /// that batch left them, the repairs and the checkpoint go after its own, and the
     /// checkpoint moves only from that batch's position.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         self,
         b: Batch,
         applied: Applied,
         plan: MergePlan,
         last: ReplayId,
+        (lock, locked): (i64, oneshot::Sender<()>),
         before: Option<Before>,
         committed: oneshot::Sender<()>,
     ) -> Result<Committed, SyncError> {
@@ -884,15 +929,28 @@ impl BatchJob {
         let settings = &self.settings;
         let started = Instant::now();
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        // Read committed, whatever the server's default: the rest of a batch must see what the
+        // batch before committed while this transaction ran.
         let tx = client
-            .transaction()
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
             .await
             .map_err(ReplicaError::pg("begin batch"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+            .await
+            .map_err(ReplicaError::pg("take the batch's advisory lock"))?;
+        let _ = locked.send(());
         let (after, outcome) = match before {
             None => (None, execute(&tx, settings, plan).await?),
             Some(before) => {
                 let (free, rest) = plan.split(&before.records);
                 let mut outcome = execute(&tx, settings, free).await?;
+                // Until the batch before has ended: a wait Postgres sees (see `batch_lock`).
+                tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&before.lock])
+                    .await
+                    .map_err(ReplicaError::pg("wait for the batch before"))?;
+                // It has ended in Postgres; its task says whether it committed.
                 let before_committed = match before.committed {
                     Some(c) => c.await.is_ok(),
                     None => false,
