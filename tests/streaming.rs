@@ -1219,3 +1219,79 @@ async fn a_backlog_in_small_overlapping_batches_converges() {
     assert_eq!(emulator.subscription_count(), subscribed + 1);
     daemon.stop().await;
 }
+
+/// Two batches in flight and a third transaction that closes a lock cycle through them: it
+/// holds a record the earlier batch needs and then asks for one the later batch has written.
+/// The later batch waits for the earlier one inside Postgres (on its advisory lock), so the
+/// deadlock detector sees the cycle and breaks it; a wait inside the daemon would leave all
+/// three blocked for good. The replica then converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_cycle_through_two_batches_in_flight_is_broken() {
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let db = TestDb::create().await;
+    let mut cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    cfg.sync.batch_max_events = 1;
+    let org = emulator.org.clone();
+    let fields = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let x = org
+        .create("Account", &fields(json!({"Name": "X"})), "")
+        .expect("create");
+    let y = org
+        .create("Account", &fields(json!({"Name": "Y"})), "")
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    repairs_drained(&db.client().await).await;
+
+    // The third transaction takes X first.
+    let third = db.client().await;
+    third.batch_execute("BEGIN").await.expect("begin");
+    third
+        .execute(
+            "UPDATE salesforce.account SET description = 'held' WHERE id = $1",
+            &[&x],
+        )
+        .await
+        .expect("lock X");
+    // Batch N (X) waits for it; batch N+1 (Y) writes Y, then waits for N.
+    org.update("Account", &x, &fields(json!({"Description": "x2"})), "")
+        .expect("update X");
+    org.update("Account", &y, &fields(json!({"Description": "y2"})), "")
+        .expect("update Y");
+    let watcher = db.client().await;
+    wait_for("a batch waiting for the one before", WAIT, async || {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event = 'advisory'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    // Closing the cycle: Y is locked by N+1, which waits for N, which waits for this.
+    let closed = tokio::time::timeout(
+        WAIT,
+        third.execute(
+            "UPDATE salesforce.account SET description = 'held' WHERE id = $1",
+            &[&y],
+        ),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the lock cycle was not broken: the third transaction still waits for Y"
+    );
+    third.batch_execute("ROLLBACK").await.expect("roll back");
+    converged(&emulator, &db, &["Account"]).await;
+    daemon.stop().await;
+}
