@@ -664,32 +664,49 @@ impl Applier {
     /// once and writes the records the one before does not write, while that one still runs;
     /// it writes the others, queues its repairs and moves the checkpoint only once that one
     /// has committed, and moves it only from the position that one committed
-    /// ([`checkpoint::advance`]). With nothing queued, the batch in flight is finished before
-    /// the task waits.
+    /// ([`checkpoint::advance`]). With nothing queued, the task waits for whichever comes
+    /// first, the end of the batch in flight or the next batch; it goes idle only with nothing
+    /// in flight.
     async fn run(mut self, mut work: mpsc::Receiver<Work>) -> Result<(), SyncError> {
         let mut in_flight: Option<InFlight> = None;
         loop {
             let w = match work.try_recv() {
                 Ok(w) => w,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if let Some(f) = in_flight.take() {
-                        self.finish(f).await?;
-                        continue;
+                Err(mpsc::error::TryRecvError::Empty) => match in_flight.as_mut() {
+                    None => {
+                        self.idle
+                            .waiting
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        self.idle.became.notify_one();
+                        let next = work.recv().await;
+                        self.idle
+                            .waiting
+                            .store(false, std::sync::atomic::Ordering::Release);
+                        match next {
+                            Some(w) => w,
+                            None => break,
+                        }
                     }
-                    self.idle
-                        .waiting
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    self.idle.became.notify_one();
-                    let next = work.recv().await;
-                    self.idle
-                        .waiting
-                        .store(false, std::sync::atomic::Ordering::Release);
-                    match next {
-                        Some(w) => w,
-                        None => break,
+                    // Record the batch in flight when it ends, or start the next one beside
+                    // it if that comes first (this one may be waiting for a lock).
+                    Some(f) => {
+                        let next = tokio::select! {
+                            biased;
+                            joined = &mut f.done.0 => Err(joined),
+                            w = work.recv() => Ok(w),
+                        };
+                        match next {
+                            Err(joined) => {
+                                in_flight = None;
+                                self.record(joined)?;
+                                continue;
+                            }
+                            Ok(Some(w)) => w,
+                            Ok(None) => break,
+                        }
                     }
-                }
+                },
             };
             match w {
                 Work::Batch(planned) => {
@@ -780,7 +797,17 @@ impl Applier {
     /// Waits for the batch's commit, then records it: the committed position, metrics, and
     /// observers.
     async fn finish(&mut self, mut f: InFlight) -> Result<(), SyncError> {
-        let c = match (&mut f.done.0).await {
+        let joined = (&mut f.done.0).await;
+        self.record(joined)
+    }
+
+    /// Records how a batch's task ended: its error, or its commit (the committed position,
+    /// metrics, observers).
+    fn record(
+        &mut self,
+        joined: Result<Result<Committed, SyncError>, tokio::task::JoinError>,
+    ) -> Result<(), SyncError> {
+        let c = match joined {
             Ok(r) => r?,
             Err(e) => {
                 return Err(SyncError::Protocol(format!(
