@@ -94,6 +94,11 @@ async fn limits(emulator: &Emulator) -> serde_json::Value {
         .expect("json")
 }
 
+/// A JSON object literal as the field map the emulator's org takes.
+fn fields(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
 /// Waits until the repair worker has emptied the queue.
 async fn repairs_drained(client: &tokio_postgres::Client) {
     wait_for("the repair queue to drain", WAIT, async || {
@@ -1151,7 +1156,6 @@ async fn a_backlog_in_small_overlapping_batches_converges() {
     );
     cfg.sync.batch_max_events = 7;
     let org = emulator.org.clone();
-    let fields = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
     // A first start, so that the backlog below is read from the stream, not re-read.
     let daemon = Daemon::start(&emulator, &cfg).await;
     let first = org
@@ -1239,7 +1243,6 @@ async fn a_lock_cycle_through_two_batches_in_flight_is_broken() {
     );
     cfg.sync.batch_max_events = 1;
     let org = emulator.org.clone();
-    let fields = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
     let daemon = Daemon::start(&emulator, &cfg).await;
     let x = org
         .create("Account", &fields(json!({"Name": "X"})), "")
