@@ -93,6 +93,8 @@ pub struct EventPlan {
     body: Vec<Option<BodyField>>,
     /// All body field paths, compound fields expanded.
     paths: Arc<[Arc<str>]>,
+    /// Whether any top-level field is a compound (only then can a bitmap name a parent).
+    has_compounds: bool,
 }
 
 impl EventPlan {
@@ -146,6 +148,7 @@ impl EventPlan {
                 None => paths.push(f.name.as_arc().clone()),
             }
         }
+        let has_compounds = body.iter().flatten().any(|f| f.sub_paths.is_some());
         let entity = match top.name.strip_suffix("ChangeEvent") {
             Some(custom) if custom.ends_with("__") => format!("{custom}c"),
             Some(standard) => standard.to_string(),
@@ -160,6 +163,7 @@ impl EventPlan {
             header,
             body,
             paths: paths.into(),
+            has_compounds,
         })
     }
 
@@ -273,15 +277,24 @@ impl EventPlan {
                 HeaderSlot::TransactionKey => h.transaction_key = text(r, node)?.into_owned(),
                 HeaderSlot::CommitUser => h.commit_user = text(r, node)?.into_owned(),
                 HeaderSlot::RecordIds => h.record_ids = r.string_list(node)?,
-                HeaderSlot::NulledFields => r.for_each_str(node, |e| {
-                    self.bitmap_element(e, &mut h.nulled_fields, warnings)
-                })?,
-                HeaderSlot::DiffFields => r.for_each_str(node, |e| {
-                    self.bitmap_element(e, &mut h.diff_fields, warnings)
-                })?,
-                HeaderSlot::ChangedFields => r.for_each_str(node, |e| {
-                    self.bitmap_element(e, &mut h.changed_fields, warnings)
-                })?,
+                HeaderSlot::NulledFields => {
+                    r.for_each_str(node, |e| {
+                        self.bitmap_element(e, &mut h.nulled_fields, warnings)
+                    })?;
+                    self.settle_parents(&mut h.nulled_fields);
+                }
+                HeaderSlot::DiffFields => {
+                    r.for_each_str(node, |e| {
+                        self.bitmap_element(e, &mut h.diff_fields, warnings)
+                    })?;
+                    self.settle_parents(&mut h.diff_fields);
+                }
+                HeaderSlot::ChangedFields => {
+                    r.for_each_str(node, |e| {
+                        self.bitmap_element(e, &mut h.changed_fields, warnings)
+                    })?;
+                    self.settle_parents(&mut h.changed_fields);
+                }
                 HeaderSlot::SequenceNumber => {
                     h.sequence_number = i32::try_from(integer(r, node)?).map_err(|_| {
                         HeaderError::Bad("sequenceNumber out of int range".to_string())
@@ -315,7 +328,44 @@ impl EventPlan {
         for element in bitmaps {
             self.bitmap_element(element.as_ref(), &mut names, warnings);
         }
+        self.settle_parents(&mut names);
         names
+    }
+
+    /// Resolves a compound parent's own top-level bit. Salesforce marks a changed sub-field in
+    /// a `p-0x..` element and usually leaves the parent's bit clear, but its documented
+    /// example (`['0x650004E0','4-0x10','7-0x06']`) sets both. Where the list has a `p-0x..`
+    /// element for the parent, that element says which sub-fields, and the parent's bit adds
+    /// nothing; alone, the bit stands for the whole compound, so it becomes every sub-field.
+    /// A parent name never survives: it has no column of its own.
+    fn settle_parents(&self, names: &mut Vec<SharedStr>) {
+        if !self.has_compounds || names.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < names.len() {
+            let subs = if names[i].contains('.') {
+                None
+            } else {
+                self.body
+                    .iter()
+                    .flatten()
+                    .find(|f| f.name == names[i])
+                    .and_then(|f| f.sub_paths.as_ref())
+            };
+            let Some(subs) = subs else {
+                i += 1;
+                continue;
+            };
+            let parent = names.remove(i);
+            let named_subs = names.iter().any(|n| {
+                n.strip_prefix(parent.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+            });
+            if !named_subs {
+                names.extend(subs.iter().map(|p| SharedStr::from(p.clone())));
+            }
+        }
     }
 
     /// Appends the names one bitmap element selects. Names are the plan's shared strings, so
@@ -679,7 +729,16 @@ mod tests {
         let p = plan();
         assert_eq!(names(&p, &["0x6"]).0, ["Name", "Phone"]);
         assert_eq!(names(&p, &["3-0x5"]).0.len(), 2);
-        assert_eq!(names(&p, &["0x0e"]).0, ["Name", "Phone", "BillingAddress"]);
+        assert_eq!(
+            names(&p, &["0x0e"]).0,
+            [
+                "Name",
+                "Phone",
+                "BillingAddress.Street",
+                "BillingAddress.City",
+                "BillingAddress.State"
+            ]
+        );
         let (n, w) = names(&p, &["0x102"]);
         assert_eq!(n, ["Name"]);
         assert_eq!(w.len(), 1, "bit 8 is reported: {w:?}");
@@ -748,6 +807,65 @@ mod tests {
                 "LastModifiedDate",
                 "BillingAddress.City",
                 "BillingAddress.State"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_compound_parent_bit_never_names_the_parent() {
+        let p = plan();
+        // With its own element (the form of Salesforce's documented example), the element
+        // says which sub-fields changed.
+        assert_eq!(
+            names(&p, &["0x0A", "3-0x02"]).0,
+            ["Name", "BillingAddress.City"]
+        );
+        // The element may come first, as long as it is in the same list.
+        assert_eq!(names(&p, &["3-0x04", "0x08"]).0, ["BillingAddress.State"]);
+        // Alone, the parent's bit is the whole compound.
+        assert_eq!(
+            names(&p, &["0x08"]).0,
+            [
+                "BillingAddress.Street",
+                "BillingAddress.City",
+                "BillingAddress.State"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_documented_example_with_parent_bits_set() {
+        // DOC-DESER's `['0x650004E0','4-0x10','7-0x06']` sets bit 7 and has a `7-0x..`
+        // element; field 4 is a compound named only by its element. A schema of 31 fields
+        // where 4 and 7 are compounds.
+        let body: Vec<String> = (1..=30)
+            .map(|i| {
+                if i == 4 || i == 7 {
+                    format!(
+                        r#"{{"name":"C{i}","type":["null",{{"type":"record","name":"R{i}","fields":[
+                          {{"name":"A","type":["null","string"],"default":null}},
+                          {{"name":"B","type":["null","string"],"default":null}},
+                          {{"name":"C","type":["null","string"],"default":null}},
+                          {{"name":"D","type":["null","string"],"default":null}},
+                          {{"name":"E","type":["null","string"],"default":null}}]}}],"default":null}}"#
+                    )
+                } else {
+                    format!(r#"{{"name":"F{i}","type":["null","string"],"default":null}}"#)
+                }
+            })
+            .collect();
+        let json = format!(
+            r#"{{"type":"record","name":"ThingChangeEvent","fields":[
+              {{"name":"ChangeEventHeader","type":{HEADER}}},{}]}}"#,
+            body.join(",")
+        );
+        let p = EventPlan::from_json("doc", &json).expect("plan");
+        let (n, w) = names(&p, &["0x650004E0", "4-0x10", "7-0x06"]);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(
+            n,
+            [
+                "F5", "F6", "F10", "F24", "F26", "F29", "F30", "C4.E", "C7.B", "C7.C"
             ]
         );
     }
