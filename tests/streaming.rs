@@ -355,6 +355,200 @@ async fn a_field_added_mid_stream_becomes_a_column() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_picklists_and_the_xyz_sub_field_no_describe_lists() {
+    // Turning on state and country picklists gives Address records the layout of real
+    // captures: StateCode, CountryCode, and `Xyz`, which no describe lists. The new components
+    // become columns, `Xyz` is left out, and the channel goes on.
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let id = w
+        .create("Account", json!({"Name": "Acme", "BillingCity": "Paris"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    for name in ["BillingStateCode", "BillingCountryCode"] {
+        control(
+            &emulator,
+            "add-field",
+            json!({"object": "Account", "field": {
+                "name": name, "type": "picklist", "label": name, "length": 255,
+                "nillable": true, "createable": true, "updateable": true,
+                "compoundFieldName": "BillingAddress", "picklistValues": []}}),
+        )
+        .await;
+    }
+    let schema: serde_json::Value = serde_json::from_str(
+        &emulator
+            .org
+            .schema_json(
+                &emulator
+                    .org
+                    .object("Account")
+                    .expect("Account")
+                    .schema
+                    .schema_id,
+            )
+            .expect("schema"),
+    )
+    .expect("schema JSON");
+    assert!(
+        schema.to_string().contains("\"Xyz\""),
+        "the new Address record carries Xyz"
+    );
+    w.update(
+        "Account",
+        &id,
+        json!({"BillingCity": "Sacramento", "BillingStateCode": "CA", "BillingCountryCode": "US"}),
+    )
+    .await
+    .expect("update");
+    let other = w
+        .create("Account", json!({"Name": "Beta", "BillingStateCode": "NY"}))
+        .await
+        .expect("create");
+    w.update("Account", &other, json!({"BillingStateCode": null}))
+        .await
+        .expect("null a component");
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT billingcity, billingstatecode, billingcountrycode
+             FROM salesforce.account WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("row");
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("Sacramento")
+    );
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("CA"));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("US"));
+    let xyz: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_schema = 'salesforce' AND table_name = 'account'
+               AND column_name LIKE '%xyz%'",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .get(0);
+    assert_eq!(xyz, 0, "no column for a field describe does not list");
+    assert!(!daemon.task.is_finished(), "the channel is still running");
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_deleted_from_the_org_keeps_its_column_and_stops_nothing() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    for name in ["Tier__c", "Rank__c"] {
+        control(
+            &emulator,
+            "add-field",
+            json!({"object": "Account", "field": {
+                "name": name, "type": "double", "label": name, "precision": 6, "scale": 0,
+                "nillable": true, "createable": true, "updateable": true, "custom": true}}),
+        )
+        .await;
+    }
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let id = w
+        .create(
+            "Account",
+            json!({"Name": "Acme", "Tier__c": 1, "Rank__c": 1}),
+        )
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    let values = async || -> (Option<f64>, Option<f64>, String) {
+        let row = client
+            .query_one(
+                "SELECT tier__c::float8, rank__c::float8, name FROM salesforce.account
+                 WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("row");
+        (row.get(0), row.get(1), row.get(2))
+    };
+
+    // While the daemon runs: the change made before the deletion reaches the kept column.
+    w.update("Account", &id, json!({"Tier__c": 3}))
+        .await
+        .expect("update");
+    control(
+        &emulator,
+        "remove-field",
+        json!({"object": "Account", "field": "Tier__c"}),
+    )
+    .await;
+    w.update("Account", &id, json!({"Name": "after Tier__c"}))
+        .await
+        .expect("update");
+    converged(&emulator, &db, &["Account"]).await;
+    assert_eq!(
+        values().await,
+        (Some(3.0), Some(1.0), "after Tier__c".into())
+    );
+
+    // Deleted while the daemon was down: the backlog's events still carry the field, which
+    // the fresh describe no longer lists. They replicate the rest; the column keeps its last
+    // value; the channel goes on.
+    daemon.stop().await;
+    w.update(
+        "Account",
+        &id,
+        json!({"Rank__c": 4, "Name": "before Rank__c"}),
+    )
+    .await
+    .expect("update");
+    control(
+        &emulator,
+        "remove-field",
+        json!({"object": "Account", "field": "Rank__c"}),
+    )
+    .await;
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    converged(&emulator, &db, &["Account"]).await;
+    assert_eq!(
+        values().await,
+        (Some(3.0), Some(1.0), "before Rank__c".into())
+    );
+    w.update("Account", &id, json!({"Name": "still replicating"}))
+        .await
+        .expect("update");
+    converged(&emulator, &db, &["Account"]).await;
+    assert_eq!(values().await.2, "still replicating");
+    assert!(!daemon.task.is_finished(), "the channel is still running");
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
     sfmirror::telemetry::init_logging();
     let db = TestDb::create().await;

@@ -72,6 +72,42 @@ fn sub_name(parent: &str, field: &str) -> String {
     s.strip_suffix("__s").unwrap_or(s).to_string()
 }
 
+/// The sub-fields of Salesforce's `Address` event record, in the order real schemas give them.
+const ADDRESS_ORDER: [&str; 11] = [
+    "Street",
+    "City",
+    "State",
+    "PostalCode",
+    "Country",
+    "StateCode",
+    "CountryCode",
+    "Latitude",
+    "Longitude",
+    "Xyz",
+    "GeocodeAccuracy",
+];
+
+/// Lays out an address's sub-fields as real event schemas do, whatever order describe lists
+/// the components in. An org with state and country picklists (StateCode / CountryCode
+/// components) gets the eleven-field record of real captures, whose `Xyz` sub-field no
+/// describe lists and no event fills; an org without them gets the eight-field record
+/// Salesforce's own documentation shows.
+fn address_layout(subs: &mut Vec<(String, String, FieldType)>) {
+    let rank = |name: &str| {
+        ADDRESS_ORDER
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(ADDRESS_ORDER.len())
+    };
+    let picklists = subs
+        .iter()
+        .any(|(sub, _, _)| sub == "StateCode" || sub == "CountryCode");
+    if picklists && !subs.iter().any(|(sub, _, _)| sub == "Xyz") {
+        subs.push(("Xyz".to_string(), String::new(), FieldType::String));
+    }
+    subs.sort_by_key(|(sub, _, _)| rank(sub));
+}
+
 /// The Avro type that carries a field of `kind` in Salesforce's event schemas.
 pub(super) fn avro_type(kind: &FieldType) -> &'static str {
     match kind {
@@ -128,7 +164,7 @@ impl CdcSchema {
                 .filter(|p| *p != f.name && describe.field(p).is_some());
             if let Some(parent) = parent {
                 if emitted_compounds.insert(parent.to_string()) {
-                    let subs = describe
+                    let mut subs: Vec<(String, String, FieldType)> = describe
                         .fields
                         .iter()
                         .filter(|c| {
@@ -136,6 +172,12 @@ impl CdcSchema {
                         })
                         .map(|c| (sub_name(parent, &c.name), c.name.clone(), c.kind()))
                         .collect();
+                    if describe
+                        .field(parent)
+                        .is_some_and(|p| p.field_type == "address")
+                    {
+                        address_layout(&mut subs);
+                    }
                     fields.push(CdcField::Compound {
                         name: parent.to_string(),
                         subs,
@@ -383,6 +425,70 @@ mod tests {
         assert_eq!(subs[0].1, "BillingStreet");
         assert_eq!(sub_name("Loc__c", "Loc__Latitude__s"), "Latitude");
         assert_eq!(sub_name("Name", "FirstName"), "FirstName");
+    }
+
+    fn address_subs(d: &ObjectDescribe, parent: &str) -> Vec<String> {
+        let s = CdcSchema::build(d).expect("builds");
+        match s.fields.iter().find(|f| f.name() == parent) {
+            Some(CdcField::Compound { subs, .. }) => subs.iter().map(|s| s.0.clone()).collect(),
+            _ => panic!("{parent} is not a compound"),
+        }
+    }
+
+    #[test]
+    fn addresses_take_the_layout_of_real_event_schemas() {
+        let mut d = account();
+        // The captured org has no state and country picklists: the documentation's record.
+        assert_eq!(
+            address_subs(&d, "BillingAddress"),
+            [
+                "Street",
+                "City",
+                "State",
+                "PostalCode",
+                "Country",
+                "Latitude",
+                "Longitude",
+                "GeocodeAccuracy"
+            ]
+        );
+        // With them (described last here, as a field added later would be), the record of
+        // real captures, `Xyz` included, in its order.
+        for name in ["BillingStateCode", "BillingCountryCode"] {
+            let mut f = d.field("BillingState").expect("BillingState").clone();
+            f.name = name.to_string();
+            f.field_type = "picklist".to_string();
+            d.fields.push(f);
+        }
+        assert_eq!(
+            address_subs(&d, "BillingAddress"),
+            ADDRESS_ORDER
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        );
+        // `Xyz` is never filled and never marked changed.
+        let s = CdcSchema::build(&d).expect("builds");
+        let all: HashSet<String> = d.fields.iter().map(|f| f.name.clone()).collect();
+        let bitmap = s.bitmap(&all);
+        let pos = s
+            .fields
+            .iter()
+            .position(|f| f.name() == "BillingAddress")
+            .expect("billing")
+            + 1;
+        let element = bitmap
+            .iter()
+            .find(|e| e.starts_with(&format!("{pos}-")))
+            .expect("an element for the address");
+        let bits =
+            crate::salesforce::event::set_bits(&element[element.find('-').expect("dash") + 1..])
+                .expect("hex");
+        assert!(
+            !bits.contains(&9),
+            "Xyz (sub-field 9) is not marked: {element}"
+        );
+        assert_eq!(bits.len(), 10);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn router() -> Router<Arc<RestState>> {
         .route("/emulator/mass-update", post(mass_update))
         .route("/emulator/gap", post(gap))
         .route("/emulator/add-field", post(add_field))
+        .route("/emulator/remove-field", post(remove_field))
         .route("/emulator/corrupt", post(corrupt))
         .route("/emulator/refuse", post(refuse))
         .route("/emulator/advance-clock", post(advance_clock))
@@ -260,6 +261,14 @@ async fn add_field(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiErro
     let schema_id = st
         .org
         .add_field(text(&body, "object")?, field(&body, "field")?.clone())?;
+    Ok(Json(json!({"schema_id": schema_id})))
+}
+
+/// `{"object", "field": "Name__c"}`: delete a custom field; the object's schema id changes.
+async fn remove_field(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
+    let schema_id = st
+        .org
+        .remove_field(text(&body, "object")?, text(&body, "field")?)?;
     Ok(Json(json!({"schema_id": schema_id})))
 }
 

@@ -1140,6 +1140,74 @@ impl Org {
     }
 
     /// Adds a field (a describe field object) to `object`: new describe, new schema id.
+    /// Deletes a field from `object`, as an admin deleting a custom field does: describe no
+    /// longer lists it, its values are gone from every record, and change events from now on
+    /// use a new schema without it. Events already in the log keep their schema, and with it
+    /// the field. A compound field's components go with it. Returns the new schema id.
+    pub fn remove_field(&self, object: &str, name: &str) -> Result<String, ApiError> {
+        let def = self.object(object)?;
+        let Some(field) = def.describe.field(name) else {
+            return Err(ApiError::new(
+                404,
+                "INVALID_FIELD",
+                format!("{object} has no field {name}"),
+            ));
+        };
+        if field.name == "Id" || !field.custom {
+            return Err(ApiError::new(
+                400,
+                "CANNOT_DELETE_FIELD",
+                format!("{object}.{name} is a standard field; only custom fields can be deleted"),
+            ));
+        }
+        let gone: HashSet<String> = def
+            .describe
+            .fields
+            .iter()
+            .filter(|f| f.name == name || f.compound_field_name.as_deref() == Some(name))
+            .map(|f| f.name.clone())
+            .collect();
+        let mut describe = def.describe.clone();
+        describe.fields.retain(|f| !gone.contains(&f.name));
+        let mut raw = def.raw.clone();
+        if let Some(fields) = raw.get_mut("fields").and_then(J::as_array_mut) {
+            fields.retain(|f| {
+                f.get("name")
+                    .and_then(J::as_str)
+                    .is_none_or(|n| !gone.contains(n))
+            });
+        }
+        let schema = Arc::new(
+            CdcSchema::build(&describe).map_err(|m| ApiError::new(400, "INVALID_FIELD", m))?,
+        );
+        let schema_id = schema.schema_id.clone();
+        if let Ok(mut s) = self.schemas.write() {
+            s.insert(schema_id.clone(), schema.clone());
+        }
+        if let Ok(mut data) = self.data.lock()
+            && let Some(records) = data.records.get_mut(object)
+        {
+            for record in records.values_mut() {
+                if gone.iter().any(|g| record.contains_key(g)) {
+                    let r = Arc::make_mut(record);
+                    for g in &gone {
+                        r.remove(g);
+                    }
+                }
+            }
+        }
+        let updated = Arc::new(ObjectDef {
+            describe,
+            raw,
+            schema,
+            channels: def.channels.clone(),
+        });
+        if let Ok(mut o) = self.objects.write() {
+            o.insert(object.to_string(), updated);
+        }
+        Ok(schema_id)
+    }
+
     pub fn add_field(&self, object: &str, field: J) -> Result<String, ApiError> {
         let def = self.object(object)?;
         let parsed: crate::model::FieldDescribe =

@@ -37,6 +37,12 @@
 //! folded onto a value the same batch writes. What the event cannot carry (gaps, overflows, a
 //! diff that does not fit, an UPDATE for a record the replica lacks) becomes a
 //! [`RepairRequest`] that the caller commits in the same transaction (invariant 2).
+//!
+//! An event field the table has no column for is not written: the caller prepares every
+//! table against each new writer schema first (describing the object again when the schema
+//! has fields the table lacks), so such a field is one describe does not list — a field the
+//! event schema carries but the object does not expose (the Address record's `Xyz`), or one
+//! deleted from the org after a restart lost its mapping. The caller reports those.
 
 use super::binary::{Raw, column_expr, param_type, put_field, type_oid};
 use super::schema::{PgType, TableSchema};
@@ -363,7 +369,7 @@ pub fn plan_events(
     let mut records: Vec<(Arc<TableSchema>, Vec<Op>)> = Vec::new();
     let mut index: HashMap<(usize, &str), usize> = HashMap::with_capacity(events.len());
     // Columns of every field path of a writer schema, per table and schema.
-    let mut upsert_columns: HashMap<(usize, usize), Arc<[usize]>> = HashMap::new();
+    let mut upsert_columns: HashMap<(usize, usize), Arc<[Option<usize>]>> = HashMap::new();
     for event in events.iter_mut() {
         let h = &event.header;
         *plan.events.entry(h.change_type).or_default() += 1;
@@ -527,22 +533,15 @@ fn row_values(
     table: &Arc<TableSchema>,
     event: &mut ChangeEvent,
     kind: OpKind,
-    upsert_columns: &mut HashMap<(usize, usize), Arc<[usize]>>,
+    upsert_columns: &mut HashMap<(usize, usize), Arc<[Option<usize>]>>,
 ) -> Result<Vec<Cell>, ReplicaError> {
     let ChangeEvent {
-        replay_id,
         header: h,
         fields,
         schema_fields,
         ..
     } = event;
     let h = &*h;
-    let unknown = |path: &str| ReplicaError::Schema {
-        object: table.object.clone(),
-        message: format!(
-            "event {replay_id} carries field `{path}`, which the table's describe lacks"
-        ),
-    };
     let mut cols: Vec<Cell> = Vec::new();
     let render_value = |col: usize, path: &str, value: Option<&mut crate::model::Value>| {
         let c = &table.columns[col];
@@ -575,10 +574,10 @@ fn row_values(
             let columns = match upsert_columns.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = schema_fields
+                    let c: Arc<[Option<usize>]> = schema_fields
                         .iter()
-                        .map(|path| table.column_for(path).ok_or_else(|| unknown(path)))
-                        .collect::<Result<Arc<[usize]>, _>>()?;
+                        .map(|path| table.column_for(path))
+                        .collect();
                     upsert_columns.insert(key, c.clone());
                     c
                 }
@@ -595,14 +594,16 @@ fn row_values(
                 } else {
                     value_of(fields, path)
                 };
+                // A field describe does not list has no column (see the module docs).
+                let Some(col) = col else { continue };
                 cols.push((col, render_value(col, path, value)?));
             }
         }
         OpKind::Merge => {
             for path in &h.changed_fields {
-                let col = table
-                    .column_for(path.as_arc())
-                    .ok_or_else(|| unknown(path))?;
+                let Some(col) = table.column_for(path.as_arc()) else {
+                    continue;
+                };
                 let value = render_value(col, path, value_of(fields, path))?;
                 // A changed field that arrives null was either nulled (listed below) or
                 // cannot be told from unchanged: write it only when it has a value.
@@ -611,9 +612,9 @@ fn row_values(
                 }
             }
             for path in &h.nulled_fields {
-                let col = table
-                    .column_for(path.as_arc())
-                    .ok_or_else(|| unknown(path))?;
+                let Some(col) = table.column_for(path.as_arc()) else {
+                    continue;
+                };
                 cols.retain(|(c, _)| *c != col);
                 cols.push((col, None));
             }

@@ -636,18 +636,31 @@ impl ChannelTask {
         {
             return Ok(());
         }
-        let describe = self.deps.rest.describe(object).await?;
+        let mut describe = self.deps.rest.describe(object).await?;
+        // A field deleted from the org keeps its column, and events written before the
+        // deletion still carry it: keep writing it there for as long as this task knows where.
+        if let Some(old) = self.tables.get(object) {
+            let gone: Vec<_> = old
+                .describe()
+                .fields
+                .iter()
+                .filter(|f| describe.field(&f.name).is_none())
+                .cloned()
+                .collect();
+            describe.fields.extend(gone);
+        }
         let table = Arc::new(TableSchema::from_describe(describe)?);
         let still_missing = missing(&table);
         if !still_missing.is_empty() {
-            return Err(ReplicaError::Schema {
-                object: object.to_string(),
-                message: format!(
-                    "change events carry fields that describe does not list: {}",
-                    still_missing.join(", ")
-                ),
-            }
-            .into());
+            // Real event schemas carry fields no describe lists (the Address record's `Xyz`),
+            // and a field deleted from the org before a restart is no longer described. Such
+            // a field has no column to go to; the rest of the event still replicates.
+            tracing::warn!(
+                channel = %self.cfg.name,
+                object,
+                fields = %still_missing.join(", "),
+                "change events carry fields that describe does not list; their values are not                  replicated (if a field should be, check the integration user's field-level                  security)"
+            );
         }
         let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
         table.ensure(&client, &self.deps.apply.data_schema).await?;
