@@ -643,6 +643,59 @@ async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_in_a_backlog_is_covered_from_before_its_own_commit() {
+    // The undecodable event's commit time cannot be read. The event after it in the backlog
+    // committed an hour later, so a repair window that starts from that one would miss the
+    // lost change; the window must start no later than the last position known before it.
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let lost = w
+        .create("Account", json!({"Name": "lost's first name"}))
+        .await
+        .expect("create");
+    let later = w
+        .create("Account", json!({"Name": "later"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    daemon.stop().await;
+
+    control(&emulator, "corrupt", json!({"count": 1})).await;
+    w.update(
+        "Account",
+        &lost,
+        json!({"Name": "changed by the lost event"}),
+    )
+    .await
+    .expect("update");
+    control(&emulator, "advance-clock", json!({"seconds": 3600})).await;
+    w.update("Account", &later, json!({"Name": "an hour later"}))
+        .await
+        .expect("update");
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    let dead: i64 = client
+        .query_one("SELECT count(*) FROM sfmirror.dead_letters", &[])
+        .await
+        .expect("dead letters")
+        .get(0);
+    assert_eq!(dead, 1);
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_overflows_and_wildcards_are_repaired_until_the_replica_equals_the_org() {
     let db = TestDb::create().await;
     let emulator = Emulator::start(EmulatorConfig::default())

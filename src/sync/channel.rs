@@ -95,6 +95,10 @@ struct DeadLetter {
     error: String,
     /// How many applicable events of the batch arrived before it.
     position: usize,
+    /// A commit time (epoch ms) no later than the event's own, which cannot be read: that of
+    /// the last event decoded before it on this channel, or of the position the stream
+    /// resumed from. The repair that covers it re-reads from there, minus the margin.
+    not_before_ms: i64,
 }
 
 /// Events received but not yet committed, and the position they bring the channel to.
@@ -196,6 +200,8 @@ pub struct ChannelTask {
     /// Schema ids whose fields are known to map to table columns.
     checked_schemas: HashSet<String>,
     tables: HashMap<String, Arc<TableSchema>>,
+    /// The commit time of the newest event decoded on this stream, or where it resumed.
+    decoded_ms: i64,
 }
 
 /// What the decode side hands the apply side, in stream order.
@@ -238,6 +244,7 @@ impl ChannelTask {
             schemas: SchemaCache::default(),
             checked_schemas: HashSet::new(),
             tables: HashMap::new(),
+            decoded_ms: 0,
         }
     }
 
@@ -316,6 +323,12 @@ impl ChannelTask {
             _ => StartAt::Latest,
         };
         let subscribed_at = chrono::Utc::now().timestamp_millis();
+        // Every event this stream delivers committed after this (a checkpoint without a
+        // commit time gives no bound, so 0: a dead letter then re-reads everything).
+        self.decoded_ms = match &saved {
+            Some(c) if !c.replay_id.0.is_empty() => c.commit_timestamp_ms.unwrap_or(0),
+            _ => subscribed_at,
+        };
         tracing::info!(channel = %name, start = ?start, "subscribing");
         let started_after = match &start {
             StartAt::After(r) => Some(r.clone()),
@@ -584,6 +597,7 @@ impl ChannelTask {
                 for w in warnings {
                     tracing::warn!(channel = %self.cfg.name, replay_id = %replay_id, "{w}");
                 }
+                self.decoded_ms = decoded.header.commit_timestamp;
                 let entity = decoded.header.entity_name.clone();
                 if !self.objects.contains(entity.as_str()) {
                     return Ok(());
@@ -618,6 +632,7 @@ impl ChannelTask {
             payload: event.payload.to_vec(),
             error,
             position: batch.events.len(),
+            not_before_ms: self.decoded_ms,
         });
     }
 
@@ -1007,12 +1022,14 @@ impl BatchJob {
         };
         let mut repairs = outcome.repairs;
         if !b.dead.is_empty() {
-            let since = applied
-                .commit_ms
-                .first()
-                .copied()
-                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
-                - settings.repair_margin_ms;
+            let since = b
+                .dead
+                .iter()
+                .map(|d| d.not_before_ms)
+                .min()
+                .unwrap_or(0)
+                .saturating_sub(settings.repair_margin_ms)
+                .max(0);
             for object in &self.objects {
                 repairs.push(RepairRequest::Entity {
                     object: object.clone(),
@@ -1132,6 +1149,7 @@ mod tests {
             payload: vec![],
             error: "x".into(),
             position,
+            not_before_ms: 0,
         }
     }
 
