@@ -593,6 +593,107 @@ async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_refused_together_share_one_new_login() {
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let objects = ["Account", "Contact", "Opportunity"];
+    let cfg = config(
+        &emulator,
+        &db,
+        &[
+            ("/data/AccountChangeEvent", &["Account"]),
+            ("/data/ContactChangeEvent", &["Contact"]),
+            ("/data/OpportunityChangeEvent", &["Opportunity"]),
+        ],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    w.create("Account", json!({"Name": "one"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &objects).await;
+
+    control(&emulator, "expire-tokens", json!({})).await;
+    emulator.org.register_token(&emulator.access_token, None);
+    control(&emulator, "drop-streams", json!({})).await;
+    w.create("Account", json!({"Name": "two"}))
+        .await
+        .expect("create");
+    w.create("Contact", json!({"LastName": "Two"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &objects).await;
+    wait_for("all three channels back", WAIT, async || {
+        emulator.subscription_count() >= 6
+    })
+    .await;
+    // Every token now valid was issued after the expiry: the writer's, and the daemon's.
+    assert_eq!(
+        emulator.org.token_count(),
+        2,
+        "the three channels renewed the refused session with one login"
+    );
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_access_token_that_cannot_be_renewed_stops_the_channel() {
+    // With `auth = "access_token"` nothing can get a new session: once Salesforce refuses the
+    // token, retrying for ever would only hide the problem. The channel stops with the login's
+    // own message, and with it the daemon (its only channel).
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let mut cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let token = emulator.org.issue_token(None);
+    let text = format!(
+        r#"
+        [salesforce]
+        auth = "access_token"
+        access_token = "{token}"
+        instance_url = "{rest}"
+        pubsub_endpoint = "{grpc}"
+        [replica]
+        url = "{db}"
+        [[channels]]
+        name = "/data/AccountChangeEvent"
+        objects = ["Account"]
+        "#,
+        rest = emulator.rest_url,
+        grpc = emulator.pubsub_endpoint,
+        db = db.url,
+    );
+    cfg.salesforce = Config::from_toml(&text).expect("config").salesforce;
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    w.create("Account", json!({"Name": "one"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+
+    control(&emulator, "expire-tokens", json!({})).await;
+    emulator.org.register_token(&emulator.access_token, None);
+    control(&emulator, "drop-streams", json!({})).await;
+    let ended = tokio::time::timeout(WAIT, daemon.task)
+        .await
+        .expect("the daemon stops instead of retrying for ever")
+        .expect("join");
+    let err = ended.expect_err("the channel stopped with an error");
+    assert!(err.to_string().contains("every channel stopped"), "{err}");
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
     let db = TestDb::create().await;
     let emulator = Emulator::start(EmulatorConfig::default())

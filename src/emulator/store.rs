@@ -432,6 +432,11 @@ impl Org {
             .is_some_and(|info| info.expires_ms.is_none_or(|e| e > now))
     }
 
+    /// Tokens issued (or registered) since the last expiry: logins, for tests to count.
+    pub fn token_count(&self) -> usize {
+        self.tokens.read().map(|t| t.len()).unwrap_or(0)
+    }
+
     /// Makes every issued token invalid (the control API's "expire tokens").
     pub fn expire_tokens(&self) {
         if let Ok(mut t) = self.tokens.write() {

@@ -56,8 +56,13 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether a retry with backoff can succeed without operator action.
+    /// Whether a retry with backoff can succeed without operator action. A refused session
+    /// is: the retry logs in again first ([`Self::needs_reauth`]); if that login fails, its
+    /// own error says whether to go on.
     pub fn is_transient(&self) -> bool {
+        if self.needs_reauth() {
+            return true;
+        }
         match self {
             SourceError::Http { .. } | SourceError::Connect { .. } => true,
             SourceError::Status { status, code, .. } => {
@@ -111,5 +116,59 @@ impl SourceError {
         matches!(self, SourceError::Grpc { error_code, .. }
             if error_code.ends_with("replayid.corrupted")
                 || error_code.ends_with("replayid.validation.failed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SourceError;
+
+    fn grpc(code: tonic::Code, error_code: &str) -> SourceError {
+        SourceError::Grpc {
+            call: "Subscribe",
+            topic: "/data/AccountChangeEvent".to_string(),
+            code,
+            error_code: error_code.to_string(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_auth_error_is_retried_after_a_login_whatever_its_status_code() {
+        // Which gRPC code Salesforce pairs with `auth.error` is not pinned down.
+        for code in [
+            tonic::Code::Unauthenticated,
+            tonic::Code::PermissionDenied,
+            tonic::Code::InvalidArgument,
+            tonic::Code::FailedPrecondition,
+        ] {
+            let e = grpc(code, "sfdc.platform.eventbus.grpc.service.auth.error");
+            assert!(e.needs_reauth(), "{code:?}");
+            assert!(e.is_transient(), "{code:?}");
+        }
+        let e = SourceError::Status {
+            api: "describe",
+            url: "https://x/y".to_string(),
+            status: 401,
+            code: "SOMETHING_ELSE".to_string(),
+            message: String::new(),
+        };
+        assert!(e.needs_reauth() && e.is_transient());
+    }
+
+    #[test]
+    fn definite_errors_stay_definite() {
+        for error_code in [
+            "sfdc.platform.eventbus.grpc.subscription.topic.not.found",
+            "sfdc.platform.eventbus.grpc.subscription.permission",
+        ] {
+            let e = grpc(tonic::Code::PermissionDenied, error_code);
+            assert!(!e.is_transient(), "{error_code}");
+        }
+        let e = SourceError::Auth {
+            message: "the configured access_token was refused".to_string(),
+            transient: false,
+        };
+        assert!(!e.is_transient());
     }
 }

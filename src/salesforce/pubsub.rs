@@ -169,6 +169,17 @@ impl PubSub {
         start: StartAt,
     ) -> Result<Subscription, SourceError> {
         let session = self.auth.session().await?;
+        self.subscribe_as(session, topic, start).await
+    }
+
+    /// [`Self::subscribe`] with a given session, so that the caller knows which session an
+    /// auth error refused (and renews exactly that one, not one another channel just got).
+    pub async fn subscribe_as(
+        &self,
+        session: Arc<Session>,
+        topic: &str,
+        start: StartAt,
+    ) -> Result<Subscription, SourceError> {
         let (tx, rx) = mpsc::channel::<FetchRequest>(8);
         let (preset, replay_id) = match &start {
             StartAt::Latest => (ReplayPreset::Latest, Vec::new()),
@@ -247,7 +258,7 @@ impl Subscription {
     }
 
     /// The session this stream authenticated with (to renew exactly it on an auth error).
-    pub fn session(&self) -> &Session {
+    pub fn session(&self) -> &Arc<Session> {
         &self.session
     }
 }

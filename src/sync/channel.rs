@@ -202,6 +202,8 @@ pub struct ChannelTask {
     tables: HashMap<String, Arc<TableSchema>>,
     /// The commit time of the newest event decoded on this stream, or where it resumed.
     decoded_ms: i64,
+    /// The session the last `Subscribe` call used: the one to renew on an auth error.
+    session: Option<Arc<crate::salesforce::auth::Session>>,
 }
 
 /// What the decode side hands the apply side, in stream order.
@@ -245,6 +247,7 @@ impl ChannelTask {
             checked_schemas: HashSet::new(),
             tables: HashMap::new(),
             decoded_ms: 0,
+            session: None,
         }
     }
 
@@ -283,10 +286,25 @@ impl ChannelTask {
             }
             if let SyncError::Source(s) = &err
                 && s.needs_reauth()
-                && let Some(session) = self.deps.pubsub.auth().current()
-                && let Err(e) = self.deps.pubsub.auth().renew(Some(&session)).await
             {
-                tracing::warn!(channel = %name, error = %e, "re-authentication failed");
+                // Renew the session this stream was refused with: if another channel already
+                // replaced it, that login is shared instead of making another.
+                let stale = self
+                    .session
+                    .clone()
+                    .or_else(|| self.deps.pubsub.auth().current());
+                match self.deps.pubsub.auth().renew(stale.as_deref()).await {
+                    Ok(_) => {}
+                    Err(e) if !e.is_transient() => {
+                        tracing::error!(channel = %name, error = %e,
+                            "channel stopped: Salesforce refused the session and a new one \
+                             cannot be obtained; fix the credentials");
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %name, error = %e, "re-authentication failed")
+                    }
+                }
             }
             // A stream that ran a while before failing starts the backoff over.
             if started.elapsed() > max_delay {
@@ -334,7 +352,9 @@ impl ChannelTask {
             StartAt::After(r) => Some(r.clone()),
             _ => None,
         };
-        let mut sub = self.deps.pubsub.subscribe(&name, start).await?;
+        let session = self.deps.pubsub.auth().session().await?;
+        self.session = Some(session.clone());
+        let mut sub = self.deps.pubsub.subscribe_as(session, &name, start).await?;
         telemetry::record_connected(&name, true);
         if let Some(since) = covered_since {
             self.cover_jump_to_latest(since, subscribed_at).await?;
