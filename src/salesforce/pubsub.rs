@@ -3,8 +3,11 @@
 //!
 //! A [`Subscription`] is one `Subscribe` call. It asks for at most [`MAX_OUTSTANDING`] events
 //! and tops the allowance up as events arrive, so the pipe stays full while the server never
-//! sees more than 100 outstanding. It does not decode or apply anything; the caller reads
-//! responses at its own pace, which is what bounds memory.
+//! sees more than 100 outstanding. The count is kept here, from what was asked and what came
+//! ([`Allowance`]), not taken from the server's `pending_num_requested`: that figure lags the
+//! requests still on their way to the server, and topping up from it can ask for more than
+//! 100. It does not decode or apply anything; the caller reads responses at its own pace,
+//! which is what bounds memory.
 
 use super::SourceError;
 use super::auth::{Authenticator, Session};
@@ -22,6 +25,45 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 pub const MAX_OUTSTANDING: i32 = 100;
 /// Ask for more once the allowance falls to this many.
 const REFILL_AT: i32 = 50;
+
+/// Requested-but-undelivered events of one stream, counted on the client: every request adds
+/// to it, every delivered event takes one away. Requests are additive and the server sends
+/// no more than was asked, so this is exactly what the server holds plus what is still on
+/// its way to it, and topping it up to [`MAX_OUTSTANDING`] can never ask for more.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Allowance {
+    outstanding: i32,
+}
+
+impl Allowance {
+    /// The first request's allowance.
+    pub fn first() -> (Allowance, i32) {
+        (
+            Allowance {
+                outstanding: MAX_OUTSTANDING,
+            },
+            MAX_OUTSTANDING,
+        )
+    }
+
+    /// A response brought `delivered` events (0 for a keepalive). Returns how many more to
+    /// ask for, if the allowance fell to the refill mark; the caller asks, then calls
+    /// [`Self::requested`] if the request went out.
+    pub fn delivered(&mut self, delivered: usize) -> Option<i32> {
+        let delivered = i32::try_from(delivered).unwrap_or(i32::MAX);
+        self.outstanding = self.outstanding.saturating_sub(delivered).max(0);
+        (self.outstanding <= REFILL_AT).then_some(MAX_OUTSTANDING - self.outstanding)
+    }
+
+    /// A request for `n` more went out.
+    pub fn requested(&mut self, n: i32) {
+        self.outstanding += n;
+    }
+
+    pub fn outstanding(&self) -> i32 {
+        self.outstanding
+    }
+}
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,11 +228,12 @@ impl PubSub {
             StartAt::Earliest => (ReplayPreset::Earliest, Vec::new()),
             StartAt::After(id) => (ReplayPreset::Custom, id.0.clone()),
         };
+        let (allowance, asked) = Allowance::first();
         let first = FetchRequest {
             topic_name: topic.to_string(),
             replay_preset: preset as i32,
             replay_id,
-            num_requested: MAX_OUTSTANDING,
+            num_requested: asked,
             auth_refresh: String::new(),
         };
         // The first request is queued before the call starts so the server sees it at once.
@@ -207,7 +250,7 @@ impl PubSub {
             topic: topic.to_string(),
             requests: tx,
             responses,
-            outstanding: MAX_OUTSTANDING,
+            allowance,
             session,
         })
     }
@@ -222,7 +265,7 @@ pub struct Subscription {
     topic: String,
     requests: mpsc::Sender<FetchRequest>,
     responses: tonic::Streaming<FetchResponse>,
-    outstanding: i32,
+    allowance: Allowance,
     session: Arc<Session>,
 }
 
@@ -235,11 +278,7 @@ impl Subscription {
             Ok(None) => return Ok(None),
             Err(status) => return Err(grpc_error("Subscribe", &self.topic, &status)),
         };
-        // The server's count of undelivered requested events is authoritative; a server that
-        // leaves it at 0 gets a fresh allowance, which it caps at 100 anyway.
-        self.outstanding = msg.pending_num_requested.clamp(0, MAX_OUTSTANDING);
-        if self.outstanding <= REFILL_AT {
-            let more = MAX_OUTSTANDING - self.outstanding;
+        if let Some(more) = self.allowance.delivered(msg.events.len()) {
             let req = FetchRequest {
                 topic_name: self.topic.clone(),
                 num_requested: more,
@@ -247,7 +286,7 @@ impl Subscription {
             };
             // A closed request side means the call is ending; the next read reports why.
             if self.requests.send(req).await.is_ok() {
-                self.outstanding += more;
+                self.allowance.requested(more);
             }
         }
         Ok(Some(msg))
@@ -277,5 +316,78 @@ pub fn grpc_error(call: &'static str, topic: &str, status: &tonic::Status) -> So
         code: status.code(),
         error_code,
         message: status.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The server sends a response of up to this many events (0: a keepalive).
+        Send(usize),
+        /// The server reads the oldest request still on its way.
+        Read,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0usize..120).prop_map(Step::Send),
+            1 => Just(Step::Read),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the server's timing (responses sent before it has read the top-ups asked
+        /// for earlier), the server never holds more than 100 requested events, and the client
+        /// never leaves it with nothing to send: its count is exactly what the server holds
+        /// plus what is on its way.
+        #[test]
+        fn never_more_than_100_outstanding_and_never_starved(
+            steps in proptest::collection::vec(step(), 1..300)
+        ) {
+            let (mut client, first) = Allowance::first();
+            let mut server_holds = 0i32;
+            let mut on_the_way: VecDeque<i32> = VecDeque::from([first]);
+            for s in steps {
+                match s {
+                    Step::Read => {
+                        if let Some(n) = on_the_way.pop_front() {
+                            server_holds += n;
+                        }
+                    }
+                    Step::Send(up_to) => {
+                        let n = up_to.min(server_holds as usize);
+                        server_holds -= n as i32;
+                        if let Some(more) = client.delivered(n) {
+                            on_the_way.push_back(more);
+                            client.requested(more);
+                        }
+                    }
+                }
+                let asked: i32 = server_holds + on_the_way.iter().sum::<i32>();
+                prop_assert!(asked <= MAX_OUTSTANDING, "{} requested and undelivered", asked);
+                prop_assert_eq!(client.outstanding(), asked);
+                prop_assert!(asked > REFILL_AT, "the pipe is kept full: {}", asked);
+            }
+        }
+    }
+
+    #[test]
+    fn the_race_that_reading_the_servers_count_lost() {
+        // 60 delivered: top up 60. Before the server reads that, it sends the 40 it still
+        // holds, reporting 0 pending. Refilling from its count would ask for 100 more, 160 in
+        // all; counting here knows the 60 are on their way and asks for nothing yet.
+        let (mut a, _) = Allowance::first();
+        assert_eq!(a.delivered(60), Some(60));
+        a.requested(60);
+        assert_eq!(a.delivered(40), None);
+        assert_eq!(a.outstanding(), 60);
+        assert_eq!(a.delivered(0), None, "a keepalive asks for nothing");
+        // The server reads the 60 and sends them all: now the whole allowance again.
+        assert_eq!(a.delivered(60), Some(100));
     }
 }
