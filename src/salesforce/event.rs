@@ -630,13 +630,16 @@ pub fn encode_bits(bits: impl IntoIterator<Item = usize>) -> String {
 
 /// Decoding plans by schema id. GetSchema is called once per unseen id by the owner of the
 /// cache; every later event of that schema reuses the plan.
+/// A schema id names one immutable schema, so a schema that cannot be compiled is remembered
+/// too: its events are refused at once instead of asking GetSchema again for each.
 #[derive(Default)]
 pub struct SchemaCache {
-    plans: HashMap<String, Arc<EventPlan>>,
+    plans: HashMap<String, Result<Arc<EventPlan>, String>>,
 }
 
 impl SchemaCache {
-    pub fn get(&self, schema_id: &str) -> Option<Arc<EventPlan>> {
+    /// The plan for `schema_id`, or why its schema cannot be used; `None` if not yet fetched.
+    pub fn get(&self, schema_id: &str) -> Option<Result<Arc<EventPlan>, String>> {
         self.plans.get(schema_id).cloned()
     }
 
@@ -645,9 +648,12 @@ impl SchemaCache {
         schema_id: &str,
         schema_json: &str,
     ) -> Result<Arc<EventPlan>, EventError> {
-        let plan = Arc::new(EventPlan::from_json(schema_id, schema_json)?);
-        self.plans.insert(schema_id.to_string(), plan.clone());
-        Ok(plan)
+        let plan = EventPlan::from_json(schema_id, schema_json).map(Arc::new);
+        self.plans.insert(
+            schema_id.to_string(),
+            plan.as_ref().map(Arc::clone).map_err(|e| e.to_string()),
+        );
+        plan
     }
 
     pub fn len(&self) -> usize {
@@ -868,6 +874,27 @@ mod tests {
                 "F5", "F6", "F10", "F24", "F26", "F29", "F30", "C4.E", "C7.B", "C7.C"
             ]
         );
+    }
+
+    #[test]
+    fn a_schema_that_cannot_be_used_is_remembered_with_its_reason() {
+        let mut cache = SchemaCache::default();
+        assert!(cache.get("bad").is_none(), "not fetched yet");
+        assert!(
+            cache
+                .insert("bad", r#"{"type":"record","name":"X"}"#)
+                .is_err()
+        );
+        match cache.get("bad") {
+            Some(Err(reason)) => assert!(reason.contains("bad"), "{reason}"),
+            other => panic!("the failure is cached: {other:?}"),
+        }
+        let header_only = format!(
+            r#"{{"type":"record","name":"AccountChangeEvent","fields":[
+              {{"name":"ChangeEventHeader","type":{HEADER}}}]}}"#
+        );
+        assert!(cache.insert("good", &header_only).is_ok());
+        assert!(matches!(cache.get("good"), Some(Ok(_))));
     }
 
     #[test]

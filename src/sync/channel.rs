@@ -595,7 +595,11 @@ impl ChannelTask {
     ) -> Result<(), SyncError> {
         batch.last_replay = Some(replay_id.clone());
         let plan = match self.schemas.get(&event.schema_id) {
-            Some(p) => Some(p),
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                self.dead_letter(batch, replay_id.clone(), &event, e);
+                None
+            }
             None => match self.deps.pubsub.get_schema(&event.schema_id).await {
                 Ok(json) => match self.schemas.insert(&event.schema_id, &json) {
                     Ok(p) => Some(p),
@@ -604,7 +608,10 @@ impl ChannelTask {
                         None
                     }
                 },
-                Err(e) if e.is_transient() => return Err(e.into()),
+                // No session (credentials refused): a channel problem, not this event's.
+                Err(e) if e.is_transient() || matches!(e, SourceError::Auth { .. }) => {
+                    return Err(e.into());
+                }
                 Err(e) => {
                     self.dead_letter(batch, replay_id.clone(), &event, e.to_string());
                     None
