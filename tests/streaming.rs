@@ -694,6 +694,51 @@ async fn a_refused_access_token_that_cannot_be_renewed_stops_the_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_leaves_no_task_behind() {
+    // The crash tests kill the daemon by dropping its future; a task that outlived it (the
+    // repair worker) would go on writing to the replica as a second, invisible daemon.
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let id = w
+        .create("Account", json!({"Name": "one"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    repairs_drained(&client).await;
+    daemon.task.abort();
+    let _ = daemon.task.await;
+
+    client
+        .execute(
+            "INSERT INTO sfmirror.repair_queue (object, kind, record_id, reason)
+             VALUES ('Account', 'record', $1, 'left for the next daemon')",
+            &[&id],
+        )
+        .await
+        .expect("queue a repair");
+    // The test config's repair worker polls every 100 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM sfmirror.repair_queue", &[])
+        .await
+        .expect("queue")
+        .get(0);
+    assert_eq!(left, 1, "no repair worker runs after the daemon was killed");
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
     let db = TestDb::create().await;
     let emulator = Emulator::start(EmulatorConfig::default())

@@ -42,7 +42,7 @@
 //! events are simply delivered again; the version guard makes the re-delivery of committed
 //! ones harmless.
 
-use super::SyncError;
+use super::{AbortOnDrop, SyncError};
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::{ChangeEvent, ReplayId};
 use crate::replica::apply::{
@@ -1110,15 +1110,6 @@ impl BatchJob {
             started,
             statements_took,
         })
-    }
-}
-
-/// A spawned task that is aborted when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -15,6 +15,16 @@ pub mod verify;
 use crate::replica::ReplicaError;
 use crate::salesforce::SourceError;
 
+/// A spawned task that is aborted when its handle is dropped, so that no task outlives the
+/// future that started it (a daemon dropped mid-run leaves nothing behind).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Errors of a channel task: from either side, or from the stream itself.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -5,8 +5,8 @@
 //! alone and is logged; the others keep replicating. The daemon returns an error only when
 //! start-up fails or every channel has stopped with an error.
 
-use super::SyncError;
 use super::channel::{AppliedBatch, ChannelDeps, ChannelTask};
+use super::{AbortOnDrop, SyncError};
 use crate::config::{Config, SalesforceConfig};
 use crate::replica::apply::ApplySettings;
 use crate::replica::{self, ReplicaError, migrate};
@@ -78,9 +78,9 @@ pub async fn run(
         tracing::info!(listen = %cfg.metrics.listen, "serving /metrics, /healthz, /readyz");
         let r = readiness.clone();
         let stop = shutdown.clone();
-        Some(tokio::spawn(async move {
+        Some(AbortOnDrop(tokio::spawn(async move {
             telemetry::serve_metrics(listener, r, async move { stop.cancelled().await }).await
-        }))
+        })))
     };
     telemetry::prometheus();
 
@@ -105,7 +105,7 @@ pub async fn run(
         observer,
     };
 
-    let repair_worker = {
+    let mut repair_worker = {
         let worker = super::repair::RepairWorker::new(
             deps.rest.clone(),
             deps.pool.clone(),
@@ -114,7 +114,8 @@ pub async fn run(
         )
         .with_bulk(cfg.sync.repair_bulk_threshold, cfg.sync.repair_chunk_rows);
         let stop = shutdown.clone();
-        tokio::spawn(async move { worker.run(stop).await })
+        // Dropped with this future (a killed daemon): a repair worker must not outlive it.
+        AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
     };
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -149,10 +150,10 @@ pub async fn run(
     }
     notify_systemd("STOPPING=1");
     shutdown.cancel();
-    let _ = repair_worker.await;
-    if let Some(t) = metrics_task {
+    let _ = (&mut repair_worker.0).await;
+    if let Some(mut t) = metrics_task {
         shutdown.cancel();
-        let _ = t.await;
+        let _ = (&mut t.0).await;
     }
     if failed == total && total > 0 {
         return Err(SyncError::Protocol(
