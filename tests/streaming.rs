@@ -1162,6 +1162,22 @@ async fn a_channel_with_a_definite_error_stops_alone() {
     );
     stop.cancel();
     task.await.expect("join").expect("clean stop");
+
+    // The bad channel did stop rather than retry for ever: alone, it ends the daemon.
+    let alone = config(
+        &emulator,
+        &db,
+        &[("/data/NoSuchThingChangeEvent", &["Account"])],
+        "soft",
+    );
+    let ended = tokio::time::timeout(
+        WAIT,
+        supervisor::run(&alone, CancellationToken::new(), None),
+    )
+    .await
+    .expect("a definite error stops the channel instead of retrying");
+    let err = ended.expect_err("its only channel stopped");
+    assert!(err.to_string().contains("every channel stopped"), "{err}");
     emulator.stop().await;
 }
 
