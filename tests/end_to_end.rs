@@ -271,3 +271,62 @@ async fn migrations_apply_once_and_are_recorded() {
             .unwrap_or_else(|e| panic!("{table}: {e}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_claim_is_free_as_soon_as_its_holder_is_gone() {
+    // A crashed daemon's claims must not wait out their ten-minute lease: its connections,
+    // and with them the backends that claimed, are gone.
+    use sfmirror::replica::apply::RepairRequest;
+    use sfmirror::replica::repair_queue;
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
+        .await
+        .expect("migrate");
+    let request = RepairRequest::Record {
+        object: "Account".into(),
+        id: "001000000000001AAA".into(),
+        reason: "test".into(),
+    };
+    let pool = |url: &str| {
+        deadpool_postgres::Config {
+            url: Some(url.to_string()),
+            ..Default::default()
+        }
+        .create_pool(None, tokio_postgres::NoTls)
+        .expect("pool")
+    };
+    let (holder_pool, other_pool) = (pool(&db.url), pool(&db.url));
+    let other = other_pool.get().await.expect("connection");
+    repair_queue::enqueue(&other, "sfmirror", "/data/X", None, &[request])
+        .await
+        .expect("enqueue");
+
+    let holder = holder_pool.get().await.expect("connection");
+    let held = repair_queue::claim(&holder, "sfmirror", 10, 600)
+        .await
+        .expect("claim");
+    assert_eq!(held.len(), 1);
+    let none = repair_queue::claim(&other, "sfmirror", 10, 600)
+        .await
+        .expect("claim");
+    assert!(none.is_empty(), "a live holder keeps its claim");
+
+    drop(holder);
+    holder_pool.close();
+    // The backend ends shortly after its connection closes.
+    let t0 = Instant::now();
+    loop {
+        let taken = repair_queue::claim(&other, "sfmirror", 10, 600)
+            .await
+            .expect("claim");
+        if taken.len() == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the claim of a closed connection is taken over without waiting for the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

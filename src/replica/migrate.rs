@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "003_sync_state",
         include_str!("../../sql/003_sync_state.sql"),
     ),
+    (
+        4,
+        "004_repair_claim_owner",
+        include_str!("../../sql/004_repair_claim_owner.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

@@ -5,9 +5,14 @@
 //! (invariant 2). A record already queued is not queued twice, and one entity repair per
 //! object covers the earliest `since` asked for.
 //!
-//! Repairs are claimed with a lease (`next_attempt_at` pushed into the future), so a worker
-//! that dies leaves them to be retried, and completed only if nobody asked again after the
-//! claim (`requested_at`), so a new obligation arriving mid-repair is not swallowed.
+//! Repairs are claimed with a lease (`next_attempt_at` pushed into the future) and the backend
+//! pid of the claiming connection (`claimed_by`), so a worker that dies leaves them to be
+//! retried: at once when its process is gone (its connections, and so that backend, are
+//! gone), at the latest when the lease runs out. They are completed only if nobody asked
+//! again after the claim (`requested_at`), so a new obligation arriving mid-repair is not
+//! swallowed. A claim taken over while its first holder still works (a pid reused, a
+//! connection lost) only repeats a repair, which is harmless: its rows go through the version
+//! guard.
 
 use super::apply::RepairRequest;
 use super::{ReplicaError, quote};
@@ -121,12 +126,15 @@ pub async fn claim(
         .query(
             &format!(
                 "WITH due AS (
-                   SELECT repair_id FROM {ctl}.repair_queue
+                   SELECT repair_id FROM {ctl}.repair_queue r
                    WHERE next_attempt_at <= now()
+                      OR (claimed_by IS NOT NULL AND NOT EXISTS (
+                            SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
                    ORDER BY kind DESC, object, next_attempt_at, repair_id
                    LIMIT $1 FOR UPDATE SKIP LOCKED)
                  UPDATE {ctl}.repair_queue q
-                 SET next_attempt_at = now() + make_interval(secs => $2::bigint)
+                 SET next_attempt_at = now() + make_interval(secs => $2::bigint),
+                     claimed_by = pg_backend_pid()
                  FROM due WHERE q.repair_id = due.repair_id
                  RETURNING q.repair_id, q.object, q.kind, q.record_id,
                            (extract(epoch FROM q.since) * 1000)::bigint, q.attempts,
@@ -179,7 +187,8 @@ pub async fn complete(
     client
         .execute(
             &format!(
-                "UPDATE {ctl}.repair_queue SET next_attempt_at = now() WHERE repair_id = ANY($1)"
+                "UPDATE {ctl}.repair_queue SET next_attempt_at = now(), claimed_by = NULL
+                 WHERE repair_id = ANY($1)"
             ),
             &[&ids],
         )
@@ -225,7 +234,7 @@ pub async fn fail(
         .execute(
             &format!(
                 "UPDATE {}.repair_queue
-                 SET attempts = attempts + 1, last_error = $2,
+                 SET attempts = attempts + 1, last_error = $2, claimed_by = NULL,
                      next_attempt_at = now() + make_interval(secs => least(3600, 2 ^ least(attempts, 12)))
                  WHERE repair_id = ANY($1)",
                 quote(control_schema)
