@@ -112,3 +112,183 @@ async fn rows_the_stream_moved_past_are_kept_and_read_again() {
         ]
     );
 }
+
+/// A fresh replica table and what applying snapshot rows needs.
+async fn fresh(mode: DeleteMode) -> (TestDb, deadpool_postgres::Pool, TableSchema, ApplySettings) {
+    let db = TestDb::create().await;
+    let mut cfg = deadpool_postgres::Config::new();
+    cfg.url = Some(db.url.clone());
+    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+    let mut client = pool.get().await.expect("client");
+    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
+        .await
+        .expect("migrate");
+    let describe: ObjectDescribe = serde_json::from_str(DESCRIBE).expect("describe");
+    let table = TableSchema::from_describe(describe).expect("table");
+    table.ensure(&client, "salesforce").await.expect("ensure");
+    let settings = ApplySettings {
+        data_schema: "salesforce".to_string(),
+        control_schema: "sfmirror".to_string(),
+        delete_mode: mode,
+        repair_margin_ms: 0,
+    };
+    (db, pool, table, settings)
+}
+
+fn rows(table: &TableSchema, ids: &[&str]) -> Vec<sfmirror::replica::snapshot::SnapshotRow> {
+    ids.iter()
+        .map(|id| {
+            row_from_json(
+                table,
+                &json!({"Id": id, "Name": format!("name of {id}"), "AnnualRevenue": 1250.555,
+                        "SystemModstamp": "2026-01-02T02:50:45.000+0000"}),
+            )
+            .expect("row")
+        })
+        .collect()
+}
+
+/// Applies `rows` in one transaction; returns whether the staging table was used, and the
+/// table's (id, name, annualrevenue::text, version) after.
+async fn apply(
+    pool: &deadpool_postgres::Pool,
+    table: &TableSchema,
+    settings: &ApplySettings,
+    rows: &[sfmirror::replica::snapshot::SnapshotRow],
+) -> (bool, Vec<(String, Option<String>, Option<String>, i64)>) {
+    let mut client = pool.get().await.expect("client");
+    let tx = client.transaction().await.expect("tx");
+    apply_snapshot(&tx, settings, table, rows, None)
+        .await
+        .expect("apply");
+    let staged: bool = tx
+        .query_one("SELECT to_regclass('pg_temp._sfm_stage') IS NOT NULL", &[])
+        .await
+        .expect("staging?")
+        .get(0);
+    tx.commit().await.expect("commit");
+    let table_rows = client
+        .query(
+            "SELECT id, name, annualrevenue::text, _sfm_version FROM salesforce.account
+             ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    (staged, table_rows)
+}
+
+#[tokio::test]
+async fn a_first_load_is_copied_straight_in_and_equals_the_merge() {
+    let (_db, pool, table, settings) = fresh(DeleteMode::Soft).await;
+    let ids = ["001000000000001AAA", "001000000000002AAA"];
+    let (staged, got) = apply(&pool, &table, &settings, &rows(&table, &ids)).await;
+    assert!(!staged, "records the replica never saw need no merge");
+    let want: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                Some(format!("name of {id}")),
+                // Rounded to the column's scale, as the merge's cast does.
+                Some("1250.56".to_string()),
+                1_767_322_245_000i64,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+
+    // The same records again (a second backfill): known now, so they go through the guard.
+    let (staged, again) = apply(&pool, &table, &settings, &rows(&table, &ids)).await;
+    assert!(staged, "known records are merged");
+    assert_eq!(again, want);
+}
+
+#[tokio::test]
+async fn a_chunk_that_meets_a_known_record_or_a_tombstone_is_merged() {
+    let (_db, pool, table, settings) = fresh(DeleteMode::Hard).await;
+    let client = pool.get().await.expect("client");
+    client
+        .batch_execute(
+            "INSERT INTO sfmirror.tombstones (object, id, version)
+             VALUES ('Account', '001000000000009AAA', 1867322245000)",
+        )
+        .await
+        .expect("tombstone");
+    let (staged, got) = apply(
+        &pool,
+        &table,
+        &settings,
+        &rows(&table, &["001000000000001AAA", "001000000000009AAA"]),
+    )
+    .await;
+    assert!(staged);
+    let ids: Vec<&str> = got.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["001000000000001AAA"],
+        "a record deleted later stays deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_column_type_changed_by_hand_takes_the_converting_merge() {
+    let (_db, pool, table, settings) = fresh(DeleteMode::Soft).await;
+    let client = pool.get().await.expect("client");
+    // Binary numeric bytes would not be valid text; the merge's INSERT converts instead.
+    client
+        .batch_execute("ALTER TABLE salesforce.account ALTER COLUMN annualrevenue TYPE text")
+        .await
+        .expect("alter");
+    let (staged, got) = apply(
+        &pool,
+        &table,
+        &settings,
+        &rows(&table, &["001000000000001AAA"]),
+    )
+    .await;
+    assert!(staged, "a table whose types differ is not copied into");
+    assert_eq!(got[0].2.as_deref(), Some("1250.56"));
+}
+
+#[tokio::test]
+async fn a_record_the_stream_inserts_during_the_copy_is_left_to_the_guard() {
+    // The look finds nothing, but another transaction (the stream) is inserting one of the
+    // records with a newer version: the straight COPY waits for it, fails on the key once it
+    // commits, and the chunk is merged instead, which keeps the stream's newer row.
+    let (_db, pool, table, settings) = fresh(DeleteMode::Soft).await;
+    let mut other = pool.get().await.expect("client");
+    let stream = other.transaction().await.expect("tx");
+    stream
+        .batch_execute(
+            "INSERT INTO salesforce.account (id, name, _sfm_version)
+             VALUES ('001000000000002AAA', 'from the stream', 1867322245000)",
+        )
+        .await
+        .expect("insert");
+    let table = std::sync::Arc::new(table);
+    let snapshot = {
+        let (pool, table, settings) = (pool.clone(), table.clone(), settings.clone());
+        tokio::spawn(async move {
+            let ids = ["001000000000001AAA", "001000000000002AAA"];
+            let rows = rows(&table, &ids);
+            apply(&pool, &table, &settings, &rows).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stream.commit().await.expect("commit");
+    let (staged, got) = snapshot.await.expect("join");
+    assert!(staged, "the refused COPY was undone and the chunk merged");
+    let names: Vec<(&str, Option<&str>)> =
+        got.iter().map(|r| (r.0.as_str(), r.1.as_deref())).collect();
+    assert_eq!(
+        names,
+        [
+            ("001000000000001AAA", Some("name of 001000000000001AAA")),
+            ("001000000000002AAA", Some("from the stream")),
+        ]
+    );
+}
