@@ -496,7 +496,15 @@ async fn a_field_deleted_from_the_org_keeps_its_column_and_stops_nothing() {
         (row.get(0), row.get(1), row.get(2))
     };
 
-    // While the daemon runs: the change made before the deletion reaches the kept column.
+    // While the daemon runs: the change made before the deletion reaches the kept column,
+    // even when it is planned after a newer schema (a field added since) made the daemon
+    // describe the object again. The long linger holds that change in the batch until the
+    // newer event has been decoded.
+    daemon.stop().await;
+    let mut lingering = cfg.clone();
+    lingering.sync.batch_linger_ms = 3000;
+    lingering.sync.batch_max_wait_ms = 10_000;
+    let daemon = Daemon::start(&emulator, &lingering).await;
     w.update("Account", &id, json!({"Tier__c": 3}))
         .await
         .expect("update");
@@ -506,9 +514,21 @@ async fn a_field_deleted_from_the_org_keeps_its_column_and_stops_nothing() {
         json!({"object": "Account", "field": "Tier__c"}),
     )
     .await;
-    w.update("Account", &id, json!({"Name": "after Tier__c"}))
-        .await
-        .expect("update");
+    control(
+        &emulator,
+        "add-field",
+        json!({"object": "Account", "field": {
+            "name": "Extra__c", "type": "string", "label": "Extra", "length": 20,
+            "nillable": true, "createable": true, "updateable": true, "custom": true}}),
+    )
+    .await;
+    w.update(
+        "Account",
+        &id,
+        json!({"Name": "after Tier__c", "Extra__c": "x"}),
+    )
+    .await
+    .expect("update");
     converged(&emulator, &db, &["Account"]).await;
     assert_eq!(
         values().await,

@@ -1144,7 +1144,6 @@ impl Org {
         chrono::Utc::now().timestamp_millis() < self.refuse_until_ms.load(Ordering::Relaxed)
     }
 
-    /// Adds a field (a describe field object) to `object`: new describe, new schema id.
     /// Deletes a field from `object`, as an admin deleting a custom field does: describe no
     /// longer lists it, its values are gone from every record, and change events from now on
     /// use a new schema without it. Events already in the log keep their schema, and with it
@@ -1213,6 +1212,7 @@ impl Org {
         Ok(schema_id)
     }
 
+    /// Adds a field (a describe field object) to `object`: new describe, new schema id.
     pub fn add_field(&self, object: &str, field: J) -> Result<String, ApiError> {
         let def = self.object(object)?;
         let parsed: crate::model::FieldDescribe =

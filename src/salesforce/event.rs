@@ -93,8 +93,6 @@ pub struct EventPlan {
     body: Vec<Option<BodyField>>,
     /// All body field paths, compound fields expanded.
     paths: Arc<[Arc<str>]>,
-    /// Whether any top-level field is a compound (only then can a bitmap name a parent).
-    has_compounds: bool,
 }
 
 impl EventPlan {
@@ -148,7 +146,6 @@ impl EventPlan {
                 None => paths.push(f.name.as_arc().clone()),
             }
         }
-        let has_compounds = body.iter().flatten().any(|f| f.sub_paths.is_some());
         let entity = match top.name.strip_suffix("ChangeEvent") {
             Some(custom) if custom.ends_with("__") => format!("{custom}c"),
             Some(standard) => standard.to_string(),
@@ -163,7 +160,6 @@ impl EventPlan {
             header,
             body,
             paths: paths.into(),
-            has_compounds,
         })
     }
 
@@ -278,22 +274,31 @@ impl EventPlan {
                 HeaderSlot::CommitUser => h.commit_user = text(r, node)?.into_owned(),
                 HeaderSlot::RecordIds => h.record_ids = r.string_list(node)?,
                 HeaderSlot::NulledFields => {
+                    let mut parents = false;
                     r.for_each_str(node, |e| {
-                        self.bitmap_element(e, &mut h.nulled_fields, warnings)
+                        parents |= self.bitmap_element(e, &mut h.nulled_fields, warnings)
                     })?;
-                    self.settle_parents(&mut h.nulled_fields);
+                    if parents {
+                        self.settle_parents(&mut h.nulled_fields);
+                    }
                 }
                 HeaderSlot::DiffFields => {
+                    let mut parents = false;
                     r.for_each_str(node, |e| {
-                        self.bitmap_element(e, &mut h.diff_fields, warnings)
+                        parents |= self.bitmap_element(e, &mut h.diff_fields, warnings)
                     })?;
-                    self.settle_parents(&mut h.diff_fields);
+                    if parents {
+                        self.settle_parents(&mut h.diff_fields);
+                    }
                 }
                 HeaderSlot::ChangedFields => {
+                    let mut parents = false;
                     r.for_each_str(node, |e| {
-                        self.bitmap_element(e, &mut h.changed_fields, warnings)
+                        parents |= self.bitmap_element(e, &mut h.changed_fields, warnings)
                     })?;
-                    self.settle_parents(&mut h.changed_fields);
+                    if parents {
+                        self.settle_parents(&mut h.changed_fields);
+                    }
                 }
                 HeaderSlot::SequenceNumber => {
                     h.sequence_number = i32::try_from(integer(r, node)?).map_err(|_| {
@@ -325,10 +330,13 @@ impl EventPlan {
         warnings: &mut Vec<String>,
     ) -> Vec<SharedStr> {
         let mut names = Vec::new();
+        let mut parents = false;
         for element in bitmaps {
-            self.bitmap_element(element.as_ref(), &mut names, warnings);
+            parents |= self.bitmap_element(element.as_ref(), &mut names, warnings);
         }
-        self.settle_parents(&mut names);
+        if parents {
+            self.settle_parents(&mut names);
+        }
         names
     }
 
@@ -339,9 +347,6 @@ impl EventPlan {
     /// nothing; alone, the bit stands for the whole compound, so it becomes every sub-field.
     /// A parent name never survives: it has no column of its own.
     fn settle_parents(&self, names: &mut Vec<SharedStr>) {
-        if !self.has_compounds || names.is_empty() {
-            return;
-        }
         let mut i = 0;
         while i < names.len() {
             let subs = if names[i].contains('.') {
@@ -369,30 +374,35 @@ impl EventPlan {
     }
 
     /// Appends the names one bitmap element selects. Names are the plan's shared strings, so
-    /// this allocates nothing but the list itself (and warnings).
+    /// this allocates nothing but the list itself (and warnings). Returns whether it named a
+    /// compound parent by its own bit (see [`Self::settle_parents`]).
     fn bitmap_element(
         &self,
         element: &str,
         names: &mut Vec<SharedStr>,
         warnings: &mut Vec<String>,
-    ) {
+    ) -> bool {
+        let mut parent_bit = false;
         let (parent, hex) = match element.split_once('-') {
             Some((p, h)) => match p.trim().parse::<usize>() {
                 Ok(p) => (Some(p), h),
                 Err(_) => {
                     warnings.push(format!("bitmap element `{element}` has a bad parent index"));
-                    return;
+                    return false;
                 }
             },
             None => (None, element),
         };
         let Some(digits) = hex_digits(hex) else {
             warnings.push(format!("bitmap element `{element}` is not hex"));
-            return;
+            return false;
         };
         match parent {
             None => for_each_set_bit(digits, |bit| match self.body.get(bit) {
-                Some(Some(f)) => names.push(f.name.clone()),
+                Some(Some(f)) => {
+                    parent_bit |= f.sub_paths.is_some();
+                    names.push(f.name.clone())
+                }
                 Some(None) => {} // the header's own bit carries no field
                 None => warnings.push(format!(
                     "bitmap `{element}` sets bit {bit}, schema has {} fields",
@@ -409,7 +419,7 @@ impl EventPlan {
                     warnings.push(format!(
                         "bitmap `{element}` names field {p}, which is not a compound field"
                     ));
-                    return;
+                    return false;
                 };
                 for_each_set_bit(digits, |bit| match subs.get(bit) {
                     Some(path) => names.push(SharedStr::from(path.clone())),
@@ -420,6 +430,7 @@ impl EventPlan {
                 });
             }
         }
+        parent_bit
     }
 }
 

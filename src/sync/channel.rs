@@ -701,7 +701,9 @@ impl ChannelTask {
                 channel = %self.cfg.name,
                 object,
                 fields = %still_missing.join(", "),
-                "change events carry fields that describe does not list; their values are not                  replicated (if a field should be, check the integration user's field-level                  security)"
+                "change events carry fields that describe does not list; their values are not \
+                 replicated (if a field should be, check the integration user's field-level \
+                 security)"
             );
         }
         let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
