@@ -65,6 +65,19 @@ use tokio_util::sync::CancellationToken;
 /// the one being received: memory holds at most five batches.
 const PIPELINE_DEPTH: usize = 2;
 
+/// Auth refusals of freshly obtained sessions in a row before a channel stops.
+const MAX_FRESH_REFUSALS: u32 = 5;
+
+/// Counts auth refusals in a row: one that ends a stream which had run a while starts the
+/// count over (the session expired), one that comes at once after the last adds to it.
+fn refusals_in_a_row(before: u32, refused: bool, at_once: bool) -> u32 {
+    match (refused, before > 0 && at_once) {
+        (false, _) => 0,
+        (true, true) => before + 1,
+        (true, false) => 1,
+    }
+}
+
 /// What a committed batch covered; published to observers (tests, embedding applications).
 #[derive(Debug, Clone)]
 pub struct AppliedBatch {
@@ -257,6 +270,8 @@ impl ChannelTask {
         let name = self.cfg.name.clone();
         let mut delay = Duration::from_millis(self.deps.sync.reconnect_min_ms);
         let max_delay = Duration::from_millis(self.deps.sync.reconnect_max_ms);
+        // Refusals in a row of sessions fresh from a login (see below).
+        let mut refused_fresh = 0u32;
         loop {
             let started = Instant::now();
             let result = self.stream(&shutdown).await;
@@ -284,9 +299,20 @@ impl ChannelTask {
                     "channel stopped: this error needs operator action; other channels go on");
                 return Err(err);
             }
-            if let SyncError::Source(s) = &err
-                && s.needs_reauth()
-            {
+            let refused = matches!(&err, SyncError::Source(s) if s.needs_reauth());
+            // A session refused again and again right after logging in is not an expiry: the
+            // user may not use the Pub/Sub API, or the session is locked to an address. Logging
+            // in once a backoff for ever would only hide that.
+            refused_fresh =
+                refusals_in_a_row(refused_fresh, refused, started.elapsed() < max_delay);
+            if refused_fresh > MAX_FRESH_REFUSALS {
+                tracing::error!(channel = %name, error = %err, refusals = refused_fresh,
+                    "channel stopped: Salesforce refuses every new session for this channel; \
+                     check that the integration user has the API Enabled and Pub/Sub \
+                     permissions and that its sessions are not locked to an IP address");
+                return Err(err);
+            }
+            if refused {
                 // Renew the session this stream was refused with: if another channel already
                 // replaced it, that login is shared instead of making another.
                 let stale = self
@@ -1160,6 +1186,20 @@ mod tests {
             fields: vec![],
             schema_fields: Arc::from(Vec::<Arc<str>>::new()),
         }
+    }
+
+    #[test]
+    fn only_refusals_right_after_a_login_add_up() {
+        let mut n = 0;
+        for _ in 0..MAX_FRESH_REFUSALS {
+            n = refusals_in_a_row(n, true, true);
+        }
+        assert_eq!(n, MAX_FRESH_REFUSALS);
+        assert_eq!(refusals_in_a_row(n, true, true), MAX_FRESH_REFUSALS + 1);
+        // An expiry after a stream that ran: counted afresh.
+        assert_eq!(refusals_in_a_row(n, true, false), 1);
+        // Any other error ends the run.
+        assert_eq!(refusals_in_a_row(n, false, true), 0);
     }
 
     fn dead(replay: u64, position: usize) -> DeadLetter {
