@@ -10,9 +10,11 @@
 //! retried: at once when its process is gone (its connections, and so that backend, are
 //! gone), at the latest when the lease runs out. They are completed only if nobody asked
 //! again after the claim (`requested_at`), so a new obligation arriving mid-repair is not
-//! swallowed. A claim taken over while its first holder still works (a pid reused, a
-//! connection lost) only repeats a repair, which is harmless: its rows go through the version
-//! guard.
+//! swallowed. A claim taken over while its first holder still works (a connection lost) only
+//! repeats a repair, which is harmless: its rows go through the version guard; a pid reused
+//! by another backend only makes a dead claim wait for its lease. Behind a pooler in
+//! transaction mode (PgBouncer, Supavisor) backend pids say nothing about the daemon, and
+//! claims are taken over by the lease alone.
 
 use super::apply::RepairRequest;
 use super::{ReplicaError, quote};
@@ -126,10 +128,15 @@ pub async fn claim(
         .query(
             &format!(
                 "WITH due AS (
-                   SELECT repair_id FROM {ctl}.repair_queue r
-                   WHERE next_attempt_at <= now()
-                      OR (claimed_by IS NOT NULL AND NOT EXISTS (
-                            SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
+                   SELECT repair_id FROM {ctl}.repair_queue
+                   WHERE repair_id IN (
+                       -- Each branch on its own index: the due ones, and the claims whose
+                       -- holder is gone (a handful at most).
+                       SELECT repair_id FROM {ctl}.repair_queue WHERE next_attempt_at <= now()
+                       UNION ALL
+                       SELECT repair_id FROM {ctl}.repair_queue r
+                       WHERE claimed_by IS NOT NULL AND NOT EXISTS (
+                           SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
                    ORDER BY kind DESC, object, next_attempt_at, repair_id
                    LIMIT $1 FOR UPDATE SKIP LOCKED)
                  UPDATE {ctl}.repair_queue q
