@@ -329,6 +329,16 @@ async fn a_field_added_mid_stream_becomes_a_column() {
             .as_str()
             .is_some_and(|s| s.len() == 22)
     );
+    // A new checkbox is false on every existing record at once, with no change event: only
+    // reading the object again brings that into the rows the replica already has.
+    control(
+        &emulator,
+        "add-field",
+        json!({"object": "Account", "field": {
+            "name": "Vip__c", "type": "boolean", "label": "VIP", "nillable": false,
+            "createable": true, "updateable": true, "custom": true, "defaultValue": false}}),
+    )
+    .await;
     w.update(
         "Account",
         &id,
@@ -350,6 +360,15 @@ async fn a_field_added_mid_stream_becomes_a_column() {
         .expect("new column")
         .get(0);
     assert_eq!(tier, 3.5);
+    let vip: Option<bool> = client
+        .query_one(
+            "SELECT vip__c FROM salesforce.account WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("checkbox column")
+        .get(0);
+    assert_eq!(vip, Some(false), "the existing record was read again");
     daemon.stop().await;
     emulator.stop().await;
 }

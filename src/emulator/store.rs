@@ -1212,7 +1212,9 @@ impl Org {
         Ok(schema_id)
     }
 
-    /// Adds a field (a describe field object) to `object`: new describe, new schema id.
+    /// Adds a field (a describe field object) to `object`: new describe, new schema id. As in
+    /// Salesforce, a checkbox is never empty: existing records take its default (`defaultValue`,
+    /// else false) at once, without a change event or a new `SystemModstamp`.
     pub fn add_field(&self, object: &str, field: J) -> Result<String, ApiError> {
         let def = self.object(object)?;
         let parsed: crate::model::FieldDescribe =
@@ -1230,6 +1232,13 @@ impl Org {
                 format!("{object} already has a field {}", parsed.name),
             ));
         }
+        let checkbox_default = (parsed.field_type == "boolean").then(|| {
+            field
+                .get("defaultValue")
+                .and_then(J::as_bool)
+                .unwrap_or(false)
+        });
+        let name = parsed.name.clone();
         let mut describe = def.describe.clone();
         describe.fields.push(parsed);
         let mut raw = def.raw.clone();
@@ -1242,6 +1251,14 @@ impl Org {
         let schema_id = schema.schema_id.clone();
         if let Ok(mut s) = self.schemas.write() {
             s.insert(schema_id.clone(), schema.clone());
+        }
+        if let Some(default) = checkbox_default
+            && let Ok(mut data) = self.data.lock()
+            && let Some(records) = data.records.get_mut(object)
+        {
+            for record in records.values_mut() {
+                Arc::make_mut(record).insert(name.clone(), J::Bool(default));
+            }
         }
         let updated = Arc::new(ObjectDef {
             describe,

@@ -259,12 +259,14 @@ impl TableSchema {
         found
     }
 
-    /// Creates the table if needed and adds missing columns. Idempotent.
+    /// Creates the table if needed and adds missing columns. Idempotent. Returns the columns
+    /// it added to a table that already existed: its rows hold NULL there, whatever the
+    /// records hold.
     pub async fn ensure(
         &self,
         client: &impl deadpool_postgres::GenericClient,
         data_schema: &str,
-    ) -> Result<(), ReplicaError> {
+    ) -> Result<Vec<String>, ReplicaError> {
         // ALTER TABLE takes an exclusive lock even when every column exists: look first, so a
         // table that is up to date is never locked against the daemon or a backfill.
         let rows = client
@@ -285,8 +287,13 @@ impl TableSchema {
             .filter(|c| !existing.contains(&c.name))
             .collect();
         if !existing.is_empty() && missing.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let added: Vec<String> = if existing.is_empty() {
+            Vec::new()
+        } else {
+            missing.iter().map(|c| c.field.clone()).collect()
+        };
         let table = format!("{}.{}", quote(data_schema), quote(&self.table));
         let compression = if lz4_available(client).await? {
             " COMPRESSION lz4"
@@ -319,7 +326,7 @@ impl TableSchema {
         let mut attempt = 0;
         loop {
             match client.batch_execute(&sql).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(added),
                 Err(e) if attempt < 3 && is_concurrent_ddl(&e) => {
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;

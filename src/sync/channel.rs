@@ -65,6 +65,11 @@ use tokio_util::sync::CancellationToken;
 /// the one being received: memory holds at most five batches.
 const PIPELINE_DEPTH: usize = 2;
 
+/// How often a schema with fields describe does not list makes the object be described again:
+/// a field the integration user may not see today may be granted tomorrow, and then its column
+/// is added and the object read again.
+const UNMAPPED_RECHECK: Duration = Duration::from_secs(15 * 60);
+
 /// Auth refusals of freshly obtained sessions in a row before a channel stops.
 const MAX_FRESH_REFUSALS: u32 = 5;
 
@@ -210,8 +215,9 @@ pub struct ChannelTask {
     objects: HashSet<String>,
     deps: ChannelDeps,
     schemas: SchemaCache,
-    /// Schema ids whose fields are known to map to table columns.
-    checked_schemas: HashSet<String>,
+    /// Schema ids whose tables are prepared: `None` when every field maps to a column, else
+    /// when to describe the object again (a field may become visible to the user).
+    checked_schemas: HashMap<String, Option<Instant>>,
     tables: HashMap<String, Arc<TableSchema>>,
     /// The commit time of the newest event decoded on this stream, or where it resumed.
     decoded_ms: i64,
@@ -257,7 +263,7 @@ impl ChannelTask {
             cfg,
             deps,
             schemas: SchemaCache::default(),
-            checked_schemas: HashSet::new(),
+            checked_schemas: HashMap::new(),
             tables: HashMap::new(),
             decoded_ms: 0,
             session: None,
@@ -655,9 +661,17 @@ impl ChannelTask {
                 if !self.objects.contains(entity.as_str()) {
                     return Ok(());
                 }
-                if !self.checked_schemas.contains(&event.schema_id) {
-                    self.prepare_table(&entity, plan.field_paths()).await?;
-                    self.checked_schemas.insert(event.schema_id.clone());
+                let due = match self.checked_schemas.get(&event.schema_id) {
+                    None => true,
+                    Some(None) => false,
+                    Some(Some(at)) => Instant::now() >= *at,
+                };
+                if due {
+                    let mapped = self.prepare_table(&entity, plan.field_paths()).await?;
+                    self.checked_schemas.insert(
+                        event.schema_id.clone(),
+                        (!mapped).then(|| Instant::now() + UNMAPPED_RECHECK),
+                    );
                 }
                 batch.last_commit_ms = Some(decoded.header.commit_timestamp);
                 batch.events.push(decoded);
@@ -690,8 +704,9 @@ impl ChannelTask {
     }
 
     /// Makes sure `object`'s table exists with a column for every field path of a schema;
-    /// describes again (and adds columns) when the schema has fields the table lacks.
-    async fn prepare_table(&mut self, object: &str, paths: &[Arc<str>]) -> Result<(), SyncError> {
+    /// describes again (and adds columns) when the schema has fields the table lacks. Returns
+    /// whether every path has a column.
+    async fn prepare_table(&mut self, object: &str, paths: &[Arc<str>]) -> Result<bool, SyncError> {
         let missing = |t: &TableSchema| -> Vec<String> {
             paths
                 .iter()
@@ -702,7 +717,7 @@ impl ChannelTask {
         if let Some(t) = self.tables.get(object)
             && missing(t).is_empty()
         {
-            return Ok(());
+            return Ok(true);
         }
         let mut describe = self.deps.rest.describe(object).await?;
         // A field deleted from the org keeps its column, and events written before the
@@ -733,10 +748,33 @@ impl ChannelTask {
             );
         }
         let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-        table.ensure(&client, &self.deps.apply.data_schema).await?;
+        let added = table.ensure(&client, &self.deps.apply.data_schema).await?;
+        if !added.is_empty() {
+            // Records already replicated hold values there that no event will bring: a new
+            // checkbox's default, a field the integration user was just allowed to see. Read
+            // the object again (an obligation, safe to commit ahead of any batch).
+            let repair = RepairRequest::Entity {
+                object: object.to_string(),
+                since_ms: 0,
+                reason: format!(
+                    "columns added ({}): reading existing records for their values",
+                    added.join(", ")
+                ),
+            };
+            repair_queue::enqueue(
+                &client,
+                &self.deps.apply.control_schema,
+                &self.cfg.name,
+                None,
+                &[repair],
+            )
+            .await?;
+            tracing::info!(channel = %self.cfg.name, object, columns = %added.join(", "),
+                "columns added; existing records queued to be read again for their values");
+        }
         tracing::info!(object, table = %table.table, columns = table.columns.len(), "table ready");
         self.tables.insert(object.to_string(), table);
-        Ok(())
+        Ok(still_missing.is_empty())
     }
 }
 

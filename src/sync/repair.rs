@@ -45,9 +45,15 @@ pub struct RepairWorker {
     chunk_rows: u32,
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
-    tables: HashMap<String, Arc<TableSchema>>,
+    /// Tables from describe, with when they were described (see [`Self::table`]).
+    tables: HashMap<String, (Arc<TableSchema>, std::time::Instant)>,
     idle: Duration,
 }
+
+/// How long a describe serves record repairs. Fields come and go in the org: a stale table
+/// would leave new columns empty, or ask for a deleted field and fail every repair of the
+/// object.
+const DESCRIBE_TTL: Duration = Duration::from_secs(60);
 
 impl RepairWorker {
     pub fn new(
@@ -170,15 +176,23 @@ impl RepairWorker {
         }
     }
 
-    async fn table(&mut self, object: &str) -> Result<Arc<TableSchema>, SyncError> {
-        if let Some(t) = self.tables.get(object) {
+    /// `object`'s table as describe has it now: described afresh for an entity repair (`fresh`,
+    /// one call beside a whole window of records), and at most [`DESCRIBE_TTL`] old otherwise.
+    async fn table(&mut self, object: &str, fresh: bool) -> Result<Arc<TableSchema>, SyncError> {
+        if let Some((t, at)) = self.tables.get(object)
+            && !fresh
+            && at.elapsed() < DESCRIBE_TTL
+        {
             return Ok(t.clone());
         }
         let describe = self.rest.describe(object).await?;
         let table = Arc::new(TableSchema::from_describe(describe)?);
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
         table.ensure(&client, &self.settings.data_schema).await?;
-        self.tables.insert(object.to_string(), table.clone());
+        self.tables.insert(
+            object.to_string(),
+            (table.clone(), std::time::Instant::now()),
+        );
         Ok(table)
     }
 
@@ -190,7 +204,7 @@ impl RepairWorker {
     }
 
     async fn repair_records(&mut self, object: &str, repairs: &[&Repair]) -> Result<(), SyncError> {
-        let table = self.table(object).await?;
+        let table = self.table(object, false).await?;
         let ids: Vec<String> = repairs
             .iter()
             .filter_map(|r| match &r.kind {
@@ -265,7 +279,7 @@ impl RepairWorker {
         let RepairKind::Entity(since_ms) = repair.kind else {
             return Ok(());
         };
-        let table = self.table(object).await?;
+        let table = self.table(object, true).await?;
         let fields = Self::fields(&table);
         let mut soql = format!("SELECT {} FROM {object}", fields.join(", "));
         // The window is on SystemModstamp; an object without audit fields is re-read whole.
