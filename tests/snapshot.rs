@@ -19,23 +19,8 @@ const DESCRIBE: &str = r#"{"name":"Account","keyPrefix":"001","fields":[
 
 #[tokio::test]
 async fn rows_the_stream_moved_past_are_kept_and_read_again() {
-    let db = TestDb::create().await;
-    let mut cfg = deadpool_postgres::Config::new();
-    cfg.url = Some(db.url.clone());
-    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+    let (_db, pool, table, settings) = fresh(DeleteMode::Soft).await;
     let mut client = pool.get().await.expect("client");
-    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
-        .await
-        .expect("migrate");
-    let describe: ObjectDescribe = serde_json::from_str(DESCRIBE).expect("describe");
-    let table = TableSchema::from_describe(describe).expect("table");
-    table.ensure(&client, "salesforce").await.expect("ensure");
-    let settings = ApplySettings {
-        data_schema: "salesforce".to_string(),
-        control_schema: "sfmirror".to_string(),
-        delete_mode: DeleteMode::Soft,
-        repair_margin_ms: 0,
-    };
     // The stream already wrote a newer state of `newer`; `older` holds an older one.
     let snapshot_ms = 1_767_322_245_000i64;
     client

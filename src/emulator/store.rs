@@ -1181,13 +1181,7 @@ impl Org {
                     .is_none_or(|n| !gone.contains(n))
             });
         }
-        let schema = Arc::new(
-            CdcSchema::build(&describe).map_err(|m| ApiError::new(400, "INVALID_FIELD", m))?,
-        );
-        let schema_id = schema.schema_id.clone();
-        if let Ok(mut s) = self.schemas.write() {
-            s.insert(schema_id.clone(), schema.clone());
-        }
+        let schema_id = self.install(object, &def, describe, raw)?;
         if let Ok(mut data) = self.data.lock()
             && let Some(records) = data.records.get_mut(object)
         {
@@ -1199,15 +1193,6 @@ impl Org {
                     }
                 }
             }
-        }
-        let updated = Arc::new(ObjectDef {
-            describe,
-            raw,
-            schema,
-            channels: def.channels.clone(),
-        });
-        if let Ok(mut o) = self.objects.write() {
-            o.insert(object.to_string(), updated);
         }
         Ok(schema_id)
     }
@@ -1245,13 +1230,7 @@ impl Org {
         if let Some(fields) = raw.get_mut("fields").and_then(J::as_array_mut) {
             fields.push(field);
         }
-        let schema = Arc::new(
-            CdcSchema::build(&describe).map_err(|m| ApiError::new(400, "INVALID_FIELD", m))?,
-        );
-        let schema_id = schema.schema_id.clone();
-        if let Ok(mut s) = self.schemas.write() {
-            s.insert(schema_id.clone(), schema.clone());
-        }
+        let schema_id = self.install(object, &def, describe, raw)?;
         if let Some(default) = checkbox_default
             && let Ok(mut data) = self.data.lock()
             && let Some(records) = data.records.get_mut(object)
@@ -1259,6 +1238,26 @@ impl Org {
             for record in records.values_mut() {
                 Arc::make_mut(record).insert(name.clone(), J::Bool(default));
             }
+        }
+        Ok(schema_id)
+    }
+
+    /// Puts a changed describe of `object` in place, with the change event schema it gives
+    /// (published under its own id, beside the old ones that stored events still name).
+    /// Nothing changes if that schema cannot be built. Returns the new schema id.
+    fn install(
+        &self,
+        object: &str,
+        def: &ObjectDef,
+        describe: ObjectDescribe,
+        raw: J,
+    ) -> Result<String, ApiError> {
+        let schema = Arc::new(
+            CdcSchema::build(&describe).map_err(|m| ApiError::new(400, "INVALID_FIELD", m))?,
+        );
+        let schema_id = schema.schema_id.clone();
+        if let Ok(mut s) = self.schemas.write() {
+            s.insert(schema_id.clone(), schema.clone());
         }
         let updated = Arc::new(ObjectDef {
             describe,
