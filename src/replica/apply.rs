@@ -778,7 +778,7 @@ const COMPOSITE_ROW: [&str; 3] = ["u.id", "u._sfm_version", "u._sfm_commit_numbe
 
 /// A replica table's row type as Postgres has it in this transaction: what a row sent as one
 /// composite value must carry, field by field.
-struct RowType {
+pub(super) struct RowType {
     /// The type's OID, which the array of rows declares.
     oid: u32,
     /// Each attribute's type OID and what fills it.
@@ -811,9 +811,18 @@ impl RowType {
     /// Whether every column the run writes has the type its values are encoded for (a table
     /// someone altered by hand may not; such a run takes the per-column statement).
     fn fits(&self, run: &Run) -> bool {
-        run.columns.iter().all(|&col| {
+        self.fits_columns(&run.table, run.columns.iter().copied())
+    }
+
+    /// [`Self::fits`] for every column of `table` (a snapshot writes them all).
+    pub(super) fn fits_table(&self, table: &TableSchema) -> bool {
+        self.fits_columns(table, 0..table.columns.len())
+    }
+
+    fn fits_columns(&self, table: &TableSchema, mut columns: impl Iterator<Item = usize>) -> bool {
+        columns.all(|col| {
             self.column_oids.get(col).copied().flatten()
-                == Some(type_oid(&run.table.columns[col].pg_type))
+                == Some(type_oid(&table.columns[col].pg_type))
         })
     }
 
@@ -877,11 +886,21 @@ async fn load_row_types(
     settings: &ApplySettings,
     runs: &[Run],
 ) -> Result<HashMap<String, RowType>, ReplicaError> {
-    let mut tables: HashMap<&str, &Arc<TableSchema>> = HashMap::new();
+    let mut tables: HashMap<&str, &TableSchema> = HashMap::new();
     let hard = settings.delete_mode == DeleteMode::Hard;
     for run in runs.iter().filter(|r| !(hard && r.kind == OpKind::Delete)) {
         tables.insert(run.table.table.as_str(), &run.table);
     }
+    row_types(tx, &settings.data_schema, &tables).await
+}
+
+/// The row types of `tables` (by table name) as Postgres has them now, in the caller's
+/// transaction; a table whose id or version columns have other types is left out.
+pub(super) async fn row_types(
+    tx: &deadpool_postgres::Transaction<'_>,
+    data_schema: &str,
+    tables: &HashMap<&str, &TableSchema>,
+) -> Result<HashMap<String, RowType>, ReplicaError> {
     if tables.is_empty() {
         return Ok(HashMap::new());
     }
@@ -894,7 +913,7 @@ async fn load_row_types(
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
              WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.relkind = 'r'
              ORDER BY c.relname, a.attnum",
-            &[&settings.data_schema, &names],
+            &[&data_schema, &names],
         )
         .await
         .map_err(ReplicaError::pg("read the row types of the replica tables"))?;

@@ -208,7 +208,7 @@ pub async fn apply_snapshot(
     }
     let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
     let ctl = quote(&settings.control_schema);
-    let ctx = |what: &str| format!("snapshot of {}: {what}", table.object);
+    let ctx = |what: &str| context(table, what);
     let t0 = std::time::Instant::now();
     if copy_into_new_records(tx, settings, table, rows, read_floor_ms).await? {
         tracing::debug!(
@@ -347,6 +347,11 @@ pub async fn apply_snapshot(
     Ok(outcome)
 }
 
+/// What an error of a snapshot of `table` was doing.
+fn context(table: &TableSchema, what: &str) -> String {
+    format!("snapshot of {}: {what}", table.object)
+}
+
 /// Where a COPY row puts the bookkeeping fields around the table's columns.
 #[derive(Clone, Copy, PartialEq)]
 enum Layout {
@@ -365,7 +370,7 @@ async fn copy_rows(
     read_floor_ms: Option<i64>,
     layout: Layout,
 ) -> Result<(), ReplicaError> {
-    let ctx = || format!("snapshot of {}: COPY", table.object);
+    let ctx = || context(table, "COPY");
     let n = table.columns.len();
     let sink = tx
         .copy_in(statement)
@@ -440,31 +445,6 @@ async fn copy_into_new_records(
     }
     let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
     let ctl = quote(&settings.control_schema);
-    // Binary input is only safe into the very type it was written for: bytes of an integer
-    // would go into a column changed to text by hand without complaint. Such a table merges
-    // through the staging table, whose INSERT converts.
-    let names: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
-    let types: HashMap<String, u32> = tx
-        .query(
-            "SELECT attname::text, atttypid FROM pg_attribute
-             WHERE attrelid = $1::text::regclass AND attname = ANY($2::text[]) AND NOT attisdropped",
-            &[&target, &names],
-        )
-        .await
-        .map_err(ReplicaError::pg(format!(
-            "snapshot of {}: column types",
-            table.object
-        )))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let fits = table
-        .columns
-        .iter()
-        .all(|c| types.get(&c.name) == Some(&binary::type_oid(&c.pg_type)));
-    if !fits {
-        return Ok(false);
-    }
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let seen: bool = tx
         .query_one(
@@ -476,16 +456,21 @@ async fn copy_into_new_records(
             &[&ids, &table.object],
         )
         .await
-        .map_err(ReplicaError::pg(format!(
-            "snapshot of {}: look for known records",
-            table.object
-        )))?
+        .map_err(ReplicaError::pg(context(table, "look for known records")))?
         .get(0);
     if seen {
         return Ok(false);
     }
-    let savepoint =
-        |what: &'static str| ReplicaError::pg(format!("snapshot of {}: {what}", table.object));
+    // Binary input is only safe into the very types it was written for (the check the merge
+    // makes before sending rows as the table's row type): bytes of an integer would go into
+    // a column changed to text by hand without complaint. Such a table merges through the
+    // staging table, whose INSERT converts.
+    let tables = HashMap::from([(table.table.as_str(), table)]);
+    let types = super::apply::row_types(tx, &settings.data_schema, &tables).await?;
+    if !types.get(&table.table).is_some_and(|t| t.fits_table(table)) {
+        return Ok(false);
+    }
+    let savepoint = |what: &str| ReplicaError::pg(context(table, what));
     tx.batch_execute("SAVEPOINT sfm_direct_copy")
         .await
         .map_err(savepoint("savepoint"))?;

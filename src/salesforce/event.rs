@@ -274,31 +274,13 @@ impl EventPlan {
                 HeaderSlot::CommitUser => h.commit_user = text(r, node)?.into_owned(),
                 HeaderSlot::RecordIds => h.record_ids = r.string_list(node)?,
                 HeaderSlot::NulledFields => {
-                    let mut parents = false;
-                    r.for_each_str(node, |e| {
-                        parents |= self.bitmap_element(e, &mut h.nulled_fields, warnings)
-                    })?;
-                    if parents {
-                        self.settle_parents(&mut h.nulled_fields);
-                    }
+                    self.read_bitmaps(r, node, &mut h.nulled_fields, warnings)?
                 }
                 HeaderSlot::DiffFields => {
-                    let mut parents = false;
-                    r.for_each_str(node, |e| {
-                        parents |= self.bitmap_element(e, &mut h.diff_fields, warnings)
-                    })?;
-                    if parents {
-                        self.settle_parents(&mut h.diff_fields);
-                    }
+                    self.read_bitmaps(r, node, &mut h.diff_fields, warnings)?
                 }
                 HeaderSlot::ChangedFields => {
-                    let mut parents = false;
-                    r.for_each_str(node, |e| {
-                        parents |= self.bitmap_element(e, &mut h.changed_fields, warnings)
-                    })?;
-                    if parents {
-                        self.settle_parents(&mut h.changed_fields);
-                    }
+                    self.read_bitmaps(r, node, &mut h.changed_fields, warnings)?
                 }
                 HeaderSlot::SequenceNumber => {
                     h.sequence_number = i32::try_from(integer(r, node)?).map_err(|_| {
@@ -330,14 +312,28 @@ impl EventPlan {
         warnings: &mut Vec<String>,
     ) -> Vec<SharedStr> {
         let mut names = Vec::new();
-        let mut parents = false;
+        let mut parents = Vec::new();
         for element in bitmaps {
-            parents |= self.bitmap_element(element.as_ref(), &mut names, warnings);
+            self.bitmap_element(element.as_ref(), &mut names, &mut parents, warnings);
         }
-        if parents {
-            self.settle_parents(&mut names);
-        }
+        self.settle_parents(&mut names, &parents);
         names
+    }
+
+    /// [`Self::bitmap_names`] for one header list, read straight from the payload.
+    fn read_bitmaps(
+        &self,
+        r: &mut Reader<'_>,
+        node: &Node,
+        names: &mut Vec<SharedStr>,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), HeaderError> {
+        let mut parents = Vec::new();
+        r.for_each_str(node, |e| {
+            self.bitmap_element(e, names, &mut parents, warnings)
+        })?;
+        self.settle_parents(names, &parents);
+        Ok(())
     }
 
     /// Resolves a compound parent's own top-level bit. Salesforce marks a changed sub-field in
@@ -346,25 +342,19 @@ impl EventPlan {
     /// element for the parent, that element says which sub-fields, and the parent's bit adds
     /// nothing; alone, the bit stands for the whole compound, so it becomes every sub-field.
     /// A parent name never survives: it has no column of its own.
-    fn settle_parents(&self, names: &mut Vec<SharedStr>) {
-        let mut i = 0;
-        while i < names.len() {
-            let subs = if names[i].contains('.') {
-                None
-            } else {
-                self.body
-                    .iter()
-                    .flatten()
-                    .find(|f| f.name == names[i])
-                    .and_then(|f| f.sub_paths.as_ref())
-            };
-            let Some(subs) = subs else {
-                i += 1;
+    fn settle_parents(&self, names: &mut Vec<SharedStr>, parents: &[usize]) {
+        for &p in parents {
+            let Some(Some(field)) = self.body.get(p) else {
                 continue;
             };
-            let parent = names.remove(i);
+            let Some(subs) = &field.sub_paths else {
+                continue;
+            };
+            if let Some(i) = names.iter().position(|n| *n == field.name) {
+                names.remove(i);
+            }
             let named_subs = names.iter().any(|n| {
-                n.strip_prefix(parent.as_str())
+                n.strip_prefix(field.name.as_str())
                     .is_some_and(|rest| rest.starts_with('.'))
             });
             if !named_subs {
@@ -374,33 +364,35 @@ impl EventPlan {
     }
 
     /// Appends the names one bitmap element selects. Names are the plan's shared strings, so
-    /// this allocates nothing but the list itself (and warnings). Returns whether it named a
-    /// compound parent by its own bit (see [`Self::settle_parents`]).
+    /// this allocates nothing but the list itself (and warnings). A compound parent named by
+    /// its own bit also goes to `parents`, by schema position (see [`Self::settle_parents`]).
     fn bitmap_element(
         &self,
         element: &str,
         names: &mut Vec<SharedStr>,
+        parents: &mut Vec<usize>,
         warnings: &mut Vec<String>,
-    ) -> bool {
-        let mut parent_bit = false;
+    ) {
         let (parent, hex) = match element.split_once('-') {
             Some((p, h)) => match p.trim().parse::<usize>() {
                 Ok(p) => (Some(p), h),
                 Err(_) => {
                     warnings.push(format!("bitmap element `{element}` has a bad parent index"));
-                    return false;
+                    return;
                 }
             },
             None => (None, element),
         };
         let Some(digits) = hex_digits(hex) else {
             warnings.push(format!("bitmap element `{element}` is not hex"));
-            return false;
+            return;
         };
         match parent {
             None => for_each_set_bit(digits, |bit| match self.body.get(bit) {
                 Some(Some(f)) => {
-                    parent_bit |= f.sub_paths.is_some();
+                    if f.sub_paths.is_some() {
+                        parents.push(bit);
+                    }
                     names.push(f.name.clone())
                 }
                 Some(None) => {} // the header's own bit carries no field
@@ -419,7 +411,7 @@ impl EventPlan {
                     warnings.push(format!(
                         "bitmap `{element}` names field {p}, which is not a compound field"
                     ));
-                    return false;
+                    return;
                 };
                 for_each_set_bit(digits, |bit| match subs.get(bit) {
                     Some(path) => names.push(SharedStr::from(path.clone())),
@@ -430,7 +422,6 @@ impl EventPlan {
                 });
             }
         }
-        parent_bit
     }
 }
 

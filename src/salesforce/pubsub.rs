@@ -36,14 +36,11 @@ pub struct Allowance {
 }
 
 impl Allowance {
-    /// The first request's allowance.
-    pub fn first() -> (Allowance, i32) {
-        (
-            Allowance {
-                outstanding: MAX_OUTSTANDING,
-            },
-            MAX_OUTSTANDING,
-        )
+    /// The allowance the first request asks for: all of it.
+    pub fn first() -> Allowance {
+        Allowance {
+            outstanding: MAX_OUTSTANDING,
+        }
     }
 
     /// A response brought `delivered` events (0 for a keepalive). Returns how many more to
@@ -228,12 +225,12 @@ impl PubSub {
             StartAt::Earliest => (ReplayPreset::Earliest, Vec::new()),
             StartAt::After(id) => (ReplayPreset::Custom, id.0.clone()),
         };
-        let (allowance, asked) = Allowance::first();
+        let allowance = Allowance::first();
         let first = FetchRequest {
             topic_name: topic.to_string(),
             replay_preset: preset as i32,
             replay_id,
-            num_requested: asked,
+            num_requested: allowance.outstanding(),
             auth_refresh: String::new(),
         };
         // The first request is queued before the call starts so the server sees it at once.
@@ -251,7 +248,6 @@ impl PubSub {
             requests: tx,
             responses,
             allowance,
-            session,
         })
     }
 
@@ -266,7 +262,6 @@ pub struct Subscription {
     requests: mpsc::Sender<FetchRequest>,
     responses: tonic::Streaming<FetchResponse>,
     allowance: Allowance,
-    session: Arc<Session>,
 }
 
 impl Subscription {
@@ -294,11 +289,6 @@ impl Subscription {
 
     pub fn topic(&self) -> &str {
         &self.topic
-    }
-
-    /// The session this stream authenticated with (to renew exactly it on an auth error).
-    pub fn session(&self) -> &Arc<Session> {
-        &self.session
     }
 }
 
@@ -349,9 +339,9 @@ mod tests {
         fn never_more_than_100_outstanding_and_never_starved(
             steps in proptest::collection::vec(step(), 1..300)
         ) {
-            let (mut client, first) = Allowance::first();
+            let mut client = Allowance::first();
             let mut server_holds = 0i32;
-            let mut on_the_way: VecDeque<i32> = VecDeque::from([first]);
+            let mut on_the_way: VecDeque<i32> = VecDeque::from([client.outstanding()]);
             for s in steps {
                 match s {
                     Step::Read => {
@@ -381,7 +371,7 @@ mod tests {
         // 60 delivered: top up 60. Before the server reads that, it sends the 40 it still
         // holds, reporting 0 pending. Refilling from its count would ask for 100 more, 160 in
         // all; counting here knows the 60 are on their way and asks for nothing yet.
-        let (mut a, _) = Allowance::first();
+        let mut a = Allowance::first();
         assert_eq!(a.delivered(60), Some(60));
         a.requested(60);
         assert_eq!(a.delivered(40), None);
