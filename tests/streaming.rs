@@ -374,6 +374,64 @@ async fn a_field_added_mid_stream_becomes_a_column() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_the_repair_worker_adds_first_still_brings_the_re_read() {
+    // A repair that describes the object after a field was added creates the column before
+    // any event of the new schema reaches the channel; the re-read of existing records must
+    // not depend on which task got there first.
+    let db = TestDb::create().await;
+    let emulator = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let cfg = config(
+        &emulator,
+        &db,
+        &[("/data/AccountChangeEvent", &["Account"])],
+        "soft",
+    );
+    let daemon = Daemon::start(&emulator, &cfg).await;
+    let w = RestWriter::new(&emulator);
+    let id = w
+        .create("Account", json!({"Name": "before the checkbox"}))
+        .await
+        .expect("create");
+    converged(&emulator, &db, &["Account"]).await;
+    let client = db.client().await;
+    repairs_drained(&client).await;
+    control(
+        &emulator,
+        "add-field",
+        json!({"object": "Account", "field": {
+            "name": "Vip__c", "type": "boolean", "label": "VIP", "nillable": false,
+            "createable": true, "updateable": true, "custom": true, "defaultValue": false}}),
+    )
+    .await;
+    // An entity repair of a recent window (it describes afresh, so it adds the column).
+    client
+        .execute(
+            "INSERT INTO sfmirror.repair_queue (object, kind, since, reason)
+             VALUES ('Account', 'entity', now(), 'a recent window')",
+            &[],
+        )
+        .await
+        .expect("queue a repair");
+    wait_for("the existing record's checkbox", WAIT, async || {
+        client
+            .query_opt(
+                "SELECT vip__c FROM salesforce.account WHERE id = $1 AND vip__c IS NOT NULL",
+                &[&id],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    converged(&emulator, &db, &["Account"]).await;
+    daemon.stop().await;
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_picklists_and_the_xyz_sub_field_no_describe_lists() {
     // Turning on state and country picklists gives Address records the layout of real
     // captures: StateCode, CountryCode, and `Xyz`, which no describe lists. The new components

@@ -538,8 +538,14 @@ impl Runner {
         let describe = self.rest.describe(object).await?;
         let table = TableSchema::from_describe(describe)?;
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        // `ensure` only takes a lock when columns are missing.
-        table.ensure(&client, &self.settings.data_schema).await?;
+        // `ensure` only takes a lock when columns are missing. A full snapshot reads every
+        // record itself; a `--since` window leaves older records to the re-read that
+        // `ensure_table` queues for columns it adds.
+        if self.opts.since.is_some() {
+            super::ensure_table(&client, &self.settings, &table, REPAIR_ORIGIN).await?;
+        } else {
+            table.ensure(&client, &self.settings.data_schema).await?;
+        }
         Ok(table)
     }
 

@@ -748,30 +748,7 @@ impl ChannelTask {
             );
         }
         let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-        let added = table.ensure(&client, &self.deps.apply.data_schema).await?;
-        if !added.is_empty() {
-            // Records already replicated hold values there that no event will bring: a new
-            // checkbox's default, a field the integration user was just allowed to see. Read
-            // the object again (an obligation, safe to commit ahead of any batch).
-            let repair = RepairRequest::Entity {
-                object: object.to_string(),
-                since_ms: 0,
-                reason: format!(
-                    "columns added ({}): reading existing records for their values",
-                    added.join(", ")
-                ),
-            };
-            repair_queue::enqueue(
-                &client,
-                &self.deps.apply.control_schema,
-                &self.cfg.name,
-                None,
-                &[repair],
-            )
-            .await?;
-            tracing::info!(channel = %self.cfg.name, object, columns = %added.join(", "),
-                "columns added; existing records queued to be read again for their values");
-        }
+        super::ensure_table(&client, &self.deps.apply, &table, &self.cfg.name).await?;
         tracing::info!(object, table = %table.table, columns = table.columns.len(), "table ready");
         self.tables.insert(object.to_string(), table);
         Ok(still_missing.is_empty())

@@ -25,6 +25,43 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Creates `table` or adds the columns it lacks, for `origin` (a channel, the repair worker,
+/// a backfill). Columns added to a table that already existed hold NULL in its rows whatever
+/// the records hold (a new checkbox is false on every record at once, a field just made
+/// visible had values all along) and no event will bring them, so the object is queued to be
+/// read again in full. Every task that prepares a table from a newer describe comes through
+/// here: whichever sees the new field first adds the column, and with it the obligation.
+pub(crate) async fn ensure_table(
+    client: &impl deadpool_postgres::GenericClient,
+    settings: &crate::replica::apply::ApplySettings,
+    table: &crate::replica::schema::TableSchema,
+    origin: &str,
+) -> Result<(), ReplicaError> {
+    let added = table.ensure(client, &settings.data_schema).await?;
+    if added.is_empty() {
+        return Ok(());
+    }
+    let repair = crate::replica::apply::RepairRequest::Entity {
+        object: table.object.clone(),
+        since_ms: 0,
+        reason: format!(
+            "columns added ({}): reading existing records for their values",
+            added.join(", ")
+        ),
+    };
+    crate::replica::repair_queue::enqueue(
+        client,
+        &settings.control_schema,
+        origin,
+        None,
+        &[repair],
+    )
+    .await?;
+    tracing::info!(object = %table.object, columns = %added.join(", "), origin,
+        "columns added; existing records queued to be read again for their values");
+    Ok(())
+}
+
 /// Errors of a channel task: from either side, or from the stream itself.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -188,7 +188,7 @@ impl RepairWorker {
         let describe = self.rest.describe(object).await?;
         let table = Arc::new(TableSchema::from_describe(describe)?);
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        table.ensure(&client, &self.settings.data_schema).await?;
+        super::ensure_table(&client, &self.settings, &table, "repair").await?;
         self.tables.insert(
             object.to_string(),
             (table.clone(), std::time::Instant::now()),
