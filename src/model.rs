@@ -4,7 +4,10 @@
 //! Nothing here does I/O. Keeping these types free of gRPC, HTTP and Postgres is what lets
 //! `replica` consume what `salesforce` produces without either importing the other.
 
+pub mod bitmap;
+pub mod id;
 pub mod textdiff;
+pub mod time;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

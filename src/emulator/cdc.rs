@@ -268,17 +268,14 @@ impl CdcSchema {
                         .map(|(j, _)| j)
                         .collect();
                     if !bits.is_empty() {
-                        nested.push(format!(
-                            "{pos}-{}",
-                            crate::salesforce::event::encode_bits(bits)
-                        ));
+                        nested.push(format!("{pos}-{}", crate::model::bitmap::encode_bits(bits)));
                     }
                 }
             }
         }
         let mut out = Vec::new();
         if !top.is_empty() {
-            out.push(crate::salesforce::event::encode_bits(top));
+            out.push(crate::model::bitmap::encode_bits(top));
         }
         out.extend(nested);
         out
@@ -481,9 +478,8 @@ mod tests {
             .iter()
             .find(|e| e.starts_with(&format!("{pos}-")))
             .expect("an element for the address");
-        let bits =
-            crate::salesforce::event::set_bits(&element[element.find('-').expect("dash") + 1..])
-                .expect("hex");
+        let bits = crate::model::bitmap::set_bits(&element[element.find('-').expect("dash") + 1..])
+            .expect("hex");
         assert!(
             !bits.contains(&9),
             "Xyz (sub-field 9) is not marked: {element}"

@@ -128,7 +128,7 @@ pub fn encode(pg_type: &PgType, value: &Value) -> Result<Vec<u8>, String> {
         (PgType::Timestamptz, Value::Long(ms)) => timestamp(*ms).ok_or_else(bad)?,
         (PgType::Timestamptz, Value::String(s)) => {
             let s = s.trim();
-            let ms = super::snapshot::datetime_ms(s).or_else(|| {
+            let ms = crate::model::time::datetime_ms(s).or_else(|| {
                 let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
                 Some(
                     d.and_time(chrono::NaiveTime::MIN)

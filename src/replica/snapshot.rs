@@ -30,6 +30,7 @@ use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::Value;
+use crate::model::time::datetime_ms;
 use bytes::{BufMut, BytesMut};
 use futures::SinkExt;
 use std::collections::HashMap;
@@ -54,14 +55,6 @@ fn bad(table: &TableSchema, id: &str, message: String) -> ReplicaError {
         id: id.to_string(),
         message,
     }
-}
-
-/// Epoch ms of a Salesforce REST or CSV datetime.
-pub fn datetime_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
-        .ok()
-        .map(|d| d.timestamp_millis())
 }
 
 /// A REST JSON value -> `pg_type`'s binary form (`None` for null).
@@ -498,23 +491,5 @@ async fn copy_into_new_records(
                 .map_err(savepoint("roll back to savepoint"))?;
             Ok(false)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datetimes_in_both_forms() {
-        assert_eq!(
-            datetime_ms("2022-01-10T13:01:28.000+0000"),
-            Some(1_641_819_688_000)
-        );
-        assert_eq!(
-            datetime_ms("2022-01-10T13:01:28.000Z"),
-            Some(1_641_819_688_000)
-        );
-        assert_eq!(datetime_ms("yesterday"), None);
     }
 }

@@ -6,6 +6,7 @@
 //! is built (once per schema id), never from constants.
 
 use super::avro::{AvroError, Node, Reader, Record};
+use crate::model::bitmap::{for_each_set_bit, hex_digits};
 use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId, SharedStr};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -571,65 +572,6 @@ pub fn inspect(schema_json: &str, payload: &[u8]) -> Result<serde_json::Value, E
     }))
 }
 
-/// The set bit positions of a hex string (`0x` prefix optional), least significant = 0.
-/// Accepts either case and odd digit counts.
-pub fn set_bits(hex: &str) -> Option<Vec<usize>> {
-    let digits = hex_digits(hex)?;
-    let mut bits = Vec::new();
-    for_each_set_bit(digits, |b| bits.push(b));
-    Some(bits)
-}
-
-/// The hex digits of a bitmap (`0x`/`0X` prefix and surrounding space removed), or `None` if
-/// there are none or any is not a hex digit.
-fn hex_digits(hex: &str) -> Option<&[u8]> {
-    let t = hex.trim();
-    let digits = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .unwrap_or(t)
-        .as_bytes();
-    (!digits.is_empty() && digits.iter().all(u8::is_ascii_hexdigit)).then_some(digits)
-}
-
-/// Calls `f` with each set bit of validated hex digits, least significant first.
-fn for_each_set_bit(digits: &[u8], mut f: impl FnMut(usize)) {
-    for (k, &c) in digits.iter().rev().enumerate() {
-        let mut nibble = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => 0,
-        };
-        while nibble != 0 {
-            let b = nibble.trailing_zeros() as usize;
-            f(k * 4 + b);
-            nibble &= nibble - 1;
-        }
-    }
-}
-
-/// Encodes field positions as Salesforce writes a bitmap: `0x` + upper-case hex, two digits
-/// per byte, most significant byte first, no padding beyond the highest byte.
-pub fn encode_bits(bits: impl IntoIterator<Item = usize>) -> String {
-    let mut bytes: Vec<u8> = Vec::new();
-    for bit in bits {
-        let byte = bit / 8;
-        if bytes.len() <= byte {
-            bytes.resize(byte + 1, 0);
-        }
-        bytes[byte] |= 1 << (bit % 8);
-    }
-    if bytes.is_empty() {
-        bytes.push(0);
-    }
-    let mut s = String::from("0x");
-    for b in bytes.iter().rev() {
-        s.push_str(&format!("{b:02X}"));
-    }
-    s
-}
-
 /// Decoding plans by schema id. GetSchema is called once per unseen id by the owner of the
 /// cache; every later event of that schema reuses the plan.
 /// A schema id names one immutable schema, so a schema that cannot be compiled is remembered
@@ -909,16 +851,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn encode_then_decode_bits(bits in proptest::collection::btree_set(0usize..200, 0..20)) {
-            let s = encode_bits(bits.iter().copied());
-            prop_assert!(s.len() % 2 == 0, "even digit count: {}", s);
-            prop_assert_eq!(s.to_uppercase().replace("0X", "0x"), s.clone());
-            let mut got = set_bits(&s).expect("hex");
-            got.sort();
-            prop_assert_eq!(got, bits.into_iter().collect::<Vec<_>>());
-        }
-
         #[test]
         fn arbitrary_bitmap_strings_never_panic(list in proptest::collection::vec(".{0,12}", 0..4)) {
             let p = plan();

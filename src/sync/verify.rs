@@ -28,8 +28,8 @@
 
 use super::backfill::{UnknownObject, rest_client, select_objects};
 use crate::config::Config;
+use crate::model::time::datetime_ms;
 use crate::replica::apply::RepairRequest;
-use crate::replica::snapshot::datetime_ms;
 use crate::replica::{ReplicaError, quote, repair_queue};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{BulkClient, Operation};
