@@ -186,7 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
+            crate::shutdown::on_signal(shutdown.clone());
             supervisor::run(&cfg, shutdown, None).await?;
             Ok(())
         }
@@ -227,7 +227,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = Config::load(&config)?;
             let cancel = CancellationToken::new();
-            spawn_signal_handler(cancel.clone());
+            crate::shutdown::on_signal(cancel.clone());
             let mut opts = crate::sync::backfill::BackfillOptions::new(objects, since);
             opts.bulk_threshold = bulk_threshold;
             opts.chunk_rows = chunk_rows;
@@ -354,7 +354,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", emulator.startup_json());
             tracing::info!(rest = %emulator.rest_url, pubsub = %emulator.pubsub_endpoint, "emulator serving");
             let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
+            crate::shutdown::on_signal(shutdown.clone());
             shutdown.cancelled().await;
             emulator.stop().await;
             Ok(())
@@ -363,7 +363,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url,
             accounts,
             follow,
-        } => crate::sync::demo::run(&database_url, accounts, follow).await,
+        } => crate::demo::run(&database_url, accounts, follow).await,
     }
 }
 
@@ -372,32 +372,4 @@ fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("`{s}` is not an RFC 3339 time like 2024-05-01T00:00:00Z: {e}"))
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-pub fn spawn_signal_handler(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot watch SIGTERM");
-                        let _ = ctrl_c.await;
-                        token.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutting down");
-        token.cancel();
-    });
 }

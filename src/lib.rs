@@ -17,11 +17,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod emulator;
 pub mod model;
 pub mod proto;
 pub mod replica;
 pub mod salesforce;
+pub mod shutdown;
 pub mod sync;
 pub mod telemetry;
 

@@ -2,9 +2,7 @@
 //! over REST and over Bulk API 2.0, `--since` windows, 200,000 rows over Bulk, resuming an
 //! interrupted run from its Bulk job's locator, and the command line's exit codes.
 
-mod common;
-
-use common::{TestDb, object_drift};
+use crate::common::{TestConfig, TestDb, object_drift};
 use serde_json::{Map, Value as J, json};
 use sfmirror::config::Config;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
@@ -22,32 +20,11 @@ fn config_text(
     control: &str,
     objects: &[&str],
 ) -> String {
-    let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
-    format!(
-        r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
-        [replica]
-        url = "{db}"
-        schema = "{data}"
-        control_schema = "{control}"
-        [[channels]]
-        name = "/data/ChangeEvents"
-        objects = [{list}]
-        [metrics]
-        listen = ""
-        "#,
-        rest = emulator.rest_url,
-        id = emulator.credentials.client_id,
-        secret = emulator.credentials.client_secret,
-        grpc = emulator.pubsub_endpoint,
-        db = db.url,
-        list = list.join(", "),
-    )
+    TestConfig::new(emulator, &db.url)
+        .replica("schema", data)
+        .replica("control_schema", control)
+        .channel("/data/ChangeEvents", objects)
+        .toml()
 }
 
 fn config(emulator: &Emulator, db: &TestDb, data: &str, control: &str, objects: &[&str]) -> Config {

@@ -1,8 +1,7 @@
 //! The command line as an operator meets it: help, exit codes, config errors, inspect-event,
 //! and the metrics listener.
 
-mod common;
-
+use crate::common;
 use std::process::Command;
 
 fn sfmirror() -> Command {
@@ -159,18 +158,11 @@ async fn the_daemon_serves_metrics_health_and_readiness() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port");
-    let mut cfg = sfmirror::sync::demo::config_for(
-        &emulator,
-        &db.url,
-        &[("/data/AccountChangeEvent", &["Account"])],
-    )
-    .expect("config");
+    let mut cfg = common::TestConfig::new(&emulator, &db.url)
+        .channels(&[("/data/AccountChangeEvent", &["Account"])])
+        .build();
     cfg.metrics.listen = format!("127.0.0.1:{port}");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let daemon = {
-        let (cfg, stop) = (cfg.clone(), stop.clone());
-        tokio::spawn(async move { sfmirror::sync::supervisor::run(&cfg, stop, None).await })
-    };
+    let daemon = common::Daemon::spawn(&cfg, None);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     common::wait_for(
@@ -190,7 +182,7 @@ async fn the_daemon_serves_metrics_health_and_readiness() {
         .await
         .expect("healthz");
     assert!(health.status().is_success());
-    let w = sfmirror::sync::demo::RestWriter::new(&emulator);
+    let w = sfmirror::demo::RestWriter::new(&emulator);
     w.create("Account", serde_json::json!({"Name": "counted"}))
         .await
         .expect("create");
@@ -282,7 +274,6 @@ async fn the_daemon_serves_metrics_health_and_readiness() {
         "{text}"
     );
 
-    stop.cancel();
-    daemon.await.expect("join").expect("clean stop");
+    daemon.stop().await;
     emulator.stop().await;
 }

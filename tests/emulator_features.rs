@@ -2,8 +2,7 @@
 //! custom channels, idle close, overflowing transactions, diffs of long texts, and the
 //! control API's reset / seed / workload / settings.
 
-mod common;
-
+use crate::common;
 use apache_avro::types::Value as AV;
 use serde_json::json;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
@@ -161,12 +160,9 @@ async fn tls_serves_both_apis_with_a_ca_clients_can_trust() {
     );
 
     // gRPC over TLS: sfmirror's own client with `ca_file`.
-    let mut cfg = sfmirror::sync::demo::config_for(
-        &emulator,
-        "postgres://unused@127.0.0.1/x",
-        &[("/data/AccountChangeEvent", &["Account"])],
-    )
-    .expect("config");
+    let mut cfg = common::TestConfig::new(&emulator, "postgres://unused@127.0.0.1/x")
+        .channels(&[("/data/AccountChangeEvent", &["Account"])])
+        .build();
     cfg.salesforce.ca_file = Some(ca_file.into());
     let http = sfmirror::sync::supervisor::http_client(&cfg.salesforce).expect("http");
     let auth = std::sync::Arc::new(sfmirror::salesforce::auth::Authenticator::new(

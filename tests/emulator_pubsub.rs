@@ -1,8 +1,10 @@
 //! The emulator's Pub/Sub API as a client sees it: replay presets, flow control, keepalives,
 //! errors with Salesforce's `error-code` trailer, and metadata auth.
 
+use crate::common;
 use serde_json::json;
 use sfmirror::config::Config;
+use sfmirror::demo::RestWriter;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::model::{ChangeType, ReplayId};
 use sfmirror::proto::FetchRequest;
@@ -11,19 +13,15 @@ use sfmirror::salesforce::SourceError;
 use sfmirror::salesforce::auth::Authenticator;
 use sfmirror::salesforce::event::EventPlan;
 use sfmirror::salesforce::pubsub::{PubSub, StartAt};
-use sfmirror::sync::demo::{RestWriter, config_for};
 use std::sync::Arc;
 use std::time::Duration;
 
 const TOPIC: &str = "/data/AccountChangeEvent";
 
 async fn client(emulator: &Emulator) -> (PubSub, Config) {
-    let cfg = config_for(
-        emulator,
-        "postgres://unused@127.0.0.1/x",
-        &[(TOPIC, &["Account"])],
-    )
-    .expect("config");
+    let cfg = common::TestConfig::new(emulator, "postgres://unused@127.0.0.1/x")
+        .channels(&[(TOPIC, &["Account"])])
+        .build();
     let http = reqwest::Client::new();
     let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http));
     (

@@ -5,8 +5,8 @@
 use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value as J, json};
+use sfmirror::demo::RestWriter;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
-use sfmirror::sync::demo::RestWriter;
 
 const V: &str = "v62.0";
 

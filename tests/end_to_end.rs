@@ -2,20 +2,17 @@
 //! Pub/Sub API into Postgres, with the replay id committed in the same transaction, and a
 //! killed subscriber resumes exactly after its checkpoint.
 
-mod common;
-
-use common::TestDb;
+use crate::common;
+use crate::common::TestDb;
 use serde_json::{Value as J, json};
+use sfmirror::demo::RestWriter;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::model::ReplayId;
 use sfmirror::sync::channel::AppliedBatch;
-use sfmirror::sync::demo::{RestWriter, config_for};
-use sfmirror::sync::supervisor;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 async fn wait_for(what: &str, timeout: Duration, mut ok: impl AsyncFnMut() -> bool) {
     let t0 = Instant::now();
@@ -94,20 +91,13 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     let emulator = Emulator::start(EmulatorConfig::default())
         .await
         .expect("emulator");
-    let cfg = config_for(
-        &emulator,
-        &db.url,
-        &[("/data/AccountChangeEvent", &["Account"])],
-    )
-    .expect("config");
+    let cfg = common::TestConfig::new(&emulator, &db.url)
+        .channels(&[("/data/AccountChangeEvent", &["Account"])])
+        .build();
     let (observed, mut batches) = broadcast::channel::<AppliedBatch>(4096);
 
     // First subscriber.
-    let stop = CancellationToken::new();
-    let first = {
-        let (cfg, stop, observed) = (cfg.clone(), stop.clone(), observed.clone());
-        tokio::spawn(async move { supervisor::run(&cfg, stop, Some(observed)).await })
-    };
+    let first = common::Daemon::spawn(&cfg, Some(observed.clone()));
     wait_for(
         "the first subscription",
         Duration::from_secs(30),
@@ -163,8 +153,8 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
         .wait_for(|n| *n >= 40)
         .await
         .expect("writer progress");
-    first.abort();
-    let _ = first.await;
+    first.task.abort();
+    let _ = first.task.await;
     let ids = writing.await.expect("writer");
     assert_eq!(ids.len(), 100);
 
@@ -189,11 +179,7 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     );
 
     // Restart: it must resume strictly after the checkpoint.
-    let stop2 = CancellationToken::new();
-    let second = {
-        let (cfg, stop2, observed) = (cfg.clone(), stop2.clone(), observed.clone());
-        tokio::spawn(async move { supervisor::run(&cfg, stop2, Some(observed)).await })
-    };
+    let second = common::Daemon::spawn(&cfg, Some(observed.clone()));
     let expected_hot = 50i64;
     wait_for(
         "the replica to catch up",
@@ -213,11 +199,7 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     .await;
     // Let the last batch's observer message arrive, then stop cleanly.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop2.cancel();
-    second
-        .await
-        .expect("join")
-        .expect("second run ends cleanly");
+    second.stop().await;
 
     let subs = emulator.subscriptions();
     let resumed = subs.last().expect("second subscription");

@@ -3,9 +3,7 @@
 //! duplicates, replays from older positions and random batch cuts, always converge to the
 //! state of the history applied once, in soft and hard delete mode.
 
-mod common;
-
-use common::TestDb;
+use crate::common::TestDb;
 use proptest::prelude::*;
 use sfmirror::config::DeleteMode;
 use sfmirror::model::{

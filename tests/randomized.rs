@@ -2,9 +2,8 @@
 //! multi-entity channel, the subscriber killed and restarted at random points; at the end the
 //! replica equals the org, every row and every column. `SFMIRROR_TEST_SEED` replays a run.
 
-mod common;
-
-use common::{TestDb, object_drift, wait_for};
+use crate::common;
+use crate::common::{Daemon, TestDb, object_drift, wait_for};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value as J, json};
@@ -12,9 +11,7 @@ use sfmirror::config::Config;
 use sfmirror::emulator::store::Org;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::model::FieldType;
-use sfmirror::sync::supervisor;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const OBJECTS: [&str; 5] = [
     "Account",
@@ -101,9 +98,9 @@ fn random_fields(rng: &mut StdRng, org: &Org, object: &str, creating: bool) -> M
 }
 
 fn config(emulator: &Emulator, db: &TestDb) -> Config {
-    let mut cfg =
-        sfmirror::sync::demo::config_for(emulator, &db.url, &[("/data/ChangeEvents", &OBJECTS)])
-            .expect("config");
+    let mut cfg = common::TestConfig::new(emulator, &db.url)
+        .channels(&[("/data/ChangeEvents", &OBJECTS)])
+        .build();
     cfg.sync.batch_max_events = 200;
     cfg.sync.batch_max_wait_ms = 20;
     cfg.sync.reconnect_min_ms = 50;
@@ -126,15 +123,7 @@ async fn random_workload_with_random_kills_converges() {
     let cfg = config(&emulator, &db);
     let org = emulator.org.clone();
 
-    let start = |cfg: &Config| {
-        let stop = CancellationToken::new();
-        let task = {
-            let (cfg, stop) = (cfg.clone(), stop.clone());
-            tokio::spawn(async move { supervisor::run(&cfg, stop, None).await })
-        };
-        (stop, task)
-    };
-    let mut daemon = start(&cfg);
+    let mut daemon = Daemon::spawn(&cfg, None);
     wait_for(
         "the first subscription",
         Duration::from_secs(30),
@@ -173,11 +162,11 @@ async fn random_workload_with_random_kills_converges() {
     for n in 0..total {
         if n == next_kill {
             // Kill without warning: in-flight transactions roll back, nothing is flushed.
-            daemon.1.abort();
-            let _ = (&mut daemon.1).await;
+            daemon.task.abort();
+            let _ = (&mut daemon.task).await;
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..50))).await;
-            daemon = start(&cfg);
+            daemon = Daemon::spawn(&cfg, None);
             next_kill = n + rng.random_range(150..600);
         }
         let object = OBJECTS[rng.random_range(0..OBJECTS.len())];
@@ -277,7 +266,6 @@ async fn random_workload_with_random_kills_converges() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    daemon.0.cancel();
-    daemon.1.await.expect("join").expect("clean stop");
+    daemon.stop().await;
     emulator.stop().await;
 }

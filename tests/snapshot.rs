@@ -1,9 +1,7 @@
 //! Snapshot rows against a real Postgres: the guarded merge keeps a row the stream has moved
 //! past and asks for it to be read again; rows it may write are written.
 
-mod common;
-
-use common::TestDb;
+use crate::common::TestDb;
 use serde_json::json;
 use sfmirror::config::DeleteMode;
 use sfmirror::model::ObjectDescribe;

@@ -2,17 +2,12 @@
 //! multi-record events, delete modes, schema changes mid-stream, and the faults a long-lived
 //! subscriber meets (expired tokens, dropped streams, unavailable service, corrupt payloads).
 
-mod common;
-
-use common::{TestDb, control, object_drift, wait_for};
+use crate::common::{Daemon, TestConfig, TestDb, control, object_drift, wait_for};
 use serde_json::json;
 use sfmirror::config::Config;
+use sfmirror::demo::RestWriter;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
-use sfmirror::sync::demo::RestWriter;
-use sfmirror::sync::supervisor;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -22,7 +17,9 @@ fn config(
     channels: &[(&str, &[&str])],
     delete_mode: &str,
 ) -> Config {
-    let mut cfg = sfmirror::sync::demo::config_for(emulator, &db.url, channels).expect("config");
+    let mut cfg = TestConfig::new(emulator, &db.url)
+        .channels(channels)
+        .build();
     cfg.replica.delete_mode = match delete_mode {
         "hard" => sfmirror::config::DeleteMode::Hard,
         _ => sfmirror::config::DeleteMode::Soft,
@@ -32,33 +29,6 @@ fn config(
     cfg.sync.reconnect_max_ms = 500;
     cfg.sync.repair_idle_ms = 100;
     cfg
-}
-
-struct Daemon {
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), sfmirror::sync::SyncError>>,
-}
-
-impl Daemon {
-    async fn start(emulator: &Emulator, cfg: &Config) -> Daemon {
-        let before = emulator.subscription_count();
-        let stop = CancellationToken::new();
-        let task = {
-            let (cfg, stop) = (cfg.clone(), stop.clone());
-            tokio::spawn(async move { supervisor::run(&cfg, stop, None).await })
-        };
-        let n = cfg.channels.len();
-        wait_for("subscriptions", WAIT, async || {
-            emulator.subscription_count() >= before + n
-        })
-        .await;
-        Daemon { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.expect("join").expect("daemon ends cleanly");
-    }
 }
 
 async fn converged(emulator: &Emulator, db: &TestDb, objects: &[&str]) {
@@ -1239,11 +1209,7 @@ async fn a_channel_with_a_definite_error_stops_alone() {
         ],
         "soft",
     );
-    let stop = CancellationToken::new();
-    let task = {
-        let (cfg, stop) = (cfg.clone(), stop.clone());
-        tokio::spawn(async move { supervisor::run(&cfg, stop, None).await })
-    };
+    let daemon = Daemon::spawn(&cfg, None);
     wait_for("the good channel", WAIT, async || {
         emulator.subscription_count() >= 1
     })
@@ -1254,11 +1220,10 @@ async fn a_channel_with_a_definite_error_stops_alone() {
         .expect("contact");
     converged(&emulator, &db, &["Contact"]).await;
     assert!(
-        !task.is_finished(),
+        !daemon.task.is_finished(),
         "the daemon keeps running the good channel"
     );
-    stop.cancel();
-    task.await.expect("join").expect("clean stop");
+    daemon.stop().await;
 
     // The bad channel did stop rather than retry for ever: alone, it ends the daemon.
     let alone = config(
@@ -1267,12 +1232,10 @@ async fn a_channel_with_a_definite_error_stops_alone() {
         &[("/data/NoSuchThingChangeEvent", &["Account"])],
         "soft",
     );
-    let ended = tokio::time::timeout(
-        WAIT,
-        supervisor::run(&alone, CancellationToken::new(), None),
-    )
-    .await
-    .expect("a definite error stops the channel instead of retrying");
+    let ended = tokio::time::timeout(WAIT, Daemon::spawn(&alone, None).task)
+        .await
+        .expect("a definite error stops the channel instead of retrying")
+        .expect("the daemon task does not panic");
     let err = ended.expect_err("its only channel stopped");
     assert!(err.to_string().contains("every channel stopped"), "{err}");
     emulator.stop().await;

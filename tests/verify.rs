@@ -3,9 +3,7 @@
 //! listings alike; `--repair` queues exactly the drifted records; the command line exits 1
 //! on drift and 0 when in sync, with a JSON report on request.
 
-mod common;
-
-use common::TestDb;
+use crate::common::{TestConfig, TestDb};
 use serde_json::{Map, Value as J, json};
 use sfmirror::config::Config;
 use sfmirror::emulator::{Emulator, EmulatorConfig};
@@ -15,30 +13,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 fn config_text(emulator: &Emulator, db: &TestDb, objects: &[&str]) -> String {
-    let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
-    format!(
-        r#"
-        [salesforce]
-        login_url = "{rest}"
-        auth = "client_credentials"
-        client_id = "{id}"
-        client_secret = "{secret}"
-        pubsub_endpoint = "{grpc}"
-        [replica]
-        url = "{db}"
-        [[channels]]
-        name = "/data/ChangeEvents"
-        objects = [{list}]
-        [metrics]
-        listen = ""
-        "#,
-        rest = emulator.rest_url,
-        id = emulator.credentials.client_id,
-        secret = emulator.credentials.client_secret,
-        grpc = emulator.pubsub_endpoint,
-        db = db.url,
-        list = list.join(", "),
-    )
+    TestConfig::new(emulator, &db.url)
+        .channel("/data/ChangeEvents", objects)
+        .toml()
 }
 
 fn create(emulator: &Emulator, object: &str, value: J) -> String {

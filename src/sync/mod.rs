@@ -6,7 +6,6 @@
 
 pub mod backfill;
 pub mod channel;
-pub mod demo;
 pub mod repair;
 pub mod status;
 pub mod supervisor;

@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+pub use daemon::{Daemon, TestConfig};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -2,9 +2,9 @@
 //! reached the replica. It writes only to its own schemas (`salesforce_demo`,
 //! `sfmirror_demo`), which it recreates on each run.
 
-use super::supervisor;
 use crate::config::Config;
 use crate::emulator::{Emulator, EmulatorConfig};
+use crate::sync::supervisor;
 use anyhow::{Context, bail};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -94,7 +94,7 @@ impl RestWriter {
 /// A daemon config that mirrors `channels` (name, objects) of `emulator` into
 /// `database_url`, with the default schemas and the metrics listener off. Callers adjust
 /// fields (schemas, `sync`, delete mode) on the returned value.
-pub fn config_for(
+fn config_for(
     emulator: &Emulator,
     database_url: &str,
     channels: &[(&str, &[&str])],
@@ -152,7 +152,7 @@ pub async fn run(database_url: &str, accounts: usize, follow: bool) -> anyhow::R
         .await?;
 
     let shutdown = CancellationToken::new();
-    crate::cli::spawn_signal_handler(shutdown.clone());
+    crate::shutdown::on_signal(shutdown.clone());
     let daemon = {
         let cfg = cfg.clone();
         let stop = shutdown.clone();

@@ -1,0 +1,28 @@
+//! The integration suite, one test binary: the library is linked once for every test, not once
+//! per file. Each module below is one area, tested the way a user meets it, against the
+//! in-process emulator on `127.0.0.1:0` and a real Postgres (one database per test, see
+//! [`common`]).
+//!
+//! - `auth`: the OAuth flows.
+//! - `backfill`, `verify`: the one-shot commands over REST and Bulk API 2.0.
+//! - `cli`: the binary as an operator runs it (exit codes, config errors, metrics listener).
+//! - `conformance`: real third-party Salesforce clients from npm against the emulator.
+//! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
+//! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
+//! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
+
+mod common;
+
+mod auth;
+mod backfill;
+mod cli;
+mod conformance;
+mod emulator_features;
+mod emulator_pubsub;
+mod emulator_rest;
+mod end_to_end;
+mod merge_properties;
+mod randomized;
+mod snapshot;
+mod streaming;
+mod verify;
