@@ -34,10 +34,10 @@ use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::model::{ChangeEvent, ChangeType, ReplayId};
 use sfmirror::replica::binary;
 use sfmirror::replica::schema::TableSchema;
-use sfmirror::salesforce::auth::Authenticator;
+use sfmirror::salesforce::Salesforce;
 use sfmirror::salesforce::event::EventPlan;
-use sfmirror::salesforce::pubsub::{PubSub, StartAt};
-use sfmirror::salesforce::rest::RestClient;
+use sfmirror::salesforce::pubsub::StartAt;
+use sfmirror::sync::setup::Setup;
 use sfmirror::sync::supervisor;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -207,9 +207,7 @@ async fn read_backlog(
     end_tip: u64,
     mut each: impl FnMut(ChangeEvent) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let http = supervisor::http_client(&cfg.salesforce)?;
-    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http));
-    let pubsub = PubSub::connect(&cfg.salesforce, auth)?;
+    let pubsub = Salesforce::new(&cfg.salesforce)?.pubsub()?;
     let mut plans: HashMap<String, EventPlan> = HashMap::new();
     let mut sub = pubsub
         .subscribe(ALL_CHANGES, StartAt::After(ReplayId::from_u64(start_tip)))
@@ -243,9 +241,7 @@ async fn stage_backlog(
     start_tip: u64,
     end_tip: u64,
 ) -> anyhow::Result<HashMap<String, Stage>> {
-    let http = supervisor::http_client(&cfg.salesforce)?;
-    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
-    let rest = RestClient::new(auth, http, &cfg.salesforce.api_version);
+    let rest = Salesforce::new(&cfg.salesforce)?.rest;
     let mut stages = HashMap::new();
     for object in OBJECTS {
         let table = TableSchema::from_describe(rest.describe(object).await?)?;
@@ -599,7 +595,9 @@ async fn run(
         salesforce = source.salesforce_toml(),
     ))?;
     // Start from just before the backlog, as a daemon that was down would.
-    let pool = supervisor::prepare_replica(&cfg).await?;
+    let replica = Setup::connect(&cfg).await?;
+    replica.migrate().await?;
+    let pool = replica.pool;
     {
         let c = pool.get().await?;
         c.execute(

@@ -204,14 +204,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             for ch in &cfg.channels {
                 println!("  channel {} -> {}", ch.name, ch.objects.join(", "));
             }
-            let pool = supervisor::prepare_replica(&cfg)
+            let replica = crate::sync::setup::Setup::connect(&cfg)
                 .await
                 .context("reaching the replica database")?;
-            drop(pool);
-            println!("  replica database reachable, control schema migrated");
-            let http = supervisor::http_client(&cfg.salesforce)?;
-            let auth = crate::salesforce::auth::Authenticator::new(cfg.salesforce.clone(), http);
-            let session = auth.session().await.context("logging in to Salesforce")?;
+            let client = replica.pool.get().await?;
+            let state =
+                crate::replica::migrate::state(&client, &cfg.replica.control_schema).await?;
+            println!("  replica database reachable; {state}");
+            let salesforce = crate::salesforce::Salesforce::new(&cfg.salesforce)?;
+            let session = salesforce
+                .login()
+                .await
+                .context("logging in to Salesforce")?;
             println!(
                 "  logged in: org {} at {}",
                 session.org_id, session.instance_url

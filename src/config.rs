@@ -265,7 +265,51 @@ fn default_pool_size() -> usize {
     8
 }
 
+/// An object that no configured channel carries.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown object `{object}`: the configured channels carry {configured}")]
+pub struct UnknownObject {
+    pub object: String,
+    pub configured: String,
+}
+
 impl Config {
+    /// Every object of every channel, each once, in configuration order.
+    pub fn objects(&self) -> Vec<String> {
+        let mut objects: Vec<String> = Vec::new();
+        for ch in &self.channels {
+            for o in &ch.objects {
+                if !objects.contains(o) {
+                    objects.push(o.clone());
+                }
+            }
+        }
+        objects
+    }
+
+    /// The objects a command works on: those `requested` (matched to the configured spelling,
+    /// ignoring case), or every configured object when none is.
+    pub fn select_objects(&self, requested: &[String]) -> Result<Vec<String>, UnknownObject> {
+        let configured = self.objects();
+        if requested.is_empty() {
+            return Ok(configured);
+        }
+        let mut out: Vec<String> = Vec::new();
+        for r in requested {
+            let found = configured
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(r))
+                .ok_or_else(|| UnknownObject {
+                    object: r.clone(),
+                    configured: configured.join(", "),
+                })?;
+            if !out.contains(found) {
+                out.push(found.clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// Loads `path` (TOML) with `SFMIRROR__SECTION__KEY` overrides, reads secret files, and
     /// validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -527,6 +571,47 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    fn with_channels(objects: &[&[&str]]) -> Config {
+        let mut text = String::from(
+            r#"
+            [salesforce]
+            auth = "client_credentials"
+            client_id = "x"
+            client_secret = "y"
+            [replica]
+            url = "postgres://u@127.0.0.1/db"
+            "#,
+        );
+        for (i, o) in objects.iter().enumerate() {
+            let list: Vec<String> = o.iter().map(|s| format!("\"{s}\"")).collect();
+            text.push_str(&format!(
+                "[[channels]]\nname = \"/data/C{i}\"\nobjects = [{}]\n",
+                list.join(", ")
+            ));
+        }
+        Config::from_toml(&text).expect("config")
+    }
+
+    #[test]
+    fn objects_default_to_every_channel_and_unknown_ones_are_named() {
+        let c = with_channels(&[&["Account", "Contact"], &["Account", "Invoice__c"]]);
+        assert_eq!(
+            c.select_objects(&[]).expect("all"),
+            ["Account", "Contact", "Invoice__c"]
+        );
+        assert_eq!(
+            c.select_objects(&["invoice__c".into(), "Invoice__c".into()])
+                .expect("one"),
+            ["Invoice__c"]
+        );
+        let e = c.select_objects(&["Lead".into()]).expect_err("unknown");
+        let text = e.to_string();
+        assert!(
+            text.contains("`Lead`") && text.contains("Account, Contact, Invoice__c"),
+            "{text}"
+        );
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

@@ -164,7 +164,7 @@ async fn tls_serves_both_apis_with_a_ca_clients_can_trust() {
         .channels(&[("/data/AccountChangeEvent", &["Account"])])
         .build();
     cfg.salesforce.ca_file = Some(ca_file.into());
-    let http = sfmirror::sync::supervisor::http_client(&cfg.salesforce).expect("http");
+    let http = sfmirror::salesforce::client::http_client(&cfg.salesforce).expect("http");
     let auth = std::sync::Arc::new(sfmirror::salesforce::auth::Authenticator::new(
         cfg.salesforce.clone(),
         http,

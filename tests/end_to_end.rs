@@ -258,8 +258,8 @@ async fn migrations_apply_once_and_are_recorded() {
 async fn a_repair_claim_is_free_as_soon_as_its_holder_is_gone() {
     // A crashed daemon's claims must not wait out their ten-minute lease: its connections,
     // and with them the backends that claimed, are gone.
-    use sfmirror::replica::apply::RepairRequest;
     use sfmirror::replica::repair_queue;
+    use sfmirror::replica::repair_queue::RepairRequest;
     let db = TestDb::create().await;
     let mut client = db.client().await;
     sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")

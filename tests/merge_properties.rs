@@ -9,7 +9,8 @@ use sfmirror::config::DeleteMode;
 use sfmirror::model::{
     ChangeEvent, ChangeHeader, ChangeType, FieldValue, ObjectDescribe, ReplayId, Value,
 };
-use sfmirror::replica::apply::{ApplySettings, apply_events};
+use sfmirror::replica::ApplySettings;
+use sfmirror::replica::apply::apply_events;
 use sfmirror::replica::schema::TableSchema;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

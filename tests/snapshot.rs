@@ -5,7 +5,8 @@ use crate::common::TestDb;
 use serde_json::json;
 use sfmirror::config::DeleteMode;
 use sfmirror::model::ObjectDescribe;
-use sfmirror::replica::apply::{ApplySettings, RepairRequest};
+use sfmirror::replica::ApplySettings;
+use sfmirror::replica::repair_queue::RepairRequest;
 use sfmirror::replica::schema::TableSchema;
 use sfmirror::replica::snapshot::{apply_snapshot, row_from_json};
 

@@ -45,40 +45,14 @@
 //! deleted from the org after a restart lost its mapping. The caller reports those.
 
 use super::binary::{Raw, column_expr, param_type, put_field, type_oid};
+use super::repair_queue::RepairRequest;
 use super::schema::{PgType, TableSchema};
-use super::{ReplicaError, quote};
+use super::{ApplySettings, ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::{ChangeEvent, ChangeType, textdiff};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-
-/// What the stream could not deliver, to be fetched over REST.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RepairRequest {
-    /// Re-read one record.
-    Record {
-        object: String,
-        id: String,
-        reason: String,
-    },
-    /// Re-read every record of `object` changed since `since_ms` (epoch ms).
-    Entity {
-        object: String,
-        since_ms: i64,
-        reason: String,
-    },
-}
-
-/// Settings of the merge.
-#[derive(Debug, Clone)]
-pub struct ApplySettings {
-    pub data_schema: String,
-    pub control_schema: String,
-    pub delete_mode: DeleteMode,
-    /// Subtracted from a gap's commit time for entity repairs, in ms.
-    pub repair_margin_ms: i64,
-}
 
 /// What a batch did.
 #[derive(Debug, Default)]

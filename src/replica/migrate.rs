@@ -114,6 +114,72 @@ pub async fn migrate(
     Ok(ran)
 }
 
+/// How far a control schema is migrated, read without changing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// No migration table: nothing has been created yet.
+    Absent { schema: String },
+    /// `applied` of the migrations this binary knows.
+    Migrated { schema: String, applied: usize },
+    /// Migrated by a newer sfmirror than this one.
+    Newer { schema: String, version: i32 },
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let known = MIGRATIONS.len();
+        match self {
+            State::Absent { schema } => write!(
+                f,
+                "control schema {schema} not created yet (`sfmirror run` or `backfill` creates it)"
+            ),
+            State::Migrated { schema, applied } if *applied >= known => {
+                write!(f, "control schema {schema} up to date ({known} migrations)")
+            }
+            State::Migrated { schema, applied } => write!(
+                f,
+                "control schema {schema} at {applied} of {known} migrations (`sfmirror run` or \
+                 `backfill` applies the rest)"
+            ),
+            State::Newer { schema, version } => write!(
+                f,
+                "control schema {schema} was migrated by a newer sfmirror (version {version}); \
+                 upgrade this binary"
+            ),
+        }
+    }
+}
+
+/// Reads how far `control_schema` is migrated; changes nothing.
+pub async fn state(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+) -> Result<State, ReplicaError> {
+    let schema = control_schema.to_string();
+    let table = format!("{}.migrations", quote(control_schema));
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(ReplicaError::pg("look up the migration table"))?
+        .get(0);
+    if !exists {
+        return Ok(State::Absent { schema });
+    }
+    let rows = client
+        .query(&format!("SELECT version FROM {table}"), &[])
+        .await
+        .map_err(ReplicaError::pg("read applied migrations"))?;
+    let applied: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let newest_known = MIGRATIONS.last().map(|m| m.0 as i32).unwrap_or(0);
+    if let Some(version) = applied.iter().copied().filter(|v| *v > newest_known).max() {
+        return Ok(State::Newer { schema, version });
+    }
+    Ok(State::Migrated {
+        schema,
+        applied: applied.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

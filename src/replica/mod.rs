@@ -16,7 +16,7 @@ pub mod repair_queue;
 pub mod schema;
 pub mod snapshot;
 
-use crate::config::ReplicaConfig;
+use crate::config::{DeleteMode, ReplicaConfig};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 /// Errors of the sink side, transient (retry: connection loss, serialization failure) or
@@ -84,8 +84,38 @@ impl From<deadpool_postgres::PoolError> for ReplicaError {
     }
 }
 
-/// A connection pool for the replica database.
-pub fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
+/// Where and how the sink writes: the schemas, the delete mode, and the margin entity
+/// repairs reach back by. Every writer (the merge, snapshots, repairs) takes them.
+#[derive(Debug, Clone)]
+pub struct ApplySettings {
+    pub data_schema: String,
+    pub control_schema: String,
+    pub delete_mode: DeleteMode,
+    /// Subtracted from a gap's commit time for entity repairs, in ms.
+    pub repair_margin_ms: i64,
+}
+
+impl ApplySettings {
+    pub fn from_config(cfg: &crate::config::Config) -> ApplySettings {
+        ApplySettings {
+            data_schema: cfg.replica.schema.clone(),
+            control_schema: cfg.replica.control_schema.clone(),
+            delete_mode: cfg.replica.delete_mode,
+            repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
+        }
+    }
+}
+
+/// Connects to the replica database: a pool, with one connection opened at once so that an
+/// unreachable server or a refused login fails here rather than at the first use.
+pub async fn connect(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
+    let pool = pool(cfg)?;
+    drop(pool.get().await?);
+    Ok(pool)
+}
+
+/// A connection pool for the replica database; connections open on first use.
+fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
     let pg: tokio_postgres::Config = cfg
         .url
         .expose()

@@ -16,9 +16,25 @@
 //! transaction mode (PgBouncer, Supavisor) backend pids say nothing about the daemon, and
 //! claims are taken over by the lease alone.
 
-use super::apply::RepairRequest;
 use super::{ReplicaError, quote};
 use crate::model::ReplayId;
+
+/// What the stream could not deliver, to be fetched over REST.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RepairRequest {
+    /// Re-read one record.
+    Record {
+        object: String,
+        id: String,
+        reason: String,
+    },
+    /// Re-read every record of `object` changed since `since_ms` (epoch ms).
+    Entity {
+        object: String,
+        since_ms: i64,
+        reason: String,
+    },
+}
 
 /// Inserts `requests`, noting the channel and replay id that caused them.
 pub async fn enqueue(

@@ -24,8 +24,9 @@
 //! (`IsDeleted`, from queryAll) become soft-deleted rows or, in hard mode, removals with a
 //! tombstone.
 
-use super::apply::{ApplySettings, RepairRequest};
+use super::ApplySettings;
 use super::binary::{self, COPY_HEADER, put_field};
+use super::repair_queue::RepairRequest;
 use super::schema::{PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;

@@ -10,9 +10,13 @@
 pub mod auth;
 pub mod avro;
 pub mod bulk;
+pub mod client;
 pub mod event;
 pub mod pubsub;
 pub mod rest;
+pub mod soql;
+
+pub use client::Salesforce;
 
 /// Errors of the source side, each either transient (retry with backoff) or definite (stop
 /// that channel or object and tell the operator).

@@ -32,18 +32,18 @@
 //! Records purged from the org (hard-deleted) are never seen by a snapshot: `verify` finds
 //! them.
 
-use crate::config::Config;
-use crate::replica::apply::ApplySettings;
+use crate::config::{Config, UnknownObject};
+use crate::replica::ApplySettings;
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{CsvLayout, SnapshotRow, apply_snapshot, row_from_json};
 use crate::replica::{ReplicaError, quote, repair_queue};
 use crate::salesforce::SourceError;
-use crate::salesforce::auth::Authenticator;
 use crate::salesforce::bulk::{self, BulkClient, JobState, Operation, ResultChunk};
 use crate::salesforce::rest::RestClient;
-use crate::sync::supervisor::{http_client, prepare_replica};
+use crate::salesforce::soql;
+use crate::sync::setup::{self, Setup};
 use crate::telemetry;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use std::fmt;
 use std::io::IsTerminal;
@@ -62,14 +62,6 @@ const MAX_ATTEMPTS: u32 = 5;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The `channel` noted on repairs a backfill queues.
 const REPAIR_ORIGIN: &str = "backfill";
-
-/// An object that no configured channel carries.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown object `{object}`: the configured channels carry {configured}")]
-pub struct UnknownObject {
-    pub object: String,
-    pub configured: String,
-}
 
 /// Errors of a backfill, transient (retried with backoff, resuming) or definite.
 #[derive(Debug, thiserror::Error)]
@@ -295,21 +287,17 @@ pub async fn backfill_with(
     cfg: &Config,
     opts: &BackfillOptions,
 ) -> Result<BackfillReport, BackfillError> {
-    let objects = select_objects(cfg, &opts.objects)?;
-    let pool = prepare_replica(cfg).await?;
-    let rest = rest_client(cfg)?;
-    // Log in once up front so bad credentials fail the run with one clear message.
-    rest.auth().session().await?;
+    let objects = cfg.select_objects(&opts.objects)?;
+    let replica = Setup::connect(cfg).await?;
+    replica.migrate().await?;
+    let salesforce = setup::login(cfg)
+        .await?
+        .with_bulk_polling(opts.bulk_poll.0, opts.bulk_poll.1);
     let runner = Runner {
-        bulk: BulkClient::new(rest.clone()).with_polling(opts.bulk_poll.0, opts.bulk_poll.1),
-        rest,
-        pool,
-        settings: ApplySettings {
-            data_schema: cfg.replica.schema.clone(),
-            control_schema: cfg.replica.control_schema.clone(),
-            delete_mode: cfg.replica.delete_mode,
-            repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
-        },
+        bulk: salesforce.bulk,
+        rest: salesforce.rest,
+        pool: replica.pool,
+        settings: replica.settings,
         opts: opts.clone(),
         retry_min: Duration::from_millis(cfg.sync.reconnect_min_ms),
         retry_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
@@ -325,50 +313,6 @@ pub async fn backfill_with(
         report.objects.push(runner.object(&object).await);
     }
     Ok(report)
-}
-
-/// The objects to work on: the requested ones (matched to the configured spelling, ignoring
-/// case), or every object of every channel, each once, in configuration order.
-pub fn select_objects(cfg: &Config, requested: &[String]) -> Result<Vec<String>, UnknownObject> {
-    let mut configured: Vec<String> = Vec::new();
-    for ch in &cfg.channels {
-        for o in &ch.objects {
-            if !configured.contains(o) {
-                configured.push(o.clone());
-            }
-        }
-    }
-    if requested.is_empty() {
-        return Ok(configured);
-    }
-    let mut out: Vec<String> = Vec::new();
-    for r in requested {
-        let found = configured
-            .iter()
-            .find(|c| c.eq_ignore_ascii_case(r))
-            .ok_or_else(|| UnknownObject {
-                object: r.clone(),
-                configured: configured.join(", "),
-            })?;
-        if !out.contains(found) {
-            out.push(found.clone());
-        }
-    }
-    Ok(out)
-}
-
-/// A REST client for the configured org (not yet logged in).
-pub(crate) fn rest_client(cfg: &Config) -> Result<RestClient, SourceError> {
-    let http = http_client(&cfg.salesforce)?;
-    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
-    Ok(RestClient::new(auth, http, &cfg.salesforce.api_version))
-}
-
-/// A SOQL datetime literal for `t`, floored to the second (SystemModstamp has whole seconds,
-/// so the window still includes every record changed at or after `t`).
-pub fn soql_datetime(t: DateTime<Utc>) -> String {
-    let floored = DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t);
-    floored.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 struct Runner {
@@ -631,7 +575,7 @@ impl Runner {
         let window = self
             .opts
             .since
-            .map(|s| format!(" WHERE SystemModstamp >= {}", soql_datetime(s)))
+            .map(|s| format!(" WHERE SystemModstamp >= {}", soql::datetime(s)))
             .unwrap_or_default();
         let count = self
             .rest
@@ -1196,58 +1140,5 @@ impl Meter {
         if let Some(bar) = &self.bar {
             bar.abandon();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(objects: &[&[&str]]) -> Config {
-        let mut text = String::from(
-            r#"
-            [salesforce]
-            auth = "client_credentials"
-            client_id = "x"
-            client_secret = "y"
-            [replica]
-            url = "postgres://u@127.0.0.1/db"
-            "#,
-        );
-        for (i, o) in objects.iter().enumerate() {
-            let list: Vec<String> = o.iter().map(|s| format!("\"{s}\"")).collect();
-            text.push_str(&format!(
-                "[[channels]]\nname = \"/data/C{i}\"\nobjects = [{}]\n",
-                list.join(", ")
-            ));
-        }
-        Config::from_toml(&text).expect("config")
-    }
-
-    #[test]
-    fn objects_default_to_every_channel_and_unknown_ones_are_named() {
-        let c = cfg(&[&["Account", "Contact"], &["Account", "Invoice__c"]]);
-        assert_eq!(
-            select_objects(&c, &[]).expect("all"),
-            ["Account", "Contact", "Invoice__c"]
-        );
-        assert_eq!(
-            select_objects(&c, &["invoice__c".into(), "Invoice__c".into()]).expect("one"),
-            ["Invoice__c"]
-        );
-        let e = select_objects(&c, &["Lead".into()]).expect_err("unknown");
-        let text = e.to_string();
-        assert!(
-            text.contains("`Lead`") && text.contains("Account, Contact, Invoice__c"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn since_literals_are_floored_to_the_second() {
-        let t = DateTime::parse_from_rfc3339("2024-05-01T10:20:30.750+02:00")
-            .expect("time")
-            .with_timezone(&Utc);
-        assert_eq!(soql_datetime(t), "2024-05-01T08:20:30Z");
     }
 }

@@ -45,9 +45,9 @@
 use super::{AbortOnDrop, SyncError};
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::{ChangeEvent, ReplayId};
-use crate::replica::apply::{
-    ApplySettings, MergePlan, RecordKeys, RepairRequest, execute, plan_events,
-};
+use crate::replica::ApplySettings;
+use crate::replica::apply::{MergePlan, RecordKeys, execute, plan_events};
+use crate::replica::repair_queue::RepairRequest;
 use crate::replica::schema::TableSchema;
 use crate::replica::{ReplicaError, checkpoint, quote, repair_queue};
 use crate::salesforce::SourceError;

@@ -7,6 +7,7 @@
 pub mod backfill;
 pub mod channel;
 pub mod repair;
+pub mod setup;
 pub mod status;
 pub mod supervisor;
 pub mod verify;
@@ -32,7 +33,7 @@ impl<T> Drop for AbortOnDrop<T> {
 /// here: whichever sees the new field first adds the column, and with it the obligation.
 pub(crate) async fn ensure_table(
     client: &impl deadpool_postgres::GenericClient,
-    settings: &crate::replica::apply::ApplySettings,
+    settings: &crate::replica::ApplySettings,
     table: &crate::replica::schema::TableSchema,
     origin: &str,
 ) -> Result<(), ReplicaError> {
@@ -40,7 +41,7 @@ pub(crate) async fn ensure_table(
     if added.is_empty() {
         return Ok(());
     }
-    let repair = crate::replica::apply::RepairRequest::Entity {
+    let repair = crate::replica::repair_queue::RepairRequest::Entity {
         object: table.object.clone(),
         since_ms: 0,
         reason: format!(

@@ -15,13 +15,15 @@
 //! the channel tasks and never holds a lock they wait on while it talks to Salesforce.
 
 use crate::model::{ChangeEvent, ChangeHeader, ChangeType};
-use crate::replica::apply::{ApplySettings, apply_events};
+use crate::replica::ApplySettings;
+use crate::replica::apply::apply_events;
 use crate::replica::repair_queue::{self, Repair, RepairKind};
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
 use crate::replica::{ReplicaError, repair_queue::enqueue};
 use crate::salesforce::bulk::{BulkClient, Operation};
 use crate::salesforce::rest::RestClient;
+use crate::salesforce::soql;
 use crate::sync::SyncError;
 use crate::telemetry;
 use std::collections::{BTreeMap, HashMap};
@@ -226,10 +228,7 @@ impl RepairWorker {
         // Not retrievable: deleted (still in the recycle bin) or gone for good.
         let mut gone = Vec::new();
         for chunk in missing.chunks(LOOKUP_IDS) {
-            let list: Vec<String> = chunk
-                .iter()
-                .map(|i| format!("'{}'", soql_escape(i)))
-                .collect();
+            let list: Vec<String> = chunk.iter().map(|i| soql::quoted(i)).collect();
             let soql = format!(
                 "SELECT {} FROM {object} WHERE Id IN ({})",
                 fields.join(", "),
@@ -290,9 +289,7 @@ impl RepairWorker {
         if let Some(field) = window_field
             && since_ms > 0
         {
-            let since = crate::sync::backfill::soql_datetime(
-                chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default(),
-            );
+            let since = soql::datetime_ms(since_ms);
             window = format!(" WHERE {field} >= {since}");
         }
         soql.push_str(&window);
@@ -451,11 +448,6 @@ fn min_floor(a: Option<i64>, b: Option<i64>) -> Option<i64> {
         (Some(a), Some(b)) => Some(a.min(b)),
         _ => None,
     }
-}
-
-/// Escapes a value for a SOQL string literal.
-pub fn soql_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 /// A DELETE change for records that no longer exist anywhere in the org.

@@ -74,7 +74,7 @@ pub struct ObjectStatus {
 
 /// Reads the status from the replica named in `cfg`.
 pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
-    let pool = replica::pool(&cfg.replica)?;
+    let pool = replica::connect(&cfg.replica).await?;
     let client = pool.get().await?;
     let control = replica::quote(&cfg.replica.control_schema);
     let now = Utc::now();

@@ -6,55 +6,12 @@
 //! start-up fails or every channel has stopped with an error.
 
 use super::channel::{AppliedBatch, ChannelDeps, ChannelTask};
+use super::setup::{self, Setup};
 use super::{AbortOnDrop, SyncError};
-use crate::config::{Config, SalesforceConfig};
-use crate::replica::apply::ApplySettings;
-use crate::replica::{self, ReplicaError, migrate};
-use crate::salesforce::SourceError;
-use crate::salesforce::auth::Authenticator;
-use crate::salesforce::pubsub::PubSub;
-use crate::salesforce::rest::RestClient;
+use crate::config::Config;
 use crate::telemetry::{self, Readiness};
-use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-
-/// An HTTP client for Salesforce REST and OAuth: rustls, system roots plus `ca_file`.
-pub fn http_client(cfg: &SalesforceConfig) -> Result<reqwest::Client, SourceError> {
-    let mut builder = reqwest::Client::builder()
-        .timeout(Duration::from_secs(cfg.request_timeout_secs))
-        .connect_timeout(Duration::from_secs(20))
-        .user_agent(concat!("sfmirror/", env!("CARGO_PKG_VERSION")));
-    if let Some(ca) = &cfg.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| SourceError::Connect {
-            endpoint: cfg.login_url.clone(),
-            message: format!("cannot read ca_file {}: {e}", ca.display()),
-        })?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| SourceError::Connect {
-            endpoint: cfg.login_url.clone(),
-            message: format!("ca_file {} is not a PEM certificate: {e}", ca.display()),
-        })?;
-        builder = builder.add_root_certificate(cert);
-    }
-    builder.build().map_err(|e| SourceError::Connect {
-        endpoint: cfg.login_url.clone(),
-        message: format!("HTTP client: {e}"),
-    })
-}
-
-/// Prepares the replica database: pool and migrations.
-pub async fn prepare_replica(cfg: &Config) -> Result<deadpool_postgres::Pool, ReplicaError> {
-    let pool = replica::pool(&cfg.replica)?;
-    let mut client = pool.get().await?;
-    migrate::migrate(
-        &mut client,
-        &cfg.replica.schema,
-        &cfg.replica.control_schema,
-    )
-    .await?;
-    Ok(pool)
-}
 
 /// Runs the daemon until `shutdown` is cancelled. `observer`, if given, receives every
 /// committed batch.
@@ -84,23 +41,14 @@ pub async fn run(
     };
     telemetry::prometheus();
 
-    let pool = prepare_replica(cfg).await.map_err(SyncError::Replica)?;
-    let http = http_client(&cfg.salesforce).map_err(SyncError::Source)?;
-    let auth = Arc::new(Authenticator::new(cfg.salesforce.clone(), http.clone()));
-    // Log in once up front so bad credentials fail start-up with a clear message.
-    auth.session().await.map_err(SyncError::Source)?;
-    let pubsub = PubSub::connect(&cfg.salesforce, auth.clone()).map_err(SyncError::Source)?;
-    let rest = RestClient::new(auth, http, &cfg.salesforce.api_version);
+    let replica = Setup::connect(cfg).await.map_err(SyncError::Replica)?;
+    replica.migrate().await.map_err(SyncError::Replica)?;
+    let salesforce = setup::login(cfg).await.map_err(SyncError::Source)?;
     let deps = ChannelDeps {
-        pubsub,
-        rest,
-        pool,
-        apply: ApplySettings {
-            data_schema: cfg.replica.schema.clone(),
-            control_schema: cfg.replica.control_schema.clone(),
-            delete_mode: cfg.replica.delete_mode,
-            repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
-        },
+        pubsub: salesforce.pubsub().map_err(SyncError::Source)?,
+        rest: salesforce.rest.clone(),
+        pool: replica.pool,
+        apply: replica.settings,
         sync: cfg.sync.clone(),
         observer,
     };

@@ -26,15 +26,14 @@
 //! `--repair`, confirmed drift becomes record repairs in the repair queue, which the daemon's
 //! repair worker applies through the version-guarded merge.
 
-use super::backfill::{UnknownObject, rest_client, select_objects};
-use crate::config::Config;
+use super::setup::{self, Setup};
+use crate::config::{Config, UnknownObject};
 use crate::model::time::datetime_ms;
-use crate::replica::apply::RepairRequest;
-use crate::replica::{ReplicaError, quote, repair_queue};
+use crate::replica::repair_queue::RepairRequest;
+use crate::replica::{ReplicaError, migrate, quote, repair_queue};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{BulkClient, Operation};
 use crate::salesforce::rest::RestClient;
-use crate::sync::supervisor::prepare_replica;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -69,6 +68,8 @@ pub enum VerifyError {
     Replica(#[from] ReplicaError),
     #[error("{object}: {message}")]
     BadData { object: String, message: String },
+    #[error("--repair needs the replica's control schema, and it is not ready: {0}")]
+    NotMigrated(crate::replica::migrate::State),
 }
 
 impl VerifyError {
@@ -76,7 +77,9 @@ impl VerifyError {
         match self {
             VerifyError::Source(e) => e.is_transient(),
             VerifyError::Replica(e) => e.is_transient(),
-            VerifyError::UnknownObject(_) | VerifyError::BadData { .. } => false,
+            VerifyError::UnknownObject(_)
+            | VerifyError::BadData { .. }
+            | VerifyError::NotMigrated(_) => false,
         }
     }
 }
@@ -283,14 +286,23 @@ pub async fn verify(
 /// As [`verify`], with every option. Fails as a whole only when nothing can start; an object
 /// that cannot be compared carries its error in the report.
 pub async fn verify_with(cfg: &Config, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
-    let objects = select_objects(cfg, &opts.objects)?;
-    let pool = prepare_replica(cfg).await?;
-    let rest = rest_client(cfg)?;
-    rest.auth().session().await?;
+    let objects = cfg.select_objects(&opts.objects)?;
+    let replica = Setup::connect(cfg).await?;
+    if opts.repair {
+        // Verify only reads; queueing repairs needs the queue a daemon or backfill created.
+        let client = replica.pool.get().await.map_err(ReplicaError::from)?;
+        let state = migrate::state(&client, &replica.settings.control_schema).await?;
+        if !matches!(&state, migrate::State::Migrated { applied, .. }
+            if *applied >= migrate::MIGRATIONS.len())
+        {
+            return Err(VerifyError::NotMigrated(state));
+        }
+    }
+    let salesforce = setup::login(cfg).await?;
     let checker = Checker {
-        bulk: BulkClient::new(rest.clone()),
-        rest,
-        pool,
+        bulk: salesforce.bulk,
+        rest: salesforce.rest,
+        pool: replica.pool,
         data_schema: cfg.replica.schema.clone(),
         control_schema: cfg.replica.control_schema.clone(),
         opts: opts.clone(),

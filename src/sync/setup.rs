@@ -1,0 +1,47 @@
+//! The set-up every command shares: the replica pool with the settings every writer uses, and
+//! the org's clients. `run`, `backfill`, `verify`, `check` and `status` all start here, so
+//! they connect, trust certificates and log in the same way.
+//!
+//! Connecting never changes the replica: migrating the control schema is a step of its own
+//! ([`Setup::migrate`]) that only `run` and `backfill` take. `check` and `status` read the
+//! replica as they find it, and `status` never logs in to Salesforce.
+
+use crate::config::Config;
+use crate::replica::{self, ApplySettings, ReplicaError, migrate};
+use crate::salesforce::{Salesforce, SourceError};
+
+/// The replica as a command uses it.
+pub struct Setup {
+    pub pool: deadpool_postgres::Pool,
+    pub settings: ApplySettings,
+}
+
+impl Setup {
+    /// Connects to the replica named in `cfg`: an unreachable server or refused login fails
+    /// here. Nothing is created or migrated.
+    pub async fn connect(cfg: &Config) -> Result<Setup, ReplicaError> {
+        Ok(Setup {
+            pool: replica::connect(&cfg.replica).await?,
+            settings: ApplySettings::from_config(cfg),
+        })
+    }
+
+    /// Creates the schemas and applies pending control-schema migrations.
+    pub async fn migrate(&self) -> Result<(), ReplicaError> {
+        let mut client = self.pool.get().await?;
+        migrate::migrate(
+            &mut client,
+            &self.settings.data_schema,
+            &self.settings.control_schema,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The org's clients, logged in once: bad credentials fail here with one clear message.
+pub async fn login(cfg: &Config) -> Result<Salesforce, SourceError> {
+    let salesforce = Salesforce::new(&cfg.salesforce)?;
+    salesforce.login().await?;
+    Ok(salesforce)
+}
