@@ -15,6 +15,7 @@
 //!   [`proto`] and [`model`] with the rest.
 //! - [`config`], [`telemetry`], [`cli`]: configuration, logs and metrics, the command line.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;

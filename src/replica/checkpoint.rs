@@ -70,26 +70,6 @@ pub async fn to_marker(
     Ok(())
 }
 
-/// When the last snapshot of `object` started (epoch ms), if one completed.
-pub async fn snapshot_started_ms(
-    client: &impl deadpool_postgres::GenericClient,
-    control_schema: &str,
-    object: &str,
-) -> Result<Option<i64>, ReplicaError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT (extract(epoch FROM snapshot_started_at) * 1000)::bigint
-                 FROM {}.object_sync_state WHERE object = $1",
-                quote(control_schema)
-            ),
-            &[&object],
-        )
-        .await
-        .map_err(ReplicaError::pg(format!("snapshot state of {object}")))?;
-    Ok(row.and_then(|r| r.get(0)))
-}
-
 /// Records `checkpoint` for `channel`. Call it in the batch's transaction. A keepalive
 /// position (no commit time) keeps the commit time of the last applied event.
 pub async fn save(
@@ -149,4 +129,44 @@ pub async fn advance(
         .await
         .map_err(ReplicaError::pg(format!("advance checkpoint of {channel}")))?;
     Ok(moved == 1)
+}
+
+/// A stored checkpoint as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub channel: String,
+    /// Empty for a marker (see the module docs).
+    pub replay_id: ReplayId,
+    /// Epoch ms of the newest applied event's commit, if known.
+    pub commit_timestamp_ms: Option<i64>,
+    /// Epoch ms of the last time the checkpoint moved.
+    pub updated_ms: Option<i64>,
+}
+
+/// Every channel's checkpoint, by channel name.
+pub async fn list(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+) -> Result<Vec<Stored>, ReplicaError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT channel, replay_id, (extract(epoch FROM commit_timestamp) * 1000)::bigint,
+                        (extract(epoch FROM updated_at) * 1000)::bigint
+                 FROM {}.checkpoints ORDER BY channel",
+                quote(control_schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading checkpoints"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Stored {
+            channel: r.get(0),
+            replay_id: ReplayId(r.get(1)),
+            commit_timestamp_ms: r.get(2),
+            updated_ms: r.get(3),
+        })
+        .collect())
 }

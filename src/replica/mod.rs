@@ -11,10 +11,14 @@
 pub mod apply;
 pub mod binary;
 pub mod checkpoint;
+pub mod dead_letters;
+pub mod keys;
+pub mod locks;
 pub mod migrate;
 pub mod repair_queue;
 pub mod schema;
 pub mod snapshot;
+pub mod sync_state;
 
 use crate::config::{DeleteMode, ReplicaConfig};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

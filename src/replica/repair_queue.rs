@@ -113,6 +113,53 @@ pub async fn pending(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Pending repairs of one object and kind, as `status` shows them.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub object: String,
+    /// `record` or `entity`.
+    pub kind: String,
+    pub pending: i64,
+    /// Of those, how many failed at least once.
+    pub retrying: i64,
+    /// Epoch ms of the oldest request.
+    pub oldest_requested_ms: Option<i64>,
+    /// The error of the repair that failed last, if any did.
+    pub last_error: Option<String>,
+}
+
+/// The repair queue by object and kind.
+pub async fn summary(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+) -> Result<Vec<Summary>, ReplicaError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT object, kind, count(*), count(*) FILTER (WHERE attempts > 0),
+                        (extract(epoch FROM min(requested_at)) * 1000)::bigint,
+                        (array_agg(last_error ORDER BY next_attempt_at DESC)
+                            FILTER (WHERE last_error IS NOT NULL))[1]
+                 FROM {}.repair_queue GROUP BY object, kind ORDER BY object, kind",
+                quote(control_schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("reading the repair queue"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Summary {
+            object: r.get(0),
+            kind: r.get(1),
+            pending: r.get(2),
+            retrying: r.get(3),
+            oldest_requested_ms: r.get(4),
+            last_error: r.get(5),
+        })
+        .collect())
+}
+
 /// What a queued repair asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RepairKind {

@@ -14,6 +14,7 @@
 
 use super::SourceError;
 use super::rest::{RestClient, encode_query};
+use crate::backoff::Backoff;
 use bytes::Bytes;
 use serde::Deserialize;
 use std::time::Duration;
@@ -106,8 +107,8 @@ impl ResultChunk {
 #[derive(Clone)]
 pub struct BulkClient {
     rest: RestClient,
-    poll_min: Duration,
-    poll_max: Duration,
+    /// The schedule of job polls.
+    poll: Backoff,
 }
 
 /// Whether `e` says the job no longer exists (deleted, expired, or created with another API
@@ -123,15 +124,14 @@ impl BulkClient {
     pub fn new(rest: RestClient) -> BulkClient {
         BulkClient {
             rest,
-            poll_min: Duration::from_millis(250),
-            poll_max: Duration::from_secs(10),
+            poll: Backoff::new(Duration::from_millis(250), Duration::from_secs(10))
+                .without_jitter(),
         }
     }
 
     /// Changes the polling backoff (first delay, longest delay).
     pub fn with_polling(mut self, min: Duration, max: Duration) -> BulkClient {
-        self.poll_min = min.max(Duration::from_millis(1));
-        self.poll_max = max.max(self.poll_min);
+        self.poll = Backoff::new(min, max).without_jitter();
         self
     }
 
@@ -179,7 +179,7 @@ impl BulkClient {
     /// Polls with backoff until the job is `JobComplete`; `Failed` and `Aborted` are definite
     /// errors naming the job and Salesforce's message.
     pub async fn wait(&self, job_id: &str) -> Result<JobInfo, SourceError> {
-        let mut delay = self.poll_min;
+        let mut poll = self.poll.clone();
         loop {
             let info = self.info(job_id).await?;
             match info.job_state() {
@@ -206,8 +206,7 @@ impl BulkClient {
                 }
                 JobState::UploadComplete | JobState::InProgress => {}
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(self.poll_max);
+            tokio::time::sleep(poll.next_delay()).await;
         }
     }
 

@@ -36,7 +36,7 @@ use crate::config::{Config, UnknownObject};
 use crate::replica::ApplySettings;
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{CsvLayout, SnapshotRow, apply_snapshot, row_from_json};
-use crate::replica::{ReplicaError, quote, repair_queue};
+use crate::replica::{ReplicaError, locks, repair_queue, sync_state};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{self, BulkClient, JobState, Operation, ResultChunk};
 use crate::salesforce::rest::RestClient;
@@ -325,14 +325,6 @@ struct Runner {
     retry_max: Duration,
 }
 
-/// An object's row in `object_sync_state`, as far as a backfill cares.
-#[derive(Debug, Default)]
-struct SyncState {
-    running_started_ms: Option<i64>,
-    running_job_id: Option<String>,
-    running_locator: Option<String>,
-}
-
 /// Where a snapshot reads from.
 enum Source {
     Bulk {
@@ -458,22 +450,13 @@ impl Runner {
         }
     }
 
-    /// Holds an advisory lock on a connection of its own until dropped (closing the
-    /// connection releases it on every path).
-    async fn lock(&self, object: &str) -> Result<deadpool_postgres::ClientWrapper, BackfillError> {
-        let pooled = self.pool.get().await.map_err(ReplicaError::from)?;
-        let client = deadpool_postgres::Object::take(pooled);
-        let key = format!("sfmirror backfill {}.{object}", self.settings.data_schema);
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
-            .await
-            .map_err(ReplicaError::pg(format!("lock the backfill of {object}")))?;
-        if !row.get::<_, bool>(0) {
-            return Err(BackfillError::Busy {
+    /// The object's backfill lock, held until dropped.
+    async fn lock(&self, object: &str) -> Result<locks::BackfillLock, BackfillError> {
+        locks::try_backfill(&self.pool, &self.settings.data_schema, object)
+            .await?
+            .ok_or_else(|| BackfillError::Busy {
                 object: object.to_string(),
-            });
-        }
-        Ok(client)
+            })
     }
 
     /// Describe -> table; columns are added only when some are missing, so a run against an
@@ -493,37 +476,18 @@ impl Runner {
         Ok(table)
     }
 
-    async fn load_state(&self, object: &str) -> Result<SyncState, BackfillError> {
+    async fn load_state(&self, object: &str) -> Result<sync_state::Running, BackfillError> {
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT (extract(epoch FROM running_started_at) * 1000)::bigint,
-                            running_job_id, running_locator
-                     FROM {}.object_sync_state WHERE object = $1",
-                    quote(&self.settings.control_schema)
-                ),
-                &[&object],
-            )
-            .await
-            .map_err(ReplicaError::pg(format!("sync state of {object}")))?;
-        Ok(row
-            .map(|r| SyncState {
-                running_started_ms: r.get(0),
-                running_job_id: r.get(1),
-                running_locator: r.get(2),
-            })
-            .unwrap_or_default())
+        Ok(sync_state::load_running(&client, &self.settings.control_schema, object).await?)
     }
 
     /// The interrupted snapshot to finish, if its Bulk job still exists.
     async fn resumable(
         &self,
         object: &str,
-        state: &SyncState,
+        state: &sync_state::Running,
     ) -> Result<Option<Plan>, BackfillError> {
-        let (Some(started_ms), Some(job_id)) = (state.running_started_ms, &state.running_job_id)
-        else {
+        let (Some(started_ms), Some(job_id)) = (state.started_ms, &state.job_id) else {
             return Ok(None);
         };
         let info = match self.bulk.info(job_id).await {
@@ -544,13 +508,13 @@ impl Runner {
             return Ok(None);
         }
         let info = self.wait_job(object, job_id).await?;
-        tracing::info!(object, job = %job_id, locator = ?state.running_locator,
+        tracing::info!(object, job = %job_id, locator = ?state.locator,
             "resuming the interrupted snapshot");
         Ok(Some(Plan {
             started_ms,
             source: Source::Bulk {
                 job_id: job_id.clone(),
-                locator: state.running_locator.clone(),
+                locator: state.locator.clone(),
                 recorded: true,
             },
             total: info.number_records_processed.unwrap_or(0),
@@ -630,7 +594,7 @@ impl Runner {
         locator: Option<&str>,
     ) -> Result<(), BackfillError> {
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        write_running(
+        sync_state::record_running(
             &client,
             &self.settings.control_schema,
             object,
@@ -796,7 +760,7 @@ impl Runner {
             &outcome.repairs,
         )
         .await?;
-        write_running(
+        sync_state::record_running(
             &tx,
             &self.settings.control_schema,
             &table.object,
@@ -821,59 +785,17 @@ impl Runner {
         };
         let rows = i64::try_from(total).unwrap_or(i64::MAX);
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO {ctl}.object_sync_state AS s
-                       (object, snapshot_started_at, snapshot_completed_at, snapshot_rows,
-                        running_started_at, running_job_id, running_locator, updated_at)
-                     VALUES ($1, CASE WHEN $3::bigint IS NULL
-                                      THEN to_timestamp($2::bigint / 1000.0) END,
-                             now(), $4, NULL, NULL, NULL, now())
-                     ON CONFLICT (object) DO UPDATE SET
-                       snapshot_started_at = CASE
-                         WHEN $3::bigint IS NULL
-                           OR s.snapshot_started_at >= to_timestamp($3::bigint / 1000.0)
-                         THEN to_timestamp($2::bigint / 1000.0)
-                         ELSE s.snapshot_started_at END,
-                       snapshot_completed_at = now(), snapshot_rows = $4,
-                       running_started_at = NULL, running_job_id = NULL,
-                       running_locator = NULL, updated_at = now()",
-                    ctl = quote(&self.settings.control_schema)
-                ),
-                &[&object, &plan.started_ms, &since_ms, &rows],
-            )
-            .await
-            .map_err(ReplicaError::pg(format!("record the snapshot of {object}")))?;
+        sync_state::record_completed(
+            &client,
+            &self.settings.control_schema,
+            object,
+            plan.started_ms,
+            since_ms,
+            rows,
+        )
+        .await?;
         Ok(())
     }
-}
-
-async fn write_running(
-    client: &impl GenericClient,
-    control_schema: &str,
-    object: &str,
-    started_ms: i64,
-    job_id: Option<&str>,
-    locator: Option<&str>,
-) -> Result<(), ReplicaError> {
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {}.object_sync_state AS s
-                   (object, running_started_at, running_job_id, running_locator, updated_at)
-                 VALUES ($1, to_timestamp($2::bigint / 1000.0), $3, $4, now())
-                 ON CONFLICT (object) DO UPDATE SET
-                   running_started_at = EXCLUDED.running_started_at,
-                   running_job_id = EXCLUDED.running_job_id,
-                   running_locator = EXCLUDED.running_locator, updated_at = now()",
-                quote(control_schema)
-            ),
-            &[&object, &started_ms, &job_id, &locator],
-        )
-        .await
-        .map_err(ReplicaError::pg(format!("record the progress of {object}")))?;
-    Ok(())
 }
 
 /// `Id` and the field of every column. Compound parents (addresses, geolocations, person

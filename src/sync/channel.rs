@@ -49,7 +49,7 @@ use crate::replica::ApplySettings;
 use crate::replica::apply::{MergePlan, RecordKeys, execute, plan_events};
 use crate::replica::repair_queue::RepairRequest;
 use crate::replica::schema::TableSchema;
-use crate::replica::{ReplicaError, checkpoint, quote, repair_queue};
+use crate::replica::{ReplicaError, checkpoint, dead_letters, locks, repair_queue, sync_state};
 use crate::salesforce::SourceError;
 use crate::salesforce::event::SchemaCache;
 use crate::salesforce::pubsub::{PubSub, StartAt};
@@ -107,10 +107,8 @@ pub struct ChannelDeps {
 }
 
 struct DeadLetter {
-    replay_id: ReplayId,
-    schema_id: String,
-    payload: Vec<u8>,
-    error: String,
+    /// The event as it is kept.
+    letter: dead_letters::DeadLetter,
     /// How many applicable events of the batch arrived before it.
     position: usize,
     /// A commit time (epoch ms) no later than the event's own, which cannot be read: that of
@@ -583,7 +581,7 @@ impl ChannelTask {
             let from = match since {
                 Some(ms) => Some(ms),
                 None => {
-                    checkpoint::snapshot_started_ms(&tx, &settings.control_schema, object).await?
+                    sync_state::snapshot_started_ms(&tx, &settings.control_schema, object).await?
                 }
             };
             let since_ms = from.map(|ms| (ms - margin).max(0)).unwrap_or(0);
@@ -694,10 +692,12 @@ impl ChannelTask {
         tracing::error!(channel = %self.cfg.name, replay_id = %replay_id, schema_id = %event.schema_id,
             error = %error, "undecodable event: dead-lettered, its objects queued for repair");
         batch.dead.push(DeadLetter {
-            replay_id,
-            schema_id: event.schema_id.clone(),
-            payload: event.payload.to_vec(),
-            error,
+            letter: dead_letters::DeadLetter {
+                replay_id,
+                schema_id: event.schema_id.clone(),
+                payload: event.payload.to_vec(),
+                error,
+            },
             position: batch.events.len(),
             not_before_ms: self.decoded_ms,
         });
@@ -1062,9 +1062,7 @@ impl BatchJob {
             .start()
             .await
             .map_err(ReplicaError::pg("begin batch"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
-            .await
-            .map_err(ReplicaError::pg("take the batch's advisory lock"))?;
+        locks::hold_batch(&tx, lock).await?;
         let _ = locked.send(());
         let (after, outcome) = match before {
             None => (None, execute(&tx, settings, plan).await?),
@@ -1072,9 +1070,7 @@ impl BatchJob {
                 let (free, rest) = plan.split(&before.records);
                 let mut outcome = execute(&tx, settings, free).await?;
                 // Until the batch before has ended: a wait Postgres sees (see `batch_lock`).
-                tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&before.lock])
-                    .await
-                    .map_err(ReplicaError::pg("wait for the batch before"))?;
+                locks::wait_for_batch(&tx, before.lock).await?;
                 // It has ended in Postgres; its task says whether it committed.
                 let before_committed = match before.committed {
                     Some(c) => c.await.is_ok(),
@@ -1107,19 +1103,8 @@ impl BatchJob {
                     reason: format!("{} undecodable event(s) on {name}", b.dead.len()),
                 });
             }
-            let sql = format!(
-                "INSERT INTO {}.dead_letters (channel, replay_id, schema_id, payload, error)
-                 VALUES ($1, $2, $3, $4, $5)",
-                quote(&settings.control_schema)
-            );
-            for d in &b.dead {
-                tx.execute(
-                    &sql,
-                    &[name, &d.replay_id.0, &d.schema_id, &d.payload, &d.error],
-                )
-                .await
-                .map_err(ReplicaError::pg("write dead letter"))?;
-            }
+            let letters: Vec<_> = b.dead.iter().map(|d| &d.letter).collect();
+            dead_letters::record(&tx, &settings.control_schema, name, &letters).await?;
         }
         repair_queue::enqueue(&tx, &settings.control_schema, name, Some(&last), &repairs).await?;
         let cp = checkpoint::Checkpoint {
@@ -1219,10 +1204,12 @@ mod tests {
 
     fn dead(replay: u64, position: usize) -> DeadLetter {
         DeadLetter {
-            replay_id: ReplayId::from_u64(replay),
-            schema_id: "s".into(),
-            payload: vec![],
-            error: "x".into(),
+            letter: dead_letters::DeadLetter {
+                replay_id: ReplayId::from_u64(replay),
+                schema_id: "s".into(),
+                payload: vec![],
+                error: "x".into(),
+            },
             position,
             not_before_ms: 0,
         }

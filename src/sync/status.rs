@@ -3,8 +3,9 @@
 //! so it answers while the daemon runs, while Salesforce is unreachable, and without
 //! credentials; it only reads, so it can never move a checkpoint.
 
+use super::setup::Setup;
 use crate::config::Config;
-use crate::replica::{self, ReplicaError};
+use crate::replica::{ReplicaError, checkpoint, dead_letters, migrate, repair_queue, sync_state};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt;
@@ -74,18 +75,10 @@ pub struct ObjectStatus {
 
 /// Reads the status from the replica named in `cfg`.
 pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
-    let pool = replica::connect(&cfg.replica).await?;
-    let client = pool.get().await?;
-    let control = replica::quote(&cfg.replica.control_schema);
+    let replica = Setup::connect(cfg).await?;
+    let client = replica.pool.get().await?;
+    let control = &cfg.replica.control_schema;
     let now = Utc::now();
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&format!("{control}.checkpoints")],
-        )
-        .await
-        .map_err(ReplicaError::pg("reading the control schema"))?
-        .get(0);
     let configured: Vec<&str> = cfg.channels.iter().map(|c| c.name.as_str()).collect();
     let mut report = StatusReport {
         checked_at: now,
@@ -94,7 +87,9 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         dead_letters: 0,
         objects: Vec::new(),
     };
-    if !exists {
+    if let migrate::State::Absent { .. } | migrate::State::Migrated { applied: 0, .. } =
+        migrate::state(&client, control).await?
+    {
         // Never started against this replica: every configured channel is still to come.
         report.channels = configured
             .iter()
@@ -102,27 +97,15 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             .collect();
         return Ok(report);
     }
-    let rows = client
-        .query(
-            &format!(
-                "SELECT channel, replay_id, {}, {} FROM {control}.checkpoints ORDER BY channel",
-                ms("commit_timestamp"),
-                ms("updated_at")
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg("reading checkpoints"))?;
-    for row in rows {
-        let channel: String = row.get(0);
-        let replay: Vec<u8> = row.get(1);
-        let committed = at(row.get(2));
-        let updated = at(row.get(3)).unwrap_or(now);
+    for stored in checkpoint::list(&client, control).await? {
+        let replay = stored.replay_id.0;
+        let committed = at(stored.commit_timestamp_ms);
+        let updated = at(stored.updated_ms).unwrap_or(now);
         // A keepalive position is the tip when it was received: it ages from then.
         let basis = committed.unwrap_or(updated);
         report.channels.push(ChannelStatus {
-            configured: configured.contains(&channel.as_str()),
-            channel,
+            configured: configured.contains(&stored.channel.as_str()),
+            channel: stored.channel,
             replay_id: (!replay.is_empty())
                 .then(|| replay.iter().map(|b| format!("{b:02x}")).collect()),
             last_event_committed_at: committed,
@@ -136,63 +119,31 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             report.channels.push(ChannelStatus::not_started(c));
         }
     }
-    for row in client
-        .query(
-            &format!(
-                "SELECT object, kind, count(*), count(*) FILTER (WHERE attempts > 0),
-                        {},
-                        (array_agg(last_error ORDER BY next_attempt_at DESC)
-                            FILTER (WHERE last_error IS NOT NULL))[1]
-                 FROM {control}.repair_queue GROUP BY object, kind ORDER BY object, kind",
-                ms("min(requested_at)")
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg("reading the repair queue"))?
-    {
-        report.repairs.push(RepairStatus {
-            object: row.get(0),
-            kind: row.get(1),
-            pending: row.get(2),
-            retrying: row.get(3),
-            oldest_requested_at: at(row.get(4)),
-            last_error: row.get(5),
-        });
-    }
-    report.dead_letters = client
-        .query_one(&format!("SELECT count(*) FROM {control}.dead_letters"), &[])
-        .await
-        .map_err(ReplicaError::pg("counting dead letters"))?
-        .get(0);
-    for row in client
-        .query(
-            &format!(
-                "SELECT object, {}, {}, snapshot_rows, {}
-                 FROM {control}.object_sync_state ORDER BY object",
-                ms("snapshot_started_at"),
-                ms("snapshot_completed_at"),
-                ms("running_started_at")
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg("reading snapshot state"))?
-    {
-        report.objects.push(ObjectStatus {
-            object: row.get(0),
-            snapshot_started_at: at(row.get(1)),
-            snapshot_completed_at: at(row.get(2)),
-            snapshot_rows: row.get(3),
-            snapshot_running_since: at(row.get(4)),
-        });
-    }
+    report.repairs = repair_queue::summary(&client, control)
+        .await?
+        .into_iter()
+        .map(|r| RepairStatus {
+            object: r.object,
+            kind: r.kind,
+            pending: r.pending,
+            retrying: r.retrying,
+            oldest_requested_at: at(r.oldest_requested_ms),
+            last_error: r.last_error,
+        })
+        .collect();
+    report.dead_letters = dead_letters::count(&client, control).await?;
+    report.objects = sync_state::list(&client, control)
+        .await?
+        .into_iter()
+        .map(|o| ObjectStatus {
+            object: o.object,
+            snapshot_started_at: at(o.snapshot_started_ms),
+            snapshot_completed_at: at(o.snapshot_completed_ms),
+            snapshot_rows: o.snapshot_rows,
+            snapshot_running_since: at(o.running_started_ms),
+        })
+        .collect();
     Ok(report)
-}
-
-/// `timestamptz` as epoch milliseconds in SQL (the driver is built without chrono support).
-fn ms(column: &str) -> String {
-    format!("(extract(epoch FROM {column}) * 1000)::bigint")
 }
 
 fn at(ms: Option<i64>) -> Option<DateTime<Utc>> {

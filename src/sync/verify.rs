@@ -30,7 +30,7 @@ use super::setup::{self, Setup};
 use crate::config::{Config, UnknownObject};
 use crate::model::time::datetime_ms;
 use crate::replica::repair_queue::RepairRequest;
-use crate::replica::{ReplicaError, migrate, quote, repair_queue};
+use crate::replica::{ReplicaError, keys, migrate, repair_queue};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{BulkClient, Operation};
 use crate::salesforce::rest::RestClient;
@@ -328,12 +328,7 @@ struct OrgKey {
 }
 
 /// One replica row's key.
-#[derive(Debug, Clone)]
-struct ReplicaKey {
-    id: String,
-    version_ms: i64,
-    deleted: bool,
-}
+type ReplicaKey = keys::Key;
 
 /// What, if anything, is wrong with an id given what each side holds.
 fn classify(org: Option<&OrgKey>, replica: Option<&ReplicaKey>) -> Option<DriftKind> {
@@ -424,11 +419,10 @@ impl OrgCursor {
     }
 }
 
-/// The replica's keys in id order, fetched through a portal.
+/// The replica's keys in id order, checked to stay in order.
 struct ReplicaCursor<'t, 'c> {
     object: String,
-    tx: &'t tokio_postgres::Transaction<'c>,
-    portal: tokio_postgres::Portal,
+    scan: keys::Scan<'t, 'c>,
     buf: std::vec::IntoIter<ReplicaKey>,
     last: Option<String>,
     ended: bool,
@@ -454,24 +448,9 @@ impl ReplicaCursor<'_, '_> {
             if self.ended {
                 return Ok(None);
             }
-            let rows = self
-                .tx
-                .query_portal(&self.portal, REPLICA_FETCH)
-                .await
-                .map_err(ReplicaError::pg(format!(
-                    "read the replica of {}",
-                    self.object
-                )))?;
-            self.ended = rows.len() < REPLICA_FETCH as usize;
-            self.buf = rows
-                .iter()
-                .map(|r| ReplicaKey {
-                    id: r.get(0),
-                    version_ms: r.get(1),
-                    deleted: r.get(2),
-                })
-                .collect::<Vec<_>>()
-                .into_iter();
+            let page = self.scan.next_page().await?;
+            self.ended = page.is_empty();
+            self.buf = page.into_iter();
         }
     }
 }
@@ -521,35 +500,12 @@ impl Checker {
             to_queue: Vec::new(),
         };
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&format!("{}.{}", quote(&self.data_schema), quote(&table))],
-            )
-            .await
-            .map_err(ReplicaError::pg(format!("look up the table of {object}")))?
-            .get(0);
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(ReplicaError::pg(format!("begin reading {object}")))?;
+        let exists = keys::table_exists(&client, &self.data_schema, &table).await?;
+        let tx = keys::begin(&mut client).await?;
         let mut replica = if exists {
-            let sql = format!(
-                "SELECT id, _sfm_version, _sfm_deleted FROM {}.{} ORDER BY id COLLATE \"C\"",
-                quote(&self.data_schema),
-                quote(&table)
-            );
-            let portal = tx
-                .bind(sql.as_str(), &[])
-                .await
-                .map_err(ReplicaError::pg(format!("read the replica of {object}")))?;
             Some(ReplicaCursor {
                 object: object.to_string(),
-                tx: &tx,
-                portal,
+                scan: keys::Scan::open(&tx, &self.data_schema, &table, REPLICA_FETCH).await?,
                 buf: Vec::new().into_iter(),
                 last: None,
                 ended: false,
@@ -700,7 +656,7 @@ impl Checker {
         let org = self.lookup_org(object, &ids, has_deleted).await?;
         tokio::time::sleep(self.opts.recheck_delay).await;
         let replica = if table_exists {
-            self.lookup_replica(object, table, &ids).await?
+            self.lookup_replica(table, &ids).await?
         } else {
             HashMap::new()
         };
@@ -755,36 +711,11 @@ impl Checker {
 
     async fn lookup_replica(
         &self,
-        object: &str,
         table: &str,
         ids: &[String],
     ) -> Result<HashMap<String, ReplicaKey>, VerifyError> {
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let mut out = HashMap::with_capacity(ids.len());
-        for batch in ids.chunks(ENQUEUE_BATCH) {
-            let rows = client
-                .query(
-                    &format!(
-                        "SELECT id, _sfm_version, _sfm_deleted FROM {}.{} WHERE id = ANY($1)",
-                        quote(&self.data_schema),
-                        quote(table)
-                    ),
-                    &[&batch],
-                )
-                .await
-                .map_err(ReplicaError::pg(format!(
-                    "read the replica of {object} again"
-                )))?;
-            for r in rows {
-                let key = ReplicaKey {
-                    id: r.get(0),
-                    version_ms: r.get(1),
-                    deleted: r.get(2),
-                };
-                out.insert(key.id.clone(), key);
-            }
-        }
-        Ok(out)
+        Ok(keys::lookup(&client, &self.data_schema, table, ids).await?)
     }
 
     /// Lists the org's keys over REST paging, one page ahead of the merge.
