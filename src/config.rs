@@ -220,6 +220,15 @@ impl Default for SyncConfig {
 }
 
 impl SyncConfig {
+    /// The schedule every retry follows: from `reconnect_min_ms` doubling to
+    /// `reconnect_max_ms`, jittered.
+    pub fn retry_backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(
+            Duration::from_millis(self.reconnect_min_ms),
+            Duration::from_millis(self.reconnect_max_ms),
+        )
+    }
+
     pub fn batch_max_wait(&self) -> Duration {
         Duration::from_millis(self.batch_max_wait_ms)
     }

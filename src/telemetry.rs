@@ -122,6 +122,10 @@ pub fn record_retention_headroom(channel: &str, position_commit_ms: i64, now_ms:
     metrics::gauge!(RETENTION_HEADROOM_SECONDS, "channel" => channel.to_string()).set(headroom);
 }
 
+pub fn record_backfill_rows(object: &str, rows: u64) {
+    metrics::counter!(BACKFILL_ROWS_TOTAL, "object" => object.to_string()).increment(rows);
+}
+
 pub fn record_apply_delay(seconds: f64) {
     metrics::histogram!(APPLY_DELAY_SECONDS).record(seconds);
 }

@@ -32,24 +32,25 @@
 //! Records purged from the org (hard-deleted) are never seen by a snapshot: `verify` finds
 //! them.
 
+use crate::backoff::Backoff;
 use crate::config::{Config, UnknownObject};
 use crate::replica::ApplySettings;
 use crate::replica::schema::TableSchema;
-use crate::replica::snapshot::{CsvLayout, SnapshotRow, apply_snapshot, row_from_json};
+use crate::replica::snapshot::{SnapshotRow, apply_snapshot};
 use crate::replica::{ReplicaError, locks, repair_queue, sync_state};
 use crate::salesforce::SourceError;
-use crate::salesforce::bulk::{self, BulkClient, JobState, Operation, ResultChunk};
-use crate::salesforce::rest::RestClient;
-use crate::salesforce::soql;
+use crate::salesforce::bulk::{self, JobState, Operation};
+use crate::salesforce::soql::Query;
+use crate::sync::reader::{
+    OrgReader, Read, ReadError, ReadOptions, SnapshotRows, Via, snapshot_fields,
+};
 use crate::sync::setup::{self, Setup};
 use crate::telemetry;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::GenericClient;
 use std::fmt;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Objects with more records than this are read over Bulk API 2.0; smaller ones over REST.
@@ -72,6 +73,8 @@ pub enum BackfillError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error("{object}: {message}")]
     Unsupported { object: String, message: String },
     #[error("{object}: Bulk API result not understood: {message}")]
@@ -90,6 +93,7 @@ impl BackfillError {
         match self {
             BackfillError::Source(e) => e.is_transient(),
             BackfillError::Replica(e) => e.is_transient(),
+            BackfillError::Read(e) => e.is_transient(),
             BackfillError::UnknownObject(_)
             | BackfillError::Unsupported { .. }
             | BackfillError::BadResult { .. }
@@ -294,13 +298,16 @@ pub async fn backfill_with(
         .await?
         .with_bulk_polling(opts.bulk_poll.0, opts.bulk_poll.1);
     let runner = Runner {
-        bulk: salesforce.bulk,
-        rest: salesforce.rest,
+        reader: OrgReader::new(
+            salesforce.rest,
+            salesforce.bulk,
+            cfg.sync.retry_backoff(),
+            opts.cancel.clone(),
+        ),
         pool: replica.pool,
         settings: replica.settings,
         opts: opts.clone(),
-        retry_min: Duration::from_millis(cfg.sync.reconnect_min_ms),
-        retry_max: Duration::from_millis(cfg.sync.reconnect_max_ms),
+        retry: cfg.sync.retry_backoff(),
     };
     let mut report = BackfillReport::default();
     for object in objects {
@@ -316,62 +323,25 @@ pub async fn backfill_with(
 }
 
 struct Runner {
-    rest: RestClient,
-    bulk: BulkClient,
+    reader: OrgReader,
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
     opts: BackfillOptions,
-    retry_min: Duration,
-    retry_max: Duration,
+    /// Between attempts at one object.
+    retry: Backoff,
 }
 
-/// Where a snapshot reads from.
-enum Source {
-    Bulk {
-        job_id: String,
-        locator: Option<String>,
-        /// Whether the job is recorded for resuming (full snapshots only).
-        recorded: bool,
-    },
-    Rest {
-        soql: String,
-    },
-}
-
-/// A snapshot about to be read.
+/// A snapshot being read.
 struct Plan {
     started_ms: i64,
-    source: Source,
-    /// Rows the snapshot reads (job size, or the REST count until the pages are read).
+    read: Read<SnapshotRow>,
+    /// Whether its Bulk job is recorded for resuming (full snapshots only).
+    recorded: bool,
+    /// Rows the snapshot reads (the count, or the job's size when resumed).
     total: u64,
     /// A full snapshot (no `since` window).
     full: bool,
     resumed: bool,
-}
-
-/// What the reader task hands the applier.
-enum Item {
-    Rows {
-        rows: Vec<SnapshotRow>,
-        /// The locator of the chunk after this one (`None` after the last one).
-        next_locator: Option<String>,
-    },
-    /// A resumed job cannot fill the table's columns: start the object again.
-    Restart(String),
-    /// Everything was read; the REST total is only known now.
-    Done { total: u64 },
-}
-
-/// The reader task, aborted when the applier stops early.
-struct Reader {
-    rx: mpsc::Receiver<Result<Item, BackfillError>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 enum Outcome {
@@ -384,7 +354,7 @@ impl Runner {
     async fn object(&self, object: &str) -> ObjectReport {
         let mut report = ObjectReport::new(object);
         let t0 = Instant::now();
-        let mut delay = self.retry_min;
+        let mut backoff = self.retry.clone();
         loop {
             report.attempts += 1;
             match self.run_object(object, &mut report).await {
@@ -394,13 +364,13 @@ impl Runner {
                         && report.attempts < MAX_ATTEMPTS
                         && !self.opts.cancel.is_cancelled() =>
                 {
+                    let delay = backoff.next_delay();
                     tracing::warn!(object, attempt = report.attempts, error = %e,
                         retry_in_ms = delay.as_millis() as u64, "backfill failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.opts.cancel.cancelled() => {}
                     }
-                    delay = (delay * 2).min(self.retry_max);
                 }
                 Err(e) => {
                     tracing::error!(object, error = %e, "backfill failed");
@@ -432,7 +402,7 @@ impl Runner {
         let table = Arc::new(self.prepare_table(object).await?);
         let fields = select_fields(&table)?;
         let state = self.load_state(object).await?;
-        if let Some(plan) = self.resumable(object, &state).await? {
+        if let Some(plan) = self.resumable(&table, &state).await? {
             match self.execute(&table, plan, report).await? {
                 Outcome::Done => return Ok(()),
                 Outcome::Restart(why) => {
@@ -462,7 +432,7 @@ impl Runner {
     /// Describe -> table; columns are added only when some are missing, so a run against an
     /// up-to-date table takes no table lock.
     async fn prepare_table(&self, object: &str) -> Result<TableSchema, BackfillError> {
-        let describe = self.rest.describe(object).await?;
+        let describe = self.reader.rest().describe(object).await?;
         let table = TableSchema::from_describe(describe)?;
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
         // `ensure` only takes a lock when columns are missing. A full snapshot reads every
@@ -484,13 +454,14 @@ impl Runner {
     /// The interrupted snapshot to finish, if its Bulk job still exists.
     async fn resumable(
         &self,
-        object: &str,
+        table: &Arc<TableSchema>,
         state: &sync_state::Running,
     ) -> Result<Option<Plan>, BackfillError> {
+        let object = table.object.as_str();
         let (Some(started_ms), Some(job_id)) = (state.started_ms, &state.job_id) else {
             return Ok(None);
         };
-        let info = match self.bulk.info(job_id).await {
+        let info = match self.reader.bulk().info(job_id).await {
             Ok(info) => info,
             Err(e) if bulk::is_job_gone(&e) || matches!(e, SourceError::BadResponse { .. }) => {
                 tracing::info!(object, job = %job_id, error = %e,
@@ -507,80 +478,58 @@ impl Runner {
                 "the interrupted snapshot's Bulk job cannot be resumed; starting again");
             return Ok(None);
         }
-        let info = self.wait_job(object, job_id).await?;
         tracing::info!(object, job = %job_id, locator = ?state.locator,
             "resuming the interrupted snapshot");
+        let read = self.reader.read_job(
+            job_id.clone(),
+            state.locator.clone(),
+            self.opts.chunk_rows,
+            None,
+            SnapshotRows::new(table.clone()),
+        );
         Ok(Some(Plan {
             started_ms,
-            source: Source::Bulk {
-                job_id: job_id.clone(),
-                locator: state.locator.clone(),
-                recorded: true,
-            },
+            read,
+            recorded: true,
             total: info.number_records_processed.unwrap_or(0),
             full: true,
             resumed: true,
         }))
     }
 
-    async fn wait_job(&self, object: &str, job_id: &str) -> Result<bulk::JobInfo, BackfillError> {
-        tokio::select! {
-            r = self.bulk.wait(job_id) => Ok(r?),
-            _ = self.opts.cancel.cancelled() => Err(BackfillError::Interrupted {
-                object: object.to_string(),
-            }),
-        }
-    }
-
     /// A new snapshot: note the time, count, pick REST or Bulk, and record the start.
-    async fn fresh(&self, table: &TableSchema, fields: &[String]) -> Result<Plan, BackfillError> {
+    async fn fresh(
+        &self,
+        table: &Arc<TableSchema>,
+        fields: &[String],
+    ) -> Result<Plan, BackfillError> {
         let object = &table.object;
         let started_ms = Utc::now().timestamp_millis();
-        let window = self
-            .opts
-            .since
-            .map(|s| format!(" WHERE SystemModstamp >= {}", soql::datetime(s)))
-            .unwrap_or_default();
-        let count = self
-            .rest
-            .query_page(&format!("SELECT COUNT() FROM {object}{window}"), true)
-            .await?
-            .total_size
-            .max(0) as u64;
-        let soql = format!("SELECT {} FROM {object}{window}", fields.join(", "));
-        let full = self.opts.since.is_none();
-        if count <= self.opts.bulk_threshold {
-            self.record_running(object, started_ms, None, None).await?;
-            return Ok(Plan {
-                started_ms,
-                source: Source::Rest { soql },
-                total: count,
-                full,
-                resumed: false,
-            });
+        let mut query = Query::select(fields, object);
+        if let Some(since) = self.opts.since {
+            query = query.since("SystemModstamp", since.timestamp_millis());
         }
-        let creating = Instant::now();
-        let job = self.bulk.create(&soql, Operation::QueryAll).await?;
-        let recorded = full;
-        self.record_running(
-            object,
-            started_ms,
-            recorded.then_some(job.id.as_str()),
-            None,
-        )
-        .await?;
-        tracing::info!(object, count, job = %job.id, "reading over Bulk API 2.0");
-        let info = self.wait_job(object, &job.id).await?;
-        tracing::debug!(object, job = %job.id, secs = creating.elapsed().as_secs_f64(),
-            "Bulk job complete");
+        let counted = self.reader.count(&query).await?;
+        let full = self.opts.since.is_none();
+        let options = ReadOptions {
+            bulk_threshold: self.opts.bulk_threshold,
+            chunk_rows: self.opts.chunk_rows,
+        };
+        let read = self
+            .reader
+            .open(&counted, options, SnapshotRows::new(table.clone()))
+            .await?;
+        // Only a full snapshot's job is resumed: a `--since` window is short by nature, and
+        // another run's job could read a narrower window than asked for.
+        let recorded = full && read.job_id().is_some();
+        let job = read.job_id().filter(|_| recorded).map(str::to_string);
+        self.record_running(object, started_ms, job.as_deref(), None)
+            .await?;
         Ok(Plan {
             started_ms,
-            source: Source::Bulk {
-                job_id: job.id,
-                locator: None,
-                recorded,
-            },
-            total: info.number_records_processed.unwrap_or(count),
+            read,
+            recorded,
+            total: counted.records,
             full,
             resumed: false,
         })
@@ -610,126 +559,97 @@ impl Runner {
     async fn execute(
         &self,
         table: &Arc<TableSchema>,
-        plan: Plan,
+        mut plan: Plan,
         report: &mut ObjectReport,
     ) -> Result<Outcome, BackfillError> {
         let object = table.object.clone();
-        let chunk_rows = self.opts.chunk_rows.max(1);
-        let (mut reader, recorded_job) = match &plan.source {
-            Source::Bulk {
-                job_id,
-                locator,
-                recorded,
-            } => {
-                report.method = Some(Method::Bulk);
-                report.job_id = Some(job_id.clone());
-                (
-                    read_bulk(
-                        self.bulk.clone(),
-                        job_id.clone(),
-                        locator.clone(),
-                        chunk_rows,
-                        table.clone(),
-                        plan.resumed,
-                    ),
-                    recorded.then(|| job_id.clone()),
-                )
-            }
-            Source::Rest { soql } => {
-                report.method = Some(Method::Rest);
-                report.job_id = None;
-                (
-                    read_rest(
-                        self.rest.clone(),
-                        soql.clone(),
-                        chunk_rows as usize,
-                        table.clone(),
-                    ),
-                    None,
-                )
-            }
-        };
+        report.method = Some(match plan.read.via() {
+            Via::Bulk { .. } => Method::Bulk,
+            Via::Rest => Method::Rest,
+        });
+        report.job_id = plan.read.job_id().map(str::to_string);
         report.resumed = plan.resumed;
         report.total_rows = plan.total;
+        let recorded_job = report.job_id.clone().filter(|_| plan.recorded);
         let mut meter = Meter::new(&object, plan.total, self.opts.progress);
         let mut applied: u64 = 0;
-        let total = loop {
+        loop {
             let waiting = Instant::now();
             let item = tokio::select! {
-                item = reader.rx.recv() => item,
+                item = plan.read.next() => item,
                 _ = self.opts.cancel.cancelled() => None,
             };
             if self.opts.cancel.is_cancelled() {
                 meter.abandon();
                 return Err(BackfillError::Interrupted { object });
             }
-            let (rows, next_locator) = match item {
-                Some(Ok(Item::Rows { rows, next_locator })) => (rows, next_locator),
-                Some(Ok(Item::Done { total })) => break total,
-                Some(Ok(Item::Restart(why))) => {
+            let chunk = match item {
+                Some(Ok(chunk)) => chunk,
+                None => break,
+                // A resumed job that cannot fill the table's columns, or is gone before a
+                // row of it was applied: start the object again.
+                Some(Err(e @ ReadError::MissingColumns { .. })) if plan.resumed => {
                     meter.abandon();
-                    return Ok(Outcome::Restart(why));
+                    return Ok(Outcome::Restart(e.to_string()));
+                }
+                Some(Err(e @ ReadError::JobGone { .. })) if plan.resumed && applied == 0 => {
+                    meter.abandon();
+                    return Ok(Outcome::Restart(e.to_string()));
                 }
                 Some(Err(e)) => {
                     meter.abandon();
-                    return Err(e);
-                }
-                None => {
-                    meter.abandon();
-                    return Err(BackfillError::BadResult {
-                        object,
-                        message: "the reader stopped before the end of the results".to_string(),
-                    });
+                    return Err(e.into());
                 }
             };
-            let locator = recorded_job.as_ref().and(next_locator.as_deref());
-            let wait = waiting.elapsed();
-            let applying = Instant::now();
-            let repairs = self
-                .apply_chunk(
-                    table,
-                    &rows,
-                    plan.started_ms,
-                    recorded_job.as_deref(),
-                    locator,
-                )
-                .await?;
-            let n = rows.len() as u64;
-            tracing::debug!(
-                object,
-                rows = n,
-                wait_ms = wait.as_millis() as u64,
-                apply_ms = applying.elapsed().as_millis() as u64,
-                "chunk applied"
-            );
-            applied += n;
-            report.rows_applied += n;
-            report.repairs_queued += repairs as u64;
-            metrics::counter!(telemetry::BACKFILL_ROWS_TOTAL, "object" => object.clone())
-                .increment(n);
-            meter.add(n);
-            if let Some(hook) = &self.opts.on_chunk {
-                hook(&ChunkProgress {
-                    object: object.clone(),
-                    rows: rows.len(),
-                    applied,
-                    total: plan.total,
-                    job_id: report.job_id.clone(),
-                });
+            let last = chunk.last;
+            if !chunk.rows.is_empty() {
+                let locator = recorded_job.as_ref().and(chunk.next_locator.as_deref());
+                let wait = waiting.elapsed();
+                let applying = Instant::now();
+                let repairs = self
+                    .apply_chunk(
+                        table,
+                        &chunk.rows,
+                        plan.started_ms,
+                        recorded_job.as_deref(),
+                        locator,
+                    )
+                    .await?;
+                let n = chunk.rows.len() as u64;
+                tracing::debug!(
+                    object,
+                    rows = n,
+                    wait_ms = wait.as_millis() as u64,
+                    apply_ms = applying.elapsed().as_millis() as u64,
+                    "chunk applied"
+                );
+                applied += n;
+                report.rows_applied += n;
+                report.repairs_queued += repairs as u64;
+                telemetry::record_backfill_rows(&object, n);
+                meter.add(n);
+                if let Some(hook) = &self.opts.on_chunk {
+                    hook(&ChunkProgress {
+                        object: object.clone(),
+                        rows: chunk.rows.len(),
+                        applied,
+                        total: plan.total,
+                        job_id: report.job_id.clone(),
+                    });
+                }
             }
-        };
+            if last {
+                break;
+            }
+        }
         meter.finish();
-        let total = match plan.source {
-            Source::Rest { .. } => total,
-            Source::Bulk { .. } => plan.total.max(total),
+        let total = match plan.read.via() {
+            Via::Rest => applied,
+            Via::Bulk { .. } => plan.total.max(applied),
         };
         report.total_rows = total;
         self.complete(&object, &plan, total).await?;
-        if let Source::Bulk { job_id, .. } = &plan.source
-            && let Err(e) = self.bulk.delete(job_id).await
-        {
-            tracing::debug!(object, job = %job_id, error = %e, "could not delete the Bulk job");
-        }
+        plan.read.delete_job().await;
         Ok(Outcome::Done)
     }
 
@@ -798,8 +718,7 @@ impl Runner {
     }
 }
 
-/// `Id` and the field of every column. Compound parents (addresses, geolocations, person
-/// names) have no column, so Bulk API's refusal of compound fields never applies.
+/// `Id` and the field of every column, for an object whose rows can be versioned.
 fn select_fields(table: &TableSchema) -> Result<Vec<String>, BackfillError> {
     if !table.columns.iter().any(|c| c.field == "SystemModstamp") {
         return Err(BackfillError::Unsupported {
@@ -809,186 +728,7 @@ fn select_fields(table: &TableSchema) -> Result<Vec<String>, BackfillError> {
                 .to_string(),
         });
     }
-    let mut fields = vec!["Id".to_string()];
-    fields.extend(table.columns.iter().map(|c| c.field.clone()));
-    Ok(fields)
-}
-
-/// Reads a Bulk job from `locator` on, one chunk ahead of the applier.
-fn read_bulk(
-    bulk: BulkClient,
-    job_id: String,
-    mut locator: Option<String>,
-    chunk_rows: u32,
-    table: Arc<TableSchema>,
-    resumed: bool,
-) -> Reader {
-    let (tx, rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
-        let mut read: u64 = 0;
-        loop {
-            let chunk = match bulk.results(&job_id, locator.as_deref(), chunk_rows).await {
-                Ok(c) => c,
-                Err(e) if resumed && read == 0 && bulk::is_job_gone(&e) => {
-                    let _ = tx
-                        .send(Ok(Item::Restart(format!(
-                            "Bulk job {job_id} can no longer be read: {e}"
-                        ))))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            let next_locator = chunk.next_locator.clone();
-            let t = table.clone();
-            let parsed = tokio::task::spawn_blocking(move || parse_chunk(&t, &chunk)).await;
-            let (rows, missing) = match parsed {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(BackfillError::BadResult {
-                            object: table.object.clone(),
-                            message: format!("parsing a chunk failed: {e}"),
-                        }))
-                        .await;
-                    return;
-                }
-            };
-            if !missing.is_empty() {
-                let why = format!("Bulk job {job_id} has no column for {}", missing.join(", "));
-                let item = if resumed {
-                    Ok(Item::Restart(why))
-                } else {
-                    Err(BackfillError::BadResult {
-                        object: table.object.clone(),
-                        message: why,
-                    })
-                };
-                let _ = tx.send(item).await;
-                return;
-            }
-            read += rows.len() as u64;
-            let last = next_locator.is_none();
-            if tx
-                .send(Ok(Item::Rows {
-                    rows,
-                    next_locator: next_locator.clone(),
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            if last {
-                let _ = tx.send(Ok(Item::Done { total: read })).await;
-                return;
-            }
-            locator = next_locator;
-        }
-    });
-    Reader { rx, task }
-}
-
-/// One CSV chunk -> snapshot rows, and the table's fields the chunk has no column for.
-pub(crate) fn parse_chunk(
-    table: &TableSchema,
-    chunk: &ResultChunk,
-) -> Result<(Vec<SnapshotRow>, Vec<String>), BackfillError> {
-    let bad = |message: String| BackfillError::BadResult {
-        object: table.object.clone(),
-        message,
-    };
-    let mut reader = chunk.reader();
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| bad(format!("CSV header: {e}")))?
-        .iter()
-        .map(str::to_string)
-        .collect();
-    if header.is_empty() || header.iter().all(String::is_empty) {
-        // An empty result may come without a header row.
-        return Ok((Vec::new(), Vec::new()));
-    }
-    let missing: Vec<String> = table
-        .columns
-        .iter()
-        .filter(|c| !header.iter().any(|h| h.eq_ignore_ascii_case(&c.field)))
-        .map(|c| c.field.clone())
-        .collect();
-    if !missing.is_empty() {
-        return Ok((Vec::new(), missing));
-    }
-    let names: Vec<&str> = header.iter().map(String::as_str).collect();
-    let layout = CsvLayout::new(table, &names)?;
-    let capacity = chunk.records.unwrap_or(0).min(1_000_000) as usize;
-    let mut rows = Vec::with_capacity(capacity);
-    let mut record = csv::StringRecord::new();
-    while reader
-        .read_record(&mut record)
-        .map_err(|e| bad(format!("CSV record: {e}")))?
-    {
-        let fields: Vec<&str> = record.iter().collect();
-        rows.push(layout.row(table, &fields)?);
-    }
-    Ok((rows, Vec::new()))
-}
-
-/// Reads a REST query page by page, handing over `chunk_rows` rows at a time.
-fn read_rest(rest: RestClient, soql: String, chunk_rows: usize, table: Arc<TableSchema>) -> Reader {
-    let (tx, rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
-        let result: Result<u64, BackfillError> = async {
-            let mut page = rest.query_page(&soql, true).await?;
-            let mut rows = Vec::with_capacity(chunk_rows.min(page.records.len().max(1)));
-            let mut read: u64 = 0;
-            loop {
-                for record in &page.records {
-                    rows.push(row_from_json(&table, record)?);
-                    if rows.len() >= chunk_rows {
-                        read += rows.len() as u64;
-                        let item = Item::Rows {
-                            rows: std::mem::take(&mut rows),
-                            next_locator: None,
-                        };
-                        if tx.send(Ok(item)).await.is_err() {
-                            return Ok(read);
-                        }
-                    }
-                }
-                if page.done {
-                    break;
-                }
-                let Some(next) = page.next_records_url.take() else {
-                    return Err(BackfillError::BadResult {
-                        object: table.object.clone(),
-                        message: "a query page is not done but has no nextRecordsUrl".to_string(),
-                    });
-                };
-                page = rest.query_more(&next).await?;
-            }
-            if !rows.is_empty() {
-                read += rows.len() as u64;
-                let item = Item::Rows {
-                    rows,
-                    next_locator: None,
-                };
-                if tx.send(Ok(item)).await.is_err() {
-                    return Ok(read);
-                }
-            }
-            Ok(read)
-        }
-        .await;
-        let _ = tx.send(result.map(|total| Item::Done { total })).await;
-    });
-    Reader { rx, task }
+    Ok(snapshot_fields(table))
 }
 
 /// Progress of one object: a bar on a terminal, or log lines with rows and rate.

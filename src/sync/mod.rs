@@ -6,6 +6,7 @@
 
 pub mod backfill;
 pub mod channel;
+pub mod reader;
 pub mod repair;
 pub mod setup;
 pub mod status;
@@ -69,6 +70,8 @@ pub enum SyncError {
     Source(SourceError),
     #[error(transparent)]
     Replica(ReplicaError),
+    #[error(transparent)]
+    Read(#[from] reader::ReadError),
     #[error("the server ended the stream")]
     StreamEnded,
     #[error("no event or keepalive for {0:?}: resubscribing")]
@@ -90,6 +93,7 @@ impl SyncError {
         match self {
             SyncError::Source(e) => e.is_transient(),
             SyncError::Replica(e) => e.is_transient(),
+            SyncError::Read(e) => e.is_transient(),
             SyncError::StreamEnded
             | SyncError::StaleStream(_)
             | SyncError::CheckpointMoved { .. } => true,
@@ -103,6 +107,7 @@ impl SyncError {
             SyncError::Source(e) if e.needs_reauth() => "auth",
             SyncError::Source(_) => "source",
             SyncError::Replica(_) => "replica",
+            SyncError::Read(_) => "source",
             SyncError::StreamEnded => "stream_ended",
             SyncError::StaleStream(_) => "stale_stream",
             SyncError::Protocol(_) => "protocol",

@@ -21,10 +21,9 @@ use crate::replica::repair_queue::{self, Repair, RepairKind};
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
 use crate::replica::{ReplicaError, repair_queue::enqueue};
-use crate::salesforce::bulk::{BulkClient, Operation};
-use crate::salesforce::rest::RestClient;
-use crate::salesforce::soql;
+use crate::salesforce::soql::Query;
 use crate::sync::SyncError;
+use crate::sync::reader::{OrgReader, ReadOptions, SnapshotRows, Via, min_floor, snapshot_fields};
 use crate::telemetry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,12 +38,10 @@ const LOOKUP_IDS: usize = 200;
 const LEASE_SECS: i64 = 600;
 
 pub struct RepairWorker {
-    rest: RestClient,
-    bulk: BulkClient,
-    /// Entity windows with more records than this are read over Bulk API 2.0.
-    bulk_threshold: u64,
-    /// Rows per Bulk result chunk (and per transaction).
-    chunk_rows: u32,
+    reader: OrgReader,
+    /// Entity windows above `bulk_threshold` records are read over Bulk API 2.0,
+    /// `chunk_rows` rows per chunk (and per transaction).
+    read: ReadOptions,
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
     /// Tables from describe, with when they were described (see [`Self::table`]).
@@ -59,16 +56,17 @@ const DESCRIBE_TTL: Duration = Duration::from_secs(60);
 
 impl RepairWorker {
     pub fn new(
-        rest: RestClient,
+        reader: OrgReader,
         pool: deadpool_postgres::Pool,
         settings: ApplySettings,
         idle: Duration,
     ) -> RepairWorker {
         RepairWorker {
-            bulk: BulkClient::new(rest.clone()),
-            bulk_threshold: crate::config::DEFAULT_REPAIR_BULK_THRESHOLD,
-            chunk_rows: 10_000,
-            rest,
+            reader,
+            read: ReadOptions {
+                bulk_threshold: crate::config::DEFAULT_REPAIR_BULK_THRESHOLD,
+                chunk_rows: 10_000,
+            },
             pool,
             settings,
             tables: HashMap::new(),
@@ -79,8 +77,10 @@ impl RepairWorker {
     /// Reads entity windows above `threshold` records over Bulk API 2.0, `chunk_rows` rows at
     /// a time.
     pub fn with_bulk(mut self, threshold: u64, chunk_rows: u32) -> RepairWorker {
-        self.bulk_threshold = threshold;
-        self.chunk_rows = chunk_rows.max(1);
+        self.read = ReadOptions {
+            bulk_threshold: threshold,
+            chunk_rows: chunk_rows.max(1),
+        };
         self
     }
 
@@ -187,7 +187,7 @@ impl RepairWorker {
         {
             return Ok(t.clone());
         }
-        let describe = self.rest.describe(object).await?;
+        let describe = self.reader.rest().describe(object).await?;
         let table = Arc::new(TableSchema::from_describe(describe)?);
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
         super::ensure_table(&client, &self.settings, &table, "repair").await?;
@@ -196,13 +196,6 @@ impl RepairWorker {
             (table.clone(), std::time::Instant::now()),
         );
         Ok(table)
-    }
-
-    /// The fields a repair reads: every column's field, plus Id.
-    fn fields(table: &TableSchema) -> Vec<String> {
-        let mut f = vec!["Id".to_string()];
-        f.extend(table.columns.iter().map(|c| c.field.clone()));
-        f
     }
 
     async fn repair_records(&mut self, object: &str, repairs: &[&Repair]) -> Result<(), SyncError> {
@@ -214,8 +207,8 @@ impl RepairWorker {
                 RepairKind::Entity(_) => None,
             })
             .collect();
-        let fields = Self::fields(&table);
-        let (found, answered_ms) = self.rest.retrieve(object, &ids, &fields).await?;
+        let fields = snapshot_fields(&table);
+        let (found, answered_ms) = self.reader.rest().retrieve(object, &ids, &fields).await?;
         let mut read_floor = answered_ms.map(|ms| ms - 1000);
         let mut rows = Vec::new();
         let mut missing = Vec::new();
@@ -228,16 +221,18 @@ impl RepairWorker {
         // Not retrievable: deleted (still in the recycle bin) or gone for good.
         let mut gone = Vec::new();
         for chunk in missing.chunks(LOOKUP_IDS) {
-            let list: Vec<String> = chunk.iter().map(|i| soql::quoted(i)).collect();
-            let soql = format!(
-                "SELECT {} FROM {object} WHERE Id IN ({})",
-                fields.join(", "),
-                list.join(", ")
-            );
-            let (seen, at) = self.query_all_rows(&table, &soql).await?;
-            read_floor = min_floor(read_floor, at);
+            let query = Query::select(&fields, object).ids(chunk);
+            let mut read =
+                self.reader
+                    .open_rest(&query, LOOKUP_IDS as u32, SnapshotRows::new(table.clone()));
+            let mut seen = Vec::new();
+            while let Some(part) = read.next().await {
+                let part = part?;
+                read_floor = min_floor(read_floor, part.read_floor_ms);
+                seen.extend(part.rows);
+            }
             for id in chunk {
-                if !seen.iter().any(|r| &r.id == id) {
+                if !seen.iter().any(|r: &SnapshotRow| &r.id == id) {
                     gone.push(id.clone());
                 }
             }
@@ -273,116 +268,56 @@ impl RepairWorker {
         Ok(())
     }
 
+    /// Re-reads every record of the object changed since the repair's time, chunk by chunk,
+    /// each chunk in its own transaction (a crash repeats the repair, which the version guard
+    /// makes harmless); the last chunk removes the repair from the queue. A Bulk job is
+    /// deleted afterwards whatever happened.
     async fn repair_entity(&mut self, repair: &Repair) -> Result<(), SyncError> {
         let object = repair.object.as_str();
         let RepairKind::Entity(since_ms) = repair.kind else {
             return Ok(());
         };
         let table = self.table(object, true).await?;
-        let fields = Self::fields(&table);
-        let mut soql = format!("SELECT {} FROM {object}", fields.join(", "));
+        let mut query = Query::select(&snapshot_fields(&table), object);
         // The window is on SystemModstamp; an object without audit fields is re-read whole.
         let window_field = ["SystemModstamp", "LastModifiedDate"]
             .into_iter()
             .find(|f| table.describe().field(f).is_some());
-        let mut window = String::new();
         if let Some(field) = window_field
             && since_ms > 0
         {
-            let since = soql::datetime_ms(since_ms);
-            window = format!(" WHERE {field} >= {since}");
+            query = query.since(field, since_ms);
         }
-        soql.push_str(&window);
-        let count = self
-            .rest
-            .query_page(&format!("SELECT COUNT() FROM {object}{window}"), true)
+        let counted = self.reader.count(&query).await?;
+        let mut read = self
+            .reader
+            .open(&counted, self.read, SnapshotRows::new(table.clone()))
             .await?;
-        let records = count.total_size.max(0) as u64;
-        if records > self.bulk_threshold {
-            // The count was read before the job runs: its time is a safe floor for every row.
-            let floor = count.read_at_ms.map(|ms| ms - 1000);
-            let total = self
-                .repair_entity_bulk(repair, &table, &soql, floor)
-                .await?;
-            tracing::info!(
-                object,
-                rows = total,
-                since_ms,
-                "entity repair applied over Bulk API"
-            );
-            return Ok(());
-        }
-        // Page by page, each in its own transaction: a crash repeats the repair, which the
-        // version guard makes harmless.
-        let mut page = Some(self.rest.query_page(&soql, true).await?);
-        let mut total = 0usize;
-        while let Some(current) = page {
-            let rows = current
-                .records
-                .iter()
-                .map(|r| row_from_json(&table, r))
-                .collect::<Result<Vec<SnapshotRow>, _>>()?;
-            total += rows.len();
-            let next = self.rest.next_page(&current).await?;
-            let floor = current.read_at_ms.map(|ms| ms - 1000);
-            self.apply_window_rows(repair, &table, &rows, floor, next.is_none())
-                .await?;
-            page = next;
-        }
-        tracing::info!(object, rows = total, since_ms, "entity repair applied");
-        Ok(())
-    }
-
-    /// Reads an entity window with a Bulk API 2.0 `queryAll` job, chunk by chunk, each chunk
-    /// in its own transaction; the job is deleted afterwards whatever happened.
-    async fn repair_entity_bulk(
-        &mut self,
-        repair: &Repair,
-        table: &Arc<TableSchema>,
-        soql: &str,
-        floor: Option<i64>,
-    ) -> Result<usize, SyncError> {
-        let job = self.bulk.create(soql, Operation::QueryAll).await?;
-        let result = async {
-            self.bulk.wait(&job.id).await?;
-            let mut locator: Option<String> = None;
+        let applied = async {
             let mut total = 0usize;
-            loop {
-                let chunk = self
-                    .bulk
-                    .results(&job.id, locator.as_deref(), self.chunk_rows)
-                    .await?;
-                let next = chunk.next_locator.clone();
-                let t = table.clone();
-                let parsed = tokio::task::spawn_blocking(move || {
-                    crate::sync::backfill::parse_chunk(&t, &chunk)
-                })
-                .await
-                .map_err(|e| SyncError::Protocol(format!("parsing a Bulk chunk failed: {e}")))?
-                .map_err(|e| SyncError::Protocol(e.to_string()))?;
-                let (rows, missing) = parsed;
-                if !missing.is_empty() {
-                    return Err(SyncError::Protocol(format!(
-                        "Bulk job {} for {} has no column for {}",
-                        job.id,
-                        table.object,
-                        missing.join(", ")
-                    )));
-                }
-                total += rows.len();
-                self.apply_window_rows(repair, table, &rows, floor, next.is_none())
-                    .await?;
-                match next {
-                    Some(l) => locator = Some(l),
-                    None => return Ok(total),
-                }
+            while let Some(chunk) = read.next().await {
+                let chunk = chunk?;
+                total += chunk.rows.len();
+                self.apply_window_rows(
+                    repair,
+                    &table,
+                    &chunk.rows,
+                    chunk.read_floor_ms,
+                    chunk.last,
+                )
+                .await?;
             }
+            Ok::<usize, SyncError>(total)
         }
         .await;
-        if let Err(e) = self.bulk.delete(&job.id).await {
-            tracing::debug!(job = %job.id, error = %e, "could not delete the Bulk job");
-        }
-        result
+        read.delete_job().await;
+        let total = applied?;
+        let via = match read.via() {
+            Via::Bulk { .. } => "Bulk API",
+            Via::Rest => "REST",
+        };
+        tracing::info!(object, rows = total, since_ms, via, "entity repair applied");
+        Ok(())
     }
 
     /// Applies rows of an entity window in one transaction, with the record repairs the merge
@@ -418,35 +353,6 @@ impl RepairWorker {
             .await
             .map_err(ReplicaError::pg("commit repair"))?;
         Ok(())
-    }
-
-    /// Every row of a queryAll, and the earliest read floor of its pages.
-    async fn query_all_rows(
-        &self,
-        table: &TableSchema,
-        soql: &str,
-    ) -> Result<(Vec<SnapshotRow>, Option<i64>), SyncError> {
-        let mut page = Some(self.rest.query_page(soql, true).await?);
-        let mut out = Vec::new();
-        let mut floor = page.as_ref().and_then(|p| p.read_at_ms).map(|ms| ms - 1000);
-        while let Some(current) = page {
-            for r in &current.records {
-                out.push(row_from_json(table, r)?);
-            }
-            page = self.rest.next_page(&current).await?;
-            if let Some(p) = &page {
-                floor = min_floor(floor, p.read_at_ms.map(|ms| ms - 1000));
-            }
-        }
-        Ok((out, floor))
-    }
-}
-
-/// The earlier of two read floors; unknown if either is unknown (be conservative).
-fn min_floor(a: Option<i64>, b: Option<i64>) -> Option<i64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        _ => None,
     }
 }
 

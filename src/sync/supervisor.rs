@@ -54,8 +54,14 @@ pub async fn run(
     };
 
     let mut repair_worker = {
+        let reader = super::reader::OrgReader::new(
+            salesforce.rest.clone(),
+            salesforce.bulk.clone(),
+            cfg.sync.retry_backoff(),
+            shutdown.clone(),
+        );
         let worker = super::repair::RepairWorker::new(
-            deps.rest.clone(),
+            reader,
             deps.pool.clone(),
             deps.apply.clone(),
             std::time::Duration::from_millis(cfg.sync.repair_idle_ms),

@@ -32,13 +32,15 @@ use crate::model::time::datetime_ms;
 use crate::replica::repair_queue::RepairRequest;
 use crate::replica::{ReplicaError, keys, migrate, repair_queue};
 use crate::salesforce::SourceError;
-use crate::salesforce::bulk::{BulkClient, Operation};
-use crate::salesforce::rest::RestClient;
+use crate::salesforce::bulk::ResultChunk;
+use crate::salesforce::soql::Query;
+use crate::sync::reader::{Decode, OrgReader, Read, ReadError, ReadOptions, Via};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Objects with more records than this are listed over Bulk API 2.0.
 pub const DEFAULT_BULK_THRESHOLD: u64 = super::backfill::DEFAULT_BULK_THRESHOLD;
@@ -66,6 +68,8 @@ pub enum VerifyError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error("{object}: {message}")]
     BadData { object: String, message: String },
     #[error("--repair needs the replica's control schema, and it is not ready: {0}")]
@@ -77,6 +81,7 @@ impl VerifyError {
         match self {
             VerifyError::Source(e) => e.is_transient(),
             VerifyError::Replica(e) => e.is_transient(),
+            VerifyError::Read(e) => e.is_transient(),
             VerifyError::UnknownObject(_)
             | VerifyError::BadData { .. }
             | VerifyError::NotMigrated(_) => false,
@@ -300,8 +305,12 @@ pub async fn verify_with(cfg: &Config, opts: &VerifyOptions) -> Result<VerifyRep
     }
     let salesforce = setup::login(cfg).await?;
     let checker = Checker {
-        bulk: salesforce.bulk,
-        rest: salesforce.rest,
+        reader: OrgReader::new(
+            salesforce.rest,
+            salesforce.bulk,
+            cfg.sync.retry_backoff(),
+            CancellationToken::new(),
+        ),
         pool: replica.pool,
         data_schema: cfg.replica.schema.clone(),
         control_schema: cfg.replica.control_schema.clone(),
@@ -349,37 +358,33 @@ fn is_plain_id(id: &str) -> bool {
 }
 
 struct Checker {
-    rest: RestClient,
-    bulk: BulkClient,
+    reader: OrgReader,
     pool: deadpool_postgres::Pool,
     data_schema: String,
     control_schema: String,
     opts: VerifyOptions,
 }
 
-/// Pages of org keys from the reader task, then `End`.
-enum OrgPage {
-    Keys(Vec<OrgKey>),
-    End,
-}
-
-/// The org's keys in id order, read one page ahead.
+/// The org's keys in id order, read one chunk ahead.
 struct OrgCursor {
     object: String,
-    rx: mpsc::Receiver<Result<OrgPage, VerifyError>>,
-    task: tokio::task::JoinHandle<()>,
+    read: Read<OrgKey>,
     buf: std::vec::IntoIter<OrgKey>,
     last: Option<String>,
     ended: bool,
 }
 
-impl Drop for OrgCursor {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl OrgCursor {
+    fn new(object: &str, read: Read<OrgKey>) -> OrgCursor {
+        OrgCursor {
+            object: object.to_string(),
+            read,
+            buf: Vec::new().into_iter(),
+            last: None,
+            ended: false,
+        }
+    }
+
     async fn next(&mut self) -> Result<Option<OrgKey>, VerifyError> {
         loop {
             if let Some(k) = self.buf.next() {
@@ -404,16 +409,13 @@ impl OrgCursor {
             if self.ended {
                 return Ok(None);
             }
-            match self.rx.recv().await {
-                Some(Ok(OrgPage::Keys(page))) => self.buf = page.into_iter(),
-                Some(Ok(OrgPage::End)) => self.ended = true,
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(VerifyError::BadData {
-                        object: self.object.clone(),
-                        message: "the org listing stopped before its end".to_string(),
-                    });
+            match self.read.next().await {
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    self.ended = chunk.last;
+                    self.buf = chunk.rows.into_iter();
                 }
+                None => self.ended = true,
             }
         }
     }
@@ -464,7 +466,7 @@ struct Findings {
 
 impl Checker {
     async fn object(&self, object: &str, result: &mut ObjectVerify) -> Result<(), VerifyError> {
-        let describe = self.rest.describe(object).await?;
+        let describe = self.reader.rest().describe(object).await?;
         if describe.field("SystemModstamp").is_none() {
             return Err(VerifyError::BadData {
                 object: object.to_string(),
@@ -474,25 +476,22 @@ impl Checker {
             });
         }
         let has_deleted = describe.field("IsDeleted").is_some();
-        let key_fields = if has_deleted {
-            "Id, SystemModstamp, IsDeleted"
-        } else {
-            "Id, SystemModstamp"
+        let query = Query::select(key_fields(has_deleted), object).order_by_id();
+        let counted = self.reader.count(&query).await?;
+        let options = ReadOptions {
+            bulk_threshold: self.opts.bulk_threshold,
+            chunk_rows: BULK_CHUNK_ROWS,
         };
-        let count = self
-            .rest
-            .query_page(&format!("SELECT COUNT() FROM {object}"), true)
-            .await?
-            .total_size
-            .max(0) as u64;
-        let soql = format!("SELECT {key_fields} FROM {object} ORDER BY Id");
-        let use_bulk = count > self.opts.bulk_threshold;
-        result.method = if use_bulk { "bulk" } else { "rest" }.to_string();
-        let mut org = if use_bulk {
-            self.list_bulk(object, soql)
-        } else {
-            self.list_rest(object, soql)
-        };
+        let read = self
+            .reader
+            .open(&counted, options, OrgKeys::new(object))
+            .await?;
+        result.method = match read.via() {
+            Via::Bulk { .. } => "bulk",
+            Via::Rest => "rest",
+        }
+        .to_string();
+        let mut org = OrgCursor::new(object, read);
 
         let table = object.to_ascii_lowercase();
         let mut findings = Findings {
@@ -572,6 +571,7 @@ impl Checker {
             .await
             .map_err(ReplicaError::pg(format!("end reading {object}")))?;
         drop(client);
+        org.read.delete_job().await;
         drop(org);
 
         self.recheck(object, &table, exists, has_deleted, result, &mut findings)
@@ -684,26 +684,17 @@ impl Checker {
         ids: &[String],
         has_deleted: bool,
     ) -> Result<HashMap<String, OrgKey>, VerifyError> {
-        let fields = if has_deleted {
-            "Id, SystemModstamp, IsDeleted"
-        } else {
-            "Id, SystemModstamp"
-        };
         let plain: Vec<&String> = ids.iter().filter(|id| is_plain_id(id)).collect();
         let mut out = HashMap::with_capacity(plain.len());
         for batch in plain.chunks(LOOKUP_IDS) {
-            let list: Vec<String> = batch.iter().map(|id| format!("'{id}'")).collect();
-            let soql = format!(
-                "SELECT {fields} FROM {object} WHERE Id IN ({})",
-                list.join(", ")
-            );
-            let mut page = Some(self.rest.query_page(&soql, true).await?);
-            while let Some(current) = page {
-                for record in &current.records {
-                    let key = org_key_from_json(object, record)?;
+            let query = Query::select(key_fields(has_deleted), object).ids(batch);
+            let mut read = self
+                .reader
+                .open_rest(&query, LOOKUP_IDS as u32, OrgKeys::new(object));
+            while let Some(chunk) = read.next().await {
+                for key in chunk?.rows {
                     out.insert(key.id.clone(), key);
                 }
-                page = self.rest.next_page(&current).await?;
             }
         }
         Ok(out)
@@ -717,101 +708,48 @@ impl Checker {
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
         Ok(keys::lookup(&client, &self.data_schema, table, ids).await?)
     }
+}
 
-    /// Lists the org's keys over REST paging, one page ahead of the merge.
-    fn list_rest(&self, object: &str, soql: String) -> OrgCursor {
-        let (tx, rx) = mpsc::channel(2);
-        let rest = self.rest.clone();
-        let name = object.to_string();
-        let task = tokio::spawn(async move {
-            let result: Result<(), VerifyError> = async {
-                let mut page = rest.query_page(&soql, true).await?;
-                loop {
-                    let keys = page
-                        .records
-                        .iter()
-                        .map(|r| org_key_from_json(&name, r))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if tx.send(Ok(OrgPage::Keys(keys))).await.is_err() {
-                        return Ok(());
-                    }
-                    if page.done {
-                        break;
-                    }
-                    let Some(next) = page.next_records_url.take() else {
-                        return Err(VerifyError::BadData {
-                            object: name.clone(),
-                            message: "a query page is not done but has no nextRecordsUrl"
-                                .to_string(),
-                        });
-                    };
-                    page = rest.query_more(&next).await?;
-                }
-                let _ = tx.send(Ok(OrgPage::End)).await;
-                Ok(())
-            }
-            .await;
-            if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        OrgCursor {
-            object: object.to_string(),
-            rx,
-            task,
-            buf: Vec::new().into_iter(),
-            last: None,
-            ended: false,
-        }
-    }
-
-    /// Lists the org's keys with a Bulk API 2.0 job, chunk by chunk.
-    fn list_bulk(&self, object: &str, soql: String) -> OrgCursor {
-        let (tx, rx) = mpsc::channel(2);
-        let bulk = self.bulk.clone();
-        let name = object.to_string();
-        let task = tokio::spawn(async move {
-            let result: Result<(), VerifyError> = async {
-                let job = bulk.create(&soql, Operation::QueryAll).await?;
-                bulk.wait(&job.id).await?;
-                let mut locator: Option<String> = None;
-                loop {
-                    let chunk = bulk
-                        .results(&job.id, locator.as_deref(), BULK_CHUNK_ROWS)
-                        .await?;
-                    let keys = org_keys_from_csv(&name, &chunk)?;
-                    if tx.send(Ok(OrgPage::Keys(keys))).await.is_err() {
-                        return Ok(());
-                    }
-                    match chunk.next_locator {
-                        Some(l) => locator = Some(l),
-                        None => break,
-                    }
-                }
-                let _ = tx.send(Ok(OrgPage::End)).await;
-                if let Err(e) = bulk.delete(&job.id).await {
-                    tracing::debug!(job = %job.id, error = %e, "could not delete the Bulk job");
-                }
-                Ok(())
-            }
-            .await;
-            if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        OrgCursor {
-            object: object.to_string(),
-            rx,
-            task,
-            buf: Vec::new().into_iter(),
-            last: None,
-            ended: false,
-        }
+/// The fields of an org key.
+fn key_fields(has_deleted: bool) -> &'static [&'static str] {
+    if has_deleted {
+        &["Id", "SystemModstamp", "IsDeleted"]
+    } else {
+        &["Id", "SystemModstamp"]
     }
 }
 
-fn org_key_from_json(object: &str, record: &serde_json::Value) -> Result<OrgKey, VerifyError> {
-    let bad = |message: String| VerifyError::BadData {
+/// Org records as keys.
+struct OrgKeys {
+    object: String,
+}
+
+impl OrgKeys {
+    fn new(object: &str) -> Arc<OrgKeys> {
+        Arc::new(OrgKeys {
+            object: object.to_string(),
+        })
+    }
+}
+
+impl Decode for OrgKeys {
+    type Row = OrgKey;
+
+    fn object(&self) -> &str {
+        &self.object
+    }
+
+    fn record(&self, record: &serde_json::Value) -> Result<OrgKey, ReadError> {
+        org_key_from_json(&self.object, record)
+    }
+
+    fn chunk(&self, chunk: &ResultChunk) -> Result<Vec<OrgKey>, ReadError> {
+        org_keys_from_csv(&self.object, chunk)
+    }
+}
+
+fn org_key_from_json(object: &str, record: &serde_json::Value) -> Result<OrgKey, ReadError> {
+    let bad = |message: String| ReadError::BadResult {
         object: object.to_string(),
         message,
     };
@@ -835,11 +773,8 @@ fn org_key_from_json(object: &str, record: &serde_json::Value) -> Result<OrgKey,
     })
 }
 
-fn org_keys_from_csv(
-    object: &str,
-    chunk: &crate::salesforce::bulk::ResultChunk,
-) -> Result<Vec<OrgKey>, VerifyError> {
-    let bad = |message: String| VerifyError::BadData {
+fn org_keys_from_csv(object: &str, chunk: &ResultChunk) -> Result<Vec<OrgKey>, ReadError> {
+    let bad = |message: String| ReadError::BadResult {
         object: object.to_string(),
         message,
     };
