@@ -97,6 +97,98 @@ async fn rows_the_stream_moved_past_are_kept_and_read_again() {
     );
 }
 
+/// A hard DELETE of the stream and a snapshot row of the same record (read while it was
+/// live) in transactions that overlap: whichever order they reach Postgres in, the record
+/// stays deleted. The snapshot's tombstone check cannot see a tombstone that is not committed
+/// yet, and a hard delete leaves no row for the two to meet on, so the merge must wait for
+/// the delete (`replica::locks`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_row_never_brings_back_a_record_deleted_beside_it() {
+    for existed in [true, false] {
+        let (_db, pool, table, settings) = fresh(DeleteMode::Hard).await;
+        let table = std::sync::Arc::new(table);
+        let id = "001000000000009AAA";
+        let read_ms = 1_767_322_245_000i64;
+        if existed {
+            let client = pool.get().await.expect("client");
+            client
+                .execute(
+                    "INSERT INTO salesforce.account (id, name, _sfm_version) VALUES ($1, 'live', $2)",
+                    &[&id, &(read_ms - 10_000)],
+                )
+                .await
+                .expect("seed");
+        }
+        // The stream deletes the record after the snapshot read it, and has not committed.
+        let mut stream = pool.get().await.expect("client");
+        let stream_tx = stream.transaction().await.expect("tx");
+        let tables: std::collections::HashMap<_, _> =
+            [("Account".to_string(), table.clone())].into();
+        sfmirror::replica::apply::apply_events(
+            &stream_tx,
+            &settings,
+            &tables,
+            vec![delete_event(id, read_ms + 5_000)],
+        )
+        .await
+        .expect("delete");
+        // The snapshot merge runs beside it.
+        let snapshot = {
+            let (pool, table, settings) = (pool.clone(), table.clone(), settings.clone());
+            tokio::spawn(async move {
+                let mut client = pool.get().await.expect("client");
+                let tx = client.transaction().await.expect("tx");
+                let row = row_from_json(
+                    &table,
+                    &json!({"Id": id, "Name": "read while live",
+                            "SystemModstamp": "2026-01-02T02:50:45.000+0000"}),
+                )
+                .expect("row");
+                apply_snapshot(&tx, &settings, &table, &[row], None)
+                    .await
+                    .expect("snapshot");
+                tx.commit().await.expect("commit snapshot");
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stream_tx.commit().await.expect("commit delete");
+        snapshot.await.expect("snapshot task");
+        let client = pool.get().await.expect("client");
+        let left = client
+            .query_opt("SELECT name FROM salesforce.account WHERE id = $1", &[&id])
+            .await
+            .expect("read");
+        assert!(
+            left.is_none(),
+            "the deleted record came back (row existed before: {existed})"
+        );
+    }
+}
+
+fn delete_event(id: &str, commit_ms: i64) -> sfmirror::model::ChangeEvent {
+    use sfmirror::model::{ChangeEvent, ChangeHeader, ChangeType, ReplayId};
+    ChangeEvent {
+        replay_id: ReplayId::from_u64(1),
+        schema_id: "s".into(),
+        header: ChangeHeader {
+            entity_name: "Account".into(),
+            record_ids: vec![id.to_string()],
+            change_type: ChangeType::Delete,
+            change_origin: String::new(),
+            transaction_key: "t".into(),
+            sequence_number: 1,
+            commit_timestamp: commit_ms,
+            commit_number: 1,
+            commit_user: String::new(),
+            changed_fields: vec![],
+            nulled_fields: vec![],
+            diff_fields: vec![],
+        },
+        fields: vec![],
+        schema_fields: std::sync::Arc::from(Vec::<std::sync::Arc<str>>::new()),
+    }
+}
+
 /// A fresh replica table and what applying snapshot rows needs.
 async fn fresh(mode: DeleteMode) -> (TestDb, deadpool_postgres::Pool, TableSchema, ApplySettings) {
     let db = TestDb::create().await;

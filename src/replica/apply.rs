@@ -736,6 +736,8 @@ async fn hard_delete(
          WHERE (ts.version, coalesce(ts.commit_number, -1))
                <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
     );
+    // A snapshot merge of the object running beside this batch must see the tombstones.
+    super::locks::share_deletes(tx, &settings.data_schema, &t.object).await?;
     send(
         tx,
         &run,

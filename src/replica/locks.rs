@@ -7,6 +7,13 @@
 //!   beside it, waits for it by asking for the same lock shared ([`wait_for_batch`]). Should a
 //!   third transaction close a cycle through the two, Postgres breaks it with a deadlock error
 //!   (transient) instead of leaving all three waiting.
+//! - In hard delete mode, a batch that deletes records of an object holds that object's
+//!   delete lock shared ([`share_deletes`]), and a snapshot merge of the object holds it
+//!   exclusively ([`exclude_deletes`]). A hard delete leaves no row for the two to meet on:
+//!   without the lock, a snapshot row of a record being deleted (read while it was live)
+//!   could be inserted after the delete, with a tombstone check that could not yet see the
+//!   tombstone, and bring the record back. With it, whichever comes second sees what the
+//!   first committed. Batches share the lock, so the stream never waits for itself.
 
 use super::ReplicaError;
 
@@ -53,5 +60,42 @@ pub async fn wait_for_batch(
     tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&key])
         .await
         .map_err(ReplicaError::pg("wait for the batch before"))?;
+    Ok(())
+}
+
+fn delete_key(data_schema: &str, object: &str) -> String {
+    format!("sfmirror hard delete {data_schema}.{object}")
+}
+
+/// Holds `object`'s delete lock shared until the transaction ends (before hard deletes).
+pub async fn share_deletes(
+    tx: &impl deadpool_postgres::GenericClient,
+    data_schema: &str,
+    object: &str,
+) -> Result<(), ReplicaError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtext($1))",
+        &[&delete_key(data_schema, object)],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!("lock the deletes of {object}")))?;
+    Ok(())
+}
+
+/// Holds `object`'s delete lock exclusively until the transaction ends (before a snapshot
+/// merge in hard delete mode): waits for batches deleting its records to end.
+pub async fn exclude_deletes(
+    tx: &impl deadpool_postgres::GenericClient,
+    data_schema: &str,
+    object: &str,
+) -> Result<(), ReplicaError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&delete_key(data_schema, object)],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!(
+        "wait for deletes of {object} in flight"
+    )))?;
     Ok(())
 }

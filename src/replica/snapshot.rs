@@ -200,6 +200,10 @@ pub async fn apply_snapshot(
     if rows.is_empty() {
         return Ok(outcome);
     }
+    if settings.delete_mode == DeleteMode::Hard {
+        // No row is left for a hard delete and this merge to meet on: see `locks`.
+        super::locks::exclude_deletes(tx, &settings.data_schema, &table.object).await?;
+    }
     let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
     let ctl = quote(&settings.control_schema);
     let ctx = |what: &str| context(table, what);
