@@ -69,6 +69,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue parked repairs again: those that failed in a way retrying could not fix (an
+    /// object or field the integration user could not read, a value that did not fit its
+    /// column), once the cause is fixed. The daemon applies them.
+    Requeue {
+        #[arg(long, env = "SFMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Only the repairs of this object (repeatable); default: every parked repair.
+        #[arg(long = "object", value_name = "NAME")]
+        objects: Vec<String>,
+    },
     /// Compare the replica with the org: missing, extra, stale and deleted-state drift.
     ///
     /// Exits 1 when drift is found (or an object cannot be compared), 0 when none.
@@ -262,6 +272,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{report}");
             }
+            Ok(())
+        }
+        Command::Requeue { config, objects } => {
+            let cfg = Config::load(&config)?;
+            // None named: every parked repair, of objects no longer configured too.
+            let objects = if objects.is_empty() {
+                objects
+            } else {
+                cfg.select_objects(&objects)?
+            };
+            let replica = crate::sync::setup::Setup::connect(&cfg)
+                .await
+                .context("reaching the replica database")?;
+            let n = replica.requeue(&objects).await?;
+            println!("requeued {n} parked repair(s)");
             Ok(())
         }
         Command::Verify {

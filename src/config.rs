@@ -319,6 +319,14 @@ impl Config {
         Ok(out)
     }
 
+    /// A short fingerprint of this configuration (secrets left out), kept with repairs the
+    /// daemon parks: a start under a different configuration tries them again.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{self:?}").as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Loads `path` (TOML) with `SFMIRROR__SECTION__KEY` overrides, reads secret files, and
     /// validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -16,6 +16,7 @@ pub const APPLY_DELAY_SECONDS: &str = "sfmirror_apply_delay_seconds";
 pub const BATCH_APPLY_SECONDS: &str = "sfmirror_batch_apply_seconds";
 pub const RETENTION_HEADROOM_SECONDS: &str = "sfmirror_retention_headroom_seconds";
 pub const REPAIRS_PENDING: &str = "sfmirror_repairs_pending";
+pub const REPAIRS_PARKED: &str = "sfmirror_repairs_parked";
 pub const REPAIRS_TOTAL: &str = "sfmirror_repairs_total";
 pub const DEAD_LETTERS_TOTAL: &str = "sfmirror_dead_letters_total";
 pub const STREAM_RECONNECTS_TOTAL: &str = "sfmirror_stream_reconnects_total";
@@ -128,6 +129,19 @@ pub fn record_backfill_rows(object: &str, rows: u64) {
 
 pub fn record_apply_delay(seconds: f64) {
     metrics::histogram!(APPLY_DELAY_SECONDS).record(seconds);
+}
+
+pub fn record_repairs(kind: &'static str, outcome: &'static str, n: usize) {
+    metrics::counter!(REPAIRS_TOTAL, "kind" => kind, "outcome" => outcome).increment(n as u64);
+}
+
+pub fn record_repairs_pending(object: &str, pending: i64, parked: i64) {
+    metrics::gauge!(REPAIRS_PENDING, "object" => object.to_string()).set(pending as f64);
+    metrics::gauge!(REPAIRS_PARKED, "object" => object.to_string()).set(parked as f64);
+}
+
+pub fn record_replay_reset(channel: &str) {
+    metrics::counter!(REPLAY_RESETS_TOTAL, "channel" => channel.to_string()).increment(1);
 }
 
 pub fn record_connected(channel: &str, connected: bool) {

@@ -10,6 +10,7 @@
 //! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
+//! - `setup`: the set-up every command shares, and the error policy at its edges.
 
 mod common;
 
@@ -23,6 +24,7 @@ mod emulator_rest;
 mod end_to_end;
 mod merge_properties;
 mod randomized;
+mod setup;
 mod snapshot;
 mod streaming;
 mod verify;

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "004_repair_claim_owner",
         include_str!("../../sql/004_repair_claim_owner.sql"),
     ),
+    (
+        5,
+        "005_parked_repairs",
+        include_str!("../../sql/005_parked_repairs.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

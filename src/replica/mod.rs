@@ -27,14 +27,19 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 /// definite (a schema or data problem the operator must look at).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    #[error("Postgres {context}: {source}")]
+    #[error("Postgres {context}: {}", postgres_message(source))]
     Postgres {
         context: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("Postgres pool: {0}")]
-    Pool(String),
+    /// No connection could be had from the pool (the server is unreachable, refused the
+    /// login, or every connection is busy past the timeout).
+    #[error("Postgres: {}", pool_message(.0))]
+    Pool(#[source] deadpool_postgres::PoolError),
+    /// `replica.url` cannot be used.
+    #[error("replica.url: {message}")]
+    Url { message: String },
     #[error("{object}: {message}")]
     Schema { object: String, message: String },
     #[error("{object} {id}: {message}")]
@@ -54,37 +59,98 @@ impl ReplicaError {
     }
 
     pub fn is_transient(&self) -> bool {
+        use deadpool_postgres::PoolError;
         match self {
-            ReplicaError::Pool(_) => true,
-            ReplicaError::Postgres { source, .. } => {
-                if source.is_closed() {
-                    return true;
-                }
-                match source.code() {
-                    // No SQLSTATE: an I/O or protocol failure on the connection.
-                    None => true,
-                    Some(code) => {
-                        use tokio_postgres::error::SqlState;
-                        *code == SqlState::T_R_SERIALIZATION_FAILURE
-                            || *code == SqlState::T_R_DEADLOCK_DETECTED
-                            || *code == SqlState::ADMIN_SHUTDOWN
-                            || *code == SqlState::CRASH_SHUTDOWN
-                            || *code == SqlState::CANNOT_CONNECT_NOW
-                            || *code == SqlState::TOO_MANY_CONNECTIONS
-                            || code.code().starts_with("08")
-                    }
-                }
-            }
-            ReplicaError::Schema { .. }
+            ReplicaError::Pool(PoolError::Backend(e)) => postgres_is_transient(e),
+            ReplicaError::Pool(PoolError::Timeout(_))
+            | ReplicaError::Pool(PoolError::PostCreateHook(_))
+            | ReplicaError::Pool(PoolError::Closed) => true,
+            ReplicaError::Pool(_) => false,
+            ReplicaError::Postgres { source, .. } => postgres_is_transient(source),
+            ReplicaError::Url { .. }
+            | ReplicaError::Schema { .. }
             | ReplicaError::Data { .. }
             | ReplicaError::Migration { .. } => false,
         }
     }
 }
 
+/// A Postgres error as an operator needs it: the server's own message, its SQLSTATE, detail
+/// and hint (the driver's `Display` says only "db error"), or the connection failure with its
+/// cause.
+pub fn postgres_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(&format!(": {more}"));
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn pool_message(e: &deadpool_postgres::PoolError) -> String {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => format!("cannot connect: {}", postgres_message(e)),
+        PoolError::Timeout(_) => {
+            "no connection became free in time (pool_size too small, or the server is slow)"
+                .to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Whether a Postgres error can go away on a retry: connection loss, a server restarting,
+/// serialization failures and deadlocks. A refused login (wrong password, no such role, no
+/// `pg_hba.conf` entry) is definite: retrying only repeats it, and the operator must act.
+fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // No SQLSTATE: an I/O or protocol failure on the connection.
+        None => true,
+        Some(code)
+            if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                || *code == SqlState::INSUFFICIENT_PRIVILEGE =>
+        {
+            false
+        }
+        Some(code) => {
+            *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || code.code().starts_with("08")
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ReplicaError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        ReplicaError::Pool(e.to_string())
+        ReplicaError::Pool(e)
     }
 }
 
@@ -120,11 +186,13 @@ pub async fn connect(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
 
 /// A connection pool for the replica database; connections open on first use.
 fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
-    let pg: tokio_postgres::Config = cfg
-        .url
-        .expose()
-        .parse()
-        .map_err(|e: tokio_postgres::Error| ReplicaError::Pool(format!("replica.url: {e}")))?;
+    let pg: tokio_postgres::Config =
+        cfg.url
+            .expose()
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ReplicaError::Url {
+                message: e.to_string(),
+            })?;
     let manager = Manager::from_config(
         pg,
         tokio_postgres::NoTls,
@@ -140,7 +208,9 @@ fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
             Ok(())
         }))
         .build()
-        .map_err(|e| ReplicaError::Pool(e.to_string()))
+        .map_err(|e| ReplicaError::Url {
+            message: e.to_string(),
+        })
 }
 
 /// Most statements a pooled connection keeps prepared. The merge's statements depend on the

@@ -15,9 +15,17 @@
 //! by another backend only makes a dead claim wait for its lease. Behind a pooler in
 //! transaction mode (PgBouncer, Supavisor) backend pids say nothing about the daemon, and
 //! claims are taken over by the lease alone.
+//!
+//! A repair that failed transiently goes back with a backoff ([`fail`]); one that failed
+//! definitely is parked ([`park`]): never due, kept with its error, until the operator
+//! requeues it ([`requeue`]) or the daemon starts under another configuration
+//! ([`requeue_changed`]). A new request for a parked repair is folded into it and stays
+//! parked, so nothing asked for is lost while it waits.
 
 use super::{ReplicaError, quote};
+use crate::backoff::Backoff;
 use crate::model::ReplayId;
+use std::time::Duration;
 
 /// What the stream could not deliver, to be fetched over REST.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +68,9 @@ pub async fn enqueue(
                              VALUES ($1, 'record', $2, $3, $4, $5)
                              ON CONFLICT (object, record_id) WHERE kind = 'record' DO UPDATE
                              SET requested_at = now(), reason = EXCLUDED.reason,
-                                 next_attempt_at = LEAST(repair_queue.next_attempt_at, now())"
+                                 next_attempt_at = CASE WHEN repair_queue.parked_at IS NULL
+                                     THEN LEAST(repair_queue.next_attempt_at, now())
+                                     ELSE repair_queue.next_attempt_at END"
                         ),
                         &[object, id, reason, &channel, &replay],
                     )
@@ -83,7 +93,9 @@ pub async fn enqueue(
                              ON CONFLICT (object) WHERE kind = 'entity' DO UPDATE
                              SET since = LEAST(repair_queue.since, EXCLUDED.since),
                                  reason = EXCLUDED.reason, requested_at = now(),
-                                 next_attempt_at = LEAST(repair_queue.next_attempt_at, now())"
+                                 next_attempt_at = CASE WHEN repair_queue.parked_at IS NULL
+                                     THEN LEAST(repair_queue.next_attempt_at, now())
+                                     ELSE repair_queue.next_attempt_at END"
                         ),
                         &[object, since_ms, reason, &channel, &replay],
                     )
@@ -95,22 +107,38 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Pending repairs per object (for status and the `sfmirror_repairs_pending` gauge).
+/// Queued repairs of one object: how many are waiting, and how many of those are parked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub object: String,
+    pub pending: i64,
+    pub parked: i64,
+}
+
+/// Queued repairs per object (for the `sfmirror_repairs_pending` and `_parked` gauges).
 pub async fn pending(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
-) -> Result<Vec<(String, i64)>, ReplicaError> {
+) -> Result<Vec<Pending>, ReplicaError> {
     let rows = client
         .query(
             &format!(
-                "SELECT object, count(*) FROM {}.repair_queue GROUP BY object ORDER BY object",
+                "SELECT object, count(*), count(*) FILTER (WHERE parked_at IS NOT NULL)
+                 FROM {}.repair_queue GROUP BY object ORDER BY object",
                 quote(control_schema)
             ),
             &[],
         )
         .await
         .map_err(ReplicaError::pg("count pending repairs"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| Pending {
+            object: r.get(0),
+            pending: r.get(1),
+            parked: r.get(2),
+        })
+        .collect())
 }
 
 /// Pending repairs of one object and kind, as `status` shows them.
@@ -122,6 +150,8 @@ pub struct Summary {
     pub pending: i64,
     /// Of those, how many failed at least once.
     pub retrying: i64,
+    /// Of those, how many are parked (failed definitely; see [`park`]).
+    pub parked: i64,
     /// Epoch ms of the oldest request.
     pub oldest_requested_ms: Option<i64>,
     /// The error of the repair that failed last, if any did.
@@ -137,6 +167,7 @@ pub async fn summary(
         .query(
             &format!(
                 "SELECT object, kind, count(*), count(*) FILTER (WHERE attempts > 0),
+                        count(*) FILTER (WHERE parked_at IS NOT NULL),
                         (extract(epoch FROM min(requested_at)) * 1000)::bigint,
                         (array_agg(last_error ORDER BY next_attempt_at DESC)
                             FILTER (WHERE last_error IS NOT NULL))[1]
@@ -154,8 +185,9 @@ pub async fn summary(
             kind: r.get(1),
             pending: r.get(2),
             retrying: r.get(3),
-            oldest_requested_ms: r.get(4),
-            last_error: r.get(5),
+            parked: r.get(4),
+            oldest_requested_ms: r.get(5),
+            last_error: r.get(6),
         })
         .collect())
 }
@@ -291,13 +323,56 @@ pub async fn renew(
     Ok(())
 }
 
-/// Records a failed attempt: the repair is retried after an exponential backoff (capped at an
-/// hour), and the error is kept for `status`.
+/// How long a repair that failed transiently waits before its next attempt: from one second,
+/// doubling with each failed attempt, up to an hour.
+pub fn retry_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// Records a failed attempt of repairs that may succeed later: each is due again after the
+/// [`retry_backoff`] of its attempts so far, and the error is kept for `status`.
 pub async fn fail(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
     repairs: &[&Repair],
     error: &str,
+) -> Result<(), ReplicaError> {
+    let backoff = retry_backoff();
+    let ids: Vec<i64> = repairs.iter().map(|r| r.repair_id).collect();
+    let waits: Vec<f64> = repairs
+        .iter()
+        .map(|r| {
+            backoff
+                .delay_for(u32::try_from(r.attempts).unwrap_or(0))
+                .as_secs_f64()
+        })
+        .collect();
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.repair_queue q
+                 SET attempts = attempts + 1, last_error = $3, claimed_by = NULL,
+                     next_attempt_at = now() + make_interval(secs => f.wait)
+                 FROM unnest($1::bigint[], $2::float8[]) AS f(id, wait)
+                 WHERE q.repair_id = f.id",
+                quote(control_schema)
+            ),
+            &[&ids, &waits, &error],
+        )
+        .await
+        .map_err(ReplicaError::pg("record repair failure"))?;
+    Ok(())
+}
+
+/// Parks repairs that failed definitely: never due again, kept with `error`, until
+/// [`requeue`] or [`requeue_changed`]. `config` is the fingerprint of the configuration they
+/// failed under.
+pub async fn park(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    repairs: &[&Repair],
+    error: &str,
+    config: &str,
 ) -> Result<(), ReplicaError> {
     let ids: Vec<i64> = repairs.iter().map(|r| r.repair_id).collect();
     client
@@ -305,13 +380,59 @@ pub async fn fail(
             &format!(
                 "UPDATE {}.repair_queue
                  SET attempts = attempts + 1, last_error = $2, claimed_by = NULL,
-                     next_attempt_at = now() + make_interval(secs => least(3600, 2 ^ least(attempts, 12)))
+                     next_attempt_at = 'infinity', parked_at = now(), parked_config = $3
                  WHERE repair_id = ANY($1)",
                 quote(control_schema)
             ),
-            &[&ids, &error],
+            &[&ids, &error, &config],
         )
         .await
-        .map_err(ReplicaError::pg("record repair failure"))?;
+        .map_err(ReplicaError::pg("park repairs"))?;
     Ok(())
+}
+
+/// Makes parked repairs due again (those of `objects`, or all when empty); returns how many.
+pub async fn requeue(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    objects: &[String],
+) -> Result<u64, ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.repair_queue
+                 SET parked_at = NULL, parked_config = NULL, attempts = 0,
+                     next_attempt_at = now()
+                 WHERE parked_at IS NOT NULL
+                   AND (cardinality($1::text[]) = 0 OR object = ANY($1))",
+                quote(control_schema)
+            ),
+            &[&objects],
+        )
+        .await
+        .map_err(ReplicaError::pg("requeue parked repairs"))
+}
+
+/// Makes due again the parked repairs that were parked under another configuration than
+/// `config` (a fingerprint); returns how many.
+pub async fn requeue_changed(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    config: &str,
+) -> Result<u64, ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.repair_queue
+                 SET parked_at = NULL, parked_config = NULL, attempts = 0,
+                     next_attempt_at = now()
+                 WHERE parked_at IS NOT NULL AND parked_config IS DISTINCT FROM $1",
+                quote(control_schema)
+            ),
+            &[&config],
+        )
+        .await
+        .map_err(ReplicaError::pg(
+            "requeue repairs parked under another configuration",
+        ))
 }

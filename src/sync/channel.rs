@@ -42,6 +42,7 @@
 //! events are simply delivered again; the version guard makes the re-delivery of committed
 //! ones harmless.
 
+use super::policy::{self, ChannelAction};
 use super::{AbortOnDrop, SyncError};
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::{ChangeEvent, ReplayId};
@@ -268,12 +269,13 @@ impl ChannelTask {
         }
     }
 
-    /// Runs until `shutdown` or a definite error. Transient errors reconnect with jittered
-    /// exponential backoff from the committed checkpoint.
+    /// Runs until `shutdown` or a definite error. What each error leads to is the error
+    /// policy's ([`policy::channel`]); retries wait on the shared backoff, from the committed
+    /// checkpoint.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), SyncError> {
         let name = self.cfg.name.clone();
-        let mut delay = Duration::from_millis(self.deps.sync.reconnect_min_ms);
-        let max_delay = Duration::from_millis(self.deps.sync.reconnect_max_ms);
+        let mut backoff = self.deps.sync.retry_backoff();
+        let (_, max_delay) = backoff.bounds();
         // Refusals in a row of sessions fresh from a login (see below).
         let mut refused_fresh = 0u32;
         loop {
@@ -284,26 +286,28 @@ impl ChannelTask {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            if let SyncError::Source(s) = &err
-                && s.is_replay_rejected()
-            {
-                // Past retention (or unknown to this org): never jump silently. The marker makes
-                // the next stream start at LATEST and re-read everything since the checkpoint.
-                tracing::warn!(channel = %name, error = %err,
-                    "stored replay id refused (past the retention window?); resuming at LATEST \
-                     and re-reading the channel's objects since the last checkpoint");
-                metrics::counter!(telemetry::REPLAY_RESETS_TOTAL, "channel" => name.clone())
-                    .increment(1);
-                let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-                checkpoint::to_marker(&client, &self.deps.apply.control_schema, &name).await?;
-                continue;
+            let action = policy::channel(&err);
+            match action {
+                ChannelAction::ResumeAtLatest => {
+                    // Past retention (or unknown to this org): never jump silently. The marker
+                    // makes the next stream start at LATEST and re-read everything since the
+                    // checkpoint.
+                    tracing::warn!(channel = %name, error = %err,
+                        "stored replay id refused (past the retention window?); resuming at \
+                         LATEST and re-reading the channel's objects since the last checkpoint");
+                    telemetry::record_replay_reset(&name);
+                    let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+                    checkpoint::to_marker(&client, &self.deps.apply.control_schema, &name).await?;
+                    continue;
+                }
+                ChannelAction::Stop => {
+                    tracing::error!(channel = %name, error = %err,
+                        "channel stopped: this error needs operator action; other channels go on");
+                    return Err(err);
+                }
+                ChannelAction::LogInAgain | ChannelAction::Retry => {}
             }
-            if !err.is_transient() {
-                tracing::error!(channel = %name, error = %err,
-                    "channel stopped: this error needs operator action; other channels go on");
-                return Err(err);
-            }
-            let refused = matches!(&err, SyncError::Source(s) if s.needs_reauth());
+            let refused = action == ChannelAction::LogInAgain;
             // A session refused again and again right after logging in is not an expiry: the
             // user may not use the Pub/Sub API, or the session is locked to an address. Logging
             // in once a backoff for ever would only hide that.
@@ -338,17 +342,16 @@ impl ChannelTask {
             }
             // A stream that ran a while before failing starts the backoff over.
             if started.elapsed() > max_delay {
-                delay = Duration::from_millis(self.deps.sync.reconnect_min_ms);
+                backoff.reset();
             }
-            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            let delay = backoff.next_delay();
             telemetry::record_reconnect(&name, err.reason());
-            tracing::warn!(channel = %name, error = %err, retry_in_ms = jittered.as_millis() as u64,
+            tracing::warn!(channel = %name, error = %err, retry_in_ms = delay.as_millis() as u64,
                 "stream interrupted; resubscribing after the committed checkpoint");
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(jittered) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(max_delay);
         }
     }
 
@@ -409,9 +412,10 @@ impl ChannelTask {
         // any, is the reason the receiving stopped, so it wins.
         let applied = match (&mut apply.0).await {
             Ok(r) => r,
-            Err(e) => Err(SyncError::Protocol(format!(
-                "channel {name}: apply task failed: {e}"
-            ))),
+            Err(e) => Err(SyncError::TaskFailed {
+                task: format!("the apply task of {name}"),
+                message: e.to_string(),
+            }),
         };
         applied.and(received)
     }
@@ -514,9 +518,10 @@ impl ChannelTask {
             for consumer_event in response.events {
                 let replay_id = ReplayId(consumer_event.replay_id);
                 let Some(event) = consumer_event.event else {
-                    return Err(SyncError::Protocol(format!(
-                        "channel {name}: event {replay_id} has no body"
-                    )));
+                    return Err(SyncError::BadAnswer {
+                        channel: name.clone(),
+                        message: format!("event {replay_id} has no body"),
+                    });
                 };
                 self.decode_into(&mut batch, replay_id, event).await?;
                 if batch.started.is_none() {
@@ -908,10 +913,10 @@ impl Applier {
         let c = match joined {
             Ok(r) => r?,
             Err(e) => {
-                return Err(SyncError::Protocol(format!(
-                    "channel {}: batch task failed: {e}",
-                    self.name
-                )));
+                return Err(SyncError::TaskFailed {
+                    task: format!("a batch of {}", self.name),
+                    message: e.to_string(),
+                });
             }
         };
         let name = &self.name;

@@ -6,6 +6,7 @@
 
 pub mod backfill;
 pub mod channel;
+pub mod policy;
 pub mod reader;
 pub mod repair;
 pub mod setup;
@@ -76,8 +77,25 @@ pub enum SyncError {
     StreamEnded,
     #[error("no event or keepalive for {0:?}: resubscribing")]
     StaleStream(std::time::Duration),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
+    /// The server sent what the protocol does not allow.
+    #[error("channel {channel}: answer not understood: {message}")]
+    BadAnswer { channel: String, message: String },
+    /// A task of the daemon ended without an answer (it panicked): a bug, not retried.
+    #[error("{task} failed: {message}")]
+    TaskFailed { task: String, message: String },
+    /// The metrics listener cannot bind its address.
+    #[error("cannot listen for metrics on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every configured channel stopped with a definite error.
+    #[error(
+        "every channel stopped with an error that needs operator action ({channels} of them); \
+         see the log lines above"
+    )]
+    AllChannelsStopped { channels: usize },
     #[error(
         "checkpoint of {channel} is no longer at {expected}, where the batch before left it: \
          that batch did not commit, or another sfmirror moved it; resuming from the stored position"
@@ -97,7 +115,10 @@ impl SyncError {
             SyncError::StreamEnded
             | SyncError::StaleStream(_)
             | SyncError::CheckpointMoved { .. } => true,
-            SyncError::Protocol(_) => false,
+            SyncError::BadAnswer { .. }
+            | SyncError::TaskFailed { .. }
+            | SyncError::Listen { .. }
+            | SyncError::AllChannelsStopped { .. } => false,
         }
     }
 
@@ -110,7 +131,10 @@ impl SyncError {
             SyncError::Read(_) => "source",
             SyncError::StreamEnded => "stream_ended",
             SyncError::StaleStream(_) => "stale_stream",
-            SyncError::Protocol(_) => "protocol",
+            SyncError::BadAnswer { .. } => "protocol",
+            SyncError::TaskFailed { .. } => "task_failed",
+            SyncError::Listen { .. } => "listen",
+            SyncError::AllChannelsStopped { .. } => "stopped",
             SyncError::CheckpointMoved { .. } => "checkpoint_moved",
         }
     }

@@ -23,9 +23,10 @@ use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
 use crate::replica::{ReplicaError, repair_queue::enqueue};
 use crate::salesforce::soql::Query;
 use crate::sync::SyncError;
+use crate::sync::policy::{self, RepairAction};
 use crate::sync::reader::{OrgReader, ReadOptions, SnapshotRows, Via, min_floor, snapshot_fields};
 use crate::telemetry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,10 @@ pub struct RepairWorker {
     /// Tables from describe, with when they were described (see [`Self::table`]).
     tables: HashMap<String, (Arc<TableSchema>, std::time::Instant)>,
     idle: Duration,
+    /// The fingerprint of the configuration, kept with repairs it parks.
+    config: String,
+    /// Objects whose repair gauges were set, so that a drained one is set back to 0.
+    reported: HashSet<String>,
 }
 
 /// How long a describe serves record repairs. Fields come and go in the org: a stale table
@@ -71,7 +76,16 @@ impl RepairWorker {
             settings,
             tables: HashMap::new(),
             idle,
+            config: String::new(),
+            reported: HashSet::new(),
         }
+    }
+
+    /// Parks repairs that fail definitely under the configuration `fingerprint`
+    /// ([`crate::config::Config::fingerprint`]).
+    pub fn with_config(mut self, fingerprint: String) -> RepairWorker {
+        self.config = fingerprint;
+        self
     }
 
     /// Reads entity windows above `threshold` records over Bulk API 2.0, `chunk_rows` rows at
@@ -94,14 +108,7 @@ impl RepairWorker {
                     false
                 }
             };
-            if let Ok(client) = self.pool.get().await
-                && let Ok(pending) =
-                    repair_queue::pending(&client, &self.settings.control_schema).await
-            {
-                for (object, n) in pending {
-                    metrics::gauge!(telemetry::REPAIRS_PENDING, "object" => object).set(n as f64);
-                }
-            }
+            self.report_pending().await;
             if worked {
                 continue;
             }
@@ -110,6 +117,26 @@ impl RepairWorker {
                 _ = tokio::time::sleep(self.idle) => {}
             }
         }
+    }
+
+    /// Sets the pending and parked gauges of every object, 0 for those that drained.
+    async fn report_pending(&mut self) {
+        let Ok(client) = self.pool.get().await else {
+            return;
+        };
+        let Ok(pending) = repair_queue::pending(&client, &self.settings.control_schema).await
+        else {
+            return;
+        };
+        let mut seen = HashSet::new();
+        for p in pending {
+            telemetry::record_repairs_pending(&p.object, p.pending, p.parked);
+            seen.insert(p.object);
+        }
+        for drained in self.reported.difference(&seen) {
+            telemetry::record_repairs_pending(drained, 0, 0);
+        }
+        self.reported = seen;
     }
 
     /// Claims and processes one round of due repairs; returns how many it handled.
@@ -146,36 +173,40 @@ impl RepairWorker {
         Ok(n)
     }
 
-    /// Records the outcome of a repair attempt: failures go back with a backoff.
+    /// Records the outcome of a repair attempt: what failed goes back with a backoff, or is
+    /// parked when trying again cannot help ([`policy::repair`]).
     async fn settle(
         &self,
         repairs: &[&Repair],
         kind: &'static str,
         outcome: Result<(), SyncError>,
     ) -> Result<(), SyncError> {
-        match outcome {
+        let e = match outcome {
             Ok(()) => {
-                metrics::counter!(telemetry::REPAIRS_TOTAL, "kind" => kind, "outcome" => "ok")
-                    .increment(repairs.len() as u64);
-                Ok(())
+                telemetry::record_repairs(kind, "ok", repairs.len());
+                return Ok(());
             }
-            Err(e) => {
-                let object = repairs.first().map(|r| r.object.as_str()).unwrap_or("?");
+            Err(e) => e,
+        };
+        let object = repairs.first().map(|r| r.object.as_str()).unwrap_or("?");
+        let client = self.pool.get().await.map_err(ReplicaError::from)?;
+        let ctl = &self.settings.control_schema;
+        match policy::repair(&e) {
+            RepairAction::RetryLater => {
                 tracing::warn!(object, kind, count = repairs.len(), error = %e,
-                    transient = e.is_transient(), "repair failed; retrying with backoff");
-                metrics::counter!(telemetry::REPAIRS_TOTAL, "kind" => kind, "outcome" => "error")
-                    .increment(repairs.len() as u64);
-                let client = self.pool.get().await.map_err(ReplicaError::from)?;
-                repair_queue::fail(
-                    &client,
-                    &self.settings.control_schema,
-                    repairs,
-                    &e.to_string(),
-                )
-                .await?;
-                Ok(())
+                    "repair failed; retrying with backoff");
+                telemetry::record_repairs(kind, "error", repairs.len());
+                repair_queue::fail(&client, ctl, repairs, &e.to_string()).await?;
+            }
+            RepairAction::Park => {
+                tracing::error!(object, kind, count = repairs.len(), error = %e,
+                    "repair failed in a way retrying cannot fix: parked; fix the cause, then \
+                     `sfmirror requeue` (a restart with a changed configuration requeues it too)");
+                telemetry::record_repairs(kind, "parked", repairs.len());
+                repair_queue::park(&client, ctl, repairs, &e.to_string(), &self.config).await?;
             }
         }
+        Ok(())
     }
 
     /// `object`'s table as describe has it now: described afresh for an entity repair (`fresh`,

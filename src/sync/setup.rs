@@ -7,7 +7,7 @@
 //! replica as they find it, and `status` never logs in to Salesforce.
 
 use crate::config::Config;
-use crate::replica::{self, ApplySettings, ReplicaError, migrate};
+use crate::replica::{self, ApplySettings, ReplicaError, migrate, repair_queue};
 use crate::salesforce::{Salesforce, SourceError};
 
 /// The replica as a command uses it.
@@ -36,6 +36,29 @@ impl Setup {
         )
         .await?;
         Ok(())
+    }
+}
+
+impl Setup {
+    /// Requeues repairs parked under a configuration other than `fingerprint`: what failed
+    /// definitely may work now.
+    pub async fn requeue_changed(&self, fingerprint: &str) -> Result<u64, ReplicaError> {
+        let client = self.pool.get().await?;
+        let n = repair_queue::requeue_changed(&client, &self.settings.control_schema, fingerprint)
+            .await?;
+        if n > 0 {
+            tracing::info!(
+                repairs = n,
+                "parked repairs requeued: the configuration changed"
+            );
+        }
+        Ok(n)
+    }
+
+    /// Requeues parked repairs of `objects` (all when empty).
+    pub async fn requeue(&self, objects: &[String]) -> Result<u64, ReplicaError> {
+        let client = self.pool.get().await?;
+        repair_queue::requeue(&client, &self.settings.control_schema, objects).await
     }
 }
 

@@ -59,6 +59,9 @@ pub struct RepairStatus {
     pub pending: i64,
     /// Of those, how many failed at least once (they retry with backoff).
     pub retrying: i64,
+    /// Of those, how many failed in a way retrying cannot fix and wait for `sfmirror
+    /// requeue` (or a restart under a changed configuration).
+    pub parked: i64,
     pub oldest_requested_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -127,6 +130,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             kind: r.kind,
             pending: r.pending,
             retrying: r.retrying,
+            parked: r.parked,
             oldest_requested_at: at(r.oldest_requested_ms),
             last_error: r.last_error,
         })
@@ -193,13 +197,17 @@ impl fmt::Display for StatusReport {
         for r in &self.repairs {
             write!(
                 f,
-                "  {} {}: {} ({} retrying), oldest {}",
-                r.object,
-                r.kind,
-                r.pending,
-                r.retrying,
-                ago(r.oldest_requested_at, now)
+                "  {} {}: {} ({} retrying",
+                r.object, r.kind, r.pending, r.retrying
             )?;
+            if r.parked > 0 {
+                write!(
+                    f,
+                    ", {} parked: fix the cause, then `sfmirror requeue`",
+                    r.parked
+                )?;
+            }
+            write!(f, "), oldest {}", ago(r.oldest_requested_at, now))?;
             match &r.last_error {
                 Some(e) => writeln!(f, "; last error: {e}")?,
                 None => writeln!(f)?,

@@ -26,11 +26,9 @@ pub async fn run(
     } else {
         let listener = tokio::net::TcpListener::bind(&cfg.metrics.listen)
             .await
-            .map_err(|e| {
-                SyncError::Protocol(format!(
-                    "cannot listen for metrics on {}: {e}",
-                    cfg.metrics.listen
-                ))
+            .map_err(|source| SyncError::Listen {
+                address: cfg.metrics.listen.clone(),
+                source,
             })?;
         tracing::info!(listen = %cfg.metrics.listen, "serving /metrics, /healthz, /readyz");
         let r = readiness.clone();
@@ -43,6 +41,10 @@ pub async fn run(
 
     let replica = Setup::connect(cfg).await.map_err(SyncError::Replica)?;
     replica.migrate().await.map_err(SyncError::Replica)?;
+    replica
+        .requeue_changed(&cfg.fingerprint())
+        .await
+        .map_err(SyncError::Replica)?;
     let salesforce = setup::login(cfg).await.map_err(SyncError::Source)?;
     let deps = ChannelDeps {
         pubsub: salesforce.pubsub().map_err(SyncError::Source)?,
@@ -66,7 +68,8 @@ pub async fn run(
             deps.apply.clone(),
             std::time::Duration::from_millis(cfg.sync.repair_idle_ms),
         )
-        .with_bulk(cfg.sync.repair_bulk_threshold, cfg.sync.repair_chunk_rows);
+        .with_bulk(cfg.sync.repair_bulk_threshold, cfg.sync.repair_chunk_rows)
+        .with_config(cfg.fingerprint());
         let stop = shutdown.clone();
         // Dropped with this future (a killed daemon): a repair worker must not outlive it.
         AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
@@ -110,9 +113,7 @@ pub async fn run(
         let _ = (&mut t.0).await;
     }
     if failed == total && total > 0 {
-        return Err(SyncError::Protocol(
-            "every channel stopped with an error; see the log lines above".to_string(),
-        ));
+        return Err(SyncError::AllChannelsStopped { channels: total });
     }
     Ok(())
 }

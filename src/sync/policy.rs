@@ -1,0 +1,163 @@
+//! The error policy: what the code that met an error does next, decided in one place from
+//! the error alone.
+//!
+//! Errors are classified where they are made (transient or definite, see each module's
+//! error type); this module turns that classification into an action, so that a channel,
+//! the repair worker and the one-shot commands agree on it:
+//!
+//! | error | channel | repair |
+//! |---|---|---|
+//! | stored replay id refused (expired, corrupt) | resume at LATEST with repairs | — |
+//! | session refused (expired token, `INVALID_SESSION_ID`, gRPC auth error) | log in again, then retry | retry later |
+//! | other transient (network, 5xx, `UNAVAILABLE`, connection loss, deadlock) | retry after backoff | retry later |
+//! | definite (permission, topic or object not found, bad schema or data, config) | stop the channel | park |
+//!
+//! Keeping it a pure function of the error is what lets the table above be tested case by
+//! case, without a stream or a database.
+
+use super::SyncError;
+
+/// What a channel does after an error ended its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelAction {
+    /// The stored position was refused: leave a marker so the next stream starts at LATEST
+    /// with entity repairs covering the jump, and resubscribe at once.
+    ResumeAtLatest,
+    /// The session was refused: renew it, then resubscribe after the backoff.
+    LogInAgain,
+    /// Resubscribe from the committed checkpoint after the backoff.
+    Retry,
+    /// Stop this channel and tell the operator; the others go on.
+    Stop,
+}
+
+/// The channel's action for `e`.
+pub fn channel(e: &SyncError) -> ChannelAction {
+    if let SyncError::Source(s) = e {
+        if s.is_replay_rejected() {
+            return ChannelAction::ResumeAtLatest;
+        }
+        if s.needs_reauth() {
+            return ChannelAction::LogInAgain;
+        }
+    }
+    if e.is_transient() {
+        ChannelAction::Retry
+    } else {
+        ChannelAction::Stop
+    }
+}
+
+/// What the repair worker does with a repair whose attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairAction {
+    /// Put it back, due after the backoff of its attempt count.
+    RetryLater,
+    /// Keep it with its error and stop trying until the operator requeues it or the
+    /// configuration changes: trying again cannot succeed.
+    Park,
+}
+
+/// The repair worker's action for `e`.
+pub fn repair(e: &SyncError) -> RepairAction {
+    if e.is_transient() {
+        RepairAction::RetryLater
+    } else {
+        RepairAction::Park
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::ReplicaError;
+    use crate::salesforce::SourceError;
+
+    fn grpc(code: tonic::Code, error_code: &str) -> SyncError {
+        SyncError::Source(SourceError::Grpc {
+            call: "Subscribe",
+            topic: "/data/AccountChangeEvent".to_string(),
+            code,
+            error_code: error_code.to_string(),
+            message: String::new(),
+        })
+    }
+
+    fn status(status: u16, code: &str) -> SyncError {
+        SyncError::Source(SourceError::Status {
+            api: "describe",
+            url: "https://x/y".to_string(),
+            status,
+            code: code.to_string(),
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn a_refused_replay_id_resumes_at_latest() {
+        for code in [
+            "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted",
+            "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.validation.failed",
+        ] {
+            let e = grpc(tonic::Code::InvalidArgument, code);
+            assert_eq!(channel(&e), ChannelAction::ResumeAtLatest, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_refused_session_logs_in_again() {
+        let e = grpc(
+            tonic::Code::Unauthenticated,
+            "sfdc.platform.eventbus.grpc.service.auth.error",
+        );
+        assert_eq!(channel(&e), ChannelAction::LogInAgain);
+        assert_eq!(
+            channel(&status(401, "INVALID_SESSION_ID")),
+            ChannelAction::LogInAgain
+        );
+        assert_eq!(
+            repair(&status(401, "INVALID_SESSION_ID")),
+            RepairAction::RetryLater
+        );
+    }
+
+    #[test]
+    fn transient_errors_retry() {
+        for e in [
+            grpc(
+                tonic::Code::Unavailable,
+                "sfdc.platform.eventbus.grpc.service.unavailable",
+            ),
+            status(503, "SERVER_UNAVAILABLE"),
+            status(403, "REQUEST_LIMIT_EXCEEDED"),
+            SyncError::StreamEnded,
+            SyncError::StaleStream(std::time::Duration::from_secs(300)),
+        ] {
+            assert_eq!(channel(&e), ChannelAction::Retry, "{e}");
+            assert_eq!(repair(&e), RepairAction::RetryLater, "{e}");
+        }
+    }
+
+    #[test]
+    fn definite_errors_stop_the_channel_and_park_the_repair() {
+        for e in [
+            grpc(
+                tonic::Code::NotFound,
+                "sfdc.platform.eventbus.grpc.subscription.topic.not.found",
+            ),
+            grpc(
+                tonic::Code::PermissionDenied,
+                "sfdc.platform.eventbus.grpc.subscription.permission",
+            ),
+            status(404, "NOT_FOUND"),
+            status(400, "INVALID_FIELD"),
+            SyncError::Replica(ReplicaError::Schema {
+                object: "Account".to_string(),
+                message: "bad name".to_string(),
+            }),
+        ] {
+            assert_eq!(channel(&e), ChannelAction::Stop, "{e}");
+            assert_eq!(repair(&e), RepairAction::Park, "{e}");
+        }
+    }
+}
