@@ -1,5 +1,6 @@
-//! Logs and metrics. Every metric name is defined here, once, so dashboards and alerts have
-//! one place to look; the rest of the code calls the small recording functions below.
+//! Logs and metrics. Every metric name is defined here, once, with its HELP text
+//! ([`METRICS`]), so dashboards and alerts have one place to look; the rest of the code calls
+//! the small recording functions below and never the `metrics` macros itself.
 //!
 //! The Prometheus recorder is process-wide; [`serve_metrics`] exposes it with `/healthz` and
 //! `/readyz` on one listener.
@@ -26,6 +27,111 @@ pub const SALESFORCE_API_USAGE_RATIO: &str = "sfmirror_salesforce_api_usage_rati
 pub const BACKFILL_ROWS_TOTAL: &str = "sfmirror_backfill_rows_total";
 pub const BUILD_INFO: &str = "sfmirror_build_info";
 pub const REPLAY_RESETS_TOTAL: &str = "sfmirror_replay_resets_total";
+
+/// What a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric with its kind and HELP text: what `/metrics` says of it, and what alert rules
+/// and dashboards can rely on.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        EVENTS_TOTAL,
+        Kind::Counter,
+        "Change events applied, by channel and change type.",
+    ),
+    (
+        REPLICATION_LAG_SECONDS,
+        Kind::Gauge,
+        "Seconds the replica is behind the channel's stream (0 when caught up).",
+    ),
+    (
+        APPLY_DELAY_SECONDS,
+        Kind::Histogram,
+        "Seconds from a change's Salesforce commit to its replica commit.",
+    ),
+    (
+        BATCH_APPLY_SECONDS,
+        Kind::Histogram,
+        "Seconds one batch's transaction took, from begin to commit.",
+    ),
+    (
+        RETENTION_HEADROOM_SECONDS,
+        Kind::Gauge,
+        "Seconds until the channel's committed position falls out of the 72-hour retention.",
+    ),
+    (
+        REPAIRS_PENDING,
+        Kind::Gauge,
+        "Repairs queued, by object (parked ones included).",
+    ),
+    (
+        REPAIRS_PARKED,
+        Kind::Gauge,
+        "Repairs parked after a definite failure, by object: they wait for `sfmirror requeue`.",
+    ),
+    (
+        REPAIRS_TOTAL,
+        Kind::Counter,
+        "Repair attempts, by kind (record, entity) and outcome (ok, error, parked).",
+    ),
+    (
+        DEAD_LETTERS_TOTAL,
+        Kind::Counter,
+        "Undecodable events kept in the dead-letter table, by channel.",
+    ),
+    (
+        STREAM_RECONNECTS_TOTAL,
+        Kind::Counter,
+        "Subscribe streams reopened after an error, by channel and reason.",
+    ),
+    (
+        STREAM_CONNECTED,
+        Kind::Gauge,
+        "1 while the channel's Subscribe stream is open, else 0.",
+    ),
+    (
+        SALESFORCE_REQUESTS_TOTAL,
+        Kind::Counter,
+        "Salesforce REST, OAuth and Bulk requests, by API and HTTP status.",
+    ),
+    (
+        SALESFORCE_API_USAGE_RATIO,
+        Kind::Gauge,
+        "Share of the org's daily API request allocation used, from Sforce-Limit-Info.",
+    ),
+    (
+        BACKFILL_ROWS_TOTAL,
+        Kind::Counter,
+        "Snapshot rows applied by backfills, by object.",
+    ),
+    (
+        BUILD_INFO,
+        Kind::Gauge,
+        "Always 1; the version label says which sfmirror is running.",
+    ),
+    (
+        REPLAY_RESETS_TOTAL,
+        Kind::Counter,
+        "Stored replay ids Salesforce refused (past retention), by channel: each resumed at \
+         LATEST with repairs.",
+    ),
+];
+
+/// Gives every metric its HELP text.
+fn describe_metrics() {
+    for (name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+}
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `SFMIRROR_LOG_FORMAT=json` switches
 /// to one JSON object per line for log shippers.
@@ -61,6 +167,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 tracing::warn!(error = %e, "prometheus recorder not installed");
                 PrometheusBuilder::new().build_recorder().handle()
             });
+        describe_metrics();
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         handle
     })
@@ -138,6 +245,10 @@ pub fn record_repairs(kind: &'static str, outcome: &'static str, n: usize) {
 pub fn record_repairs_pending(object: &str, pending: i64, parked: i64) {
     metrics::gauge!(REPAIRS_PENDING, "object" => object.to_string()).set(pending as f64);
     metrics::gauge!(REPAIRS_PARKED, "object" => object.to_string()).set(parked as f64);
+}
+
+pub fn record_dead_letters(channel: &str, n: usize) {
+    metrics::counter!(DEAD_LETTERS_TOTAL, "channel" => channel.to_string()).increment(n as u64);
 }
 
 pub fn record_replay_reset(channel: &str) {

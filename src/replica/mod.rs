@@ -1,10 +1,18 @@
 //! The sink side: everything that writes Postgres.
 //!
-//! - [`migrate`]: the control schema, from `sql/NNN_name.sql`, applied once each, in order.
+//! # Modules
+//!
+//! - [`migrate`]: the control schema, from `sql/NNN_name.sql`, applied once each, in order,
+//!   only when a command asks; [`migrate::state`] reads how far it is without changing it.
 //! - [`schema`]: describe -> table and columns (type map, new columns, safe names).
 //! - [`apply`]: the version-guarded, set-based merge of a batch of change events.
+//! - [`snapshot`]: the version-guarded merge of records read over REST or Bulk API.
 //! - [`binary`]: values in Postgres' binary format, for typed parameters and COPY.
-//! - [`checkpoint`]: replay positions, written in the batch's transaction.
+//! - The control tables, each owned by one module holding every statement on it:
+//!   [`checkpoint`] (replay positions), [`repair_queue`] (repair obligations, parked ones
+//!   included), [`dead_letters`], [`sync_state`] (per-object snapshot bookkeeping).
+//! - [`keys`]: verify's read of a table's keys; [`locks`]: the advisory locks writers
+//!   coordinate with.
 //!
 //! This module consumes [`crate::model`] values and never talks to Salesforce.
 

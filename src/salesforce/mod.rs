@@ -1,9 +1,15 @@
 //! The source side: everything that talks to Salesforce.
 //!
+//! # Modules
+//!
+//! - [`client`]: one set of clients built from config (HTTP, auth, REST, Bulk, Pub/Sub).
 //! - [`auth`]: OAuth flows and the current session (token, instance URL, org id).
-//! - [`rest`]: REST calls (describe, ...), with re-authentication on `INVALID_SESSION_ID`.
+//! - [`rest`]: REST calls (describe, query, sObject Collections), with re-authentication on
+//!   `INVALID_SESSION_ID`.
+//! - [`bulk`]: Bulk API 2.0 query jobs and their CSV results.
 //! - [`pubsub`]: the Pub/Sub API client: `Subscribe` with flow control, `GetSchema`.
 //! - [`event`] and [`avro`]: writer-schema decoding of change events and their bitmaps.
+//! - [`soql`]: SOQL literals and the query shapes sfmirror sends.
 //!
 //! This module produces [`crate::model`] values and never touches Postgres.
 

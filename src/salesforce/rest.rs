@@ -1,4 +1,4 @@
-//! Salesforce REST calls sfmirror needs (describe, and later query and sObject Collections).
+//! Salesforce REST calls sfmirror needs: describe, query paging, sObject Collections.
 //!
 //! Every call carries the current session's bearer token; a 401 / `INVALID_SESSION_ID` renews
 //! the session once and repeats the call. Error envelopes (`[{"errorCode","message"}]`) become

@@ -929,8 +929,7 @@ impl Applier {
             telemetry::record_apply_delay((now_ms - ms).max(0) as f64 / 1e3);
         }
         if c.dead > 0 {
-            metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "channel" => name.clone())
-                .increment(c.dead as u64);
+            telemetry::record_dead_letters(name, c.dead);
         }
         let lag = c
             .last_commit_ms

@@ -1,8 +1,21 @@
 //! Orchestration: the only place that knows both the source and the sink.
 //!
-//! - [`channel`]: one task per Pub/Sub channel (fetch -> decode -> batch -> apply+checkpoint).
-//! - [`supervisor`]: builds the shared clients, runs the channel tasks and the metrics
+//! # Modules
+//!
+//! - [`setup`]: what every command starts from: the replica pool and settings, the org's
+//!   clients; migrating is a separate, explicit step.
+//! - [`supervisor`]: the daemon: runs the channel tasks, the repair worker and the metrics
 //!   listener, and shuts everything down together.
+//! - [`channel`]: one task per Pub/Sub channel (fetch -> decode -> batch -> apply +
+//!   checkpoint in one transaction).
+//! - [`repair`]: the repair worker, draining the repair queue.
+//! - [`reader`]: the org reader every snapshot-shaped read goes through (count, REST or Bulk,
+//!   chunks read ahead, retries, job clean-up).
+//! - [`backfill`], [`verify`], [`status`]: the one-shot commands.
+//! - [`policy`]: the error policy (what a channel or the repair worker does after an error).
+//!
+//! The error type of a channel task is [`SyncError`]; each part of it says whether a retry
+//! can help.
 
 pub mod backfill;
 pub mod channel;
