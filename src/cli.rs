@@ -141,7 +141,7 @@ pub enum Command {
         password: String,
         /// PEM public key of the connected app's certificate: enables the JWT bearer flow
         /// (assertions signed with the matching private key, iss = client id, sub = username,
-        /// aud = https://login.salesforce.com, https://test.salesforce.com or the REST URL).
+        /// aud = `https://login.salesforce.com`, `https://test.salesforce.com` or the REST URL).
         #[arg(long)]
         jwt_public_key: Option<PathBuf>,
         /// Lifetime of tokens issued by /services/oauth2/token, in seconds (0 = no expiry).
