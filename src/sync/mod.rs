@@ -152,3 +152,15 @@ impl SyncError {
         }
     }
 }
+
+impl From<SourceError> for SyncError {
+    fn from(e: SourceError) -> Self {
+        SyncError::Source(e)
+    }
+}
+
+impl From<ReplicaError> for SyncError {
+    fn from(e: ReplicaError) -> Self {
+        SyncError::Replica(e)
+    }
+}
