@@ -1,15 +1,18 @@
 //! One-shot snapshots of configured objects into the replica (`sfmirror backfill`).
 //!
-//! For each object: describe it, make sure its table has a column for every field, note the
-//! time, count the records (REST `SELECT COUNT()`), then read
-//! `SELECT Id, <every column's field> FROM X [WHERE SystemModstamp >= since]` with `queryAll`
-//! (so records in the recycle bin arrive as deletions): over Bulk API 2.0 when the count is
-//! above the Bulk threshold, REST query paging otherwise. Rows are applied in chunks, and each
-//! chunk is one transaction holding the version-guarded snapshot merge, the record repairs the
-//! merge asks for, and the object's progress in `object_sync_state` (start time, Bulk job id,
-//! and the locator of the next chunk). Reading the next chunk overlaps with applying this one.
+//! # Data flow
 //!
-//! Why this is safe while the daemon runs: every row goes through
+//! For each object: describe it, make sure its table has a column for every field, note the
+//! time, then read `SELECT Id, <every column's field> FROM X [WHERE SystemModstamp >= since]`
+//! through the org reader ([`super::reader`]: counted, over Bulk API 2.0 above the threshold,
+//! REST query paging below, one chunk read ahead, `queryAll` so that records in the recycle
+//! bin arrive as deletions). Each chunk is one transaction holding the version-guarded
+//! snapshot merge, the record repairs the merge asks for, and the object's progress in
+//! `object_sync_state` (start time, Bulk job id, and the locator of the next chunk).
+//!
+//! # Why this is safe while the daemon runs
+//!
+//! Every row goes through
 //! [`crate::replica::snapshot::apply_snapshot`], which never replaces a row with an older
 //! version and never resurrects a tombstoned record, so the stream and the snapshot can
 //! interleave in any order (invariant 3). Rows changed in the snapshot's own second are queued
@@ -18,14 +21,18 @@
 //! as the daemon would do itself). An advisory lock keeps two backfills of one object apart;
 //! the daemon never takes it.
 //!
-//! Why resuming is safe: the locator recorded with a chunk is the one of the next chunk, and
+//! # Why resuming is safe
+//!
+//! The locator recorded with a chunk is the one of the next chunk, and
 //! it commits with the chunk's rows, so after an interruption the job is read again from
 //! exactly the first chunk not applied (and re-applying a chunk would be harmless anyway). A
 //! job that no longer exists, or whose columns no longer cover the table, restarts the object.
 //! Only full snapshots record their job: a `--since` window is short by nature, and resuming
 //! another run's job could read a narrower window than asked for.
 //!
-//! What completion records: `snapshot_started_at` is the time taken before the count, so
+//! # What completion records
+//!
+//! `snapshot_started_at` is the time taken before the count, so
 //! every change made before it is in the replica. A `--since` run only moves it when its
 //! window reaches back to the previous complete snapshot's start (otherwise older changes
 //! might be missing); it always records `snapshot_completed_at` and `snapshot_rows`.

@@ -1,18 +1,30 @@
 //! The repair worker: drains the repair queue by reading the truth over REST.
 //!
+//! # Data flow
+//!
 //! Record repairs fetch exactly the queued ids with sObject Collections (up to 2,000 a call,
 //! per object); ids it cannot return are looked up with queryAll to tell a deleted record
 //! (recycle bin, `IsDeleted`) from one that is gone for good. Entity repairs re-read every
 //! record of the object whose `SystemModstamp` falls in the window, deleted ones included:
-//! over REST query paging, or over a Bulk API 2.0 `queryAll` job when the window holds more
-//! than `repair_bulk_threshold` records (one API call per chunk instead of one per 2,000
-//! rows, and no 2,000-row pages to hold).
+//! through the org reader ([`super::reader`]): REST query paging, or a Bulk API 2.0
+//! `queryAll` job when the window holds more than `repair_bulk_threshold` records, a chunk
+//! per transaction.
 //!
-//! Why nothing is lost or undone: a repair is claimed with a lease and deleted from the queue
+//! # Why nothing is lost or undone
+//!
+//! A repair is claimed with a lease and deleted from the queue
 //! in the transaction that applies its rows, and only if nobody asked for it again after the
 //! claim; a crash mid-repair leaves it queued. Rows go through the snapshot merge, whose
 //! version guard keeps any newer change the stream has already applied. The worker runs beside
 //! the channel tasks and never holds a lock they wait on while it talks to Salesforce.
+//!
+//! # What a failure does
+//!
+//! The error policy decides ([`super::policy::repair`]): a transient failure puts the repair
+//! back, due after the backoff of its attempts; a definite one (an object or field the user
+//! cannot read, a value that does not fit) parks it with its error, shown by `status` and
+//! `sfmirror_repairs_parked`, until `sfmirror requeue` or a start under a changed
+//! configuration.
 
 use crate::model::{ChangeEvent, ChangeHeader, ChangeType};
 use crate::replica::ApplySettings;

@@ -1,15 +1,18 @@
 //! Compares the replica with the org, object by object (`sfmirror verify`).
 //!
+//! # Data flow
+//!
 //! The org side is the stream of `(Id, SystemModstamp, IsDeleted)` of every record, deleted
 //! ones included (`queryAll ... ORDER BY Id`, over REST paging or, above the Bulk threshold,
 //! a Bulk API 2.0 job read chunk by chunk). The replica side is
 //! `SELECT id, _sfm_version, _sfm_deleted ... ORDER BY id COLLATE "C"` read through a portal a
-//! few thousand rows at a time. Both are ordered by the bytes of the id (Salesforce ids are
+//! few thousand rows at a time ([`crate::replica::keys`]). Both are ordered by the bytes of the id (Salesforce ids are
 //! case-sensitive base-62, and `"C"` collation compares bytes), and they are merged like two
 //! sorted files, so memory stays bounded whatever the size of the object. A stream that goes
 //! backwards is an error, never a silent miscount.
 //!
-//! Drift, per id:
+//! # Drift, per id
+//!
 //! - *missing*: live in the org, absent from the replica;
 //! - *extra*: live in the replica, absent from the org (purged, hard-deleted);
 //! - *deleted mismatch*: deleted on one side, live on the other;
@@ -18,7 +21,9 @@
 //!
 //! A deleted record absent from the replica is not drift (hard delete mode removes rows).
 //!
-//! Why verify can run beside the daemon: it only reads (a read-only transaction per object;
+//! # Why verify can run beside the daemon
+//!
+//! It only reads (a read-only transaction per object;
 //! its share lock only makes a column addition wait for the end of that object's read), and
 //! a difference seen while the stream is still applying a change is not reported: every
 //! difference found is checked again by reading both sides for that id once more, the org
