@@ -3,6 +3,7 @@
 //! `["null", T]` with default null, compound fields as nested records, datetimes as epoch ms),
 //! and the encoding of one change into a payload with `changedFields` / `nulledFields` bitmaps.
 
+use crate::model::time::{date_ms, datetime_ms, time_ms};
 use crate::model::{ChangeType, FieldType, ObjectDescribe};
 use apache_avro::types::Value as AV;
 use base64::Engine;
@@ -308,15 +309,9 @@ fn avro_value(kind: &FieldType, value: &J) -> AV {
         (FieldType::Double | FieldType::Currency | FieldType::Percent, v) => {
             AV::Double(v.as_f64().unwrap_or_default())
         }
-        (FieldType::Datetime, J::String(s)) => {
-            AV::Long(super::store::parse_datetime_ms(s).unwrap_or_default())
-        }
-        (FieldType::Date, J::String(s)) => {
-            AV::Long(super::store::parse_date_ms(s).unwrap_or_default())
-        }
-        (FieldType::Time, J::String(s)) => {
-            AV::Long(super::store::parse_time_ms(s).unwrap_or_default())
-        }
+        (FieldType::Datetime, J::String(s)) => AV::Long(datetime_ms(s).unwrap_or_default()),
+        (FieldType::Date, J::String(s)) => AV::Long(date_ms(s).unwrap_or_default()),
+        (FieldType::Time, J::String(s)) => AV::Long(time_ms(s).unwrap_or_default()),
         (_, J::String(s)) => AV::String(s.clone()),
         (_, other) => AV::String(other.to_string()),
     };

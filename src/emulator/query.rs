@@ -20,8 +20,10 @@
 
 use super::rest::RestState;
 use super::soql::{self, Query as Soql, SoqlError};
-use super::store::{ApiError, ObjectDef, Org, Record, format_datetime, id18, parse_datetime_ms};
+use super::store::{ApiError, ObjectDef, Org, Record};
 use crate::model::FieldType;
+use crate::model::id::id18;
+use crate::model::time::{datetime_ms, format_datetime};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -713,7 +715,7 @@ fn push_value(out: &mut String, kind: CsvKind, v: &J) {
             if let Some(base) = s.strip_suffix("+0000") {
                 out.push_str(base);
                 out.push('Z');
-            } else if let Some(ms) = parse_datetime_ms(s) {
+            } else if let Some(ms) = datetime_ms(s) {
                 let dt = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
                 let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
             } else {

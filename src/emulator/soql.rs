@@ -24,7 +24,9 @@
 //!
 //! Nothing here panics on any input: every index is checked and nesting depth is bounded.
 
-use super::store::{Record, id18, parse_date_ms, parse_datetime_ms};
+use super::store::Record;
+use crate::model::id::id18;
+use crate::model::time::{date_ms, datetime_ms};
 use crate::model::{FieldDescribe, FieldType, ObjectDescribe};
 use serde_json::{Map, Value as J};
 use std::cmp::Ordering;
@@ -333,7 +335,7 @@ fn lex_date(chars: &[char], start: usize) -> Result<(Tok, usize), SoqlError> {
         )));
     };
     if chars.get(date_end) != Some(&'T') {
-        let ms = parse_date_ms(&text_to(date_end)).ok_or_else(|| {
+        let ms = date_ms(&text_to(date_end)).ok_or_else(|| {
             SoqlError::malformed(format!("invalid date literal at position {}", start + 1))
         })?;
         return Ok((Tok::Date(ms), date_end));
@@ -557,11 +559,11 @@ fn value_of(family: Family, v: Option<&J>) -> Option<Val> {
             _ => false,
         })),
         Family::Date => match v {
-            J::String(s) => parse_date_ms(s).map(Val::Ms),
+            J::String(s) => date_ms(s).map(Val::Ms),
             _ => None,
         },
         Family::DateTime => match v {
-            J::String(s) => parse_datetime_ms(s).map(Val::Ms),
+            J::String(s) => datetime_ms(s).map(Val::Ms),
             _ => None,
         },
         Family::Auto => match v {

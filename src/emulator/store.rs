@@ -8,6 +8,10 @@ use super::bus::Bus;
 use super::cdc::{CdcSchema, HeaderInfo, encode};
 use super::diff::text_diff;
 use super::platform::{EventType, is_event_type};
+/// The 18-character id form, from [`crate::model::id`]; also reachable here, where it used to
+/// live.
+pub use crate::model::id::id18;
+use crate::model::time::{date_ms, datetime_ms, format_datetime, time_ms};
 use crate::model::{ChangeType, FieldType, ObjectDescribe};
 use serde_json::{Map, Value as J};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -248,22 +252,6 @@ struct Txn<'a> {
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// Extends a 15-character id with Salesforce's 3-character case checksum.
-pub fn id18(id15: &str) -> String {
-    const SUFFIX: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345";
-    let mut out = id15.to_string();
-    for chunk in id15.as_bytes().chunks(5) {
-        let mut bits = 0usize;
-        for (i, c) in chunk.iter().enumerate() {
-            if c.is_ascii_uppercase() {
-                bits |= 1 << i;
-            }
-        }
-        out.push(SUFFIX[bits] as char);
-    }
-    out
-}
-
 /// A 15-character id: key prefix, a fixed pod part, and `n` in base 62.
 fn id15(prefix: &str, n: u64) -> String {
     let mut digits = [b'0'; 10];
@@ -276,37 +264,6 @@ fn id15(prefix: &str, n: u64) -> String {
         "{prefix}5g{}",
         std::str::from_utf8(&digits).unwrap_or("0000000000")
     )
-}
-
-/// `2024-01-10T13:01:28.000+0000` (or `Z`, or an offset with a colon) -> epoch ms.
-pub fn parse_datetime_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
-        .ok()
-        .map(|d| d.timestamp_millis())
-}
-
-/// `2024-04-26` -> epoch ms at 00:00 UTC.
-pub fn parse_date_ms(s: &str) -> Option<i64> {
-    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|d| d.and_utc().timestamp_millis())
-}
-
-/// `13:01:28.000Z` -> ms since midnight.
-pub fn parse_time_ms(s: &str) -> Option<i64> {
-    let t = chrono::NaiveTime::parse_from_str(s.trim_end_matches('Z'), "%H:%M:%S%.f").ok()?;
-    use chrono::Timelike;
-    Some(i64::from(t.num_seconds_from_midnight()) * 1000 + i64::from(t.nanosecond() / 1_000_000))
-}
-
-/// Salesforce's REST datetime form.
-pub fn format_datetime(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
-        .to_string()
 }
 
 impl Org {
@@ -547,14 +504,14 @@ impl Org {
                     J::from(x)
                 }
                 (FieldType::Datetime, J::String(s)) => {
-                    J::String(format_datetime(parse_datetime_ms(s).ok_or_else(bad_type)?))
+                    J::String(format_datetime(datetime_ms(s).ok_or_else(bad_type)?))
                 }
                 (FieldType::Date, J::String(s)) => {
-                    parse_date_ms(s).ok_or_else(bad_type)?;
+                    date_ms(s).ok_or_else(bad_type)?;
                     value.clone()
                 }
                 (FieldType::Time, J::String(s)) => {
-                    parse_time_ms(s).ok_or_else(bad_type)?;
+                    time_ms(s).ok_or_else(bad_type)?;
                     value.clone()
                 }
                 (
@@ -1420,15 +1377,5 @@ mod tests {
         let id = id18(&id15("001", 12345));
         assert_eq!(id.len(), 18);
         assert!(id.starts_with("001"));
-    }
-
-    #[test]
-    fn datetimes_round_trip() {
-        let ms = parse_datetime_ms("2022-01-10T13:01:28.000+0000").expect("parses");
-        assert_eq!(ms, 1_641_819_688_000);
-        assert_eq!(format_datetime(ms), "2022-01-10T13:01:28.000+0000");
-        assert_eq!(parse_datetime_ms("2022-01-10T13:01:28Z"), Some(ms));
-        assert_eq!(parse_date_ms("2024-04-26"), Some(1_714_089_600_000));
-        assert_eq!(parse_time_ms("01:02:03.004Z"), Some(3_723_004));
     }
 }
