@@ -9,6 +9,7 @@
 //!
 //! It shares only [`crate::proto`] and [`crate::model`] with the replicator.
 
+pub mod avro;
 pub mod bus;
 pub mod cdc;
 pub mod control;

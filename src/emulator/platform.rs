@@ -8,7 +8,7 @@
 //! before it gets a replay id, as Salesforce does, so a client with a stale or wrong schema
 //! learns it at publish time.
 
-use super::cdc::{avro_type, schema_id};
+use super::avro::{avro_type, schema_id};
 use crate::model::ObjectDescribe;
 use serde_json::{Value as J, json};
 
