@@ -14,6 +14,7 @@ pub mod bus;
 pub mod cdc;
 pub mod control;
 pub mod diff;
+pub mod http;
 pub mod platform;
 pub mod pubsub;
 pub mod query;
@@ -24,6 +25,7 @@ pub mod tls;
 pub mod workload;
 
 use crate::model::ObjectDescribe;
+pub use rest::Credentials;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,32 +33,6 @@ use std::time::Duration;
 use store::Org;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// The credentials the emulator accepts. The defaults are public and safe only because the
-/// emulator listens locally.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub client_id: String,
-    pub client_secret: String,
-    pub username: String,
-    pub password: String,
-    pub refresh_token: String,
-    /// PEM public key of the connected app's certificate, to verify JWT bearer assertions.
-    pub jwt_public_key_pem: Option<String>,
-}
-
-impl Default for Credentials {
-    fn default() -> Self {
-        Credentials {
-            client_id: "sfmirror-emulator-client".to_string(),
-            client_secret: "sfmirror-emulator-secret".to_string(),
-            username: "admin@sfmirror.emulator".to_string(),
-            password: "emulator-password".to_string(),
-            refresh_token: "sfmirror-emulator-refresh-token".to_string(),
-            jwt_public_key_pem: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
@@ -288,7 +264,7 @@ pub struct Emulator {
     pub access_token: String,
     /// With TLS: the CA certificate clients must trust.
     pub ca_file: Option<PathBuf>,
-    control: control::ControlState,
+    control: Arc<control::ControlState>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -361,21 +337,20 @@ impl Emulator {
             tracing::info!(events = built, "pre-built backlog ready");
         }
         let service = pubsub::PubSubService::new(org.clone(), cfg.keepalive, cfg.idle_close);
-        let control = control::ControlState {
+        let control = Arc::new(control::ControlState {
+            org: org.clone(),
             subscriptions: service.subscriptions.clone(),
             drop_streams: service.drop_streams.clone(),
             workload: Arc::new(workload::Workload::default()),
-        };
-        let control_handle = control.clone();
-        let state = Arc::new(rest::RestState {
+        });
+        let rest_state = Arc::new(rest::RestState {
             org: org.clone(),
             creds: cfg.credentials.clone(),
             rest_url: rest_url.clone(),
             token_ttl_ms: cfg.token_ttl.map(|d| d.as_millis() as i64),
-            control,
-            query: query::QueryState::default(),
         });
-        let app = rest::router(state);
+        let query = Arc::new(query::QueryState::new(org.clone()));
+        let app = http::router(rest_state, query, control.clone());
         let stop = shutdown.clone();
         let rest_task = match &tls {
             Some(material) => {
@@ -434,7 +409,7 @@ impl Emulator {
             credentials: cfg.credentials,
             access_token,
             ca_file: tls.map(|t| t.ca_file),
-            control: control_handle,
+            control,
             shutdown,
             tasks: vec![rest_task, grpc_task],
         })

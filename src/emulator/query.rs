@@ -18,7 +18,6 @@
 //! Snapshots live in memory and are bounded: the newest [`MAX_CURSORS`] query locators and
 //! [`MAX_JOBS`] jobs are kept.
 
-use super::rest::RestState;
 use super::soql::{self, Query as Soql, SoqlError};
 use super::store::{ApiError, ObjectDef, Org, Record};
 use crate::model::FieldType;
@@ -58,9 +57,9 @@ const DAILY_BULK_QUERY_STORAGE_MB: i64 = 976_562;
 
 const JSON_TYPE: &str = "application/json;charset=UTF-8";
 
-/// The query side's in-memory state: query locators and Bulk jobs.
-#[derive(Default)]
+/// The query side's state: the org it reads, and in memory its query locators and Bulk jobs.
 pub struct QueryState {
+    org: Arc<Org>,
     cursors: Mutex<Bounded<Cursor>>,
     jobs: Mutex<Bounded<Job>>,
     next_id: AtomicU64,
@@ -69,6 +68,17 @@ pub struct QueryState {
 }
 
 impl QueryState {
+    pub fn new(org: Arc<Org>) -> QueryState {
+        QueryState {
+            org,
+            cursors: Mutex::default(),
+            jobs: Mutex::default(),
+            next_id: AtomicU64::default(),
+            jobs_created: AtomicI64::default(),
+            result_bytes: AtomicI64::default(),
+        }
+    }
+
     /// An 18-character id with `prefix` (`01g` query locators, `750` jobs).
     fn new_id(&self, prefix: &str) -> String {
         const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -133,7 +143,8 @@ impl<T> Bounded<T> {
     }
 }
 
-pub fn router() -> Router<Arc<RestState>> {
+/// The routes of the query side; each needs a session.
+pub fn routes(state: Arc<QueryState>) -> Router {
     Router::new()
         .route("/services/data/{version}/query", get(query))
         .route("/services/data/{version}/queryAll", get(query_all))
@@ -160,9 +171,10 @@ pub fn router() -> Router<Arc<RestState>> {
             "/services/data/{version}/jobs/query/{job}/results",
             get(job_results),
         )
+        .with_state(state)
 }
 
-type S = State<Arc<RestState>>;
+type S = State<Arc<QueryState>>;
 type Params = Query<HashMap<String, String>>;
 
 // ---------------------------------------------------------------------------------------------
@@ -406,10 +418,10 @@ async fn run_query(
         batch,
     };
     let end = batch.min(cursor.rows.len());
-    let locator = (end < cursor.rows.len()).then(|| st.query.new_id("01g"));
+    let locator = (end < cursor.rows.len()).then(|| st.new_id("01g"));
     let body = render_page(&cursor, &version, 0, end, locator.as_deref())?;
     if let Some(id) = locator {
-        st.query.cursors().insert(id, cursor, MAX_CURSORS, |_| true);
+        st.cursors().insert(id, cursor, MAX_CURSORS, |_| true);
     }
     Ok(json_response(StatusCode::OK, body))
 }
@@ -450,7 +462,7 @@ async fn query_more(
     let (id, offset) = locator.rsplit_once('-').ok_or_else(invalid)?;
     let offset: usize = offset.parse().map_err(|_| invalid())?;
     let cursor = {
-        let cursors = st.query.cursors();
+        let cursors = st.cursors();
         let c = cursors.map.get(id).ok_or_else(invalid)?;
         Cursor {
             object: c.object.clone(),
@@ -638,8 +650,8 @@ async fn limits(State(st): S, Path(version): Path<String>) -> Result<Json<J>, Ap
     api_version(&version)?;
     // The middleware has already counted this call, as Salesforce counts it.
     let (used, max) = st.org.api_usage();
-    let jobs = st.query.jobs_created.load(Ordering::Relaxed);
-    let mb = st.query.result_bytes.load(Ordering::Relaxed) / (1024 * 1024);
+    let jobs = st.jobs_created.load(Ordering::Relaxed);
+    let mb = st.result_bytes.load(Ordering::Relaxed) / (1024 * 1024);
     let limit = |max: i64, used: i64| json!({"Max": max, "Remaining": (max - used).max(0)});
     Ok(Json(json!({
         "DailyApiRequests": limit(max, used),
@@ -1042,13 +1054,12 @@ async fn create_job(
         .await
         .map_err(internal)??;
 
-    st.query.jobs_created.fetch_add(1, Ordering::Relaxed);
-    st.query
-        .result_bytes
+    st.jobs_created.fetch_add(1, Ordering::Relaxed);
+    st.result_bytes
         .fetch_add(estimated_bytes(&rows, &columns), Ordering::Relaxed);
     let now = stamp(&st.org);
     let job = Job {
-        id: st.query.new_id("750"),
+        id: st.new_id("750"),
         operation,
         object,
         created_ms: now,
@@ -1062,8 +1073,7 @@ async fn create_job(
         processing_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
     };
     let body = to_json(&job.info(&st.org.user_id, false))?;
-    st.query
-        .jobs()
+    st.jobs()
         .insert(job.id.clone(), job, MAX_JOBS, |j| j.state.finished());
     Ok(json_response(StatusCode::OK, body))
 }
@@ -1071,7 +1081,7 @@ async fn create_job(
 /// `GET .../jobs/query`: every job kept, newest last.
 async fn list_jobs(State(st): S, Path(version): Path<String>) -> Result<Response, ApiError> {
     bulk_version(&version)?;
-    let jobs = st.query.jobs();
+    let jobs = st.jobs();
     let records: Vec<JobInfo> = jobs
         .order
         .iter()
@@ -1089,7 +1099,7 @@ async fn job_info(
 ) -> Result<Response, ApiError> {
     bulk_version(&version)?;
     let now = stamp(&st.org);
-    let mut jobs = st.query.jobs();
+    let mut jobs = st.jobs();
     let job = jobs.map.get_mut(&id).ok_or_else(|| job_not_found(&id))?;
     let next = match job.state {
         JobState::UploadComplete => Some(JobState::InProgress),
@@ -1119,7 +1129,7 @@ async fn abort_job(
         )
     })?;
     let now = stamp(&st.org);
-    let mut jobs = st.query.jobs();
+    let mut jobs = st.jobs();
     let job = jobs.map.get_mut(&id).ok_or_else(|| job_not_found(&id))?;
     match body.get("state").and_then(J::as_str) {
         Some("Aborted") => {}
@@ -1157,7 +1167,7 @@ async fn delete_job(
     Path((version, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     bulk_version(&version)?;
-    let mut jobs = st.query.jobs();
+    let mut jobs = st.jobs();
     let job = jobs.map.get(&id).ok_or_else(|| job_not_found(&id))?;
     if job.state == JobState::InProgress {
         return Err(ApiError::new(
@@ -1178,7 +1188,7 @@ async fn job_results(
 ) -> Result<Response, ApiError> {
     let requested = bulk_version(&version)?;
     let (format, columns, rows) = {
-        let jobs = st.query.jobs();
+        let jobs = st.jobs();
         let job = jobs.map.get(&id).ok_or_else(|| job_not_found(&id))?;
         if job.api_version != requested {
             return Err(ApiError::new(
