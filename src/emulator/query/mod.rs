@@ -36,8 +36,7 @@ mod csv;
 mod rest;
 
 use crate::emulator::soql::{self, Query as Soql, SoqlError};
-use crate::emulator::store::{ApiError, ObjectDef, Org, Record};
-use crate::model::id::id18;
+use crate::emulator::store::{ApiError, ObjectDef, Org, Record, new_id};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -89,17 +88,10 @@ impl QueryState {
         }
     }
 
-    /// An 18-character id with `prefix` (`01g` query locators, `750` jobs).
+    /// An 18-character id with `prefix` (`01g` query locators, `750` jobs), laid out as the
+    /// org lays out record ids, from one sequence for both.
     fn new_id(&self, prefix: &str) -> String {
-        const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let mut n = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut digits = [b'0'; 10];
-        for d in digits.iter_mut().rev() {
-            *d = BASE62[(n % 62) as usize];
-            n /= 62;
-        }
-        let digits: String = digits.iter().map(|&b| char::from(b)).collect();
-        id18(&format!("{prefix}5g{digits}"))
+        new_id(prefix, self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     fn cursors(&self) -> MutexGuard<'_, Bounded<rest::Cursor>> {

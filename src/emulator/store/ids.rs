@@ -36,5 +36,8 @@ mod tests {
         let id = id18(&id15("001", 12345));
         assert_eq!(id.len(), 18);
         assert!(id.starts_with("001"));
+        // The layout query locators and Bulk job ids share: prefix, `5g`, ten base-62 digits.
+        assert_eq!(new_id("750", 1), id18("7505g0000000001"));
+        assert_eq!(new_id("01g", 63), id18("01g5g0000000011"));
     }
 }
