@@ -495,6 +495,7 @@ pub(super) async fn job_results(
         csv_records(&format, &columns, rows.get(start..end).unwrap_or_default())
     })
     .await
+    .map_err(internal)?
     .map_err(internal)?;
     let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "text/csv")], csv).into_response();
     let headers = resp.headers_mut();
