@@ -319,7 +319,12 @@ impl Emulator {
             source,
         })?;
         let tls = match &cfg.tls_dir {
-            Some(dir) => Some(tls::generate(dir, &[rest_addr, grpc_addr])?),
+            Some(dir) => Some(tls::generate(dir, &[rest_addr, grpc_addr]).map_err(|e| {
+                EmulatorError::Tls {
+                    path: e.path,
+                    message: e.message,
+                }
+            })?),
             None => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
