@@ -2,6 +2,9 @@
 //! `<Object>ChangeEvent`, namespace `com.sforce.eventbus`, the header first, every other field
 //! `["null", T]` with default null, compound fields as nested records, datetimes as epoch ms),
 //! and the encoding of one change into a payload with `changedFields` / `nulledFields` bitmaps.
+//!
+//! It builds schemas and encodes what it is given; it must not decide what changed (the
+//! store's) or where an event goes (the bus's).
 
 use super::avro::{avro_type, schema_id};
 use crate::model::time::{date_ms, datetime_ms, time_ms};

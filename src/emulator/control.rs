@@ -3,6 +3,8 @@
 //! changes, token expiry, dropped or refused streams, corrupt payloads, the clock, stats.
 //!
 //! It is not part of Salesforce's surface and needs no token: the emulator is a local tool.
+//! Each handler reads its request and calls the store, the workload or the Pub/Sub handles;
+//! it must not change the org any other way, so every change still publishes its event.
 
 use super::pubsub::SubscriptionRecord;
 use super::store::{ApiError, Org, TxnStep};

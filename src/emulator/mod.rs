@@ -1,13 +1,34 @@
-//! A fake Salesforce org on one machine: OAuth, REST and the Pub/Sub API with Change Data
-//! Capture, faithful to the wire contract so that sfmirror (and third-party clients) cannot
-//! tell it from the real thing for the features sfmirror uses.
+//! A fake Salesforce org on one machine: OAuth, REST, Bulk API 2.0 and the Pub/Sub API with
+//! Change Data Capture, faithful to the wire contract so that sfmirror (and third-party
+//! clients) cannot tell it from the real thing for the features sfmirror uses.
 //!
-//! - [`store`]: objects from describes, records, tokens, the clock; mutations publish events.
-//! - [`cdc`]: change event schemas and payloads with bitmaps.
+//! This module loads the org definition and starts both servers ([`Emulator`]). The emulator
+//! shares only [`crate::proto`] and [`crate::model`] with the replicator: outside tests, it
+//! must not import anything else of the crate, and nothing of the replicator imports it but
+//! the command line, the demo, tests and benchmarks.
+//!
+//! # Module map
+//!
+//! From the top down; a module imports only modules listed below it.
+//! - [`http`]: the REST listener's routes, put together with their middleware (the session
+//!   check, `Sforce-Limit-Info`, `Date`).
+//! - [`rest`]: OAuth and the credentials it accepts, the version list, describe, single-record
+//!   create / retrieve / update / delete.
+//! - [`query`]: REST `query` / `queryAll` and sObject Collections retrieve, `limits`, Bulk API
+//!   2.0 query jobs (`rest`, `bulk`, and `csv` for result chunks).
+//! - [`control`]: the `/emulator/*` control API.
+//! - [`pubsub`]: the gRPC Pub/Sub API: topics, schemas, Subscribe, platform event publishing.
+//! - [`workload`]: random valid records, seeding, a steady workload, pre-built backlogs.
+//! - [`soql`]: what a SOQL query means, one phase a module (`lexer`, `parser`, `bind`,
+//!   `eval`, with the comparison rules in `value`).
+//! - [`store`]: the org itself: objects, records, tokens, the clock; every mutation publishes
+//!   its event (`schema`, `records`, `events`, `transaction`, `tokens`, `ids`).
+//! - [`cdc`]: change event schemas, and payloads with bitmaps.
+//! - [`platform`]: platform event types, their schemas and their checks.
+//! - [`avro`]: what change event and platform event schemas share.
 //! - [`bus`]: per-channel logs with replay ids and retention.
-//! - [`rest`] and [`pubsub`]: the HTTP and gRPC servers; [`control`]: `/emulator/*`.
-//!
-//! It shares only [`crate::proto`] and [`crate::model`] with the replicator.
+//! - [`diff`]: data differences for large text fields.
+//! - [`tls`]: the throwaway CA and server certificate of `--tls`.
 
 pub mod avro;
 pub mod bus;

@@ -7,7 +7,8 @@
 //! than one self-signed leaf, because several TLS stacks (webpki among them) refuse a
 //! certificate that is both the trust anchor and the server's end entity.
 //!
-//! The private keys live only in memory; the CA key is dropped once the leaf is signed.
+//! The private keys live only in memory; the CA key is dropped once the leaf is signed. It
+//! must not know what is served over the connections it secures.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
