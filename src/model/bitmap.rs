@@ -76,7 +76,7 @@ mod tests {
     fn documented_forms() {
         assert_eq!(set_bits("0x06"), Some(vec![1, 2]));
         assert_eq!(set_bits("0X6"), Some(vec![1, 2]));
-        assert_eq!(set_bits("650004E0").map(|b| b.len()), Some(10));
+        assert_eq!(set_bits("650004E0").map(|b| b.len()), Some(8));
         assert_eq!(set_bits("0x"), None);
         assert_eq!(set_bits("0xZZ"), None);
         assert_eq!(encode_bits([1, 2]), "0x06");
