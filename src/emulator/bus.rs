@@ -3,6 +3,9 @@
 //! An event published for an object goes to every channel that carries it
 //! (`/data/ChangeEvents` and the object's own channel) under one replay id. Replay ids grow
 //! across the whole org, so the ids seen on one channel are not contiguous, as on Salesforce.
+//!
+//! Payloads are opaque bytes here: the bus must not know schemas, objects or records, so that
+//! change capture and platform events publish through it alike.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};

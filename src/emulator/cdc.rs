@@ -2,12 +2,15 @@
 //! `<Object>ChangeEvent`, namespace `com.sforce.eventbus`, the header first, every other field
 //! `["null", T]` with default null, compound fields as nested records, datetimes as epoch ms),
 //! and the encoding of one change into a payload with `changedFields` / `nulledFields` bitmaps.
+//!
+//! It builds schemas and encodes what it is given; it must not decide what changed (the
+//! store's) or where an event goes (the bus's).
 
+use super::avro::{avro_type, schema_id};
+use crate::model::time::{date_ms, datetime_ms, time_ms};
 use crate::model::{ChangeType, FieldType, ObjectDescribe};
 use apache_avro::types::Value as AV;
-use base64::Engine;
 use serde_json::{Value as J, json};
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 
 /// Fields Salesforce leaves out of change events: the id (it is in the header), the recycle
@@ -106,24 +109,6 @@ fn address_layout(subs: &mut Vec<(String, String, FieldType)>) {
         subs.push(("Xyz".to_string(), String::new(), FieldType::String));
     }
     subs.sort_by_key(|(sub, _, _)| rank(sub));
-}
-
-/// The Avro type that carries a field of `kind` in Salesforce's event schemas.
-pub(super) fn avro_type(kind: &FieldType) -> &'static str {
-    match kind {
-        FieldType::Boolean => "boolean",
-        FieldType::Int => "int",
-        FieldType::Long | FieldType::Date | FieldType::Datetime | FieldType::Time => "long",
-        FieldType::Double | FieldType::Currency | FieldType::Percent => "double",
-        _ => "string",
-    }
-}
-
-/// A schema id like Salesforce's: 22 URL-safe base64 characters, here a fingerprint of the
-/// schema JSON, so the same schema always gets the same id.
-pub(super) fn schema_id(schema_json: &str) -> String {
-    let digest = Sha256::digest(schema_json.as_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
 }
 
 fn header_schema() -> J {
@@ -308,15 +293,9 @@ fn avro_value(kind: &FieldType, value: &J) -> AV {
         (FieldType::Double | FieldType::Currency | FieldType::Percent, v) => {
             AV::Double(v.as_f64().unwrap_or_default())
         }
-        (FieldType::Datetime, J::String(s)) => {
-            AV::Long(super::store::parse_datetime_ms(s).unwrap_or_default())
-        }
-        (FieldType::Date, J::String(s)) => {
-            AV::Long(super::store::parse_date_ms(s).unwrap_or_default())
-        }
-        (FieldType::Time, J::String(s)) => {
-            AV::Long(super::store::parse_time_ms(s).unwrap_or_default())
-        }
+        (FieldType::Datetime, J::String(s)) => AV::Long(datetime_ms(s).unwrap_or_default()),
+        (FieldType::Date, J::String(s)) => AV::Long(date_ms(s).unwrap_or_default()),
+        (FieldType::Time, J::String(s)) => AV::Long(time_ms(s).unwrap_or_default()),
         (_, J::String(s)) => AV::String(s.clone()),
         (_, other) => AV::String(other.to_string()),
     };

@@ -3,10 +3,11 @@
 //! changes, token expiry, dropped or refused streams, corrupt payloads, the clock, stats.
 //!
 //! It is not part of Salesforce's surface and needs no token: the emulator is a local tool.
+//! Each handler reads its request and calls the store, the workload or the Pub/Sub handles;
+//! it must not change the org any other way, so every change still publishes its event.
 
 use super::pubsub::SubscriptionRecord;
-use super::rest::RestState;
-use super::store::{ApiError, TxnStep};
+use super::store::{ApiError, Org, TxnStep};
 use super::workload::{self, Workload};
 use crate::model::ChangeType;
 use axum::extract::State;
@@ -16,15 +17,17 @@ use serde_json::{Value as J, json};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-/// Handles into the Pub/Sub side that the control API steers.
+/// What the control API steers: the org, and handles into the Pub/Sub side and the workload.
 #[derive(Clone)]
 pub struct ControlState {
+    pub org: Arc<Org>,
     pub subscriptions: Arc<Mutex<Vec<SubscriptionRecord>>>,
     pub drop_streams: Arc<Mutex<CancellationToken>>,
     pub workload: Arc<Workload>,
 }
 
-pub fn router() -> Router<Arc<RestState>> {
+/// The `/emulator/*` routes.
+pub fn routes(state: Arc<ControlState>) -> Router {
     Router::new()
         .route("/emulator/stats", get(stats))
         .route("/emulator/expire-tokens", post(expire_tokens))
@@ -43,14 +46,15 @@ pub fn router() -> Router<Arc<RestState>> {
         .route("/emulator/workload/stop", post(stop_workload))
         .route("/emulator/transaction", post(transaction))
         .route("/emulator/settings", post(settings))
+        .with_state(state)
 }
 
 /// Empties the org (records and stored events) and stops the workload; objects, schemas and
 /// tokens stay. Replay ids from before are refused afterwards, like purged ones.
 async fn reset(State(st): S) -> Json<J> {
-    st.control.workload.stop();
+    st.workload.stop();
     st.org.reset();
-    if let Ok(mut subs) = st.control.subscriptions.lock() {
+    if let Ok(mut subs) = st.subscriptions.lock() {
         subs.clear();
     }
     Json(json!({"reset": true, "tip_replay_id": st.org.bus.tip()}))
@@ -91,12 +95,12 @@ async fn start_workload(State(st): S, Json(body): Json<J>) -> Result<Json<J>, Ap
             .map(|o| o.to_string())
             .collect(),
     };
-    st.control.workload.start(st.org.clone(), rate, objects)?;
-    Ok(Json(st.control.workload.status()))
+    st.workload.start(st.org.clone(), rate, objects)?;
+    Ok(Json(st.workload.status()))
 }
 
 async fn stop_workload(State(st): S) -> Json<J> {
-    let changes = st.control.workload.stop();
+    let changes = st.workload.stop();
     Json(json!({"running": false, "changes": changes}))
 }
 
@@ -169,7 +173,7 @@ async fn advance_clock(State(st): S, Json(body): Json<J>) -> Result<Json<J>, Api
     ))
 }
 
-type S = State<Arc<RestState>>;
+type S = State<Arc<ControlState>>;
 
 fn field<'a>(body: &'a J, key: &str) -> Result<&'a J, ApiError> {
     body.get(key).ok_or_else(|| {
@@ -283,7 +287,7 @@ async fn corrupt(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError>
 async fn refuse(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
     let secs = field(&body, "seconds")?.as_f64().unwrap_or(1.0);
     st.org.refuse_for((secs * 1000.0) as i64);
-    if let Ok(mut token) = st.control.drop_streams.lock() {
+    if let Ok(mut token) = st.drop_streams.lock() {
         token.cancel();
         *token = CancellationToken::new();
     }
@@ -291,9 +295,8 @@ async fn refuse(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> 
 }
 
 /// Subscriptions opened so far, events per channel, records per object.
-async fn stats(State(st): State<Arc<RestState>>) -> Json<J> {
+async fn stats(State(st): S) -> Json<J> {
     let subscriptions = st
-        .control
         .subscriptions
         .lock()
         .map(|s| s.clone())
@@ -315,20 +318,20 @@ async fn stats(State(st): State<Arc<RestState>>) -> Json<J> {
         "tip_replay_id": st.org.bus.tip(),
         "event_channels": st.org.event_channels(),
         "overflow_threshold": st.org.overflow_threshold(),
-        "workload": st.control.workload.status(),
+        "workload": st.workload.status(),
         "now_ms": st.org.now_ms(),
     }))
 }
 
 /// Invalidates every issued token: REST answers 401 INVALID_SESSION_ID, Pub/Sub an auth error.
-async fn expire_tokens(State(st): State<Arc<RestState>>) -> Json<J> {
+async fn expire_tokens(State(st): S) -> Json<J> {
     st.org.expire_tokens();
     Json(json!({"expired": true}))
 }
 
 /// Ends every open Subscribe stream with UNAVAILABLE.
-async fn drop_streams(State(st): State<Arc<RestState>>) -> Json<J> {
-    if let Ok(mut token) = st.control.drop_streams.lock() {
+async fn drop_streams(State(st): S) -> Json<J> {
+    if let Ok(mut token) = st.drop_streams.lock() {
         token.cancel();
         *token = CancellationToken::new();
     }

@@ -6,6 +6,9 @@
 //! both values at least 1,000 characters, the length changes by at most half, at most a
 //! quarter of all lines change, and the diff is shorter than the new value. Otherwise the
 //! whole value is sent.
+//!
+//! Text in, text out: it must not know records or events; the store decides where a diff
+//! goes.
 
 use crate::model::textdiff::sha256_hex;
 

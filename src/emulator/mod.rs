@@ -1,18 +1,41 @@
-//! A fake Salesforce org on one machine: OAuth, REST and the Pub/Sub API with Change Data
-//! Capture, faithful to the wire contract so that sfmirror (and third-party clients) cannot
-//! tell it from the real thing for the features sfmirror uses.
+//! A fake Salesforce org on one machine: OAuth, REST, Bulk API 2.0 and the Pub/Sub API with
+//! Change Data Capture, faithful to the wire contract so that sfmirror (and third-party
+//! clients) cannot tell it from the real thing for the features sfmirror uses.
 //!
-//! - [`store`]: objects from describes, records, tokens, the clock; mutations publish events.
-//! - [`cdc`]: change event schemas and payloads with bitmaps.
+//! This module loads the org definition and starts both servers ([`Emulator`]). The emulator
+//! shares only [`crate::proto`] and [`crate::model`] with the replicator: outside tests, it
+//! must not import anything else of the crate, and nothing of the replicator imports it but
+//! the command line, the demo, tests and benchmarks.
+//!
+//! # Module map
+//!
+//! From the top down; a module imports only modules listed below it.
+//! - [`http`]: the REST listener's routes, put together with their middleware (the session
+//!   check, `Sforce-Limit-Info`, `Date`).
+//! - [`rest`]: OAuth and the credentials it accepts, the version list, describe, single-record
+//!   create / retrieve / update / delete.
+//! - [`query`]: REST `query` / `queryAll` and sObject Collections retrieve, `limits`, Bulk API
+//!   2.0 query jobs (`rest`, `bulk`, and `csv` for result chunks).
+//! - [`control`]: the `/emulator/*` control API.
+//! - [`pubsub`]: the gRPC Pub/Sub API: topics, schemas, Subscribe, platform event publishing.
+//! - [`workload`]: random valid records, seeding, a steady workload, pre-built backlogs.
+//! - [`soql`]: what a SOQL query means, one phase a module (`lexer`, `parser`, `bind`,
+//!   `eval`, with the comparison rules in `value`).
+//! - [`store`]: the org itself: objects, records, tokens, the clock; every mutation publishes
+//!   its event (`schema`, `records`, `events`, `transaction`, `tokens`, `ids`).
+//! - [`cdc`]: change event schemas, and payloads with bitmaps.
+//! - [`platform`]: platform event types, their schemas and their checks.
+//! - [`avro`]: what change event and platform event schemas share.
 //! - [`bus`]: per-channel logs with replay ids and retention.
-//! - [`rest`] and [`pubsub`]: the HTTP and gRPC servers; [`control`]: `/emulator/*`.
-//!
-//! It shares only [`crate::proto`] and [`crate::model`] with the replicator.
+//! - [`diff`]: data differences for large text fields.
+//! - [`tls`]: the throwaway CA and server certificate of `--tls`.
 
+pub mod avro;
 pub mod bus;
 pub mod cdc;
 pub mod control;
 pub mod diff;
+pub mod http;
 pub mod platform;
 pub mod pubsub;
 pub mod query;
@@ -23,6 +46,7 @@ pub mod tls;
 pub mod workload;
 
 use crate::model::ObjectDescribe;
+pub use rest::Credentials;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,32 +54,6 @@ use std::time::Duration;
 use store::Org;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// The credentials the emulator accepts. The defaults are public and safe only because the
-/// emulator listens locally.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub client_id: String,
-    pub client_secret: String,
-    pub username: String,
-    pub password: String,
-    pub refresh_token: String,
-    /// PEM public key of the connected app's certificate, to verify JWT bearer assertions.
-    pub jwt_public_key_pem: Option<String>,
-}
-
-impl Default for Credentials {
-    fn default() -> Self {
-        Credentials {
-            client_id: "sfmirror-emulator-client".to_string(),
-            client_secret: "sfmirror-emulator-secret".to_string(),
-            username: "admin@sfmirror.emulator".to_string(),
-            password: "emulator-password".to_string(),
-            refresh_token: "sfmirror-emulator-refresh-token".to_string(),
-            jwt_public_key_pem: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
@@ -287,7 +285,7 @@ pub struct Emulator {
     pub access_token: String,
     /// With TLS: the CA certificate clients must trust.
     pub ca_file: Option<PathBuf>,
-    control: control::ControlState,
+    control: Arc<control::ControlState>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -342,7 +340,12 @@ impl Emulator {
             source,
         })?;
         let tls = match &cfg.tls_dir {
-            Some(dir) => Some(tls::generate(dir, &[rest_addr, grpc_addr])?),
+            Some(dir) => Some(tls::generate(dir, &[rest_addr, grpc_addr]).map_err(|e| {
+                EmulatorError::Tls {
+                    path: e.path,
+                    message: e.message,
+                }
+            })?),
             None => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -360,21 +363,20 @@ impl Emulator {
             tracing::info!(events = built, "pre-built backlog ready");
         }
         let service = pubsub::PubSubService::new(org.clone(), cfg.keepalive, cfg.idle_close);
-        let control = control::ControlState {
+        let control = Arc::new(control::ControlState {
+            org: org.clone(),
             subscriptions: service.subscriptions.clone(),
             drop_streams: service.drop_streams.clone(),
             workload: Arc::new(workload::Workload::default()),
-        };
-        let control_handle = control.clone();
-        let state = Arc::new(rest::RestState {
+        });
+        let rest_state = Arc::new(rest::RestState {
             org: org.clone(),
             creds: cfg.credentials.clone(),
             rest_url: rest_url.clone(),
             token_ttl_ms: cfg.token_ttl.map(|d| d.as_millis() as i64),
-            control,
-            query: query::QueryState::default(),
         });
-        let app = rest::router(state);
+        let query = Arc::new(query::QueryState::new(org.clone()));
+        let app = http::router(rest_state, query, control.clone());
         let stop = shutdown.clone();
         let rest_task = match &tls {
             Some(material) => {
@@ -433,7 +435,7 @@ impl Emulator {
             credentials: cfg.credentials,
             access_token,
             ca_file: tls.map(|t| t.ca_file),
-            control: control_handle,
+            control,
             shutdown,
             tasks: vec![rest_task, grpc_task],
         })

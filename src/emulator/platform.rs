@@ -7,8 +7,11 @@
 //! topic's current schema (the schema id must match and the payload must decode completely)
 //! before it gets a replay id, as Salesforce does, so a client with a stale or wrong schema
 //! learns it at publish time.
+//!
+//! This module owns the event types and their checks; it must not publish: the store puts
+//! checked events on the bus.
 
-use super::cdc::{avro_type, schema_id};
+use super::avro::{avro_type, schema_id};
 use crate::model::ObjectDescribe;
 use serde_json::{Value as J, json};
 

@@ -1,10 +1,14 @@
-//! The emulator's Pub/Sub API (tonic): `GetTopic`, `GetSchema`, `Subscribe`.
+//! The emulator's Pub/Sub API (tonic): `GetTopic`, `GetSchema`, `Subscribe`, and `Publish` /
+//! `PublishStream` for platform events (`ManagedSubscribe` answers UNIMPLEMENTED).
 //!
 //! Every call is authenticated from its metadata (`accesstoken`, `instanceurl`, `tenantid`,
 //! keys matched case-insensitively as gRPC lower-cases them). Errors carry Salesforce's
 //! `error-code` trailer. `Subscribe` honours the replay preset of the first request only,
 //! adds `num_requested` to what is outstanding (capped at 100), and sends keepalives with the
 //! latest replay id when there is nothing to deliver.
+//!
+//! It serves what the store and the bus hold and must not change records: published platform
+//! events go through the store, which checks them.
 
 use super::bus::Position;
 use super::store::Org;

@@ -1,12 +1,15 @@
-//! The emulator's OAuth and REST API (axum), with Salesforce's paths, shapes and error
+//! The emulator's OAuth and sObject REST API (axum), with Salesforce's paths, shapes and error
 //! envelopes: `[{"message", "errorCode", "fields"}]` for REST, `{"error", "error_description"}`
-//! for OAuth. Every response carries `Sforce-Limit-Info`.
+//! for OAuth. It owns the logins the emulator accepts ([`Credentials`]), token issue, the
+//! version list, describe, and single-record create / retrieve / update / delete.
+//!
+//! It serves its routes and nothing else: queries and Bulk jobs are [`super::query`]'s, the
+//! session check and `Sforce-Limit-Info` are applied around every route by [`super::http`],
+//! and what a record may hold is the store's to decide.
 
 use super::store::{ApiError, Org};
-use super::{Credentials, control};
-use axum::extract::{Form, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,32 +17,42 @@ use serde_json::{Map, Value as J, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Shared state of the REST side.
+/// The credentials the emulator accepts. The defaults are public and safe only because the
+/// emulator listens locally.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub client_id: String,
+    pub client_secret: String,
+    pub username: String,
+    pub password: String,
+    pub refresh_token: String,
+    /// PEM public key of the connected app's certificate, to verify JWT bearer assertions.
+    pub jwt_public_key_pem: Option<String>,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            client_id: "sfmirror-emulator-client".to_string(),
+            client_secret: "sfmirror-emulator-secret".to_string(),
+            username: "admin@sfmirror.emulator".to_string(),
+            password: "emulator-password".to_string(),
+            refresh_token: "sfmirror-emulator-refresh-token".to_string(),
+            jwt_public_key_pem: None,
+        }
+    }
+}
+
+/// What the OAuth and sObject routes share.
 pub struct RestState {
     pub org: Arc<Org>,
     pub creds: Credentials,
     pub rest_url: String,
     /// Lifetime of issued tokens, if they expire.
     pub token_ttl_ms: Option<i64>,
-    pub control: control::ControlState,
-    /// Query locators and Bulk query jobs (see [`super::query`]).
-    pub query: super::query::QueryState,
 }
 
 type S = State<Arc<RestState>>;
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        (
-            status,
-            Json(
-                json!([{ "message": self.message, "errorCode": self.code, "fields": self.fields }]),
-            ),
-        )
-            .into_response()
-    }
-}
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     (
@@ -49,8 +62,18 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
         .into_response()
 }
 
-pub fn router(state: Arc<RestState>) -> Router {
-    let api = Router::new()
+/// The routes anyone may call: OAuth and the version list.
+pub fn open_routes(state: Arc<RestState>) -> Router {
+    Router::new()
+        .route("/services/oauth2/token", post(token))
+        .route("/services/data", get(versions))
+        .route("/services/data/", get(versions))
+        .with_state(state)
+}
+
+/// The routes that need a session: describe, sObject records, userinfo.
+pub fn session_routes(state: Arc<RestState>) -> Router {
+    Router::new()
         .route("/services/data/{version}/sobjects", get(global_describe))
         .route(
             "/services/data/{version}/sobjects/{object}/describe",
@@ -62,55 +85,7 @@ pub fn router(state: Arc<RestState>) -> Router {
             get(retrieve).patch(update).delete(delete),
         )
         .route("/services/oauth2/userinfo", get(userinfo))
-        .merge(super::query::router())
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_session,
-        ));
-    Router::new()
-        .route("/services/oauth2/token", post(token))
-        .route("/services/data", get(versions))
-        .route("/services/data/", get(versions))
-        .merge(api)
-        .merge(control::router())
-        .layer(middleware::from_fn_with_state(state.clone(), limit_info))
         .with_state(state)
-}
-
-/// Adds `Sforce-Limit-Info` to every response and counts the call.
-async fn limit_info(State(st): S, req: Request, next: Next) -> Response {
-    let (used, max) = st.org.count_api_call();
-    let mut resp = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&format!("api-usage={used}/{max}")) {
-        resp.headers_mut().insert("sforce-limit-info", v);
-    }
-    // The Date header follows the org's clock (which the control API can advance), as
-    // clients use it to place reads relative to commit timestamps.
-    let date = chrono::DateTime::from_timestamp_millis(st.org.now_ms())
-        .unwrap_or_default()
-        .format("%a, %d %b %Y %H:%M:%S GMT")
-        .to_string();
-    if let Ok(v) = HeaderValue::from_str(&date) {
-        resp.headers_mut().insert("date", v);
-    }
-    resp
-}
-
-/// Refuses calls without a valid bearer token, as Salesforce does.
-async fn require_session(State(st): S, req: Request, next: Next) -> Response {
-    let token = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("OAuth "))
-        })
-        .map(str::trim);
-    match token {
-        Some(t) if st.org.token_valid(t) => next.run(req).await,
-        _ => ApiError::new(401, "INVALID_SESSION_ID", "Session expired or invalid").into_response(),
-    }
 }
 
 fn check_version(version: &str) -> Result<(), ApiError> {

@@ -7,9 +7,9 @@
 //! than one self-signed leaf, because several TLS stacks (webpki among them) refuse a
 //! certificate that is both the trust anchor and the server's end entity.
 //!
-//! The private keys live only in memory; the CA key is dropped once the leaf is signed.
+//! The private keys live only in memory; the CA key is dropped once the leaf is signed. It
+//! must not know what is served over the connections it secures.
 
-use super::EmulatorError;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -33,8 +33,15 @@ pub struct TlsMaterial {
     pub key_pem: String,
 }
 
-fn tls_err(path: &Path, message: String) -> EmulatorError {
-    EmulatorError::Tls {
+/// A failed set-up: the file or directory concerned, and what went wrong.
+#[derive(Debug)]
+pub struct TlsError {
+    pub path: String,
+    pub message: String,
+}
+
+fn tls_err(path: &Path, message: String) -> TlsError {
+    TlsError {
         path: path.display().to_string(),
         message,
     }
@@ -42,7 +49,7 @@ fn tls_err(path: &Path, message: String) -> EmulatorError {
 
 /// Generates a CA and a server certificate for `localhost`, the loopback addresses and the
 /// hosts of `listen`; writes the CA to `dir/ca.pem` (creating `dir`).
-pub fn generate(dir: &Path, listen: &[SocketAddr]) -> Result<TlsMaterial, EmulatorError> {
+pub fn generate(dir: &Path, listen: &[SocketAddr]) -> Result<TlsMaterial, TlsError> {
     let rc = |e: rcgen::Error| tls_err(dir, format!("cannot generate a certificate: {e}"));
     let ca_key = KeyPair::generate().map_err(rc)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;

@@ -3,7 +3,7 @@
 //! workload at a given rate, and a pre-built backlog of change events for benchmarks.
 //!
 //! Everything goes through the same [`Org`] mutations as REST calls, so every change produces
-//! the event Salesforce would.
+//! the event Salesforce would; it must not write records any other way.
 
 use super::store::{ApiError, ObjectDef, Org};
 use crate::model::{FieldDescribe, FieldType};
