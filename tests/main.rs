@@ -11,6 +11,7 @@
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
+//! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 
 mod common;
 
@@ -22,6 +23,7 @@ mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;
 mod end_to_end;
+mod layering;
 mod merge_properties;
 mod randomized;
 mod setup;
