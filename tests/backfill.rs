@@ -2,10 +2,11 @@
 //! over REST and over Bulk API 2.0, `--since` windows, 200,000 rows over Bulk, resuming an
 //! interrupted run from its Bulk job's locator, and the command line's exit codes.
 
+use crate::common;
 use crate::common::{TestConfig, TestDb, object_drift};
 use serde_json::{Map, Value as J, json};
 use sfmirror::config::Config;
-use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::emulator::Emulator;
 use sfmirror::sync::backfill::{self, BackfillError, BackfillOptions, Method, Progress};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,9 +153,7 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_object_and_field_type_arrives_over_rest_and_over_bulk() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     seed_every_object(&emulator);
 
     // Small objects: REST query paging.
@@ -229,9 +228,7 @@ async fn every_object_and_field_type_arrives_over_rest_and_over_bulk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_reads_only_the_window_and_moves_the_snapshot_start_only_when_covered() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let old: Vec<String> = (0..5)
         .map(|i| create(&emulator, "Account", json!({"Name": format!("Old {i}")})))
         .collect();
@@ -308,9 +305,7 @@ async fn since_reads_only_the_window_and_moves_the_snapshot_start_only_when_cove
 async fn two_hundred_thousand_accounts_over_bulk() {
     const N: usize = 200_000;
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let t0 = Instant::now();
     let org = emulator.org.clone();
     let ids = tokio::task::spawn_blocking(move || {
@@ -397,9 +392,7 @@ async fn two_hundred_thousand_accounts_over_bulk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_bulk_backfill_resumes_from_its_locator() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     for i in 0..1_000 {
         create(
             &emulator,
@@ -494,9 +487,7 @@ async fn an_interrupted_bulk_backfill_resumes_from_its_locator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_backfill_of_an_object_is_refused_while_one_runs() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     for i in 0..3 {
         create(
             &emulator,
@@ -544,9 +535,7 @@ async fn run_cli(args: Vec<String>) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_reports_each_object_and_exits_1_when_one_fails() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     seed_every_object(&emulator);
     let dir = std::env::temp_dir().join(format!("sfm-backfill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");

@@ -149,11 +149,8 @@ fn inspect_event_prints_names_and_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_metrics_health_and_readiness() {
-    use sfmirror::emulator::{Emulator, EmulatorConfig};
     let db = common::TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

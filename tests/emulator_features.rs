@@ -182,9 +182,7 @@ async fn tls_serves_both_apis_with_a_ca_clients_can_trust() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_events_are_published_checked_and_delivered() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let mut raw = Raw::connect(&emulator).await;
     let topic = "/event/Order_Shipped__e";
     let info = raw
@@ -311,9 +309,7 @@ async fn platform_events_are_published_checked_and_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_channel_carries_its_members_only() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let org = &emulator.org;
     let account = org
         .create("Account", &fields(json!({"Name": "Chn"})), "")
@@ -438,9 +434,7 @@ async fn a_transaction_past_the_threshold_ends_in_one_overflow_event_per_entity(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_edits_of_long_texts_travel_as_diffs() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let org = &emulator.org;
     let text: String = (0..40)
         .map(|i| format!("Line {i}: the quick brown fox jumps over the lazy dog."))
@@ -501,9 +495,7 @@ async fn small_edits_of_long_texts_travel_as_diffs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_resets_seeds_and_runs_a_workload() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let seeded = common::control(
         &emulator,
         "seed",

@@ -68,9 +68,7 @@ async fn read_events(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presets_deliver_from_the_right_place_and_payloads_decode() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let (pubsub, _) = client(&emulator).await;
     let ids = create_accounts(&emulator, 5).await;
 
@@ -126,9 +124,7 @@ async fn presets_deliver_from_the_right_place_and_payloads_decode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_never_exceeds_what_was_requested() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     create_accounts(&emulator, 30).await;
     let (_, cfg) = client(&emulator).await;
     let token = emulator.access_token.clone();
@@ -194,9 +190,7 @@ async fn refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replay_ids_auth_and_topics_fail_like_salesforce() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let (pubsub, _) = client(&emulator).await;
 
     let far_future = ReplayId::from_u64(u64::MAX / 2);

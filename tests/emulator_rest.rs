@@ -2,11 +2,12 @@
 //! sObject Collections retrieve, `limits`, and Bulk API 2.0 query jobs with CSV results.
 //! Every response is checked for `Sforce-Limit-Info`.
 
+use crate::common;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value as J, json};
 use sfmirror::demo::RestWriter;
-use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::emulator::Emulator;
 
 const V: &str = "v62.0";
 
@@ -138,9 +139,7 @@ impl Api {
 }
 
 async fn start() -> (Emulator, Api) {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let api = Api::new(&emulator);
     (emulator, api)
 }

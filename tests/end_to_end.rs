@@ -6,7 +6,7 @@ use crate::common;
 use crate::common::TestDb;
 use serde_json::{Value as J, json};
 use sfmirror::demo::RestWriter;
-use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::emulator::Emulator;
 use sfmirror::model::ReplayId;
 use sfmirror::sync::channel::AppliedBatch;
 use std::collections::HashMap;
@@ -88,9 +88,7 @@ async fn assert_replica_matches(emulator: &Emulator, db: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = common::TestConfig::new(&emulator, &db.url)
         .channels(&[("/data/AccountChangeEvent", &["Account"])])
         .build();

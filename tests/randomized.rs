@@ -8,8 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value as J, json};
 use sfmirror::config::Config;
+use sfmirror::emulator::Emulator;
 use sfmirror::emulator::store::Org;
-use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::model::FieldType;
 use std::time::Duration;
 
@@ -117,9 +117,7 @@ async fn random_workload_with_random_kills_converges() {
     eprintln!("SFMIRROR_TEST_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(&emulator, &db);
     let org = emulator.org.clone();
 

@@ -3,9 +3,9 @@
 //! is a definite error, and a repair that fails definitely is parked (kept with its error,
 //! never retried) until the operator requeues it or the configuration changes.
 
+use crate::common;
 use crate::common::{TestConfig, TestDb};
 use serde_json::{Map, Value as J, json};
-use sfmirror::emulator::{Emulator, EmulatorConfig};
 use sfmirror::replica::migrate;
 use sfmirror::replica::repair_queue::{self, RepairRequest};
 use sfmirror::sync::reader::OrgReader;
@@ -35,9 +35,7 @@ fn sfmirror(args: &[&str], config: &std::path::Path) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_connecting_leave_a_fresh_replica_unmigrated() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = TestConfig::new(&emulator, &db.url).channel("/data/AccountChangeEvent", &["Account"]);
     let out = sfmirror(&["check"], &config_file(&cfg.toml()));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -107,9 +105,7 @@ async fn a_refused_postgres_login_is_definite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_that_fails_definitely_is_parked_until_requeued() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let text = TestConfig::new(&emulator, &db.url)
         .channel("/data/ChangeEvents", &["Account"])
         .toml();

@@ -2,6 +2,7 @@
 //! multi-record events, delete modes, schema changes mid-stream, and the faults a long-lived
 //! subscriber meets (expired tokens, dropped streams, unavailable service, corrupt payloads).
 
+use crate::common;
 use crate::common::{Daemon, TestConfig, TestDb, control, object_drift, wait_for};
 use serde_json::json;
 use sfmirror::config::Config;
@@ -84,9 +85,7 @@ async fn repairs_drained(client: &tokio_postgres::Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_type_over_three_channels_converges() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -221,9 +220,7 @@ async fn every_change_type_over_three_channels_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_delete_removes_rows_and_keeps_a_tombstone() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -269,9 +266,7 @@ async fn hard_delete_removes_rows_and_keeps_a_tombstone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_added_mid_stream_becomes_a_column() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -349,9 +344,7 @@ async fn a_column_the_repair_worker_adds_first_still_brings_the_re_read() {
     // any event of the new schema reaches the channel; the re-read of existing records must
     // not depend on which task got there first.
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -407,9 +400,7 @@ async fn address_picklists_and_the_xyz_sub_field_no_describe_lists() {
     // captures: StateCode, CountryCode, and `Xyz`, which no describe lists. The new components
     // become columns, `Xyz` is left out, and the channel goes on.
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -501,9 +492,7 @@ async fn address_picklists_and_the_xyz_sub_field_no_describe_lists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_deleted_from_the_org_keeps_its_column_and_stops_nothing() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     for name in ["Tier__c", "Rank__c"] {
         control(
             &emulator,
@@ -619,9 +608,7 @@ async fn a_field_deleted_from_the_org_keeps_its_column_and_stops_nothing() {
 async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
     sfmirror::telemetry::init_logging();
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -662,9 +649,7 @@ async fn expired_tokens_dropped_streams_and_refusals_are_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_refused_together_share_one_new_login() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let objects = ["Account", "Contact", "Opportunity"];
     let cfg = config(
         &emulator,
@@ -713,9 +698,7 @@ async fn a_refused_access_token_that_cannot_be_renewed_stops_the_channel() {
     // token, retrying for ever would only hide the problem. The channel stops with the login's
     // own message, and with it the daemon (its only channel).
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let mut cfg = config(
         &emulator,
         &db,
@@ -765,9 +748,7 @@ async fn a_killed_daemon_leaves_no_task_behind() {
     // The crash tests kill the daemon by dropping its future; a task that outlived it (the
     // repair worker) would go on writing to the replica as a second, invisible daemon.
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -808,9 +789,7 @@ async fn a_killed_daemon_leaves_no_task_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_payloads_are_dead_lettered_and_the_channel_goes_on() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -861,9 +840,7 @@ async fn a_dead_letter_in_a_backlog_is_covered_from_before_its_own_commit() {
     // committed an hour later, so a repair window that starts from that one would miss the
     // lost change; the window must start no later than the last position known before it.
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -911,9 +888,7 @@ async fn a_dead_letter_in_a_backlog_is_covered_from_before_its_own_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_overflows_and_wildcards_are_repaired_until_the_replica_equals_the_org() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let mut cfg = config(
         &emulator,
         &db,
@@ -987,9 +962,7 @@ async fn gaps_overflows_and_wildcards_are_repaired_until_the_replica_equals_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_events_queue_repairs_with_the_checkpoint_that_passes_them() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let mut cfg = config(
         &emulator,
         &db,
@@ -1059,9 +1032,7 @@ async fn gap_events_queue_repairs_with_the_checkpoint_that_passes_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_field_type_round_trips_with_values_and_nulls() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -1197,9 +1168,7 @@ async fn keepalives_move_an_idle_channels_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_with_a_definite_error_stops_alone() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -1276,9 +1245,7 @@ async fn a_silent_stream_is_resubscribed_by_the_watchdog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_down_past_the_retention_converges_through_repairs() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg = config(
         &emulator,
         &db,
@@ -1442,9 +1409,7 @@ async fn api_calls_used(emulator: &Emulator) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_text_diffs_apply_in_place_and_fall_back_to_a_re_read() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let objects = ["Account"];
     let cfg = config(
         &emulator,
@@ -1613,9 +1578,7 @@ async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed
 /// org, and the checkpoint at the last event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_in_small_overlapping_batches_converges() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let db = TestDb::create().await;
     let mut cfg = config(
         &emulator,
@@ -1700,9 +1663,7 @@ async fn a_backlog_in_small_overlapping_batches_converges() {
 /// three blocked for good. The replica then converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_cycle_through_two_batches_in_flight_is_broken() {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let db = TestDb::create().await;
     let mut cfg = config(
         &emulator,

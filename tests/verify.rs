@@ -3,10 +3,11 @@
 //! listings alike; `--repair` queues exactly the drifted records; the command line exits 1
 //! on drift and 0 when in sync, with a JSON report on request.
 
+use crate::common;
 use crate::common::{TestConfig, TestDb};
 use serde_json::{Map, Value as J, json};
 use sfmirror::config::Config;
-use sfmirror::emulator::{Emulator, EmulatorConfig};
+use sfmirror::emulator::Emulator;
 use sfmirror::sync::backfill;
 use sfmirror::sync::verify::{self, DriftKind, VerifyOptions, VerifyReport};
 use std::collections::BTreeSet;
@@ -124,9 +125,7 @@ async fn queued_repairs(db: &TestDb) -> BTreeSet<(String, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_drift_is_found_over_rest_and_bulk_and_repair_queues_it() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let cfg =
         Config::from_toml(&config_text(&emulator, &db, &["Account", "Contact"])).expect("config");
     let org = seeded(&emulator, &cfg).await;
@@ -213,9 +212,7 @@ async fn run_cli(args: Vec<String>) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_exits_1_on_drift_and_0_when_in_sync() {
     let db = TestDb::create().await;
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .expect("emulator");
+    let emulator = common::emulator().await;
     let text = config_text(&emulator, &db, &["Account"]);
     let cfg = Config::from_toml(&text).expect("config");
     let org = seeded(&emulator, &cfg).await;

@@ -1,6 +1,7 @@
-//! The daemon as tests run it: a config builder aimed at an emulator and a test database
-//! (built as TOML text, the way an operator writes it, so the CLI tests can write the same
-//! text to a file), and a handle on a daemon running in-process.
+//! The emulator and the daemon as tests run them: the emulator with its built-in org, a
+//! config builder aimed at an emulator and a test database (built as TOML text, the way an
+//! operator writes it, so the CLI tests can write the same text to a file), and a handle on a
+//! daemon running in-process.
 
 use sfmirror::config::Config;
 use sfmirror::emulator::Emulator;
@@ -8,6 +9,13 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// An emulator with the built-in org on `127.0.0.1:0` (REST and Pub/Sub, plaintext).
+pub async fn emulator() -> Emulator {
+    Emulator::start(sfmirror::emulator::EmulatorConfig::default())
+        .await
+        .unwrap_or_else(|e| panic!("the emulator does not start: {e}"))
+}
 
 /// A daemon config for `emulator` and a database: the emulator's client-credentials login
 /// and endpoints, metrics off, the channels added with [`TestConfig::channel`].

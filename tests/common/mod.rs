@@ -1,4 +1,5 @@
-//! Test harness: a Postgres server and one fresh database per test.
+//! Test harness: a Postgres server and one fresh database per test; the emulator, a config
+//! builder and the daemon ([`daemon`]); comparing the org with the replica.
 //!
 //! The server is `DATABASE_URL` (an admin URL) when set. Otherwise a private throwaway
 //! cluster is started with initdb/pg_ctl found on PATH, via `pg_config --bindir`, or under
@@ -9,7 +10,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
-pub use daemon::{Daemon, TestConfig};
+pub use daemon::{Daemon, TestConfig, emulator};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
