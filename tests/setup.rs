@@ -163,7 +163,7 @@ async fn a_repair_that_fails_definitely_is_parked_until_requeued() {
     .with_config("first".to_string());
     assert_eq!(worker.drain_once().await.expect("drain"), 2);
 
-    let summary = repair_queue::summary(&client, "sfmirror")
+    let summary = repair_queue::summary(&client, "sfmirror", true)
         .await
         .expect("summary");
     assert_eq!(summary.len(), 1, "the Account repair is done: {summary:?}");

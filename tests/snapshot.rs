@@ -165,6 +165,62 @@ async fn a_snapshot_row_never_brings_back_a_record_deleted_beside_it() {
     }
 }
 
+/// The other way round: a snapshot that read the record deleted (newer) and a stream change
+/// of it that is older, applied beside it. The older change must not bring the record back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_stream_change_never_brings_back_a_record_a_snapshot_deletes_beside_it() {
+    let (_db, pool, table, settings) = fresh(DeleteMode::Hard).await;
+    let table = std::sync::Arc::new(table);
+    let id = "001000000000008AAA";
+    let deleted_ms = 1_767_322_245_000i64;
+    {
+        let client = pool.get().await.expect("client");
+        client
+            .execute(
+                "INSERT INTO salesforce.account (id, name, _sfm_version) VALUES ($1, 'live', $2)",
+                &[&id, &(deleted_ms - 60_000)],
+            )
+            .await
+            .expect("seed");
+    }
+    // The snapshot read the record in the recycle bin and has not committed.
+    let mut snapshot = pool.get().await.expect("client");
+    let snapshot_tx = snapshot.transaction().await.expect("tx");
+    let row = row_from_json(
+        &table,
+        &json!({"Id": id, "Name": "in the bin", "IsDeleted": true,
+                "SystemModstamp": "2026-01-02T02:50:45.000+0000"}),
+    )
+    .expect("row");
+    apply_snapshot(&snapshot_tx, &settings, &table, &[row], None)
+        .await
+        .expect("snapshot");
+    // The stream, behind, applies an older change of the record beside it.
+    let stream = {
+        let (pool, table, settings) = (pool.clone(), table.clone(), settings.clone());
+        tokio::spawn(async move {
+            let mut client = pool.get().await.expect("client");
+            let tx = client.transaction().await.expect("tx");
+            let tables: std::collections::HashMap<_, _> = [("Account".to_string(), table)].into();
+            let mut create = delete_event(id, deleted_ms - 30_000);
+            create.header.change_type = sfmirror::model::ChangeType::Create;
+            sfmirror::replica::apply::apply_events(&tx, &settings, &tables, vec![create])
+                .await
+                .expect("create");
+            tx.commit().await.expect("commit create");
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    snapshot_tx.commit().await.expect("commit snapshot");
+    stream.await.expect("stream task");
+    let client = pool.get().await.expect("client");
+    let left = client
+        .query_opt("SELECT name FROM salesforce.account WHERE id = $1", &[&id])
+        .await
+        .expect("read");
+    assert!(left.is_none(), "the older change brought the record back");
+}
+
 fn delete_event(id: &str, commit_ms: i64) -> sfmirror::model::ChangeEvent {
     use sfmirror::model::{ChangeEvent, ChangeHeader, ChangeType, ReplayId};
     ChangeEvent {

@@ -7,13 +7,21 @@
 //!   beside it, waits for it by asking for the same lock shared ([`wait_for_batch`]). Should a
 //!   third transaction close a cycle through the two, Postgres breaks it with a deadlock error
 //!   (transient) instead of leaving all three waiting.
-//! - In hard delete mode, a batch that deletes records of an object holds that object's
-//!   delete lock shared ([`share_deletes`]), and a snapshot merge of the object holds it
-//!   exclusively ([`exclude_deletes`]). A hard delete leaves no row for the two to meet on:
-//!   without the lock, a snapshot row of a record being deleted (read while it was live)
-//!   could be inserted after the delete, with a tombstone check that could not yet see the
-//!   tombstone, and bring the record back. With it, whichever comes second sees what the
-//!   first committed. Batches share the lock, so the stream never waits for itself.
+//! - In hard delete mode, a stream batch holds the write lock of every object it writes,
+//!   shared ([`share_writes`]), from the start of its transaction; a snapshot merge of an
+//!   object (backfill, repair) holds that object's lock exclusively ([`exclude_writes`]). A
+//!   hard delete leaves no row for the two to meet on: without the lock, a snapshot row of a
+//!   record being deleted (read while it was live) could be inserted after the delete, with a
+//!   tombstone check that could not yet see the tombstone, and bring the record back; and an
+//!   older stream change could do the same beside a snapshot's delete. With it, whichever
+//!   comes second sees what the first committed (both run at READ COMMITTED). Batches share
+//!   the lock, so the stream never waits for itself; a batch writing an object waits for a
+//!   snapshot chunk of it in progress (one chunk, a fraction of a second), and a snapshot
+//!   chunk for the batches in flight. Taking the locks before any row lock keeps the order
+//!   the same everywhere; any other cycle is one the deadlock detector breaks.
+//!
+//! In soft delete mode a deleted record keeps its row, on which every writer meets, and no
+//! write lock is taken.
 
 use super::ReplicaError;
 
@@ -63,39 +71,40 @@ pub async fn wait_for_batch(
     Ok(())
 }
 
-fn delete_key(data_schema: &str, object: &str) -> String {
-    format!("sfmirror hard delete {data_schema}.{object}")
+fn write_key(data_schema: &str, object: &str) -> String {
+    format!("sfmirror writes {data_schema}.{object}")
 }
 
-/// Holds `object`'s delete lock shared until the transaction ends (before hard deletes).
-pub async fn share_deletes(
+/// Holds `object`'s write lock shared until the transaction ends (a stream batch in hard
+/// delete mode, before its first write).
+pub async fn share_writes(
     tx: &impl deadpool_postgres::GenericClient,
     data_schema: &str,
     object: &str,
 ) -> Result<(), ReplicaError> {
     tx.execute(
         "SELECT pg_advisory_xact_lock_shared(hashtext($1))",
-        &[&delete_key(data_schema, object)],
+        &[&write_key(data_schema, object)],
     )
     .await
-    .map_err(ReplicaError::pg(format!("lock the deletes of {object}")))?;
+    .map_err(ReplicaError::pg(format!("lock the writes of {object}")))?;
     Ok(())
 }
 
-/// Holds `object`'s delete lock exclusively until the transaction ends (before a snapshot
-/// merge in hard delete mode): waits for batches deleting its records to end.
-pub async fn exclude_deletes(
+/// Holds `object`'s write lock exclusively until the transaction ends (a snapshot merge in
+/// hard delete mode, before it reads or writes anything): waits for the batches writing it.
+pub async fn exclude_writes(
     tx: &impl deadpool_postgres::GenericClient,
     data_schema: &str,
     object: &str,
 ) -> Result<(), ReplicaError> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&delete_key(data_schema, object)],
+        &[&write_key(data_schema, object)],
     )
     .await
     .map_err(ReplicaError::pg(format!(
-        "wait for deletes of {object} in flight"
+        "wait for the batches writing {object}"
     )))?;
     Ok(())
 }

@@ -35,16 +35,17 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 /// definite (a schema or data problem the operator must look at).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    #[error("Postgres {context}: {}", postgres_message(source))]
+    /// A statement failed. The driver's error is kept whole; the message carries what the
+    /// server said (so it is not repeated as a source in error chains).
+    #[error("Postgres {context}: {}", postgres_message(error))]
     Postgres {
         context: String,
-        #[source]
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     /// No connection could be had from the pool (the server is unreachable, refused the
     /// login, or every connection is busy past the timeout).
     #[error("Postgres: {}", pool_message(.0))]
-    Pool(#[source] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     /// `replica.url` cannot be used.
     #[error("replica.url: {message}")]
     Url { message: String },
@@ -63,7 +64,7 @@ pub enum ReplicaError {
 impl ReplicaError {
     pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ReplicaError {
         let context = context.into();
-        move |source| ReplicaError::Postgres { context, source }
+        move |error| ReplicaError::Postgres { context, error }
     }
 
     pub fn is_transient(&self) -> bool {
@@ -74,7 +75,7 @@ impl ReplicaError {
             | ReplicaError::Pool(PoolError::PostCreateHook(_))
             | ReplicaError::Pool(PoolError::Closed) => true,
             ReplicaError::Pool(_) => false,
-            ReplicaError::Postgres { source, .. } => postgres_is_transient(source),
+            ReplicaError::Postgres { error, .. } => postgres_is_transient(error),
             ReplicaError::Url { .. }
             | ReplicaError::Schema { .. }
             | ReplicaError::Data { .. }
@@ -135,7 +136,10 @@ fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
         return true;
     }
     match e.code() {
-        // No SQLSTATE: an I/O or protocol failure on the connection.
+        // The connection settings cannot work (a password the server asks for and the URL
+        // lacks, a bad option): no retry changes that.
+        None if e.to_string().starts_with("invalid configuration") => false,
+        // Otherwise no SQLSTATE: an I/O or protocol failure on the connection.
         None => true,
         Some(code)
             if *code == SqlState::INVALID_PASSWORD
@@ -145,8 +149,17 @@ fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
             false
         }
         Some(code) => {
+            let class = code.code().get(..2).unwrap_or_default();
             *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
+                // Cancelled (statement timeout, an administrator), a lock not available in
+                // time: the next attempt can get through.
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+                // Insufficient resources (disk full, out of memory) and system errors: they
+                // pass once the server has room again.
+                || class == "53"
+                || class == "58"
                 || *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
@@ -233,6 +246,22 @@ fn bound_statement_cache(client: &deadpool_postgres::ClientWrapper) {
     if client.statement_cache.size() > STATEMENT_CACHE_LIMIT {
         client.statement_cache.clear();
     }
+}
+
+/// Begins a writer's transaction (a batch, a snapshot chunk, a repair) at READ COMMITTED,
+/// whatever the server's default: the rest of a batch must see what the batch before it
+/// committed, and a merge that waited for a lock (see [`locks`]) must see what committed
+/// meanwhile.
+pub async fn begin<'a>(
+    client: &'a mut deadpool_postgres::Client,
+    what: &str,
+) -> Result<deadpool_postgres::Transaction<'a>, ReplicaError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(ReplicaError::pg(format!("begin {what}")))
 }
 
 /// Quotes an identifier that has already been checked by [`crate::model::is_safe_identifier`].

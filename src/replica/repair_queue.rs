@@ -158,16 +158,27 @@ pub struct Summary {
     pub last_error: Option<String>,
 }
 
-/// The repair queue by object and kind.
+/// The repair queue by object and kind. `parking` says whether the control schema has the
+/// parking columns (migration 5): `status` also reads a replica whose daemon has not been
+/// restarted since this binary was installed.
 pub async fn summary(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
+    parking: bool,
 ) -> Result<Vec<Summary>, ReplicaError> {
+    let (parked, not_parked) = if parking {
+        (
+            "count(*) FILTER (WHERE parked_at IS NOT NULL)",
+            "AND parked_at IS NULL",
+        )
+    } else {
+        ("0::bigint", "")
+    };
     let rows = client
         .query(
             &format!(
-                "SELECT object, kind, count(*), count(*) FILTER (WHERE attempts > 0),
-                        count(*) FILTER (WHERE parked_at IS NOT NULL),
+                "SELECT object, kind, count(*),
+                        count(*) FILTER (WHERE attempts > 0 {not_parked}), {parked},
                         (extract(epoch FROM min(requested_at)) * 1000)::bigint,
                         (array_agg(last_error ORDER BY next_attempt_at DESC)
                             FILTER (WHERE last_error IS NOT NULL))[1]
@@ -290,7 +301,7 @@ pub async fn complete(
         .execute(
             &format!(
                 "UPDATE {ctl}.repair_queue SET next_attempt_at = now(), claimed_by = NULL
-                 WHERE repair_id = ANY($1)"
+                 WHERE repair_id = ANY($1) AND parked_at IS NULL"
             ),
             &[&ids],
         )
@@ -313,7 +324,7 @@ pub async fn renew(
                 "UPDATE {}.repair_queue
                  SET next_attempt_at = greatest(next_attempt_at,
                                                 now() + make_interval(secs => $2::bigint))
-                 WHERE repair_id = $1",
+                 WHERE repair_id = $1 AND parked_at IS NULL",
                 quote(control_schema)
             ),
             &[&repair.repair_id, &lease_secs],
@@ -354,7 +365,7 @@ pub async fn fail(
                  SET attempts = attempts + 1, last_error = $3, claimed_by = NULL,
                      next_attempt_at = now() + make_interval(secs => f.wait)
                  FROM unnest($1::bigint[], $2::float8[]) AS f(id, wait)
-                 WHERE q.repair_id = f.id",
+                 WHERE q.repair_id = f.id AND q.parked_at IS NULL",
                 quote(control_schema)
             ),
             &[&ids, &waits, &error],

@@ -202,7 +202,7 @@ pub async fn apply_snapshot(
     }
     if settings.delete_mode == DeleteMode::Hard {
         // No row is left for a hard delete and this merge to meet on: see `locks`.
-        super::locks::exclude_deletes(tx, &settings.data_schema, &table.object).await?;
+        super::locks::exclude_writes(tx, &settings.data_schema, &table.object).await?;
     }
     let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
     let ctl = quote(&settings.control_schema);

@@ -19,7 +19,10 @@
 //! for one more read in the chunk's transaction. A chunk holds its row locks only until it
 //! commits, and no table lock is taken unless columns are missing (then the table gets them,
 //! as the daemon would do itself). An advisory lock keeps two backfills of one object apart;
-//! the daemon never takes it.
+//! the daemon never takes it. In hard delete mode a chunk also holds the object's write lock
+//! exclusively ([`crate::replica::locks`]): stream batches writing the object wait for the
+//! chunk to commit (a fraction of a second), so that neither side can bring back a record
+//! the other deleted.
 //!
 //! # Why resuming is safe
 //!
@@ -44,7 +47,7 @@ use crate::config::{Config, UnknownObject};
 use crate::replica::ApplySettings;
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{SnapshotRow, apply_snapshot};
-use crate::replica::{ReplicaError, locks, repair_queue, sync_state};
+use crate::replica::{self, ReplicaError, locks, repair_queue, sync_state};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{self, JobState, Operation};
 use crate::salesforce::soql::Query;
@@ -366,11 +369,14 @@ impl Runner {
             report.attempts += 1;
             match self.run_object(object, &mut report).await {
                 Ok(()) => break,
-                Err(e)
-                    if e.is_transient()
-                        && report.attempts < MAX_ATTEMPTS
-                        && !self.opts.cancel.is_cancelled() =>
-                {
+                // Whatever a Ctrl-C cut short (a count, a retry's wait) is an interruption.
+                Err(_) if self.opts.cancel.is_cancelled() => {
+                    report.error = Some(BackfillError::Interrupted {
+                        object: object.to_string(),
+                    });
+                    break;
+                }
+                Err(e) if e.is_transient() && report.attempts < MAX_ATTEMPTS => {
                     let delay = backoff.next_delay();
                     tracing::warn!(object, attempt = report.attempts, error = %e,
                         retry_in_ms = delay.as_millis() as u64, "backfill failed; retrying");
@@ -485,6 +491,13 @@ impl Runner {
                 "the interrupted snapshot's Bulk job cannot be resumed; starting again");
             return Ok(None);
         }
+        // The job may still be running (interrupted while it was): its size is known once done.
+        let info = tokio::select! {
+            r = self.reader.bulk().wait(job_id) => r?,
+            _ = self.opts.cancel.cancelled() => {
+                return Err(BackfillError::Interrupted { object: object.to_string() });
+            }
+        };
         tracing::info!(object, job = %job_id, locator = ?state.locator,
             "resuming the interrupted snapshot");
         let read = self.reader.read_job(
@@ -670,13 +683,7 @@ impl Runner {
         locator: Option<&str>,
     ) -> Result<usize, BackfillError> {
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(ReplicaError::pg(format!(
-                "begin snapshot of {}",
-                table.object
-            )))?;
+        let tx = replica::begin(&mut client, &format!("snapshot of {}", table.object)).await?;
         // Rows carry SystemModstamp; records the stream moved past come back as re-reads.
         let outcome = apply_snapshot(&tx, &self.settings, table, rows, None).await?;
         repair_queue::enqueue(

@@ -10,7 +10,13 @@
 //! | stored replay id refused (expired, corrupt) | resume at LATEST with repairs | — |
 //! | session refused (expired token, `INVALID_SESSION_ID`, gRPC auth error) | log in again, then retry | retry later |
 //! | other transient (network, 5xx, `UNAVAILABLE`, connection loss, deadlock) | retry after backoff | retry later |
-//! | definite (permission, topic or object not found, bad schema or data, config) | stop the channel | park |
+//! | definite, and about the object or record (no such object or field, no access to it, a value that does not fit its column) | stop the channel | park |
+//! | other definite (credentials refused, a failed Bulk job, an answer not understood) | stop the channel | retry later |
+//!
+//! A repair is parked only when retrying it cannot help until someone changes the org, the
+//! replica or the configuration: what failed is the object or record itself. Anything else
+//! (a login refused while credentials are being fixed, a query cursor that expired, a Bulk job
+//! that failed inside Salesforce) is tried again on the repair backoff, which reaches an hour.
 //!
 //! Keeping it a pure function of the error is what lets the table above be tested case by
 //! case, without a stream or a database.
@@ -60,10 +66,47 @@ pub enum RepairAction {
 
 /// The repair worker's action for `e`.
 pub fn repair(e: &SyncError) -> RepairAction {
-    if e.is_transient() {
-        RepairAction::RetryLater
-    } else {
+    if !e.is_transient() && about_the_object(e) {
         RepairAction::Park
+    } else {
+        RepairAction::RetryLater
+    }
+}
+
+/// Salesforce's codes for a request about an object or field that this user cannot read or
+/// that does not exist.
+const OBJECT_CODES: &[&str] = &[
+    "NOT_FOUND",
+    "INVALID_TYPE",
+    "INVALID_FIELD",
+    "INVALID_FIELD_FOR_INSERT_UPDATE",
+    "INSUFFICIENT_ACCESS",
+    "INSUFFICIENT_ACCESS_OR_READONLY",
+    "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
+    "ENTITY_IS_DELETED",
+    "INVALID_ID_FIELD",
+    "MALFORMED_ID",
+];
+
+/// Whether a definite error is about what the repair reads or writes (so retrying cannot
+/// help), not about the session, the transport or Salesforce's side of a job.
+fn about_the_object(e: &SyncError) -> bool {
+    use crate::replica::ReplicaError;
+    use crate::salesforce::SourceError;
+    use crate::sync::reader::ReadError;
+    let source = |s: &SourceError| {
+        matches!(s, SourceError::Status { status, code, .. }
+            if (400..500).contains(status) && OBJECT_CODES.contains(&code.as_str()))
+    };
+    let replica =
+        |r: &ReplicaError| matches!(r, ReplicaError::Schema { .. } | ReplicaError::Data { .. });
+    match e {
+        SyncError::Source(s) => source(s),
+        SyncError::Replica(r) => replica(r),
+        SyncError::Read(ReadError::Source(s)) => source(s),
+        SyncError::Read(ReadError::Replica(r)) => replica(r),
+        SyncError::Read(ReadError::MissingColumns { .. }) => true,
+        _ => false,
     }
 }
 
@@ -149,15 +192,57 @@ mod tests {
                 tonic::Code::PermissionDenied,
                 "sfdc.platform.eventbus.grpc.subscription.permission",
             ),
+        ] {
+            assert_eq!(channel(&e), ChannelAction::Stop, "{e}");
+        }
+        for e in [
             status(404, "NOT_FOUND"),
             status(400, "INVALID_FIELD"),
             SyncError::Replica(ReplicaError::Schema {
                 object: "Account".to_string(),
                 message: "bad name".to_string(),
             }),
+            SyncError::Replica(ReplicaError::Data {
+                object: "Account".to_string(),
+                id: "001000000000001AAA".to_string(),
+                message: "AnnualRevenue: not a number".to_string(),
+            }),
         ] {
             assert_eq!(channel(&e), ChannelAction::Stop, "{e}");
             assert_eq!(repair(&e), RepairAction::Park, "{e}");
+        }
+    }
+
+    #[test]
+    fn definite_errors_not_about_the_object_are_retried_later() {
+        for e in [
+            // Credentials being fixed, a cursor that expired, a job Salesforce failed, a page
+            // a proxy sent: another try can work without anyone touching the object.
+            SyncError::Source(SourceError::Auth {
+                message: "invalid_grant".to_string(),
+                transient: false,
+            }),
+            status(400, "INVALID_QUERY_LOCATOR"),
+            status(400, "QUERY_TIMEOUT"),
+            status(200, "Failed"),
+            SyncError::Source(SourceError::BadResponse {
+                api: "query",
+                url: "https://x/y".to_string(),
+                message: "expected JSON".to_string(),
+            }),
+            SyncError::Read(crate::sync::reader::ReadError::JobGone {
+                object: "Account".to_string(),
+                job_id: "750".to_string(),
+                source: Box::new(SourceError::Status {
+                    api: "bulk",
+                    url: "https://x/y".to_string(),
+                    status: 404,
+                    code: "NOT_FOUND".to_string(),
+                    message: String::new(),
+                }),
+            }),
+        ] {
+            assert_eq!(repair(&e), RepairAction::RetryLater, "{e}");
         }
     }
 }

@@ -137,7 +137,7 @@ struct Retry {
 }
 
 impl Retry {
-    async fn run<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, ReadError>
+    async fn run<T, F, Fut>(&self, object: &str, what: &str, mut call: F) -> Result<T, ReadError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SourceError>>,
@@ -147,7 +147,8 @@ impl Retry {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_transient() && backoff.attempts() + 1 < self.attempts => {
-                    tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "{what} failed; retrying");
+                    tracing::warn!(object, error = %e, attempt = backoff.attempts() + 1,
+                        "{what} failed; retrying");
                     if !backoff.wait(&self.cancel).await {
                         return Err(e.into());
                     }
@@ -198,7 +199,9 @@ impl OrgReader {
         let soql = query.count().to_string();
         let page = self
             .retry
-            .run("count", || self.rest.query_page(&soql, true))
+            .run(query.object(), "count", || {
+                self.rest.query_page(&soql, true)
+            })
             .await?;
         Ok(Counted {
             query: query.clone(),
@@ -221,7 +224,7 @@ impl OrgReader {
         let soql = counted.query.to_string();
         let job = self
             .retry
-            .run("creating a Bulk job", || {
+            .run(counted.query.object(), "creating a Bulk job", || {
                 self.bulk.create(&soql, Operation::QueryAll)
             })
             .await?;
@@ -372,7 +375,9 @@ async fn read_rest<D: Decode>(
     tx: mpsc::Sender<Result<Chunk<D::Row>, ReadError>>,
 ) {
     let result: Result<(), ReadError> = async {
-        let mut page = retry.run("query", || rest.query_page(&soql, true)).await?;
+        let mut page = retry
+            .run(decode.object(), "query", || rest.query_page(&soql, true))
+            .await?;
         let mut rows = Vec::with_capacity(chunk_rows.min(page.records.len().max(1)));
         let mut floor = page_floor(&page);
         loop {
@@ -400,7 +405,9 @@ async fn read_rest<D: Decode>(
                     message: "a query page is not done but has no nextRecordsUrl".to_string(),
                 });
             };
-            page = retry.run("query", || rest.query_more(&next)).await?;
+            page = retry
+                .run(decode.object(), "query", || rest.query_more(&next))
+                .await?;
             floor = min_floor(floor, page_floor(&page));
         }
         let chunk = Chunk {
@@ -459,7 +466,9 @@ impl BulkRead {
         let job_id = self.job_id.clone();
         // Polling has its own schedule; only a failed poll is retried here.
         self.retry
-            .run("waiting for the Bulk job", || self.bulk.wait(&job_id))
+            .run(&object, "waiting for the Bulk job", || {
+                self.bulk.wait(&job_id)
+            })
             .await
             .map_err(|e| match e {
                 ReadError::Source(s) => gone(s, &job_id),
@@ -468,7 +477,7 @@ impl BulkRead {
         loop {
             let chunk = self
                 .retry
-                .run("reading Bulk results", || {
+                .run(&object, "reading Bulk results", || {
                     self.bulk
                         .results(&job_id, self.locator.as_deref(), self.chunk_rows)
                 })

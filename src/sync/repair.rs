@@ -32,7 +32,7 @@ use crate::replica::apply::apply_events;
 use crate::replica::repair_queue::{self, Repair, RepairKind};
 use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{SnapshotRow, apply_snapshot, row_from_json};
-use crate::replica::{ReplicaError, repair_queue::enqueue};
+use crate::replica::{self, ReplicaError, repair_queue::enqueue};
 use crate::salesforce::soql::Query;
 use crate::sync::SyncError;
 use crate::sync::policy::{self, RepairAction};
@@ -64,6 +64,20 @@ pub struct RepairWorker {
     config: String,
     /// Objects whose repair gauges were set, so that a drained one is set back to 0.
     reported: HashSet<String>,
+}
+
+/// Records of one chunk that fail alone (a value that cannot be stored) and are set aside
+/// before the rest of the chunk is settled together.
+const SINGLED_OUT: usize = 10;
+
+/// The record a failure is about, when it names one.
+fn record_of(e: &SyncError) -> Option<&str> {
+    use crate::sync::reader::ReadError;
+    match e {
+        SyncError::Replica(ReplicaError::Data { id, .. })
+        | SyncError::Read(ReadError::Replica(ReplicaError::Data { id, .. })) => Some(id),
+        _ => None,
+    }
 }
 
 /// How long a describe serves record repairs. Fields come and go in the org: a stale table
@@ -174,8 +188,7 @@ impl RepairWorker {
         }
         for (object, group) in records {
             for chunk in group.chunks(RETRIEVE_MAX_IDS) {
-                let outcome = self.repair_records(&object, chunk).await;
-                self.settle(chunk, "record", outcome).await?;
+                self.repair_record_chunk(&object, chunk.to_vec()).await?;
             }
         }
         for r in entities {
@@ -183,6 +196,36 @@ impl RepairWorker {
             self.settle(&[r], "entity", outcome).await?;
         }
         Ok(n)
+    }
+
+    /// Repairs a chunk of records of `object`. A record whose value cannot be stored fails the
+    /// chunk's transaction; it is settled alone (parked) and the others are repaired without
+    /// it, up to [`SINGLED_OUT`] records a chunk, so one bad record does not hold back the rest.
+    async fn repair_record_chunk(
+        &mut self,
+        object: &str,
+        mut chunk: Vec<&Repair>,
+    ) -> Result<(), SyncError> {
+        for _ in 0..=SINGLED_OUT {
+            let outcome = self.repair_records(object, &chunk).await;
+            let culprit = match &outcome {
+                Err(e) if chunk.len() > 1 => record_of(e).and_then(|id| {
+                    chunk
+                        .iter()
+                        .position(|r| matches!(&r.kind, RepairKind::Record(x) if x == id))
+                }),
+                _ => None,
+            };
+            match culprit {
+                Some(at) => {
+                    let bad = chunk.remove(at);
+                    self.settle(&[bad], "record", outcome).await?;
+                }
+                None => return self.settle(&chunk, "record", outcome).await,
+            }
+        }
+        let outcome = self.repair_records(object, &chunk).await;
+        self.settle(&chunk, "record", outcome).await
     }
 
     /// Records the outcome of a repair attempt: what failed goes back with a backoff, or is
@@ -282,10 +325,7 @@ impl RepairWorker {
             rows.extend(seen);
         }
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(ReplicaError::pg("begin repair"))?;
+        let tx = replica::begin(&mut client, "repair").await?;
         let outcome = apply_snapshot(&tx, &self.settings, &table, &rows, read_floor).await?;
         if !gone.is_empty() {
             // Gone from the org (purged or hard-deleted): delete as of now.
@@ -374,10 +414,7 @@ impl RepairWorker {
         last: bool,
     ) -> Result<(), SyncError> {
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(ReplicaError::pg("begin repair"))?;
+        let tx = replica::begin(&mut client, "repair").await?;
         let outcome = apply_snapshot(&tx, &self.settings, table, rows, floor).await?;
         enqueue(
             &tx,

@@ -90,9 +90,8 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         dead_letters: 0,
         objects: Vec::new(),
     };
-    if let migrate::State::Absent { .. } | migrate::State::Migrated { applied: 0, .. } =
-        migrate::state(&client, control).await?
-    {
+    let state = migrate::state(&client, control).await?;
+    if let migrate::State::Absent { .. } | migrate::State::Migrated { applied: 0, .. } = state {
         // Never started against this replica: every configured channel is still to come.
         report.channels = configured
             .iter()
@@ -122,7 +121,10 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             report.channels.push(ChannelStatus::not_started(c));
         }
     }
-    report.repairs = repair_queue::summary(&client, control)
+    // Repairs are parked from migration 5 on; an older schema (this binary installed, the
+    // daemon not yet restarted) has none.
+    let parking = !matches!(state, migrate::State::Migrated { applied, .. } if applied < 5);
+    report.repairs = repair_queue::summary(&client, control, parking)
         .await?
         .into_iter()
         .map(|r| RepairStatus {

@@ -9,7 +9,7 @@ use super::statements::{hard_delete, resolve_diffs, update, update_rows, upsert_
 use crate::config::DeleteMode;
 use crate::model::ChangeEvent;
 use crate::replica::schema::TableSchema;
-use crate::replica::{ApplySettings, ReplicaError};
+use crate::replica::{ApplySettings, ReplicaError, locks};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,12 +28,33 @@ pub async fn apply_events(
     execute(tx, settings, plan).await
 }
 
+/// In hard delete mode, takes the write lock of every object `plan` writes, shared, in name
+/// order (see [`crate::replica::locks`]); nothing in soft delete mode. A batch calls it before
+/// its first write; taking a lock again in the same transaction is free.
+pub async fn lock_objects(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    plan: &MergePlan,
+) -> Result<(), ReplicaError> {
+    if settings.delete_mode != DeleteMode::Hard {
+        return Ok(());
+    }
+    let mut objects: Vec<&str> = plan.runs.iter().map(|r| r.table.object.as_str()).collect();
+    objects.sort_unstable();
+    objects.dedup();
+    for object in objects {
+        locks::share_writes(tx, &settings.data_schema, object).await?;
+    }
+    Ok(())
+}
+
 /// Sends a plan's runs inside `tx`, round by round: every record sees its changes in order.
 pub async fn execute(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     plan: MergePlan,
 ) -> Result<ApplyOutcome, ReplicaError> {
+    lock_objects(tx, settings, &plan).await?;
     let mut outcome = ApplyOutcome {
         events: plan.events,
         statements: 0,

@@ -71,7 +71,7 @@ mod plan;
 mod row_type;
 mod statements;
 
-pub use execute::{apply_events, execute};
+pub use execute::{apply_events, execute, lock_objects};
 pub use plan::{MergePlan, RecordKeys, plan_events};
 pub(crate) use row_type::row_types;
 

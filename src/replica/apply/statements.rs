@@ -108,8 +108,6 @@ pub(super) async fn hard_delete(
          WHERE (ts.version, coalesce(ts.commit_number, -1))
                <= (EXCLUDED.version, coalesce(EXCLUDED.commit_number, -1))"
     );
-    // A snapshot merge of the object running beside this batch must see the tombstones.
-    crate::replica::locks::share_deletes(tx, &settings.data_schema, &t.object).await?;
     send(
         tx,
         &run,

@@ -28,9 +28,9 @@
 use super::AppliedBatch;
 use super::batch::{Applied, Batch};
 use crate::model::ReplayId;
-use crate::replica::apply::{MergePlan, RecordKeys, execute};
+use crate::replica::apply::{MergePlan, RecordKeys, execute, lock_objects};
 use crate::replica::repair_queue::{self, RepairRequest};
-use crate::replica::{ApplySettings, ReplicaError, checkpoint, dead_letters, locks};
+use crate::replica::{self, ApplySettings, ReplicaError, checkpoint, dead_letters, locks};
 use crate::sync::{AbortOnDrop, SyncError};
 use crate::telemetry;
 use std::collections::HashMap;
@@ -367,15 +367,12 @@ impl BatchJob {
         let settings = &self.settings;
         let started = Instant::now();
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-        // Read committed, whatever the server's default: the rest of a batch must see what the
-        // batch before committed while this transaction ran.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(ReplicaError::pg("begin batch"))?;
+        // Read committed: the rest of a batch must see what the batch before committed while
+        // this transaction ran.
+        let tx = replica::begin(&mut client, "batch").await?;
         locks::hold_batch(&tx, lock).await?;
+        // Before any row lock, so every writer takes the object locks in the same order.
+        lock_objects(&tx, settings, &plan).await?;
         let _ = locked.send(());
         let (after, outcome) = match before {
             None => (None, execute(&tx, settings, plan).await?),
