@@ -158,14 +158,14 @@ impl Stage {
             }
             ChangeType::Update => {
                 for path in &h.changed_fields {
-                    let col = column(path.as_arc())?;
+                    let col = column(path)?;
                     if let Some(v) = encode(col, path)? {
                         values[col] = Some(v);
                         written[col] = true;
                     }
                 }
                 for path in &h.nulled_fields {
-                    let col = column(path.as_arc())?;
+                    let col = column(path)?;
                     values[col] = None;
                     written[col] = true;
                 }
@@ -249,7 +249,7 @@ async fn stage_backlog(
     }
     let mut seq = 0i64;
     read_backlog(cfg, start_tip, end_tip, |event| {
-        if let Some(stage) = stages.get_mut(event.header.entity_name.as_str()) {
+        if let Some(stage) = stages.get_mut(&*event.header.entity_name) {
             stage.push(seq, &event)?;
             seq += 1;
         }

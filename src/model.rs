@@ -278,102 +278,13 @@ impl fmt::Display for ReplayId {
     }
 }
 
-/// An immutable string that many events share (a field path, an entity name): cloning it is a
-/// reference-count bump, not an allocation. Compares, sorts and prints as the plain string.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SharedStr(Arc<str>);
-
-impl Serialize for SharedStr {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
-impl SharedStr {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The shared allocation itself (the form [`FieldValue::path`] and schema paths use).
-    pub fn as_arc(&self) -> &Arc<str> {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for SharedStr {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for SharedStr {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl AsRef<str> for SharedStr {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<Arc<str>> for SharedStr {
-    fn from(s: Arc<str>) -> Self {
-        SharedStr(s)
-    }
-}
-
-impl From<&str> for SharedStr {
-    fn from(s: &str) -> Self {
-        SharedStr(Arc::from(s))
-    }
-}
-
-impl From<String> for SharedStr {
-    fn from(s: String) -> Self {
-        SharedStr(Arc::from(s))
-    }
-}
-
-impl PartialEq<str> for SharedStr {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for SharedStr {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl PartialEq<String> for SharedStr {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl fmt::Debug for SharedStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for SharedStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// The ChangeEventHeader of a CDC event, with the three bitmap lists decoded to field names
 /// (`Name`, or `BillingAddress.Street` for a compound component). Entity and field names are
 /// shared with the decoding plan of the event's schema rather than copied per event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChangeHeader {
-    pub entity_name: SharedStr,
+    pub entity_name: Arc<str>,
     pub record_ids: Vec<String>,
     pub change_type: ChangeType,
     pub change_origin: String,
@@ -382,9 +293,9 @@ pub struct ChangeHeader {
     pub commit_timestamp: i64,
     pub commit_number: i64,
     pub commit_user: String,
-    pub changed_fields: Vec<SharedStr>,
-    pub nulled_fields: Vec<SharedStr>,
-    pub diff_fields: Vec<SharedStr>,
+    pub changed_fields: Vec<Arc<str>>,
+    pub nulled_fields: Vec<Arc<str>>,
+    pub diff_fields: Vec<Arc<str>>,
 }
 
 /// A decoded field value. Salesforce's Avro schemas use only these primitive shapes for record

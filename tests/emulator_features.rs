@@ -413,7 +413,7 @@ async fn a_transaction_past_the_threshold_ends_in_one_overflow_event_per_entity(
     let overflow: Vec<(&str, &[String])> = txn
         .iter()
         .filter(|h| h.change_type == ChangeType::GapOverflow)
-        .map(|h| (h.entity_name.as_str(), h.record_ids.as_slice()))
+        .map(|h| (&*h.entity_name, h.record_ids.as_slice()))
         .collect();
     assert_eq!(
         overflow,
@@ -466,13 +466,16 @@ async fn small_edits_of_long_texts_travel_as_diffs() {
     let mut raw = Raw::connect(&emulator).await;
     let events = events_of(&mut raw, "/data/AccountChangeEvent", 3).await;
     let diffed = &events[1].1;
-    assert_eq!(diffed.header.diff_fields, ["Description"]);
+    assert_eq!(
+        diffed.header.diff_fields,
+        [std::sync::Arc::<str>::from("Description")]
+    );
     assert!(
         diffed
             .header
             .changed_fields
             .iter()
-            .any(|f| f.as_str() == "Description")
+            .any(|f| &**f == "Description")
     );
     let Some(sfmirror::model::Value::String(d)) = diffed.value("Description") else {
         panic!("a diff value: {:?}", diffed.value("Description"));

@@ -88,7 +88,7 @@ async fn presets_deliver_from_the_right_place_and_payloads_decode() {
         assert!(warnings.is_empty());
         assert_eq!(decoded.header.change_type, ChangeType::Create);
         assert_eq!(decoded.header.record_ids, std::slice::from_ref(id));
-        assert_eq!(decoded.header.entity_name, "Account");
+        assert_eq!(&*decoded.header.entity_name, "Account");
     }
     let replays: Vec<u64> = events
         .iter()

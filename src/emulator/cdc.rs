@@ -503,7 +503,7 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(ev.header.change_type, ChangeType::Update);
         assert_eq!(ev.header.commit_number, 99);
-        let mut names = ev.header.changed_fields.clone();
+        let mut names: Vec<&str> = ev.header.changed_fields.iter().map(|n| &**n).collect();
         names.sort();
         assert_eq!(names, ["BillingAddress.City", "LastModifiedDate", "Name"]);
         assert_eq!(

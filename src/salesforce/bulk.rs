@@ -13,7 +13,7 @@
 //! again) and names the job and Salesforce's `errorMessage`.
 
 use super::SourceError;
-use super::rest::{RestClient, encode_query};
+use super::rest::RestClient;
 use crate::backoff::Backoff;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -217,25 +217,24 @@ impl BulkClient {
         locator: Option<&str>,
         max_records: u32,
     ) -> Result<ResultChunk, SourceError> {
-        let mut path = format!(
-            "{}/results?maxRecords={}",
-            self.job_path(job_id)?,
-            max_records.max(1)
-        );
+        let path = format!("{}/results", self.job_path(job_id)?);
+        let max_records = max_records.max(1).to_string();
+        let mut query = vec![("maxRecords", max_records.as_str())];
         if let Some(l) = locator.filter(|l| !l.is_empty()) {
-            path.push_str("&locator=");
-            path.push_str(&encode_query(l));
+            query.push(("locator", l));
         }
-        let (headers, csv) = self
+        let reply = self
             .rest
             .send(
                 "bulk",
                 reqwest::Method::GET,
                 &path,
+                &query,
                 None,
                 &[("Accept", "text/csv")],
             )
             .await?;
+        let headers = reply.headers;
         let header = |name: &str| {
             headers
                 .get(name)
@@ -247,7 +246,7 @@ impl BulkClient {
             .map(str::to_string);
         let records = header("sforce-numberofrecords").and_then(|n| n.parse().ok());
         Ok(ResultChunk {
-            csv,
+            csv: reply.body,
             records,
             next_locator,
         })
@@ -257,7 +256,7 @@ impl BulkClient {
     pub async fn delete(&self, job_id: &str) -> Result<(), SourceError> {
         let path = self.job_path(job_id)?;
         self.rest
-            .send("bulk", reqwest::Method::DELETE, &path, None, &[])
+            .send("bulk", reqwest::Method::DELETE, &path, &[], None, &[])
             .await
             .map(|_| ())
     }

@@ -7,7 +7,7 @@
 
 use super::avro::{AvroError, Node, Reader, Record};
 use crate::model::bitmap::{for_each_set_bit, hex_digits};
-use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId, SharedStr};
+use crate::model::{ChangeEvent, ChangeHeader, ChangeType, FieldValue, ReplayId};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ impl HeaderSlot {
 /// One top-level body field of the writer schema.
 #[derive(Debug)]
 struct BodyField {
-    name: SharedStr,
+    name: Arc<str>,
     node: Node,
     /// For a compound field: `Parent.Sub` for each sub-field of its record branch.
     sub_paths: Option<Vec<Arc<str>>>,
@@ -87,7 +87,7 @@ pub struct EventPlan {
     shared_schema_id: Arc<str>,
     /// The entity name the record name implies (`Account`, `Employee__c`): events that carry
     /// it share this allocation; any other name is still taken from the payload.
-    entity: SharedStr,
+    entity: Arc<str>,
     header_index: usize,
     header: Vec<(HeaderSlot, Node)>,
     /// Top-level fields by schema position; `None` at the header's position.
@@ -134,7 +134,7 @@ impl EventPlan {
             .enumerate()
             .map(|(i, (name, node))| {
                 (i != header_index).then(|| BodyField {
-                    name: SharedStr::from(name.as_str()),
+                    name: Arc::from(name.as_str()),
                     node: node.clone(),
                     sub_paths: node.record().map(|r| sub_paths(name, r)),
                 })
@@ -144,7 +144,7 @@ impl EventPlan {
         for f in body.iter().flatten() {
             match &f.sub_paths {
                 Some(subs) => paths.extend(subs.iter().cloned()),
-                None => paths.push(f.name.as_arc().clone()),
+                None => paths.push(f.name.clone()),
             }
         }
         let entity = match top.name.strip_suffix("ChangeEvent") {
@@ -156,7 +156,7 @@ impl EventPlan {
             schema_id: schema_id.to_string(),
             record_name: top.name.clone(),
             shared_schema_id: Arc::from(schema_id),
-            entity: SharedStr::from(entity),
+            entity: Arc::from(entity),
             header_index,
             header,
             body,
@@ -267,7 +267,7 @@ impl EventPlan {
                 HeaderSlot::EntityName => {
                     let name = text(r, node)?;
                     if *name != *self.entity {
-                        h.entity_name = SharedStr::from(name.as_ref());
+                        h.entity_name = Arc::from(name.as_ref());
                     }
                 }
                 HeaderSlot::ChangeOrigin => h.change_origin = text(r, node)?.into_owned(),
@@ -311,7 +311,7 @@ impl EventPlan {
         &self,
         bitmaps: &[impl AsRef<str>],
         warnings: &mut Vec<String>,
-    ) -> Vec<SharedStr> {
+    ) -> Vec<Arc<str>> {
         let mut names = Vec::new();
         let mut parents = Vec::new();
         for element in bitmaps {
@@ -326,7 +326,7 @@ impl EventPlan {
         &self,
         r: &mut Reader<'_>,
         node: &Node,
-        names: &mut Vec<SharedStr>,
+        names: &mut Vec<Arc<str>>,
         warnings: &mut Vec<String>,
     ) -> Result<(), HeaderError> {
         let mut parents = Vec::new();
@@ -343,7 +343,7 @@ impl EventPlan {
     /// element for the parent, that element says which sub-fields, and the parent's bit adds
     /// nothing; alone, the bit stands for the whole compound, so it becomes every sub-field.
     /// A parent name never survives: it has no column of its own.
-    fn settle_parents(&self, names: &mut Vec<SharedStr>, parents: &[usize]) {
+    fn settle_parents(&self, names: &mut Vec<Arc<str>>, parents: &[usize]) {
         for &p in parents {
             let Some(Some(field)) = self.body.get(p) else {
                 continue;
@@ -355,11 +355,11 @@ impl EventPlan {
                 names.remove(i);
             }
             let named_subs = names.iter().any(|n| {
-                n.strip_prefix(field.name.as_str())
+                n.strip_prefix(&*field.name)
                     .is_some_and(|rest| rest.starts_with('.'))
             });
             if !named_subs {
-                names.extend(subs.iter().map(|p| SharedStr::from(p.clone())));
+                names.extend(subs.iter().cloned());
             }
         }
     }
@@ -370,7 +370,7 @@ impl EventPlan {
     fn bitmap_element(
         &self,
         element: &str,
-        names: &mut Vec<SharedStr>,
+        names: &mut Vec<Arc<str>>,
         parents: &mut Vec<usize>,
         warnings: &mut Vec<String>,
     ) {
@@ -415,7 +415,7 @@ impl EventPlan {
                     return;
                 };
                 for_each_set_bit(digits, |bit| match subs.get(bit) {
-                    Some(path) => names.push(SharedStr::from(path.clone())),
+                    Some(path) => names.push(path.clone()),
                     None => warnings.push(format!(
                         "bitmap `{element}` sets sub-field bit {bit}, compound has {}",
                         subs.len()
@@ -499,7 +499,7 @@ fn decode_body_field(
         (other, _) => {
             if let Some(value) = r.value(other)? {
                 out.push(FieldValue {
-                    path: field.name.as_arc().clone(),
+                    path: field.name.clone(),
                     value,
                 });
             }
@@ -648,10 +648,11 @@ mod tests {
         {"name":"diffFields","type":{"type":"array","items":"string"}},
         {"name":"changedFields","type":{"type":"array","items":"string"}}]}"#;
 
-    fn names(p: &EventPlan, bitmaps: &[&str]) -> (Vec<SharedStr>, Vec<String>) {
+    fn names(p: &EventPlan, bitmaps: &[&str]) -> (Vec<String>, Vec<String>) {
         let mut w = Vec::new();
         let list: Vec<String> = bitmaps.iter().map(|s| s.to_string()).collect();
-        (p.bitmap_names(&list, &mut w), w)
+        let names = p.bitmap_names(&list, &mut w);
+        (names.iter().map(|n| n.to_string()).collect(), w)
     }
 
     #[test]

@@ -58,17 +58,16 @@ impl RestClient {
     /// `next_records_url` with [`RestClient::query_more`].
     pub async fn query_page(&self, soql: &str, all: bool) -> Result<QueryPage, SourceError> {
         let path = format!(
-            "{}/{}?q={}",
+            "{}/{}",
             self.data_path(),
-            if all { "queryAll" } else { "query" },
-            encode_query(soql)
+            if all { "queryAll" } else { "query" }
         );
-        self.dated_page(&path).await
+        self.dated_page(&path, &[("q", soql)]).await
     }
 
-    /// The page a `nextRecordsUrl` points at.
+    /// The page a `nextRecordsUrl` points at, requested exactly as Salesforce gave it.
     pub async fn query_more(&self, next_records_url: &str) -> Result<QueryPage, SourceError> {
-        self.dated_page(next_records_url).await
+        self.dated_page(next_records_url, &[]).await
     }
 
     /// The page after `page`, or `None` when it was the last. A page that says it is not
@@ -87,17 +86,21 @@ impl RestClient {
         }
     }
 
-    async fn dated_page(&self, path: &str) -> Result<QueryPage, SourceError> {
-        let (headers, bytes) = self
-            .send("query", reqwest::Method::GET, path, None, &[])
+    async fn dated_page(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<QueryPage, SourceError> {
+        let reply = self
+            .send("query", reqwest::Method::GET, path, query, None, &[])
             .await?;
         let mut page: QueryPage =
-            serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
+            serde_json::from_slice(&reply.body).map_err(|e| SourceError::BadResponse {
                 api: "query",
-                url: path.to_string(),
+                url: reply.url,
                 message: e.to_string(),
             })?;
-        page.read_at_ms = response_date_ms(&headers);
+        page.read_at_ms = response_date_ms(&reply.headers);
         Ok(page)
     }
 
@@ -112,15 +115,23 @@ impl RestClient {
     ) -> Result<(Vec<Option<serde_json::Value>>, Option<i64>), SourceError> {
         let path = format!("{}/composite/sobjects/{object}", self.data_path());
         let body = serde_json::json!({ "ids": ids, "fields": fields });
-        let (headers, bytes) = self
-            .send("composite", reqwest::Method::POST, &path, Some(&body), &[])
+        let reply = self
+            .send(
+                "composite",
+                reqwest::Method::POST,
+                &path,
+                &[],
+                Some(&body),
+                &[],
+            )
             .await?;
-        let records = serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
-            api: "composite",
-            url: path.clone(),
-            message: e.to_string(),
-        })?;
-        Ok((records, response_date_ms(&headers)))
+        let records =
+            serde_json::from_slice(&reply.body).map_err(|e| SourceError::BadResponse {
+                api: "composite",
+                url: path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok((records, response_date_ms(&reply.headers)))
     }
 
     /// Sends a JSON request and parses the JSON answer, renewing the session once if refused.
@@ -131,23 +142,25 @@ impl RestClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<T, SourceError> {
-        let (_, bytes) = self.send(api, method, path, body, &[]).await?;
-        serde_json::from_slice(&bytes).map_err(|e| SourceError::BadResponse {
+        let reply = self.send(api, method, path, &[], body, &[]).await?;
+        serde_json::from_slice(&reply.body).map_err(|e| SourceError::BadResponse {
             api,
             url: path.to_string(),
             message: e.to_string(),
         })
     }
 
-    /// Sends a request; returns the response headers and body of a 2xx answer.
+    /// Sends a request to `path` (relative to the instance URL, used as given) with `query`
+    /// pairs appended to its query string; returns the 2xx answer.
     pub async fn send(
         &self,
         api: &'static str,
         method: reqwest::Method,
         path: &str,
+        query: &[(&str, &str)],
         body: Option<&serde_json::Value>,
         headers: &[(&str, &str)],
-    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), SourceError> {
+    ) -> Result<Reply, SourceError> {
         let mut session = self.auth.session().await?;
         let mut renewed = false;
         loop {
@@ -156,17 +169,31 @@ impl RestClient {
                 .http
                 .request(method.clone(), &url)
                 .bearer_auth(session.access_token.expose());
+            if !query.is_empty() {
+                req = req.query(query);
+            }
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let resp = req.send().await.map_err(|source| SourceError::Http {
+            let req = req.build().map_err(|source| SourceError::Http {
                 api,
                 url: url.clone(),
                 source,
             })?;
+            // Errors name the URL as sent, query string included.
+            let url = req.url().to_string();
+            let resp = self
+                .http
+                .execute(req)
+                .await
+                .map_err(|source| SourceError::Http {
+                    api,
+                    url: url.clone(),
+                    source,
+                })?;
             let status = resp.status().as_u16();
             crate::telemetry::record_salesforce_request(api, status);
             record_limits(resp.headers());
@@ -177,7 +204,11 @@ impl RestClient {
                 source,
             })?;
             if (200..300).contains(&status) {
-                return Ok((resp_headers, bytes));
+                return Ok(Reply {
+                    url,
+                    headers: resp_headers,
+                    body: bytes,
+                });
             }
             let err = status_error(api, &url, status, &bytes);
             if err.needs_reauth() && !renewed {
@@ -197,6 +228,14 @@ impl RestClient {
     ) -> Result<T, SourceError> {
         self.send_json(api, reqwest::Method::GET, path, None).await
     }
+}
+
+/// A 2xx answer from Salesforce.
+pub struct Reply {
+    /// The URL as sent, query string included.
+    pub url: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
 }
 
 /// One page of a query answer.
@@ -220,20 +259,6 @@ pub fn response_date_ms(headers: &reqwest::header::HeaderMap) -> Option<i64> {
     chrono::DateTime::parse_from_rfc2822(v)
         .ok()
         .map(|d| d.timestamp_millis())
-}
-
-/// Percent-encodes a SOQL statement for a query string.
-pub fn encode_query(soql: &str) -> String {
-    let mut out = String::with_capacity(soql.len() * 3);
-    for b in soql.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 /// Builds the error for a non-2xx answer from Salesforce's error envelope.

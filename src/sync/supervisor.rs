@@ -83,7 +83,7 @@ pub async fn run(
         tasks.spawn(async move { (name, task.run(stop).await) });
     }
     readiness.set_ready(true);
-    notify_systemd("READY=1");
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     tracing::info!(channels = cfg.channels.len(), "sfmirror running");
 
     let mut failed = 0usize;
@@ -105,7 +105,7 @@ pub async fn run(
             shutdown.cancel();
         }
     }
-    notify_systemd("STOPPING=1");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     let _ = (&mut repair_worker.0).await;
     if let Some(mut t) = metrics_task {
@@ -118,27 +118,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Tells systemd (Type=notify) about the daemon's state, when run under it.
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let socket = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot notify systemd");
-            return;
-        }
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        socket.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = result {
+/// Tells systemd (Type=notify) about the daemon's state, when run under it: a no-op without
+/// `NOTIFY_SOCKET`. A failed notification is logged and otherwise ignored, since replication
+/// does not depend on it (systemd's own timeout reports a unit that never became ready).
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 }

@@ -154,7 +154,7 @@ pub fn plan_events(
         let h = &event.header;
         *plan.events.entry(h.change_type).or_default() += 1;
         let table = tables
-            .get(h.entity_name.as_str())
+            .get(&*h.entity_name)
             .ok_or_else(|| ReplicaError::Schema {
                 object: h.entity_name.to_string(),
                 message: "no table prepared for this object".to_string(),
@@ -219,7 +219,7 @@ pub fn plan_events(
         let mut diffs = Vec::new();
         if kind == OpKind::Merge {
             for path in &h.diff_fields {
-                if let Some(col) = table.column_for(path.as_arc())
+                if let Some(col) = table.column_for(path)
                     && cells.iter().any(|(c, v)| *c == col && v.is_some())
                 {
                     diffs.push(col);
@@ -381,7 +381,7 @@ pub(super) fn row_values(
         }
         OpKind::Merge => {
             for path in &h.changed_fields {
-                let Some(col) = table.column_for(path.as_arc()) else {
+                let Some(col) = table.column_for(path) else {
                     continue;
                 };
                 let value = render_value(col, path, value_of(fields, path))?;
@@ -392,7 +392,7 @@ pub(super) fn row_values(
                 }
             }
             for path in &h.nulled_fields {
-                let Some(col) = table.column_for(path.as_arc()) else {
+                let Some(col) = table.column_for(path) else {
                     continue;
                 };
                 cols.retain(|(c, _)| *c != col);

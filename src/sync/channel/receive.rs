@@ -265,7 +265,7 @@ impl ChannelTask {
                 }
                 self.decoded_ms = decoded.header.commit_timestamp;
                 let entity = decoded.header.entity_name.clone();
-                if !self.objects.contains(entity.as_str()) {
+                if !self.objects.contains(&*entity) {
                     return Ok(());
                 }
                 let due = match self.checked_schemas.get(&event.schema_id) {
