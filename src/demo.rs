@@ -251,16 +251,17 @@ pub async fn run(database_url: &str, accounts: usize, follow: bool) -> anyhow::R
             emp.map(|e| e.to_string()).unwrap_or_default()
         );
     }
-    let cp = client
-        .query_one(
-            &format!("SELECT replay_id FROM {CONTROL_SCHEMA}.checkpoints"),
-            &[],
-        )
-        .await?;
-    let replay: Vec<u8> = cp.get(0);
+    let replica = crate::sync::setup::Setup::connect(&cfg).await?;
+    let checkpoint = crate::replica::checkpoint::load(
+        &replica.pool.get().await?,
+        CONTROL_SCHEMA,
+        "/data/AccountChangeEvent",
+    )
+    .await?
+    .context("no checkpoint was committed")?;
     println!(
         "checkpoint of /data/AccountChangeEvent: replay id {}",
-        crate::model::ReplayId(replay)
+        checkpoint.replay_id
     );
 
     if follow {
