@@ -27,6 +27,23 @@ pub const SALESFORCE_API_USAGE_RATIO: &str = "sfmirror_salesforce_api_usage_rati
 pub const BACKFILL_ROWS_TOTAL: &str = "sfmirror_backfill_rows_total";
 pub const BUILD_INFO: &str = "sfmirror_build_info";
 pub const REPLAY_RESETS_TOTAL: &str = "sfmirror_replay_resets_total";
+pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
+    "sfmirror_last_applied_commit_timestamp_seconds";
+pub const CHANNEL_OWNED: &str = "sfmirror_channel_owned";
+pub const CHANNEL_STOPPED: &str = "sfmirror_channel_stopped";
+pub const READY: &str = "sfmirror_ready";
+
+/// The process metrics exported beside sfmirror's own (CPU, memory, file descriptors, start
+/// time), under the names Prometheus' client libraries use.
+pub const PROCESS_METRICS: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+    "process_threads",
+];
 
 /// What a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +130,28 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         BUILD_INFO,
         Kind::Gauge,
         "Always 1; the version label says which sfmirror is running.",
+    ),
+    (
+        LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS,
+        Kind::Gauge,
+        "Salesforce commit time (Unix seconds) of the newest change the channel applied.",
+    ),
+    (
+        CHANNEL_OWNED,
+        Kind::Gauge,
+        "1 for each channel this instance replicates, 0 for a configured channel it does not \
+         own (a standby).",
+    ),
+    (
+        CHANNEL_STOPPED,
+        Kind::Gauge,
+        "1 while the channel is stopped by an error that needs operator action, else 0.",
+    ),
+    (
+        READY,
+        Kind::Gauge,
+        "1 while /readyz answers 200 (every owned channel subscribed and applying, or a \
+         standby), else 0.",
     ),
     (
         REPLAY_RESETS_TOTAL,
