@@ -20,6 +20,16 @@ use tokio_util::sync::CancellationToken;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How logs are written to stderr: `text` (coloured only on a terminal), `json` (one
+    /// object per line), or `auto` (JSON when stderr is the systemd journal, text otherwise).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SFMIRROR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 // Parsed once per process: the size of the emulator's flag set does not matter.
@@ -195,6 +205,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
+            let channels: Vec<&str> = cfg.channels.iter().map(|c| c.name.as_str()).collect();
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.display(),
+                channels = %channels.join(", "), "sfmirror starting");
             let shutdown = CancellationToken::new();
             crate::shutdown::on_signal(shutdown.clone());
             supervisor::run(&cfg, shutdown, None).await?;

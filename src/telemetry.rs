@@ -172,20 +172,96 @@ fn describe_metrics() {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`), `SFMIRROR_LOG_FORMAT=json` switches
-/// to one JSON object per line for log shippers.
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("SFMIRROR_LOG_FORMAT").is_ok_and(|v| v == "json");
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// JSON when stderr is connected to the systemd journal (`JOURNAL_STREAM` names it), text
+    /// otherwise.
+    Auto,
+}
+
+impl LogFormat {
+    /// The format from `SFMIRROR_LOG_FORMAT` (`text`, `json`, `auto`), text when unset.
+    pub fn from_env() -> LogFormat {
+        match std::env::var("SFMIRROR_LOG_FORMAT").as_deref() {
+            Ok("json") => LogFormat::Json,
+            Ok("auto") => LogFormat::Auto,
+            _ => LogFormat::Text,
+        }
+    }
+
+    fn json(self) -> bool {
+        match self {
+            LogFormat::Text => false,
+            LogFormat::Json => true,
+            LogFormat::Auto => stderr_is_journal(),
+        }
+    }
+}
+
+/// Whether stderr is the journal stream systemd set up (its device and inode are in
+/// `JOURNAL_STREAM`).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// The log filter: sfmirror at `info` and every other crate at `warn` (the Postgres driver
+/// logs record values at debug, and server notices at info), then `RUST_LOG`'s directives. A
+/// bare level there (`RUST_LOG=debug`) applies to sfmirror only; another crate is raised only
+/// when named (`RUST_LOG=debug,tokio_postgres=debug`).
+pub fn log_filter(rust_log: Option<&str>) -> String {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let mut own = "info".to_string();
+    let mut named = Vec::new();
+    for d in rust_log.unwrap_or_default().split(',') {
+        let d = d.trim();
+        if d.is_empty() {
+            continue;
+        }
+        if LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+            own = d.to_string();
+        } else {
+            named.push(d.to_string());
+        }
+    }
+    let mut directives = vec!["warn".to_string(), format!("sfmirror={own}")];
+    directives.extend(named);
+    directives.join(",")
+}
+
+/// Logs to stderr in `format`, filtered by [`log_filter`] of `RUST_LOG`. Colour only on a
+/// terminal: journald and files get plain text.
+pub fn init_logging_as(format: LogFormat) {
+    use std::io::IsTerminal;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(log_filter(rust_log.as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests, embedding) keeps the first subscriber.
-    let _ = if json {
+    let _ = if format.json() {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// [`init_logging_as`] with the format of `SFMIRROR_LOG_FORMAT`.
+pub fn init_logging() {
+    init_logging_as(LogFormat::from_env());
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -315,5 +391,27 @@ pub fn record_salesforce_request(api: &'static str, status: u16) {
 pub fn record_api_usage(used: u64, max: u64) {
     if max > 0 {
         metrics::gauge!(SALESFORCE_API_USAGE_RATIO).set(used as f64 / max as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn other_crates_stay_at_warn_unless_named() {
+        assert_eq!(log_filter(None), "warn,sfmirror=info");
+        assert_eq!(
+            log_filter(Some("debug")),
+            "warn,sfmirror=info,sfmirror=debug"
+        );
+        assert_eq!(
+            log_filter(Some("debug, tokio_postgres=trace")),
+            "warn,sfmirror=info,sfmirror=debug,tokio_postgres=trace"
+        );
+        assert_eq!(
+            log_filter(Some("sfmirror::sync=trace")),
+            "warn,sfmirror=info,sfmirror::sync=trace"
+        );
     }
 }

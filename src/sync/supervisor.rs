@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::telemetry::{self, Readiness};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Runs the daemon until `shutdown` is cancelled. `observer`, if given, receives every
 /// committed batch.
@@ -80,7 +81,9 @@ pub async fn run(
         let task = ChannelTask::new(ch.clone(), deps.clone());
         let stop = shutdown.clone();
         let name = ch.name.clone();
-        tasks.spawn(async move { (name, task.run(stop).await) });
+        // Every line the channel's task logs (decoding, REST, Pub/Sub) carries the channel.
+        let span = tracing::info_span!("channel", channel = %name);
+        tasks.spawn(async move { (name, task.run(stop).await) }.instrument(span));
     }
     readiness.set_ready(true);
     notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -91,9 +94,10 @@ pub async fn run(
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((_, Ok(()))) => {}
+            // The channel logged why it stopped, once, at ERROR.
             Ok((name, Err(e))) => {
                 failed += 1;
-                tracing::error!(channel = %name, error = %e, "channel stopped");
+                tracing::debug!(channel = %name, error = %e, "channel task ended");
             }
             Err(e) => {
                 failed += 1;
