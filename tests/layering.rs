@@ -222,7 +222,7 @@ fn the_orchestration_holds_no_sql() {
 fn only_telemetry_records_metrics() {
     let mut bad = Vec::new();
     for file in rust_files(Path::new(SRC)) {
-        if file.ends_with("telemetry.rs") {
+        if file.starts_with(Path::new(SRC).join("telemetry")) {
             continue;
         }
         for (line, code) in production_lines(&file) {

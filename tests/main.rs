@@ -11,6 +11,7 @@
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
+//! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 
 mod common;
@@ -27,6 +28,7 @@ mod layering;
 mod merge_properties;
 mod randomized;
 mod setup;
+mod signals;
 mod snapshot;
 mod streaming;
 mod verify;

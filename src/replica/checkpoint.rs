@@ -26,6 +26,68 @@ pub struct Checkpoint {
     pub commit_timestamp_ms: Option<i64>,
 }
 
+/// A loaded checkpoint: the position, and when the channel was last caught up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub checkpoint: Checkpoint,
+    /// Epoch ms of the last keepalive that found nothing pending, if any.
+    pub caught_up_ms: Option<i64>,
+}
+
+/// `channel`'s checkpoint and its caught-up moment.
+pub async fn load_with_caught_up(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+) -> Result<Option<Loaded>, ReplicaError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT replay_id, (extract(epoch FROM commit_timestamp) * 1000)::bigint,
+                        (extract(epoch FROM caught_up_at) * 1000)::bigint
+                 FROM {}.checkpoints WHERE channel = $1",
+                quote(control_schema)
+            ),
+            &[&channel],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("load checkpoint of {channel}")))?;
+    Ok(row.map(|r| Loaded {
+        checkpoint: Checkpoint {
+            replay_id: ReplayId(r.get(0)),
+            commit_timestamp_ms: r.get(1),
+        },
+        caught_up_ms: r.get(2),
+    }))
+}
+
+/// Records a keepalive: everything up to `position` was delivered and is committed, so the
+/// channel is caught up now. An empty `position` (a keepalive that named none) moves only the
+/// caught-up moment. Nothing is written for a channel without a checkpoint row.
+pub async fn caught_up(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    channel: &str,
+    position: &ReplayId,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.checkpoints
+                 SET replay_id = CASE WHEN $2 = ''::bytea THEN replay_id ELSE $2 END,
+                     caught_up_at = now(),
+                     updated_at = CASE WHEN $2 = ''::bytea OR $2 = replay_id
+                                       THEN updated_at ELSE now() END
+                 WHERE channel = $1",
+                quote(control_schema)
+            ),
+            &[&channel, &position.0],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("record keepalive of {channel}")))?;
+    Ok(())
+}
+
 pub async fn load(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
@@ -141,18 +203,27 @@ pub struct Stored {
     pub commit_timestamp_ms: Option<i64>,
     /// Epoch ms of the last time the checkpoint moved.
     pub updated_ms: Option<i64>,
+    /// Epoch ms of the last keepalive that found the channel caught up.
+    pub caught_up_ms: Option<i64>,
 }
 
-/// Every channel's checkpoint, by channel name.
+/// Every channel's checkpoint, by channel name. `caught_up` says whether the control schema
+/// has the caught-up column (migration 6); `status` also reads older schemas.
 pub async fn list(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
+    caught_up: bool,
 ) -> Result<Vec<Stored>, ReplicaError> {
+    let caught_up_column = if caught_up {
+        "(extract(epoch FROM caught_up_at) * 1000)::bigint"
+    } else {
+        "NULL::bigint"
+    };
     let rows = client
         .query(
             &format!(
                 "SELECT channel, replay_id, (extract(epoch FROM commit_timestamp) * 1000)::bigint,
-                        (extract(epoch FROM updated_at) * 1000)::bigint
+                        (extract(epoch FROM updated_at) * 1000)::bigint, {caught_up_column}
                  FROM {}.checkpoints ORDER BY channel",
                 quote(control_schema)
             ),
@@ -167,6 +238,7 @@ pub async fn list(
             replay_id: ReplayId(r.get(1)),
             commit_timestamp_ms: r.get(2),
             updated_ms: r.get(3),
+            caught_up_ms: r.get(4),
         })
         .collect())
 }

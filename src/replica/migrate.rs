@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "005_parked_repairs",
         include_str!("../../sql/005_parked_repairs.sql"),
     ),
+    (
+        6,
+        "006_checkpoint_caught_up",
+        include_str!("../../sql/006_checkpoint_caught_up.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

@@ -64,6 +64,8 @@ pub struct RepairWorker {
     config: String,
     /// Objects whose repair gauges were set, so that a drained one is set back to 0.
     reported: HashSet<String>,
+    /// Where the total pending is reported (systemd's status line).
+    health: Option<crate::telemetry::health::Health>,
 }
 
 /// Records of one chunk that fail alone (a value that cannot be stored) and are set aside
@@ -104,7 +106,14 @@ impl RepairWorker {
             idle,
             config: String::new(),
             reported: HashSet::new(),
+            health: None,
         }
+    }
+
+    /// Reports the total of pending repairs to `health`.
+    pub fn with_health(mut self, health: crate::telemetry::health::Health) -> RepairWorker {
+        self.health = Some(health);
+        self
     }
 
     /// Parks repairs that fail definitely under the configuration `fingerprint`
@@ -155,6 +164,9 @@ impl RepairWorker {
             return;
         };
         let mut seen = HashSet::new();
+        if let Some(h) = &self.health {
+            h.repairs_pending(pending.iter().map(|p| p.pending).sum());
+        }
         for p in pending {
             telemetry::record_repairs_pending(&p.object, p.pending, p.parked);
             seen.insert(p.object);

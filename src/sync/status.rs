@@ -99,12 +99,20 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             .collect();
         return Ok(report);
     }
-    for stored in checkpoint::list(&client, control).await? {
+    let caught_up_column =
+        !matches!(&state, migrate::State::Migrated { applied, .. } if *applied < 6);
+    for stored in checkpoint::list(&client, control, caught_up_column).await? {
         let replay = stored.replay_id.0;
         let committed = at(stored.commit_timestamp_ms);
         let updated = at(stored.updated_ms).unwrap_or(now);
-        // A keepalive position is the tip when it was received: it ages from then.
-        let basis = committed.unwrap_or(updated);
+        // Changes not yet applied are those after the later of the newest applied commit and
+        // the last moment the channel was caught up (a keepalive found nothing pending); a
+        // position without either is the tip when it was received: it ages from then.
+        let basis = committed
+            .into_iter()
+            .chain(at(stored.caught_up_ms))
+            .max()
+            .unwrap_or(updated);
         report.channels.push(ChannelStatus {
             configured: configured.contains(&stored.channel.as_str()),
             channel: stored.channel,
@@ -123,7 +131,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
     }
     // Repairs are parked from migration 5 on; an older schema (this binary installed, the
     // daemon not yet restarted) has none.
-    let parking = !matches!(state, migrate::State::Migrated { applied, .. } if applied < 5);
+    let parking = !matches!(&state, migrate::State::Migrated { applied, .. } if *applied < 5);
     report.repairs = repair_queue::summary(&client, control, parking)
         .await?
         .into_iter()

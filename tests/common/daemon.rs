@@ -26,6 +26,9 @@ pub struct TestConfig {
     client_secret: String,
     db_url: String,
     replica: Vec<(String, String)>,
+    sync: Vec<(String, u64)>,
+    metrics_listen: String,
+    pubsub_endpoint_override: Option<String>,
     channels: Vec<(String, Vec<String>)>,
 }
 
@@ -38,8 +41,29 @@ impl TestConfig {
             client_secret: emulator.credentials.client_secret.clone(),
             db_url: db_url.to_string(),
             replica: Vec::new(),
+            sync: Vec::new(),
+            metrics_listen: String::new(),
+            pubsub_endpoint_override: None,
             channels: Vec::new(),
         }
+    }
+
+    /// Sets a numeric key of `[sync]` (`stale_stream_secs`, `reconnect_min_ms`, ...).
+    pub fn sync(mut self, key: &str, value: u64) -> TestConfig {
+        self.sync.push((key.to_string(), value));
+        self
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `address`.
+    pub fn metrics(mut self, address: &str) -> TestConfig {
+        self.metrics_listen = address.to_string();
+        self
+    }
+
+    /// Points Pub/Sub somewhere else (an address nothing listens on).
+    pub fn pubsub_endpoint(mut self, endpoint: &str) -> TestConfig {
+        self.pubsub_endpoint_override = Some(endpoint.to_string());
+        self
     }
 
     /// Adds a channel carrying `objects`.
@@ -70,12 +94,27 @@ impl TestConfig {
             "[salesforce]\nlogin_url = \"{}\"\nauth = \"client_credentials\"\n\
              client_id = \"{}\"\nclient_secret = \"{}\"\npubsub_endpoint = \"{}\"\n\
              [replica]\nurl = \"{}\"\n",
-            self.rest_url, self.client_id, self.client_secret, self.pubsub_endpoint, self.db_url
+            self.rest_url,
+            self.client_id,
+            self.client_secret,
+            self.pubsub_endpoint_override
+                .as_deref()
+                .unwrap_or(&self.pubsub_endpoint),
+            self.db_url
         );
         for (key, value) in &self.replica {
             text.push_str(&format!("{key} = \"{value}\"\n"));
         }
-        text.push_str("[metrics]\nlisten = \"\"\n");
+        text.push_str(&format!(
+            "[metrics]\nlisten = \"{}\"\n",
+            self.metrics_listen
+        ));
+        if !self.sync.is_empty() {
+            text.push_str("[sync]\n");
+            for (key, value) in &self.sync {
+                text.push_str(&format!("{key} = {value}\n"));
+            }
+        }
         for (name, objects) in &self.channels {
             let list: Vec<String> = objects.iter().map(|o| format!("\"{o}\"")).collect();
             text.push_str(&format!(

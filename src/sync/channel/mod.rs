@@ -67,6 +67,7 @@ use crate::salesforce::event::SchemaCache;
 use crate::salesforce::pubsub::{PubSub, StartAt};
 use crate::salesforce::rest::RestClient;
 use crate::telemetry;
+use crate::telemetry::health::{ChannelHealth, Health};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,6 +117,8 @@ pub struct ChannelDeps {
     pub apply: ApplySettings,
     pub sync: SyncConfig,
     pub observer: Option<broadcast::Sender<AppliedBatch>>,
+    /// Where the channel reports its stream, positions and commits (lag, readiness).
+    pub health: Health,
 }
 
 /// One channel: its config, schema cache and tables.
@@ -132,12 +135,14 @@ pub struct ChannelTask {
     decoded_ms: i64,
     /// The session the last `Subscribe` call used: the one to renew on an auth error.
     session: Option<Arc<crate::salesforce::auth::Session>>,
+    health: ChannelHealth,
 }
 
 impl ChannelTask {
     pub fn new(cfg: ChannelConfig, deps: ChannelDeps) -> ChannelTask {
         ChannelTask {
             objects: cfg.objects.iter().cloned().collect(),
+            health: deps.health.channel(&cfg.name),
             cfg,
             deps,
             schemas: SchemaCache::default(),
@@ -160,12 +165,19 @@ impl ChannelTask {
         loop {
             let started = Instant::now();
             let result = self.stream(&shutdown).await;
-            telemetry::record_connected(&name, false);
+            self.health.closed();
             let err = match result {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
             let action = policy::channel(&err);
+            if matches!(
+                err,
+                SyncError::Replica(_) | SyncError::CheckpointMoved { .. }
+            ) {
+                // Until a batch commits again, `/readyz` names this.
+                self.health.failing(&err.to_string());
+            }
             match action {
                 ChannelAction::ResumeAtLatest => {
                     // Past retention (or unknown to this org): never jump silently. The marker
@@ -182,6 +194,7 @@ impl ChannelTask {
                 ChannelAction::Stop => {
                     tracing::error!(channel = %name, error = %err,
                         "channel stopped: this error needs operator action; other channels go on");
+                    self.health.stopped(&err.to_string());
                     return Err(err);
                 }
                 ChannelAction::LogInAgain | ChannelAction::Retry => {}
@@ -197,6 +210,7 @@ impl ChannelTask {
                     "channel stopped: Salesforce refuses every new session for this channel; \
                      check that the integration user has the API Enabled and Pub/Sub \
                      permissions and that its sessions are not locked to an IP address");
+                self.health.stopped(&err.to_string());
                 return Err(err);
             }
             if refused {
@@ -212,6 +226,7 @@ impl ChannelTask {
                         tracing::error!(channel = %name, error = %e,
                             "channel stopped: Salesforce refused the session and a new one \
                              cannot be obtained; fix the credentials");
+                        self.health.stopped(&e.to_string());
                         return Err(e.into());
                     }
                     Err(e) => {
@@ -237,10 +252,15 @@ impl ChannelTask {
     /// One `Subscribe` call, from the committed checkpoint until an error or shutdown.
     async fn stream(&mut self, shutdown: &CancellationToken) -> Result<(), SyncError> {
         let name = self.cfg.name.clone();
-        let saved = {
+        let loaded = {
             let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-            checkpoint::load(&client, &self.deps.apply.control_schema, &name).await?
+            checkpoint::load_with_caught_up(&client, &self.deps.apply.control_schema, &name).await?
         };
+        if let Some(l) = &loaded {
+            self.health
+                .restore(l.checkpoint.commit_timestamp_ms, l.caught_up_ms);
+        }
+        let saved = loaded.map(|l| l.checkpoint);
         // A marker (empty replay id) or no checkpoint at all: start at LATEST and queue the
         // re-reads that cover everything before it.
         let covered_since = match &saved {
@@ -267,7 +287,10 @@ impl ChannelTask {
         let session = self.deps.pubsub.auth().session().await?;
         self.session = Some(session.clone());
         let mut sub = self.deps.pubsub.subscribe_as(session, &name, start).await?;
-        telemetry::record_connected(&name, true);
+        // Pub/Sub accepted the stream (its response headers arrived): the channel is
+        // subscribed, though its first event or keepalive may take minutes.
+        self.health
+            .subscribed(started_after.as_ref().map(|r| r.0.as_slice()));
         if let Some(since) = covered_since {
             self.cover_jump_to_latest(since, subscribed_at).await?;
         }
@@ -283,6 +306,7 @@ impl ChannelTask {
             committed: started_after.clone(),
             started_after,
             started: 0,
+            health: self.health.clone(),
         };
         // Aborted if this future is dropped, so no apply task outlives its stream.
         let mut apply = AbortOnDrop(tokio::spawn(applier.run(work_rx)));

@@ -33,6 +33,7 @@ use crate::replica::repair_queue::{self, RepairRequest};
 use crate::replica::{self, ApplySettings, ReplicaError, checkpoint, dead_letters, locks};
 use crate::sync::{AbortOnDrop, SyncError};
 use crate::telemetry;
+use crate::telemetry::health::ChannelHealth;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +61,8 @@ pub(super) struct Applier {
     pub(super) idle: Arc<Idle>,
     /// Batches started so far: picks each batch's advisory lock.
     pub(super) started: u64,
+    /// Where commits and the batch in flight are reported.
+    pub(super) health: ChannelHealth,
 }
 
 /// The apply task's idleness, watched by the decode side to apply at once what it can.
@@ -87,6 +90,8 @@ impl Applier {
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => match in_flight.as_mut() {
                     None => {
+                        // Nothing in flight: waiting for work is not being stuck.
+                        self.health.idle();
                         self.idle
                             .waiting
                             .store(true, std::sync::atomic::Ordering::Release);
@@ -150,19 +155,16 @@ impl Applier {
         Ok(())
     }
 
-    /// Persists a keepalive's topic position (nothing is pending before it).
+    /// Persists a keepalive's topic position (nothing is pending before it) and that the
+    /// channel is caught up now.
     async fn keepalive(&mut self, latest: ReplayId) -> Result<(), SyncError> {
-        telemetry::record_batch(&self.name, 0.0, 0.0);
-        if latest.0.is_empty() || self.committed.as_ref() == Some(&latest) {
-            return Ok(());
-        }
         let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        let cp = checkpoint::Checkpoint {
-            replay_id: latest.clone(),
-            commit_timestamp_ms: None,
-        };
-        checkpoint::save(&client, &self.settings.control_schema, &self.name, &cp).await?;
-        self.committed = Some(latest);
+        checkpoint::caught_up(&client, &self.settings.control_schema, &self.name, &latest).await?;
+        if !latest.0.is_empty() {
+            self.committed = Some(latest);
+        }
+        let position = self.committed.clone().unwrap_or_default();
+        self.health.committed(&position.0, None);
         Ok(())
     }
 
@@ -181,6 +183,7 @@ impl Applier {
         let records = Arc::new(plan.record_keys());
         let lock = batch_lock(&self.name, self.started);
         self.started += 1;
+        self.health.applying();
         let job = BatchJob {
             name: self.name.clone(),
             objects: self.objects.clone(),
@@ -230,6 +233,7 @@ impl Applier {
         };
         let name = &self.name;
         self.committed = Some(c.last.clone());
+        self.health.committed(&c.last.0, c.last_commit_ms);
         let now_ms = chrono::Utc::now().timestamp_millis();
         for (kind, n) in &c.events {
             telemetry::record_events(name, kind.symbol(), *n);
@@ -240,14 +244,7 @@ impl Applier {
         if c.dead > 0 {
             telemetry::record_dead_letters(name, c.dead);
         }
-        let lag = c
-            .last_commit_ms
-            .map(|ms| (now_ms - ms).max(0) as f64 / 1e3)
-            .unwrap_or(0.0);
-        telemetry::record_batch(name, c.started.elapsed().as_secs_f64(), lag);
-        if let Some(ms) = c.last_commit_ms {
-            telemetry::record_retention_headroom(name, ms, now_ms);
-        }
+        telemetry::record_batch(c.started.elapsed().as_secs_f64());
         tracing::debug!(channel = %name, events = c.applied.replay_ids.len(),
             statements = c.statements, repairs = c.repairs, checkpoint = %c.last,
             apply_ms = c.statements_took.as_millis() as u64,

@@ -110,6 +110,8 @@ impl ChannelTask {
                     return Ok(());
                 }
                 let latest = ReplayId(response.latest_replay_id);
+                self.health
+                    .keepalive((!latest.0.is_empty()).then_some(latest.0.as_slice()));
                 if work.send(Work::Position(latest)).await.is_err() {
                     return Ok(());
                 }
@@ -128,6 +130,9 @@ impl ChannelTask {
                     batch.started = Some(Instant::now());
                 }
                 batch.last_event_at = Some(Instant::now());
+            }
+            if let Some(last) = &batch.last_replay {
+                self.health.received(&last.0);
             }
             if batch.events.len() >= self.deps.sync.batch_max_events
                 || batch.bytes >= self.deps.sync.batch_max_bytes

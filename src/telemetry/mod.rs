@@ -5,10 +5,12 @@
 //! The Prometheus recorder is process-wide; [`serve_metrics`] exposes it with `/healthz` and
 //! `/readyz` on one listener.
 
+pub mod health;
+
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+use health::Health;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
 pub const EVENTS_TOTAL: &str = "sfmirror_events_total";
@@ -266,15 +268,39 @@ pub fn init_logging() {
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Bucket bounds of every `_seconds` histogram: from a millisecond (an apply delay at a steady
+/// rate) to six hours (a long catch-up), so that no latency lands in `+Inf`.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+];
+
+/// The change types `sfmirror_events_total` counts, as their series exist from start-up.
+pub const CHANGE_TYPES: &[&str] = &[
+    "CREATE",
+    "UPDATE",
+    "DELETE",
+    "UNDELETE",
+    "GAP_CREATE",
+    "GAP_UPDATE",
+    "GAP_DELETE",
+    "GAP_UNDELETE",
+    "GAP_OVERFLOW",
+];
+
+/// Repair kinds and outcomes, as `sfmirror_repairs_total`'s series exist from start-up.
+pub const REPAIR_KINDS: &[&str] = &["record", "entity"];
+pub const REPAIR_OUTCOMES: &[&str] = &["ok", "error", "parked"];
+
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn prometheus() -> &'static PrometheusHandle {
     RECORDER.get_or_init(|| {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_string()),
-                &[
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ],
+                SECONDS_BUCKETS,
             )
             .and_then(|b| b.install_recorder())
             .unwrap_or_else(|e| {
@@ -283,45 +309,78 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 PrometheusBuilder::new().build_recorder().handle()
             });
         describe_metrics();
+        PROCESS
+            .get_or_init(metrics_process::Collector::default)
+            .describe();
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         handle
     })
 }
 
-/// Readiness as the supervisor sees it: every channel has connected at least once.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set_ready(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+/// Creates every series whose labels are known at start-up, at 0: the configured channels'
+/// counters and gauges, every change type, repair kind and outcome, and the objects' repair
+/// and backfill series. `increase()` then sees the first dead letter or reset, and a
+/// dashboard has a line for each channel before anything happened.
+pub fn register_series(channels: &[&str], objects: &[&str]) {
+    prometheus();
+    for channel in channels {
+        let c = channel.to_string();
+        for change_type in CHANGE_TYPES {
+            metrics::counter!(EVENTS_TOTAL, "channel" => c.clone(), "change_type" => *change_type)
+                .increment(0);
+        }
+        metrics::counter!(DEAD_LETTERS_TOTAL, "channel" => c.clone()).increment(0);
+        metrics::counter!(REPLAY_RESETS_TOTAL, "channel" => c.clone()).increment(0);
+        metrics::gauge!(STREAM_CONNECTED, "channel" => c.clone()).set(0.0);
+        metrics::gauge!(CHANNEL_STOPPED, "channel" => c.clone()).set(0.0);
     }
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+    for object in objects {
+        let o = object.to_string();
+        metrics::gauge!(REPAIRS_PENDING, "object" => o.clone()).set(0.0);
+        metrics::gauge!(REPAIRS_PARKED, "object" => o.clone()).set(0.0);
+        metrics::counter!(BACKFILL_ROWS_TOTAL, "object" => o).increment(0);
     }
+    for kind in REPAIR_KINDS {
+        for outcome in REPAIR_OUTCOMES {
+            metrics::counter!(REPAIRS_TOTAL, "kind" => *kind, "outcome" => *outcome).increment(0);
+        }
+    }
+    metrics::gauge!(READY).set(0.0);
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+/// `/readyz` answers 200 or 503 with the readiness as JSON, naming what is not ready.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    readiness: Readiness,
+    health: Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = prometheus();
     let app = Router::new()
-        .route("/metrics", get(move || async move { handle.render() }))
+        .route(
+            "/metrics",
+            get(move |State(h): State<Health>| async move {
+                h.refresh();
+                if let Some(p) = PROCESS.get() {
+                    p.collect();
+                }
+                handle.render()
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State(r): State<Readiness>| async move {
-                if r.is_ready() {
-                    (StatusCode::OK, "ready")
+            get(|State(h): State<Health>| async move {
+                let r = h.readiness();
+                let status = if r.ready {
+                    StatusCode::OK
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, axum::Json(r))
             }),
         )
-        .with_state(readiness);
+        .with_state(health);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -332,17 +391,29 @@ pub fn record_events(channel: &str, change_type: &'static str, n: u64) {
         .increment(n);
 }
 
-pub fn record_batch(channel: &str, seconds: f64, lag_seconds: f64) {
+/// How long one batch's transaction took (keepalive positions are not batches).
+pub fn record_batch(seconds: f64) {
     metrics::histogram!(BATCH_APPLY_SECONDS).record(seconds);
-    metrics::gauge!(REPLICATION_LAG_SECONDS, "channel" => channel.to_string()).set(lag_seconds);
 }
 
-/// Salesforce keeps change events 72 hours: the time left before the channel's position
-/// (the commit time of its newest applied event) falls out of retention.
-pub fn record_retention_headroom(channel: &str, position_commit_ms: i64, now_ms: i64) {
-    const RETENTION_MS: i64 = 72 * 3600 * 1000;
-    let headroom = (position_commit_ms + RETENTION_MS - now_ms) as f64 / 1e3;
-    metrics::gauge!(RETENTION_HEADROOM_SECONDS, "channel" => channel.to_string()).set(headroom);
+/// The clock-driven gauges of a channel, as of a scrape (see [`health`]).
+fn record_channel_clock(channel: &str, lag: f64, headroom: f64, last_commit_secs: Option<f64>) {
+    let c = channel.to_string();
+    metrics::gauge!(REPLICATION_LAG_SECONDS, "channel" => c.clone()).set(lag);
+    metrics::gauge!(RETENTION_HEADROOM_SECONDS, "channel" => c.clone()).set(headroom);
+    if let Some(t) = last_commit_secs {
+        metrics::gauge!(LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS, "channel" => c).set(t);
+    }
+}
+
+fn record_channel_state(channel: &str, owned: bool, stopped: bool) {
+    let c = channel.to_string();
+    metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(f64::from(u8::from(owned)));
+    metrics::gauge!(CHANNEL_STOPPED, "channel" => c).set(f64::from(u8::from(stopped)));
+}
+
+fn record_ready(ready: bool) {
+    metrics::gauge!(READY).set(f64::from(u8::from(ready)));
 }
 
 pub fn record_backfill_rows(object: &str, rows: u64) {
@@ -401,13 +472,10 @@ mod tests {
     #[test]
     fn other_crates_stay_at_warn_unless_named() {
         assert_eq!(log_filter(None), "warn,sfmirror=info");
-        assert_eq!(
-            log_filter(Some("debug")),
-            "warn,sfmirror=info,sfmirror=debug"
-        );
+        assert_eq!(log_filter(Some("debug")), "warn,sfmirror=debug");
         assert_eq!(
             log_filter(Some("debug, tokio_postgres=trace")),
-            "warn,sfmirror=info,sfmirror=debug,tokio_postgres=trace"
+            "warn,sfmirror=debug,tokio_postgres=trace"
         );
         assert_eq!(
             log_filter(Some("sfmirror::sync=trace")),
