@@ -14,9 +14,10 @@
 //!
 //! ## Lag and headroom
 //!
-//! A channel is caught up while its stream is open, has answered since it opened, and every
-//! position it delivered is committed (the newest response, event or keepalive, left nothing
-//! pending). Then its lag is 0, and the moment is remembered. Otherwise the lag is now minus
+//! A channel is caught up while its stream is open and the newest response (event or
+//! keepalive, on this stream or, when nothing was left waiting, on the one before) left nothing
+//! pending: every position delivered is committed. A stream that starts at LATEST starts
+//! caught up; one that resumes after waiting events is not, until the server answers. Then its lag is 0, and the moment is remembered. Otherwise the lag is now minus
 //! the later of the newest applied commit and the last caught-up moment: it grows every second
 //! while events wait, while the stream is down and while applying is stuck, and a reconnect
 //! after a quiet night starts from the last keepalive, not from the last change of the org.
@@ -326,9 +327,14 @@ impl ChannelHealth {
     /// LATEST), which counts as committed.
     pub fn subscribed(&self, position: Option<&[u8]>) {
         let mut s = self.state();
+        // Nothing is pending on a new stream that starts at LATEST, or that resumes where the
+        // last one had delivered everything and all of it was committed: the newest response
+        // (on the stream before) still holds. Had events been waiting, the server delivers
+        // them again, and until it answers nothing is known.
+        let caught_up_before = s.responded && !s.pending();
         s.open = true;
         s.subscribed_once = true;
-        s.responded = false;
+        s.responded = caught_up_before || position.is_none();
         s.opened_at = Some(Instant::now());
         s.closed_at = None;
         s.received = position.map(<[u8]>::to_vec);
