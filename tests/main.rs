@@ -12,6 +12,8 @@
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
+//! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
+//!   against the metrics `telemetry` exports.
 
 mod common;
 
@@ -19,6 +21,7 @@ mod auth;
 mod backfill;
 mod cli;
 mod conformance;
+mod deploy;
 mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;
