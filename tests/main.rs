@@ -13,6 +13,8 @@
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
 //! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
+//! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
+//!   against the metrics `telemetry` exports.
 
 mod common;
 
@@ -20,6 +22,7 @@ mod auth;
 mod backfill;
 mod cli;
 mod conformance;
+mod deploy;
 mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;
