@@ -340,6 +340,10 @@ impl ChangeEvent {
     }
 }
 
+/// How long Salesforce keeps change events: a replay position older than this cannot be
+/// resumed, and changes not applied by then are gone from the stream.
+pub const EVENT_RETENTION_SECS: i64 = 72 * 3600;
+
 /// Whether `name` is safe to use as a Postgres identifier derived from Salesforce metadata:
 /// `[A-Za-z][A-Za-z0-9_]*`, at most 63 bytes.
 pub fn is_safe_identifier(name: &str) -> bool {

@@ -200,33 +200,10 @@ async fn the_daemon_serves_metrics_health_and_readiness() {
 
     // `status` reads the same replica from another process, with no Salesforce call.
     let path = tmp("status.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-            [salesforce]
-            login_url = "{rest}"
-            auth = "client_credentials"
-            client_id = "{id}"
-            client_secret = "{secret}"
-            pubsub_endpoint = "{grpc}"
-            [replica]
-            url = "{db}"
-            [[channels]]
-            name = "/data/AccountChangeEvent"
-            objects = ["Account"]
-            [[channels]]
-            name = "/data/ContactChangeEvent"
-            objects = ["Contact"]
-            "#,
-            rest = emulator.rest_url,
-            id = emulator.credentials.client_id,
-            secret = emulator.credentials.client_secret,
-            grpc = emulator.pubsub_endpoint,
-            db = db.url,
-        ),
-    )
-    .expect("write config");
+    let status_cfg = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/AccountChangeEvent", &["Account"])
+        .channel("/data/ContactChangeEvent", &["Contact"]);
+    std::fs::write(&path, status_cfg.toml()).expect("write config");
     common::wait_for(
         "a checkpoint",
         std::time::Duration::from_secs(30),

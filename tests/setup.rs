@@ -120,32 +120,19 @@ async fn a_repair_that_fails_definitely_is_parked_until_requeued() {
         .org
         .create("Account", &fields, "test")
         .expect("account");
-    let requests = |object: &str, id: &str| {
-        vec![RepairRequest::Record {
+    let client = replica.pool.get().await.expect("client");
+    let enqueue = async |object: &str, id: &str| {
+        let request = RepairRequest::Record {
             object: object.to_string(),
             id: id.to_string(),
             reason: "test".to_string(),
-        }]
+        };
+        repair_queue::enqueue(&client, "sfmirror", "test", None, &[request])
+            .await
+            .expect("enqueue");
     };
-    let client = replica.pool.get().await.expect("client");
-    repair_queue::enqueue(
-        &client,
-        "sfmirror",
-        "test",
-        None,
-        &requests("Account", &account),
-    )
-    .await
-    .expect("enqueue");
-    repair_queue::enqueue(
-        &client,
-        "sfmirror",
-        "test",
-        None,
-        &requests("NoSuchThing__c", "a00000000000001AAA"),
-    )
-    .await
-    .expect("enqueue");
+    enqueue("Account", &account).await;
+    enqueue("NoSuchThing__c", "a00000000000001AAA").await;
 
     let salesforce = setup::login(&cfg).await.expect("login");
     let reader = OrgReader::new(
@@ -191,15 +178,7 @@ async fn a_repair_that_fails_definitely_is_parked_until_requeued() {
 
     // Parked: not tried again, and a new request for it is folded in and waits too.
     assert_eq!(worker.drain_once().await.expect("drain"), 0);
-    repair_queue::enqueue(
-        &client,
-        "sfmirror",
-        "test",
-        None,
-        &requests("NoSuchThing__c", "a00000000000001AAA"),
-    )
-    .await
-    .expect("enqueue again");
+    enqueue("NoSuchThing__c", "a00000000000001AAA").await;
     assert_eq!(worker.drain_once().await.expect("drain"), 0);
 
     // `status` shows it, and the operator requeues it.

@@ -107,6 +107,21 @@ async fn chatty_emulator() -> Emulator {
 
 const ACCOUNTS: &str = "/data/AccountChangeEvent";
 
+/// The daemon on `emulator` and `db` with its metrics listener, once `/readyz` says ready;
+/// and the listener's base URL.
+async fn start_ready(emulator: &Emulator, db: &TestDb) -> (Process, String) {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let daemon = Process::start(&config(emulator, db, port), &[]).await;
+    common::wait_for("readiness", WAIT, async || {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    (daemon, base)
+}
+
 fn config(emulator: &Emulator, db: &TestDb, port: u16) -> TestConfig {
     TestConfig::new(emulator, &db.url)
         .channel(ACCOUNTS, &["Account"])
@@ -121,15 +136,7 @@ fn config(emulator: &Emulator, db: &TestDb, port: u16) -> TestConfig {
 async fn lag_and_headroom_follow_the_clock_while_applying_stalls_and_the_stream_is_down() {
     let db = TestDb::create().await;
     let emulator = chatty_emulator().await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let daemon = Process::start(&config(&emulator, &db, port), &[]).await;
-    common::wait_for("readiness", WAIT, async || {
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    let (daemon, base) = start_ready(&emulator, &db).await;
     let writer = RestWriter::new(&emulator);
     writer
         .create("Account", json!({"Name": "first"}))
@@ -225,15 +232,7 @@ async fn lag_and_headroom_follow_the_clock_while_applying_stalls_and_the_stream_
 async fn every_known_series_exists_from_start_up_and_promtool_accepts_the_scrape() {
     let db = TestDb::create().await;
     let emulator = chatty_emulator().await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let daemon = Process::start(&config(&emulator, &db, port), &[]).await;
-    common::wait_for("readiness", WAIT, async || {
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    let (daemon, base) = start_ready(&emulator, &db).await;
     let text = scrape(&base).await;
     for series in [
         format!("sfmirror_events_total{{channel=\"{ACCOUNTS}\",change_type=\"CREATE\"}}"),

@@ -158,7 +158,7 @@ fn strings(body: &J, key: &str) -> Result<Vec<String>, ApiError> {
 }
 
 /// Event retention on every channel (Salesforce keeps change events 72 hours).
-pub const RETENTION_MS: i64 = 72 * 3600 * 1000;
+pub const RETENTION_MS: i64 = crate::model::EVENT_RETENTION_SECS * 1000;
 
 /// `{"seconds": N}`: move the org's clock forward, then purge events older than the
 /// retention window; a replay id from before the purge is then refused like Salesforce does.

@@ -88,26 +88,15 @@ pub async fn caught_up(
     Ok(())
 }
 
+/// `channel`'s checkpoint, if it has one.
 pub async fn load(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
     channel: &str,
 ) -> Result<Option<Checkpoint>, ReplicaError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT replay_id, (extract(epoch FROM commit_timestamp) * 1000)::bigint
-                 FROM {}.checkpoints WHERE channel = $1",
-                quote(control_schema)
-            ),
-            &[&channel],
-        )
-        .await
-        .map_err(ReplicaError::pg(format!("load checkpoint of {channel}")))?;
-    Ok(row.map(|r| Checkpoint {
-        replay_id: ReplayId(r.get(0)),
-        commit_timestamp_ms: r.get(1),
-    }))
+    Ok(load_with_caught_up(client, control_schema, channel)
+        .await?
+        .map(|l| l.checkpoint))
 }
 
 /// Turns `channel`'s checkpoint into a marker at its own time (its newest commit, else when it

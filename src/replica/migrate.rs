@@ -135,6 +135,25 @@ pub enum State {
     Newer { schema: String, version: i32 },
 }
 
+impl State {
+    /// Whether migration `version` has been applied (migrations apply in order, so the first
+    /// `applied` ones have). A schema migrated by a newer sfmirror has every one this knows.
+    pub fn has(&self, version: u32) -> bool {
+        match self {
+            State::Absent { .. } => false,
+            State::Migrated { applied, .. } => version as usize <= *applied,
+            State::Newer { .. } => true,
+        }
+    }
+
+    /// Whether every migration this binary knows has been applied.
+    pub fn is_current(&self) -> bool {
+        MIGRATIONS
+            .last()
+            .is_none_or(|(version, _, _)| self.has(*version))
+    }
+}
+
 impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let known = MIGRATIONS.len();

@@ -408,20 +408,13 @@ pub async fn requeue(
     control_schema: &str,
     objects: &[String],
 ) -> Result<u64, ReplicaError> {
-    client
-        .execute(
-            &format!(
-                "UPDATE {}.repair_queue
-                 SET parked_at = NULL, parked_config = NULL, attempts = 0,
-                     next_attempt_at = now()
-                 WHERE parked_at IS NOT NULL
-                   AND (cardinality($1::text[]) = 0 OR object = ANY($1))",
-                quote(control_schema)
-            ),
-            &[&objects],
-        )
-        .await
-        .map_err(ReplicaError::pg("requeue parked repairs"))
+    unpark(
+        client,
+        control_schema,
+        "cardinality($1::text[]) = 0 OR object = ANY($1)",
+        &objects,
+    )
+    .await
 }
 
 /// Makes due again the parked repairs that were parked under another configuration than
@@ -431,19 +424,34 @@ pub async fn requeue_changed(
     control_schema: &str,
     config: &str,
 ) -> Result<u64, ReplicaError> {
+    unpark(
+        client,
+        control_schema,
+        "parked_config IS DISTINCT FROM $1",
+        &config,
+    )
+    .await
+}
+
+/// Makes the parked repairs for which `condition` (on `$1`) holds due again, with a fresh
+/// attempt count.
+async fn unpark(
+    client: &impl deadpool_postgres::GenericClient,
+    control_schema: &str,
+    condition: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<u64, ReplicaError> {
     client
         .execute(
             &format!(
                 "UPDATE {}.repair_queue
                  SET parked_at = NULL, parked_config = NULL, attempts = 0,
                      next_attempt_at = now()
-                 WHERE parked_at IS NOT NULL AND parked_config IS DISTINCT FROM $1",
+                 WHERE parked_at IS NOT NULL AND ({condition})",
                 quote(control_schema)
             ),
-            &[&config],
+            &[param],
         )
         .await
-        .map_err(ReplicaError::pg(
-            "requeue repairs parked under another configuration",
-        ))
+        .map_err(ReplicaError::pg("requeue parked repairs"))
 }

@@ -452,28 +452,23 @@ impl BulkRead {
         tx: &mpsc::Sender<Result<Chunk<D::Row>, ReadError>>,
     ) -> Result<(), ReadError> {
         let object = decode.object().to_string();
-        let gone = |source: SourceError, job_id: &str| {
-            if bulk::is_job_gone(&source) {
-                ReadError::JobGone {
-                    object: object.clone(),
-                    job_id: job_id.to_string(),
-                    source: Box::new(source),
-                }
-            } else {
-                source.into()
-            }
-        };
         let job_id = self.job_id.clone();
+        // A job that no longer exists is the caller's to handle (a resumed backfill restarts).
+        let gone = |e: ReadError| match e {
+            ReadError::Source(source) if bulk::is_job_gone(&source) => ReadError::JobGone {
+                object: object.clone(),
+                job_id: job_id.clone(),
+                source: Box::new(source),
+            },
+            other => other,
+        };
         // Polling has its own schedule; only a failed poll is retried here.
         self.retry
             .run(&object, "waiting for the Bulk job", || {
                 self.bulk.wait(&job_id)
             })
             .await
-            .map_err(|e| match e {
-                ReadError::Source(s) => gone(s, &job_id),
-                other => other,
-            })?;
+            .map_err(gone)?;
         loop {
             let chunk = self
                 .retry
@@ -482,10 +477,7 @@ impl BulkRead {
                         .results(&job_id, self.locator.as_deref(), self.chunk_rows)
                 })
                 .await
-                .map_err(|e| match e {
-                    ReadError::Source(s) => gone(s, &job_id),
-                    other => other,
-                })?;
+                .map_err(gone)?;
             let next_locator = chunk.next_locator.clone();
             let d = decode.clone();
             let rows = tokio::task::spawn_blocking(move || d.chunk(&chunk))

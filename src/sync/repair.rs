@@ -218,26 +218,26 @@ impl RepairWorker {
         object: &str,
         mut chunk: Vec<&Repair>,
     ) -> Result<(), SyncError> {
-        for _ in 0..=SINGLED_OUT {
+        let mut singled_out = 0;
+        loop {
             let outcome = self.repair_records(object, &chunk).await;
             let culprit = match &outcome {
-                Err(e) if chunk.len() > 1 => record_of(e).and_then(|id| {
-                    chunk
-                        .iter()
-                        .position(|r| matches!(&r.kind, RepairKind::Record(x) if x == id))
-                }),
+                Err(e) if chunk.len() > 1 && singled_out < SINGLED_OUT => {
+                    record_of(e).and_then(|id| {
+                        chunk
+                            .iter()
+                            .position(|r| matches!(&r.kind, RepairKind::Record(x) if x == id))
+                    })
+                }
                 _ => None,
             };
-            match culprit {
-                Some(at) => {
-                    let bad = chunk.remove(at);
-                    self.settle(&[bad], "record", outcome).await?;
-                }
-                None => return self.settle(&chunk, "record", outcome).await,
-            }
+            let Some(at) = culprit else {
+                return self.settle(&chunk, "record", outcome).await;
+            };
+            let bad = chunk.remove(at);
+            self.settle(&[bad], "record", outcome).await?;
+            singled_out += 1;
         }
-        let outcome = self.repair_records(object, &chunk).await;
-        self.settle(&chunk, "record", outcome).await
     }
 
     /// Records the outcome of a repair attempt: what failed goes back with a backoff, or is

@@ -5,13 +5,11 @@
 
 use super::setup::Setup;
 use crate::config::Config;
+use crate::model::EVENT_RETENTION_SECS;
 use crate::replica::{ReplicaError, checkpoint, dead_letters, migrate, repair_queue, sync_state};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt;
-
-/// Salesforce keeps change events this long; a checkpoint older than that cannot be resumed.
-const RETENTION_SECS: i64 = 72 * 3600;
 
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -91,7 +89,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         objects: Vec::new(),
     };
     let state = migrate::state(&client, control).await?;
-    if let migrate::State::Absent { .. } | migrate::State::Migrated { applied: 0, .. } = state {
+    if !state.has(1) {
         // Never started against this replica: every configured channel is still to come.
         report.channels = configured
             .iter()
@@ -99,9 +97,9 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             .collect();
         return Ok(report);
     }
-    let caught_up_column =
-        !matches!(&state, migrate::State::Migrated { applied, .. } if *applied < 6);
-    for stored in checkpoint::list(&client, control, caught_up_column).await? {
+    // The caught-up moment is kept from migration 6 on, repairs are parked from 5 on: an older
+    // schema (this binary installed, the daemon not yet restarted) has neither.
+    for stored in checkpoint::list(&client, control, state.has(6)).await? {
         let replay = stored.replay_id.0;
         let committed = at(stored.commit_timestamp_ms);
         let updated = at(stored.updated_ms).unwrap_or(now);
@@ -121,7 +119,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             last_event_committed_at: committed,
             checkpoint_updated_at: Some(updated),
             retention_headroom_seconds: (!replay.is_empty())
-                .then(|| RETENTION_SECS - (now - basis).num_seconds()),
+                .then(|| EVENT_RETENTION_SECS - (now - basis).num_seconds()),
         });
     }
     for c in configured {
@@ -129,10 +127,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             report.channels.push(ChannelStatus::not_started(c));
         }
     }
-    // Repairs are parked from migration 5 on; an older schema (this binary installed, the
-    // daemon not yet restarted) has none.
-    let parking = !matches!(&state, migrate::State::Migrated { applied, .. } if *applied < 5);
-    report.repairs = repair_queue::summary(&client, control, parking)
+    report.repairs = repair_queue::summary(&client, control, state.has(5))
         .await?
         .into_iter()
         .map(|r| RepairStatus {

@@ -52,9 +52,10 @@ pub async fn run(
 
     let replica = Setup::connect(cfg).await.map_err(SyncError::Replica)?;
     replica.migrate().await.map_err(SyncError::Replica)?;
+    let fingerprint = cfg.fingerprint();
     health.migrated();
     replica
-        .requeue_changed(&cfg.fingerprint())
+        .requeue_changed(&fingerprint)
         .await
         .map_err(SyncError::Replica)?;
     let salesforce = setup::login(cfg).await.map_err(SyncError::Source)?;
@@ -82,7 +83,7 @@ pub async fn run(
             std::time::Duration::from_millis(cfg.sync.repair_idle_ms),
         )
         .with_bulk(cfg.sync.repair_bulk_threshold, cfg.sync.repair_chunk_rows)
-        .with_config(cfg.fingerprint())
+        .with_config(fingerprint)
         .with_health(health.clone());
         let stop = shutdown.clone();
         // Dropped with this future (a killed daemon): a repair worker must not outlive it.

@@ -302,9 +302,7 @@ pub async fn verify_with(cfg: &Config, opts: &VerifyOptions) -> Result<VerifyRep
         // Verify only reads; queueing repairs needs the queue a daemon or backfill created.
         let client = replica.pool.get().await.map_err(ReplicaError::from)?;
         let state = migrate::state(&client, &replica.settings.control_schema).await?;
-        if !matches!(&state, migrate::State::Migrated { applied, .. }
-            if *applied >= migrate::MIGRATIONS.len())
-        {
+        if !state.is_current() {
             return Err(VerifyError::NotMigrated(state));
         }
     }

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Salesforce keeps change events this long.
-pub const RETENTION_SECS: f64 = 72.0 * 3600.0;
+const RETENTION_SECS: f64 = crate::model::EVENT_RETENTION_SECS as f64;
 
 /// The health of every channel of this process; cheap to clone.
 #[derive(Clone)]
@@ -54,7 +54,6 @@ pub struct Health {
 }
 
 struct Inner {
-    started: Instant,
     started_ms: i64,
     /// After this long disconnected, a channel is no longer ready.
     stale_after: Duration,
@@ -63,9 +62,10 @@ struct Inner {
     channels: Mutex<BTreeMap<String, Arc<Mutex<ChannelState>>>>,
 }
 
+/// What is known of one channel. Every channel with a state is one this process owns:
+/// a standby registers none.
 #[derive(Debug, Default)]
 struct ChannelState {
-    owned: bool,
     subscribed_once: bool,
     open: bool,
     /// Whether the stream has answered (an event or a keepalive) since it opened.
@@ -115,7 +115,6 @@ impl Health {
     pub fn new(stale_after: Duration) -> Health {
         Health {
             inner: Arc::new(Inner {
-                started: Instant::now(),
                 started_ms: now_ms(),
                 stale_after,
                 migrated: AtomicBool::new(false),
@@ -127,12 +126,10 @@ impl Health {
 
     /// The handle of channel `name`, which this process owns (replicates).
     pub fn channel(&self, name: &str) -> ChannelHealth {
-        let mut channels = lock(&self.inner.channels);
-        let state = channels
+        let state = lock(&self.inner.channels)
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(ChannelState::default())))
+            .or_default()
             .clone();
-        lock(&state).owned = true;
         ChannelHealth {
             name: name.to_string(),
             state,
@@ -155,20 +152,15 @@ impl Health {
         self.inner.migrated.load(Ordering::Relaxed)
             && lock(&self.inner.channels)
                 .values()
-                .all(|s| !lock(s).owned || lock(s).subscribed_once)
+                .all(|s| lock(s).subscribed_once)
     }
 
     /// What `/readyz` says, channel by channel.
     pub fn readiness(&self) -> Readiness {
         let now = Instant::now();
         let mut channels = Vec::new();
-        let mut owned = 0;
         for (name, state) in lock(&self.inner.channels).iter() {
             let s = lock(state);
-            if !s.owned {
-                continue;
-            }
-            owned += 1;
             let problem = if let Some(why) = &s.stopped {
                 Some(format!("stopped: {why}"))
             } else if !s.subscribed_once {
@@ -194,7 +186,11 @@ impl Health {
         let migrated = self.inner.migrated.load(Ordering::Relaxed);
         Readiness {
             ready: migrated && channels.iter().all(|c| c.ready),
-            role: if owned == 0 { "standby" } else { "active" },
+            role: if channels.is_empty() {
+                "standby"
+            } else {
+                "active"
+            },
             migrated,
             channels,
         }
@@ -223,20 +219,16 @@ impl Health {
     /// Sets the clock-driven gauges (lag, headroom, last applied commit, readiness) as of now.
     pub fn refresh(&self) {
         let now = now_ms();
-        let channels: Vec<(String, Arc<Mutex<ChannelState>>)> = lock(&self.inner.channels)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (name, state) in channels {
-            let s = lock(&state);
+        for (name, state) in lock(&self.inner.channels).iter() {
+            let s = lock(state);
             let lag = self.lag_secs(&s, now);
             super::record_channel_clock(
-                &name,
+                name,
                 lag,
                 RETENTION_SECS - lag,
                 s.last_commit_ms.map(|ms| ms as f64 / 1e3),
             );
-            super::record_channel_state(&name, s.owned, s.stopped.is_some());
+            super::record_channel_state(name, s.stopped.is_some());
         }
         super::record_ready(self.readiness().ready);
     }
@@ -261,10 +253,7 @@ impl Health {
         let now = now_ms();
         let worst = lock(&self.inner.channels)
             .values()
-            .map(|s| {
-                let s = lock(s);
-                if s.owned { self.lag_secs(&s, now) } else { 0.0 }
-            })
+            .map(|s| self.lag_secs(&lock(s), now))
             .fold(0.0f64, f64::max);
         let up = readiness.channels.iter().filter(|c| c.ready).count();
         format!(
@@ -273,11 +262,6 @@ impl Health {
             readiness.channels.len(),
             self.inner.repairs_pending.load(Ordering::Relaxed)
         )
-    }
-
-    /// How long this process has run.
-    pub fn uptime(&self) -> Duration {
-        self.inner.started.elapsed()
     }
 }
 
@@ -309,10 +293,6 @@ pub struct ChannelHealth {
 impl ChannelHealth {
     fn state(&self) -> MutexGuard<'_, ChannelState> {
         lock(&self.state)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// What the checkpoint says at start-up: the newest applied commit and the last moment

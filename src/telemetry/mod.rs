@@ -275,19 +275,6 @@ pub const SECONDS_BUCKETS: &[f64] = &[
     120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
 ];
 
-/// The change types `sfmirror_events_total` counts, as their series exist from start-up.
-pub const CHANGE_TYPES: &[&str] = &[
-    "CREATE",
-    "UPDATE",
-    "DELETE",
-    "UNDELETE",
-    "GAP_CREATE",
-    "GAP_UPDATE",
-    "GAP_DELETE",
-    "GAP_UNDELETE",
-    "GAP_OVERFLOW",
-];
-
 /// Repair kinds and outcomes, as `sfmirror_repairs_total`'s series exist from start-up.
 pub const REPAIR_KINDS: &[&str] = &["record", "entity"];
 pub const REPAIR_OUTCOMES: &[&str] = &["ok", "error", "parked"];
@@ -325,8 +312,8 @@ pub fn register_series(channels: &[&str], objects: &[&str]) {
     prometheus();
     for channel in channels {
         let c = channel.to_string();
-        for change_type in CHANGE_TYPES {
-            metrics::counter!(EVENTS_TOTAL, "channel" => c.clone(), "change_type" => *change_type)
+        for change_type in crate::model::ChangeType::SYMBOLS {
+            metrics::counter!(EVENTS_TOTAL, "channel" => c.clone(), "change_type" => change_type)
                 .increment(0);
         }
         metrics::counter!(DEAD_LETTERS_TOTAL, "channel" => c.clone()).increment(0);
@@ -406,9 +393,10 @@ fn record_channel_clock(channel: &str, lag: f64, headroom: f64, last_commit_secs
     }
 }
 
-fn record_channel_state(channel: &str, owned: bool, stopped: bool) {
+/// A channel with a health record is one this process owns.
+fn record_channel_state(channel: &str, stopped: bool) {
     let c = channel.to_string();
-    metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(f64::from(u8::from(owned)));
+    metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(1.0);
     metrics::gauge!(CHANNEL_STOPPED, "channel" => c).set(f64::from(u8::from(stopped)));
 }
 

@@ -25,12 +25,13 @@ pub async fn apply_events(
     mut events: Vec<ChangeEvent>,
 ) -> Result<ApplyOutcome, ReplicaError> {
     let plan = plan_events(settings, tables, &mut events)?;
+    lock_objects(tx, settings, &plan).await?;
     execute(tx, settings, plan).await
 }
 
 /// In hard delete mode, takes the write lock of every object `plan` writes, shared, in name
-/// order (see [`crate::replica::locks`]); nothing in soft delete mode. A batch calls it before
-/// its first write; taking a lock again in the same transaction is free.
+/// order (see [`crate::replica::locks`]); nothing in soft delete mode. A batch calls it once,
+/// before its first write: it costs a round trip per object.
 pub async fn lock_objects(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
@@ -49,12 +50,13 @@ pub async fn lock_objects(
 }
 
 /// Sends a plan's runs inside `tx`, round by round: every record sees its changes in order.
+/// The caller has taken the plan's [`lock_objects`] in `tx` (a batch split in two parts takes
+/// them once, for the whole plan).
 pub async fn execute(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     plan: MergePlan,
 ) -> Result<ApplyOutcome, ReplicaError> {
-    lock_objects(tx, settings, &plan).await?;
     let mut outcome = ApplyOutcome {
         events: plan.events,
         statements: 0,

@@ -157,6 +157,20 @@ impl ChannelTask {
     /// policy's ([`policy::channel`]); retries wait on the shared backoff, from the committed
     /// checkpoint.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), SyncError> {
+        let stopped = self.subscribe_until_stopped(&shutdown).await;
+        // Whatever ended the task with an error, `/readyz` names it from now on.
+        if let Err(e) = &stopped {
+            self.health.stopped(&e.to_string());
+        }
+        stopped
+    }
+
+    /// One `Subscribe` call after another until shutdown (`Ok`) or an error the policy says
+    /// no retry can fix.
+    async fn subscribe_until_stopped(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SyncError> {
         let name = self.cfg.name.clone();
         let mut backoff = self.deps.sync.retry_backoff();
         let (_, max_delay) = backoff.bounds();
@@ -164,7 +178,7 @@ impl ChannelTask {
         let mut refused_fresh = 0u32;
         loop {
             let started = Instant::now();
-            let result = self.stream(&shutdown).await;
+            let result = self.stream(shutdown).await;
             self.health.closed();
             let err = match result {
                 Ok(()) => return Ok(()),
@@ -194,7 +208,6 @@ impl ChannelTask {
                 ChannelAction::Stop => {
                     tracing::error!(channel = %name, error = %err,
                         "channel stopped: this error needs operator action; other channels go on");
-                    self.health.stopped(&err.to_string());
                     return Err(err);
                 }
                 ChannelAction::LogInAgain | ChannelAction::Retry => {}
@@ -210,7 +223,6 @@ impl ChannelTask {
                     "channel stopped: Salesforce refuses every new session for this channel; \
                      check that the integration user has the API Enabled and Pub/Sub \
                      permissions and that its sessions are not locked to an IP address");
-                self.health.stopped(&err.to_string());
                 return Err(err);
             }
             if refused {
@@ -226,7 +238,6 @@ impl ChannelTask {
                         tracing::error!(channel = %name, error = %e,
                             "channel stopped: Salesforce refused the session and a new one \
                              cannot be obtained; fix the credentials");
-                        self.health.stopped(&e.to_string());
                         return Err(e.into());
                     }
                     Err(e) => {

@@ -163,8 +163,8 @@ impl Applier {
         if !latest.0.is_empty() {
             self.committed = Some(latest);
         }
-        let position = self.committed.clone().unwrap_or_default();
-        self.health.committed(&position.0, None);
+        let position = self.committed.as_ref().map_or(&[][..], |r| r.0.as_slice());
+        self.health.committed(position, None);
         Ok(())
     }
 
