@@ -409,6 +409,89 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The exit code of a command that cannot be fixed by running it again (sysexits.h's
+/// EX_CONFIG): an invalid configuration, credentials refused, a missing permission, every
+/// channel refused by the org. The units set `RestartPreventExitStatus=78`.
+pub const EX_CONFIG: u8 = 78;
+
+/// The exit code of bad usage, as clap uses it: here, an object named on the command line
+/// that the configuration does not carry.
+pub const EX_USAGE: u8 = 2;
+
+/// The exit code for a command's error: [`EX_CONFIG`] when running again cannot help until
+/// someone changes the configuration, the credentials or a permission; [`EX_USAGE`] for an
+/// unknown `--object`; 1 for anything a retry may fix (an unreachable server, a timeout) and
+/// for answers not understood (a restart is the better bet than giving up).
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    use crate::config::{ConfigError, UnknownObject};
+    use crate::replica::ReplicaError;
+    use crate::salesforce::SourceError;
+    use crate::sync::SyncError;
+    use crate::sync::backfill::BackfillError;
+    use crate::sync::reader::ReadError;
+    use crate::sync::verify::VerifyError;
+    let definite = |transient: bool| if transient { 1 } else { EX_CONFIG };
+    let source = |e: &SourceError| match e {
+        SourceError::BadResponse { .. } | SourceError::Event(_) => 1,
+        e => definite(e.is_transient()),
+    };
+    let replica = |e: &ReplicaError| match e {
+        ReplicaError::Data { .. } => 1,
+        e => definite(e.is_transient()),
+    };
+    let read = |e: &ReadError| match e {
+        ReadError::Source(e) => source(e),
+        ReadError::Replica(e) => replica(e),
+        _ => 1,
+    };
+    for cause in e.chain() {
+        if cause.is::<UnknownObject>() {
+            return EX_USAGE;
+        }
+        if cause.is::<ConfigError>() {
+            return EX_CONFIG;
+        }
+        if let Some(e) = cause.downcast_ref::<SyncError>() {
+            return match e {
+                SyncError::AllChannelsStopped { .. } => EX_CONFIG,
+                SyncError::Source(e) => source(e),
+                SyncError::Replica(e) => replica(e),
+                SyncError::Read(e) => read(e),
+                _ => 1,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<BackfillError>() {
+            return match e {
+                BackfillError::UnknownObject(_) => EX_USAGE,
+                BackfillError::Source(e) => source(e),
+                BackfillError::Replica(e) => replica(e),
+                BackfillError::Read(e) => read(e),
+                _ => 1,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<VerifyError>() {
+            return match e {
+                VerifyError::UnknownObject(_) => EX_USAGE,
+                VerifyError::NotMigrated(_) => EX_CONFIG,
+                VerifyError::Source(e) => source(e),
+                VerifyError::Replica(e) => replica(e),
+                VerifyError::Read(e) => read(e),
+                _ => 1,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<ReadError>() {
+            return read(e);
+        }
+        if let Some(e) = cause.downcast_ref::<SourceError>() {
+            return source(e);
+        }
+        if let Some(e) = cause.downcast_ref::<ReplicaError>() {
+            return replica(e);
+        }
+    }
+    1
+}
+
 /// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.
 fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)

@@ -2,8 +2,10 @@
 //! deserialized with serde and validated before anything starts.
 //!
 //! Owns the shape of the config and the rules that make it usable; it does not open
-//! connections. Secrets live in [`Secret`], which never prints its value, and are read from
-//! files or the environment.
+//! connections. Secrets live in [`Secret`], which never prints its value. Each comes from the
+//! config (or its `SFMIRROR__SECTION__KEY` variable), from the file its `*_file` key names, or
+//! from systemd's credentials directory (`$CREDENTIALS_DIRECTORY/<name>`, see
+//! [`CREDENTIALS`]), in that order of precedence.
 
 use crate::model::is_safe_identifier;
 use serde::Deserialize;
@@ -74,7 +76,55 @@ pub struct Config {
     pub sync: SyncConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub ha: HaConfig,
 }
+
+/// Several instances with one configuration: how fast a standby takes over.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaConfig {
+    /// Longest time a channel stays without an owner after its owner died, froze or lost
+    /// the database. The owner renews its leases every fifth of it; a lease lasts three fifths.
+    pub takeover_secs: u64,
+    /// Record every committed batch with its owner in `<control_schema>.batch_audit`
+    /// (diagnostics for fail-over drills: the table grows with every batch).
+    pub audit: bool,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            takeover_secs: 15,
+            audit: false,
+        }
+    }
+}
+
+impl HaConfig {
+    /// How often an instance renews its leases and looks for channels without an owner.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.takeover_secs * 1000 / 5)
+    }
+
+    /// How long a lease lasts after its last renewal.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.takeover_secs * 3000 / 5)
+    }
+}
+
+/// The names sfmirror looks for in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), each
+/// with the config key it stands for. A credential is used only when the key and its
+/// `*_file` are unset.
+pub const CREDENTIALS: &[(&str, &str)] = &[
+    ("client_secret", "salesforce.client_secret"),
+    ("private_key", "salesforce.private_key_file"),
+    ("refresh_token", "salesforce.refresh_token"),
+    ("access_token", "salesforce.access_token"),
+    ("password", "salesforce.password"),
+    ("replica_password", "replica.password"),
+    ("replica_url", "replica.url"),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,7 +196,17 @@ pub enum DeleteMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConfig {
+    /// `postgres://...` or `key=value` connection string (it may hold the password).
+    #[serde(default)]
     pub url: Secret,
+    /// A file holding the whole URL.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// The password, when the URL has none.
+    #[serde(default)]
+    pub password: Secret,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_data_schema")]
     pub schema: String,
     #[serde(default = "default_control_schema")]
@@ -350,6 +410,9 @@ impl Config {
                 source,
             })?;
         cfg.read_secret_files()?;
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            cfg.read_credentials(Path::new(&dir))?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -376,7 +439,10 @@ impl Config {
 
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
         let sf = &mut self.salesforce;
+        let r = &mut self.replica;
         for (key, file, target) in [
+            ("replica.url_file", &r.url_file, &mut r.url),
+            ("replica.password_file", &r.password_file, &mut r.password),
             (
                 "salesforce.client_secret_file",
                 &sf.client_secret_file,
@@ -406,6 +472,44 @@ impl Config {
                         source,
                     })?;
                 *target = Secret::new(text.trim());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the secrets still unset from systemd's credentials directory `dir` (see
+    /// [`CREDENTIALS`]); names that are absent are skipped.
+    pub fn read_credentials(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        let sf = &mut self.salesforce;
+        if sf.private_key_file.is_none() {
+            let path = dir.join("private_key");
+            if path.is_file() {
+                sf.private_key_file = Some(path);
+            }
+        }
+        let r = &mut self.replica;
+        for (name, target) in [
+            ("client_secret", &mut sf.client_secret),
+            ("refresh_token", &mut sf.refresh_token),
+            ("access_token", &mut sf.access_token),
+            ("password", &mut sf.password),
+            ("replica_password", &mut r.password),
+            ("replica_url", &mut r.url),
+        ] {
+            if !target.is_empty() {
+                continue;
+            }
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => *target = Secret::new(text.trim()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ConfigError::SecretFile {
+                        key: format!("credential {name}"),
+                        path,
+                        source,
+                    });
+                }
             }
         }
         Ok(())
@@ -493,7 +597,10 @@ impl Config {
         }
         let r = &self.replica;
         if r.url.is_empty() {
-            return Err(invalid("replica.url", "must not be empty"));
+            return Err(invalid(
+                "replica.url",
+                "must be set (or replica.url_file, or the replica_url credential)",
+            ));
         }
         for (key, name) in [
             ("replica.schema", &r.schema),
@@ -570,6 +677,9 @@ impl Config {
                 "sync.reconnect_min_ms",
                 "must be > 0 and <= sync.reconnect_max_ms",
             ));
+        }
+        if !(1..=3600).contains(&self.ha.takeover_secs) {
+            return Err(invalid("ha.takeover_secs", "must be between 1 and 3600"));
         }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
@@ -688,5 +798,84 @@ mod tests {
         let cfg = Config::from_toml(&text).expect("valid");
         assert_eq!(cfg.salesforce.client_secret.expose(), "from-file");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn credentials_fill_only_what_the_config_leaves_unset() {
+        let dir = std::env::temp_dir().join(format!("sfm-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        std::fs::write(dir.join("client_secret"), "from-credential\n").expect("write");
+        std::fs::write(dir.join("replica_password"), "pg-secret\n").expect("write");
+        std::fs::write(dir.join("replica_url"), "postgres://other@db/x\n").expect("write");
+        std::fs::write(dir.join("private_key"), "PEM").expect("write");
+        let mut cfg = Config::from_toml(GOOD).expect("valid");
+        cfg.read_credentials(&dir).expect("credentials");
+        // Set in the config: the config wins.
+        assert_eq!(cfg.salesforce.client_secret.expose(), "s3cret");
+        assert_eq!(
+            cfg.replica.url.expose(),
+            "postgres://postgres@127.0.0.1/test"
+        );
+        // Unset: taken from the directory.
+        assert_eq!(cfg.replica.password.expose(), "pg-secret");
+        assert_eq!(
+            cfg.salesforce.private_key_file,
+            Some(dir.join("private_key"))
+        );
+        // A config that leaves them out entirely.
+        let bare = GOOD
+            .replace("client_secret = \"s3cret\"", "")
+            .replace("url = \"postgres://postgres@127.0.0.1/test\"", "");
+        assert!(
+            Config::from_toml(&bare).is_err(),
+            "nothing to fill them from"
+        );
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(&bare, config::FileFormat::Toml))
+            .build()
+            .expect("toml");
+        let mut cfg: Config = built.try_deserialize().expect("shape");
+        cfg.read_credentials(&dir).expect("credentials");
+        cfg.validate().expect("valid with credentials");
+        assert_eq!(cfg.salesforce.client_secret.expose(), "from-credential");
+        assert_eq!(cfg.replica.url.expose(), "postgres://other@db/x");
+        assert!(!format!("{cfg:?}").contains("pg-secret"), "secret leaked");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn replica_secrets_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("sfm-rfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        std::fs::write(dir.join("pw"), "hunter2\n").expect("write");
+        let text = GOOD.replace(
+            "[replica]",
+            &format!(
+                "[replica]\npassword_file = \"{}\"",
+                dir.join("pw").display()
+            ),
+        );
+        let cfg = Config::from_toml(&text).expect("valid");
+        assert_eq!(cfg.replica.password.expose(), "hunter2");
+        let missing = GOOD.replace("[replica]", "[replica]\nurl_file = \"/nonexistent/url\"");
+        let err = Config::from_toml(&missing)
+            .expect_err("missing file")
+            .to_string();
+        assert!(
+            err.contains("replica.url_file") && err.contains("/nonexistent/url"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn takeover_time_sets_the_lease_and_the_tick() {
+        let cfg = Config::from_toml(GOOD).expect("valid");
+        assert_eq!(cfg.ha.takeover_secs, 15);
+        assert_eq!(cfg.ha.tick(), Duration::from_secs(3));
+        assert_eq!(cfg.ha.lease(), Duration::from_secs(9));
+        let bad = format!("{GOOD}\n[ha]\ntakeover_secs = 0\n");
+        let err = Config::from_toml(&bad).expect_err("zero").to_string();
+        assert!(err.contains("ha.takeover_secs"), "{err}");
     }
 }

@@ -9,8 +9,15 @@ async fn main() -> std::process::ExitCode {
     match sfmirror::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sfmirror: {e:#}");
-            std::process::ExitCode::from(1)
+            let code = sfmirror::cli::exit_code(&e);
+            if code == sfmirror::cli::EX_CONFIG {
+                eprintln!(
+                    "sfmirror: {e:#} (exit {code}: fix this and start again; a restart alone cannot)"
+                );
+            } else {
+                eprintln!("sfmirror: {e:#}");
+            }
+            std::process::ExitCode::from(code)
         }
     }
 }

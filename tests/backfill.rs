@@ -610,7 +610,8 @@ async fn the_command_line_reports_each_object_and_exits_1_when_one_fails() {
         "Opportunity".into(),
     ])
     .await;
-    assert_eq!(out.status.code(), Some(1));
+    // Bad usage: the object is not one the configuration carries.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("unknown object `Opportunity`") && stderr.contains("Account, Lead"),

@@ -36,7 +36,7 @@ fn every_command_has_help_and_bad_usage_exits_2() {
 }
 
 #[test]
-fn a_bad_config_exits_1_naming_the_key() {
+fn a_bad_config_exits_78_naming_the_key() {
     let path = tmp("bad.toml");
     std::fs::write(
         &path,
@@ -58,7 +58,8 @@ fn a_bad_config_exits_1_naming_the_key() {
         .arg(&path)
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    // EX_CONFIG: systemd's RestartPreventExitStatus=78 stops restarting what cannot work.
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("channels[0].name"), "{err}");
 
@@ -66,7 +67,7 @@ fn a_bad_config_exits_1_naming_the_key() {
         .args(["run", "--config", "/nonexistent/sfmirror.toml"])
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sfmirror.toml"));
 }
 
@@ -336,4 +337,134 @@ async fn logs_fit_the_journal_and_log_shippers() {
             "{line}"
         );
     }
+}
+
+/// Runs `sfmirror <args> --config <toml>` to its end (at most two minutes) with `envs`, and
+/// returns its exit code and stderr.
+async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let path = tmp(&format!("end-{}.toml", rand::random::<u32>()));
+    std::fs::write(&path, toml).expect("write config");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn sfmirror");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("sfmirror {args:?} did not end"))
+    .expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_tell_systemd_what_a_restart_can_fix() {
+    let db = common::TestDb::create().await;
+    let emulator = common::emulator().await;
+    let good = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/AccountChangeEvent", &["Account"])
+        .toml();
+
+    // Credentials refused: no restart fixes them.
+    let refused = good.replace(
+        &format!("client_secret = \"{}\"", emulator.credentials.client_secret),
+        "client_secret = \"not-the-secret\"",
+    );
+    assert_ne!(refused, good);
+    let (code, stderr) = run_to_end(&["check"], &refused, &[]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("exit 78"), "{stderr}");
+
+    // The replica cannot be reached (nothing listens): it may come back, so 1.
+    let unreachable = good.replace(&db.url, "postgres://postgres@127.0.0.1:1/nothing");
+    let (code, stderr) = run_to_end(&["check"], &unreachable, &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+
+    // Every channel refused by the org: the daemon exits 78 by itself.
+    let no_topic = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/NoSuchThingChangeEvent", &["Account"])
+        .toml();
+    let (code, stderr) = run_to_end(&["run"], &no_topic, &[]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("topic"), "{stderr}");
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_the_credentials_directory_and_are_never_logged() {
+    let db = common::TestDb::create().await;
+    let emulator = common::emulator().await;
+    let secret = emulator.credentials.client_secret.clone();
+    // The config names neither the client secret nor the replica: systemd's LoadCredential
+    // puts both in $CREDENTIALS_DIRECTORY.
+    let toml: String = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/AccountChangeEvent", &["Account"])
+        .toml()
+        .lines()
+        .filter(|l| !l.starts_with("client_secret") && !l.starts_with("url ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!toml.contains(&secret) && !toml.contains(&db.url), "{toml}");
+    let dir = tmp(&format!("credentials-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("credentials dir");
+    // A replica password nobody asks for (trust auth) must not show up either.
+    let replica_password = format!("pg-{}", rand::random::<u64>());
+    for (name, value) in [
+        ("client_secret", secret.as_str()),
+        ("replica_url", db.url.as_str()),
+        ("replica_password", replica_password.as_str()),
+    ] {
+        std::fs::write(dir.join(name), format!("{value}\n")).expect("write credential");
+    }
+    let path = tmp(&format!("cred-{}.toml", rand::random::<u32>()));
+    std::fs::write(&path, &toml).expect("write config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "trace")
+        .env("CREDENTIALS_DIRECTORY", &dir)
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sfmirror run");
+    let pid = child.id().expect("pid");
+    common::wait_for(
+        "the daemon's subscription with credentials from the directory",
+        std::time::Duration::from_secs(60),
+        async || emulator.subscription_count() >= 1,
+    )
+    .await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().await.expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("sfmirror running"), "{stderr}");
+    for (what, value) in [
+        ("client secret", secret.as_str()),
+        ("replica password", replica_password.as_str()),
+    ] {
+        assert!(
+            !stderr.contains(value),
+            "the {what} is in the log:\n{stderr}"
+        );
+    }
+    emulator.stop().await;
 }

@@ -263,7 +263,7 @@ async fn the_command_line_exits_1_on_drift_and_0_when_in_sync() {
     assert_eq!(queued_repairs(&db).await.len(), 5);
 
     let out = run_cli(verify_args(&["--object", "Lead"])).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "bad usage");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown object `Lead`"));
     emulator.stop().await;
 }
