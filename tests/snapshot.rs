@@ -263,6 +263,7 @@ async fn fresh(mode: DeleteMode) -> (TestDb, deadpool_postgres::Pool, TableSchem
         control_schema: "sfmirror".to_string(),
         delete_mode: mode,
         repair_margin_ms: 0,
+        audit_batches: false,
     };
     (db, pool, table, settings)
 }

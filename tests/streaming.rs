@@ -1517,6 +1517,8 @@ async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed
         replay_id: ReplayId::from_u64(n),
         commit_timestamp_ms: Some(n as i64),
     };
+    let fence = owned(&mut client, CHANNEL).await;
+    let fence = &fence;
     let stored = async || {
         let c = pool.get().await.expect("connection");
         checkpoint::load(&c, "sfmirror", CHANNEL)
@@ -1528,13 +1530,13 @@ async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed
     let behind = async |from: &ReplayId, to: u64| {
         let mut c = pool.get().await.expect("connection");
         let tx = c.transaction().await.expect("begin");
-        let moved = checkpoint::advance(&tx, "sfmirror", CHANNEL, from, &at(to))
+        let moved = checkpoint::advance(&tx, "sfmirror", fence, from, &at(to))
             .await
             .expect("advance");
         tx.commit().await.expect("commit");
         moved
     };
-    checkpoint::save(&client, "sfmirror", CHANNEL, &at(1))
+    checkpoint::save(&client, "sfmirror", fence, &at(1))
         .await
         .expect("save");
 
@@ -1545,7 +1547,7 @@ async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed
         // Batch N has moved the checkpoint and not committed yet.
         let mut first = pool.get().await.expect("connection");
         let tx = first.transaction().await.expect("begin");
-        let moved = checkpoint::advance(&tx, "sfmirror", CHANNEL, &base, &at(n + 1))
+        let moved = checkpoint::advance(&tx, "sfmirror", fence, &base, &at(n + 1))
             .await
             .expect("advance");
         assert!(moved, "batch N moves the checkpoint from where it is");
@@ -1727,4 +1729,24 @@ async fn a_lock_cycle_through_two_batches_in_flight_is_broken() {
     third.batch_execute("ROLLBACK").await.expect("roll back");
     converged(&emulator, &db, &["Account"]).await;
     daemon.stop().await;
+}
+
+/// Takes `channel`'s lease in the `sfmirror` control schema, as a daemon would, and returns
+/// the fence its checkpoint writes need.
+async fn owned(
+    client: &mut deadpool_postgres::Client,
+    channel: &str,
+) -> sfmirror::replica::ownership::Fence {
+    use sfmirror::replica::ownership::{self, Fence, Instance, Take};
+    let me = Instance::new();
+    let lease = std::time::Duration::from_secs(60);
+    let wait = std::time::Duration::from_secs(2);
+    match ownership::take(client, "sfmirror", &me, channel, lease, wait, |_| false).await {
+        Ok(Take::Taken { epoch, .. }) => Fence {
+            channel: channel.to_string(),
+            epoch,
+            instance: me.id,
+        },
+        other => panic!("cannot take {channel}: {other:?}"),
+    }
 }

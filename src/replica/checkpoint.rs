@@ -10,11 +10,16 @@
 //! rolled back, and the stored position never skips a batch. (A position not yet committed
 //! does not count: the UPDATE compares with what its statement sees.)
 //!
+//! Every write checks the writer still owns the channel ([`ownership::check`], in the same
+//! transaction): a former owner's write after a takeover fails with
+//! [`ReplicaError::Fenced`] instead of moving the new owner's position.
+//!
 //! A checkpoint with an empty replay id is a marker: "resume at LATEST, and re-read every
 //! object of the channel changed since `commit_timestamp`". It is what a first start and a
 //! replay id that Salesforce refused (past retention) leave behind, so the channel never jumps
 //! to LATEST without the repair that covers the jump (invariant 2).
 
+use super::ownership::{self, Fence};
 use super::{ReplicaError, quote};
 use crate::model::ReplayId;
 
@@ -65,26 +70,31 @@ pub async fn load_with_caught_up(
 /// channel is caught up now. An empty `position` (a keepalive that named none) moves only the
 /// caught-up moment. Nothing is written for a channel without a checkpoint row.
 pub async fn caught_up(
-    client: &impl deadpool_postgres::GenericClient,
+    client: &mut deadpool_postgres::Client,
     control_schema: &str,
-    channel: &str,
+    fence: &Fence,
     position: &ReplayId,
 ) -> Result<(), ReplicaError> {
-    client
-        .execute(
-            &format!(
-                "UPDATE {}.checkpoints
+    let channel = &fence.channel;
+    let tx = super::begin(client, "keepalive").await?;
+    ownership::check(&tx, control_schema, fence).await?;
+    tx.execute(
+        &format!(
+            "UPDATE {}.checkpoints
                  SET replay_id = CASE WHEN $2 = ''::bytea THEN replay_id ELSE $2 END,
                      caught_up_at = now(),
                      updated_at = CASE WHEN $2 = ''::bytea OR $2 = replay_id
                                        THEN updated_at ELSE now() END
                  WHERE channel = $1",
-                quote(control_schema)
-            ),
-            &[&channel, &position.0],
-        )
+            quote(control_schema)
+        ),
+        &[&channel, &position.0],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!("record keepalive of {channel}")))?;
+    tx.commit()
         .await
-        .map_err(ReplicaError::pg(format!("record keepalive of {channel}")))?;
+        .map_err(ReplicaError::pg(format!("commit keepalive of {channel}")))?;
     Ok(())
 }
 
@@ -102,46 +112,54 @@ pub async fn load(
 /// Turns `channel`'s checkpoint into a marker at its own time (its newest commit, else when it
 /// was written): the stored replay id was refused, so the channel restarts at LATEST.
 pub async fn to_marker(
-    client: &impl deadpool_postgres::GenericClient,
+    client: &mut deadpool_postgres::Client,
     control_schema: &str,
-    channel: &str,
+    fence: &Fence,
 ) -> Result<(), ReplicaError> {
-    client
-        .execute(
-            &format!(
-                "UPDATE {}.checkpoints SET replay_id = '',
+    let channel = &fence.channel;
+    let tx = super::begin(client, "checkpoint reset").await?;
+    ownership::check(&tx, control_schema, fence).await?;
+    tx.execute(
+        &format!(
+            "UPDATE {}.checkpoints SET replay_id = '',
                      commit_timestamp = coalesce(commit_timestamp, updated_at), updated_at = now()
                  WHERE channel = $1",
-                quote(control_schema)
-            ),
-            &[&channel],
-        )
-        .await
-        .map_err(ReplicaError::pg(format!("reset checkpoint of {channel}")))?;
+            quote(control_schema)
+        ),
+        &[&channel],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!("reset checkpoint of {channel}")))?;
+    tx.commit().await.map_err(ReplicaError::pg(format!(
+        "commit checkpoint reset of {channel}"
+    )))?;
     Ok(())
 }
 
-/// Records `checkpoint` for `channel`. Call it in the batch's transaction. A keepalive
-/// position (no commit time) keeps the commit time of the last applied event.
+/// Records `checkpoint` for `fence`'s channel. Call it in the batch's transaction. A
+/// keepalive position (no commit time) keeps the commit time of the last applied event.
 pub async fn save(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
-    channel: &str,
+    fence: &Fence,
     checkpoint: &Checkpoint,
 ) -> Result<(), ReplicaError> {
+    ownership::check(client, control_schema, fence).await?;
+    let channel = &fence.channel;
     let ts = checkpoint.commit_timestamp_ms;
     client
         .execute(
             &format!(
-                "INSERT INTO {}.checkpoints AS c (channel, replay_id, commit_timestamp, updated_at)
-                 VALUES ($1, $2, to_timestamp($3::bigint / 1000.0), now())
+                "INSERT INTO {}.checkpoints AS c
+                   (channel, replay_id, commit_timestamp, updated_at, epoch)
+                 VALUES ($1, $2, to_timestamp($3::bigint / 1000.0), now(), $4)
                  ON CONFLICT (channel) DO UPDATE SET
                    replay_id = EXCLUDED.replay_id,
                    commit_timestamp = coalesce(EXCLUDED.commit_timestamp, c.commit_timestamp),
-                   updated_at = now()",
+                   updated_at = now(), epoch = EXCLUDED.epoch",
                 quote(control_schema)
             ),
-            &[&channel, &checkpoint.replay_id.0, &ts],
+            &[&channel, &checkpoint.replay_id.0, &ts, &fence.epoch],
         )
         .await
         .map_err(ReplicaError::pg(format!("save checkpoint of {channel}")))?;
@@ -155,10 +173,12 @@ pub async fn save(
 pub async fn advance(
     client: &impl deadpool_postgres::GenericClient,
     control_schema: &str,
-    channel: &str,
+    fence: &Fence,
     from: &ReplayId,
     checkpoint: &Checkpoint,
 ) -> Result<bool, ReplicaError> {
+    ownership::check(client, control_schema, fence).await?;
+    let channel = &fence.channel;
     let moved = client
         .execute(
             &format!(
@@ -166,7 +186,7 @@ pub async fn advance(
                  SET replay_id = $3,
                      commit_timestamp = coalesce(to_timestamp($4::bigint / 1000.0),
                                                  c.commit_timestamp),
-                     updated_at = now()
+                     updated_at = now(), epoch = $5
                  WHERE channel = $1 AND replay_id = $2",
                 quote(control_schema)
             ),
@@ -175,6 +195,7 @@ pub async fn advance(
                 &from.0,
                 &checkpoint.replay_id.0,
                 &checkpoint.commit_timestamp_ms,
+                &fence.epoch,
             ],
         )
         .await

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "006_checkpoint_caught_up",
         include_str!("../../sql/006_checkpoint_caught_up.sql"),
     ),
+    (
+        7,
+        "007_channel_ownership",
+        include_str!("../../sql/007_channel_ownership.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

@@ -23,6 +23,7 @@ pub mod dead_letters;
 pub mod keys;
 pub mod locks;
 pub mod migrate;
+pub mod ownership;
 pub mod repair_queue;
 pub mod schema;
 pub mod snapshot;
@@ -59,6 +60,17 @@ pub enum ReplicaError {
     },
     #[error("migration {name}: {message}")]
     Migration { name: String, message: String },
+    /// Another instance took the channel over: this one must step down (see [`ownership`]).
+    #[error(
+        "{channel}: taken over by instance {owner} (epoch {current}; this instance held epoch \
+         {epoch}): stepping down"
+    )]
+    Fenced {
+        channel: String,
+        epoch: i64,
+        current: i64,
+        owner: String,
+    },
 }
 
 impl ReplicaError {
@@ -80,6 +92,8 @@ impl ReplicaError {
             | ReplicaError::Schema { .. }
             | ReplicaError::Data { .. }
             | ReplicaError::Migration { .. } => false,
+            // Not an error to retry or report: the channel moves to its new owner.
+            ReplicaError::Fenced { .. } => true,
         }
     }
 }
@@ -184,6 +198,8 @@ pub struct ApplySettings {
     pub delete_mode: DeleteMode,
     /// Subtracted from a gap's commit time for entity repairs, in ms.
     pub repair_margin_ms: i64,
+    /// Record each committed batch with its owner (`[ha] audit`).
+    pub audit_batches: bool,
 }
 
 impl ApplySettings {
@@ -193,6 +209,7 @@ impl ApplySettings {
             control_schema: cfg.replica.control_schema.clone(),
             delete_mode: cfg.replica.delete_mode,
             repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
+            audit_batches: cfg.ha.audit,
         }
     }
 }
@@ -200,20 +217,30 @@ impl ApplySettings {
 /// Connects to the replica database: a pool, with one connection opened at once so that an
 /// unreachable server or a refused login fails here rather than at the first use.
 pub async fn connect(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
-    let pool = pool(cfg)?;
+    connect_as(cfg, "sfmirror").await
+}
+
+/// [`connect`], with every connection's `application_name` set to `name` (a daemon names its
+/// sessions after its instance, see [`ownership::Instance::application_name`]).
+pub async fn connect_as(cfg: &ReplicaConfig, name: &str) -> Result<Pool, ReplicaError> {
+    let pool = pool(cfg, name)?;
     drop(pool.get().await?);
     Ok(pool)
 }
 
 /// A connection pool for the replica database; connections open on first use.
-fn pool(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
-    let pg: tokio_postgres::Config =
+fn pool(cfg: &ReplicaConfig, application_name: &str) -> Result<Pool, ReplicaError> {
+    let mut pg: tokio_postgres::Config =
         cfg.url
             .expose()
             .parse()
             .map_err(|e: tokio_postgres::Error| ReplicaError::Url {
                 message: e.to_string(),
             })?;
+    pg.application_name(application_name);
+    if !cfg.password.is_empty() {
+        pg.password(cfg.password.expose());
+    }
     let manager = Manager::from_config(
         pg,
         tokio_postgres::NoTls,

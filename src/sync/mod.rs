@@ -4,8 +4,10 @@
 //!
 //! - [`setup`]: what every command starts from: the replica pool and settings, the org's
 //!   clients; migrating is a separate, explicit step.
-//! - [`supervisor`]: the daemon: runs the channel tasks, the repair worker and the metrics
+//! - [`supervisor`]: the daemon: runs the coordinator, the repair worker and the metrics
 //!   listener, and shuts everything down together.
+//! - [`coordinator`]: which channels this instance owns (leases shared with the other
+//!   instances of one configuration), one channel task per owned channel.
 //! - [`channel`]: one task per Pub/Sub channel (fetch -> decode -> batch -> apply +
 //!   checkpoint in one transaction).
 //! - [`repair`]: the repair worker, draining the repair queue.
@@ -19,6 +21,7 @@
 
 pub mod backfill;
 pub mod channel;
+pub mod coordinator;
 pub mod policy;
 pub mod reader;
 pub mod repair;

@@ -8,6 +8,7 @@
 //! | error | channel | repair |
 //! |---|---|---|
 //! | stored replay id refused (expired, corrupt) | resume at LATEST with repairs | — |
+//! | another instance took the channel over (fenced) | step down: hand the channel over | — |
 //! | session refused (expired token, `INVALID_SESSION_ID`, gRPC auth error) | log in again, then retry | retry later |
 //! | other transient (network, 5xx, `UNAVAILABLE`, connection loss, deadlock) | retry after backoff | retry later |
 //! | definite, and about the object or record (no such object or field, no access to it, a value that does not fit its column) | stop the channel | park |
@@ -35,10 +36,15 @@ pub enum ChannelAction {
     Retry,
     /// Stop this channel and tell the operator; the others go on.
     Stop,
+    /// Another instance owns the channel now: end the task without error, unsubscribed.
+    StepDown,
 }
 
 /// The channel's action for `e`.
 pub fn channel(e: &SyncError) -> ChannelAction {
+    if let SyncError::Replica(crate::replica::ReplicaError::Fenced { .. }) = e {
+        return ChannelAction::StepDown;
+    }
     if let SyncError::Source(s) = e {
         if s.is_replay_rejected() {
             return ChannelAction::ResumeAtLatest;
@@ -177,6 +183,16 @@ mod tests {
             SyncError::StaleStream(std::time::Duration::from_secs(300)),
         ] {
             assert_eq!(channel(&e), ChannelAction::Retry, "{e}");
+            assert_eq!(repair(&e), RepairAction::RetryLater, "{e}");
+        }
+        {
+            let e = SyncError::Replica(crate::replica::ReplicaError::Fenced {
+                channel: "/data/AccountChangeEvent".into(),
+                epoch: 3,
+                current: 4,
+                owner: "other".into(),
+            });
+            assert_eq!(channel(&e), ChannelAction::StepDown);
             assert_eq!(repair(&e), RepairAction::RetryLater, "{e}");
         }
     }

@@ -20,8 +20,14 @@ impl Setup {
     /// Connects to the replica named in `cfg`: an unreachable server or refused login fails
     /// here. Nothing is created or migrated.
     pub async fn connect(cfg: &Config) -> Result<Setup, ReplicaError> {
+        Setup::connect_as(cfg, "sfmirror").await
+    }
+
+    /// [`Setup::connect`], naming every session `application_name` (the daemon names them
+    /// after its instance, so that a standby can end the sessions of an instance that froze).
+    pub async fn connect_as(cfg: &Config, application_name: &str) -> Result<Setup, ReplicaError> {
         Ok(Setup {
-            pool: replica::connect(&cfg.replica).await?,
+            pool: replica::connect_as(&cfg.replica, application_name).await?,
             settings: ApplySettings::from_config(cfg),
         })
     }

@@ -1,5 +1,6 @@
-//! The daemon: builds the shared clients, migrates the control schema, runs one task per
-//! channel plus the metrics listener, and stops them all on shutdown.
+//! The daemon: builds the shared clients, migrates the control schema, runs the coordinator
+//! (one task per channel this instance owns, see [`super::coordinator`]), the repair worker
+//! and the metrics listener, and stops them all on shutdown.
 //!
 //! A channel that fails definitely (topic not found, no permission, schema refused) stops
 //! alone and is logged; the others keep replicating. The daemon returns an error only when
@@ -11,15 +12,17 @@
 //! as long as no channel is stuck (work in hand, no progress for the period). A hung process
 //! is restarted; one waiting on purpose (a backoff, a stopped channel) is not.
 
-use super::channel::{AppliedBatch, ChannelDeps, ChannelTask};
+use super::channel::{AppliedBatch, ChannelDeps};
+use super::coordinator::Coordinator;
 use super::setup::{self, Setup};
 use super::{AbortOnDrop, SyncError};
 use crate::config::Config;
+use crate::replica::ReplicaError;
+use crate::replica::ownership::{self, Instance};
 use crate::telemetry::{self, health::Health};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Runs the daemon until `shutdown` is cancelled. `observer`, if given, receives every
 /// committed batch.
@@ -50,10 +53,17 @@ pub async fn run(
         })))
     };
 
-    let replica = Setup::connect(cfg).await.map_err(SyncError::Replica)?;
+    let me = Instance::new();
+    let replica = Setup::connect_as(cfg, &me.application_name())
+        .await
+        .map_err(SyncError::Replica)?;
     replica.migrate().await.map_err(SyncError::Replica)?;
     let fingerprint = cfg.fingerprint();
     health.migrated();
+    let _notifier = AbortOnDrop(tokio::spawn(tell_systemd(health.clone(), shutdown.clone())));
+    if !wait_after_failed_starts(cfg, &replica, &me.host, &shutdown).await? {
+        return Ok(());
+    }
     replica
         .requeue_changed(&fingerprint)
         .await
@@ -90,48 +100,52 @@ pub async fn run(
         AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
     };
 
-    let mut tasks = tokio::task::JoinSet::new();
-    for ch in &cfg.channels {
-        let task = ChannelTask::new(ch.clone(), deps.clone());
-        let stop = shutdown.clone();
-        let name = ch.name.clone();
-        // Every line the channel's task logs (decoding, REST, Pub/Sub) carries the channel.
-        let span = tracing::info_span!("channel", channel = %name);
-        tasks.spawn(async move { (name, task.run(stop).await) }.instrument(span));
-    }
-    tracing::info!(channels = cfg.channels.len(), "sfmirror running");
-    let _notifier = AbortOnDrop(tokio::spawn(tell_systemd(health.clone(), shutdown.clone())));
-
-    let mut failed = 0usize;
-    let total = cfg.channels.len();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((_, Ok(()))) => {}
-            // The channel logged why it stopped, once, at ERROR.
-            Ok((name, Err(e))) => {
-                failed += 1;
-                tracing::debug!(channel = %name, error = %e, "channel task ended");
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::error!(error = %e, "channel task panicked");
-            }
-        }
-        if failed == total {
-            shutdown.cancel();
-        }
-    }
+    tracing::info!(channels = cfg.channels.len(), instance = %me.id, "sfmirror running");
+    let coordinator = Coordinator {
+        host: me.host.clone(),
+        me,
+        channels: cfg.channels.clone(),
+        deps,
+        ha: cfg.ha.clone(),
+        health: health.clone(),
+    };
+    let result = coordinator.run(shutdown.clone()).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     let _ = (&mut repair_worker.0).await;
     if let Some(mut t) = metrics_task {
-        shutdown.cancel();
         let _ = (&mut t.0).await;
     }
-    if failed == total && total > 0 {
-        return Err(SyncError::AllChannelsStopped { channels: total });
+    result
+}
+
+/// Counts this start and, when the starts before it on this host failed, waits before going
+/// on: the wait doubles with each failed start (from `sync.reconnect_min_ms` to
+/// `sync.reconnect_max_ms`), counted in the control schema so that it survives the restarts
+/// systemd makes. Returns false when shut down while waiting.
+async fn wait_after_failed_starts(
+    cfg: &Config,
+    replica: &Setup,
+    host: &str,
+    shutdown: &CancellationToken,
+) -> Result<bool, SyncError> {
+    let failed = {
+        let client = replica.pool.get().await.map_err(ReplicaError::from)?;
+        ownership::start_attempt(&client, &replica.settings.control_schema, host).await?
+    };
+    if failed == 0 {
+        return Ok(true);
     }
-    Ok(())
+    let delay = cfg.sync.retry_backoff().delay_for(failed);
+    tracing::warn!(
+        failed_starts = failed,
+        wait_ms = delay.as_millis() as u64,
+        "the last starts on this host did not get ready; waiting before connecting to Salesforce"
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(false),
+        _ = tokio::time::sleep(delay) => Ok(true),
+    }
 }
 
 /// Longest time between two `STATUS=` lines (and watchdog checks, when the watchdog period is

@@ -58,6 +58,9 @@ struct Inner {
     /// After this long disconnected, a channel is no longer ready.
     stale_after: Duration,
     migrated: AtomicBool,
+    /// Whether the first round of taking channels is done (before it, owning none does not
+    /// make a standby).
+    settled: AtomicBool,
     repairs_pending: AtomicI64,
     channels: Mutex<BTreeMap<String, Arc<Mutex<ChannelState>>>>,
 }
@@ -118,6 +121,7 @@ impl Health {
                 started_ms: now_ms(),
                 stale_after,
                 migrated: AtomicBool::new(false),
+                settled: AtomicBool::new(false),
                 repairs_pending: AtomicI64::new(0),
                 channels: Mutex::new(BTreeMap::new()),
             }),
@@ -141,6 +145,18 @@ impl Health {
         self.inner.migrated.store(true, Ordering::Relaxed);
     }
 
+    /// Records that this instance has taken the channels it will own for now: from here on,
+    /// owning none means a standby.
+    pub fn settled(&self) {
+        self.inner.settled.store(true, Ordering::Relaxed);
+    }
+
+    /// Forgets channel `name`: another instance owns it now.
+    pub fn release(&self, name: &str) {
+        lock(&self.inner.channels).remove(name);
+        super::record_channel_released(name);
+    }
+
     /// Records how many repairs are queued in all.
     pub fn repairs_pending(&self, n: i64) {
         self.inner.repairs_pending.store(n, Ordering::Relaxed);
@@ -150,6 +166,7 @@ impl Health {
     /// least once (or none owned: a standby).
     pub fn started(&self) -> bool {
         self.inner.migrated.load(Ordering::Relaxed)
+            && self.inner.settled.load(Ordering::Relaxed)
             && lock(&self.inner.channels)
                 .values()
                 .all(|s| lock(s).subscribed_once)
@@ -184,8 +201,9 @@ impl Health {
             });
         }
         let migrated = self.inner.migrated.load(Ordering::Relaxed);
+        let settled = self.inner.settled.load(Ordering::Relaxed);
         Readiness {
-            ready: migrated && channels.iter().all(|c| c.ready),
+            ready: migrated && settled && channels.iter().all(|c| c.ready),
             role: if channels.is_empty() {
                 "standby"
             } else {
@@ -434,6 +452,7 @@ mod tests {
         let (h, c) = health();
         assert!(!h.readiness().ready, "not migrated, not subscribed");
         h.migrated();
+        h.settled();
         assert!(!h.started());
         c.subscribed(None);
         assert!(h.started() && h.readiness().ready);
@@ -478,6 +497,11 @@ mod tests {
         assert!(h.stuck(Duration::ZERO).is_empty(), "a backoff is not stuck");
         let standby = Health::new(Duration::from_secs(1));
         standby.migrated();
+        assert!(
+            !standby.started(),
+            "not a standby before the first round of takeovers"
+        );
+        standby.settled();
         assert!(standby.started() && standby.readiness().ready);
         assert_eq!(standby.readiness().role, "standby");
     }

@@ -320,6 +320,7 @@ pub fn register_series(channels: &[&str], objects: &[&str]) {
         metrics::counter!(REPLAY_RESETS_TOTAL, "channel" => c.clone()).increment(0);
         metrics::gauge!(STREAM_CONNECTED, "channel" => c.clone()).set(0.0);
         metrics::gauge!(CHANNEL_STOPPED, "channel" => c.clone()).set(0.0);
+        metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(0.0);
     }
     for object in objects {
         let o = object.to_string();
@@ -398,6 +399,14 @@ fn record_channel_state(channel: &str, stopped: bool) {
     let c = channel.to_string();
     metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(1.0);
     metrics::gauge!(CHANNEL_STOPPED, "channel" => c).set(f64::from(u8::from(stopped)));
+}
+
+/// A channel this process no longer owns: another instance reports it.
+fn record_channel_released(channel: &str) {
+    let c = channel.to_string();
+    metrics::gauge!(CHANNEL_OWNED, "channel" => c.clone()).set(0.0);
+    metrics::gauge!(STREAM_CONNECTED, "channel" => c.clone()).set(0.0);
+    metrics::gauge!(CHANNEL_STOPPED, "channel" => c).set(0.0);
 }
 
 fn record_ready(ready: bool) {

@@ -30,6 +30,8 @@ pub struct TestConfig {
     metrics_listen: String,
     pubsub_endpoint_override: Option<String>,
     channels: Vec<(String, Vec<String>)>,
+    takeover_secs: u64,
+    audit: bool,
 }
 
 impl TestConfig {
@@ -45,7 +47,23 @@ impl TestConfig {
             metrics_listen: String::new(),
             pubsub_endpoint_override: None,
             channels: Vec::new(),
+            // Short leases: a daemon started after one aborted in the same process takes its
+            // channels over within seconds.
+            takeover_secs: 3,
+            audit: false,
         }
+    }
+
+    /// Sets `[ha] takeover_secs`.
+    pub fn takeover_secs(mut self, secs: u64) -> TestConfig {
+        self.takeover_secs = secs;
+        self
+    }
+
+    /// Records every committed batch with its owner (`[ha] audit`).
+    pub fn audit(mut self) -> TestConfig {
+        self.audit = true;
+        self
     }
 
     /// Sets a numeric key of `[sync]` (`stale_stream_secs`, `reconnect_min_ms`, ...).
@@ -108,6 +126,10 @@ impl TestConfig {
         text.push_str(&format!(
             "[metrics]\nlisten = \"{}\"\n",
             self.metrics_listen
+        ));
+        text.push_str(&format!(
+            "[ha]\ntakeover_secs = {}\naudit = {}\n",
+            self.takeover_secs, self.audit
         ));
         if !self.sync.is_empty() {
             text.push_str("[sync]\n");

@@ -61,6 +61,7 @@ use super::policy::{self, ChannelAction};
 use super::{AbortOnDrop, SyncError};
 use crate::config::{ChannelConfig, SyncConfig};
 use crate::model::ReplayId;
+use crate::replica::ownership::Fence;
 use crate::replica::schema::TableSchema;
 use crate::replica::{ApplySettings, ReplicaError, checkpoint};
 use crate::salesforce::event::SchemaCache;
@@ -124,6 +125,8 @@ pub struct ChannelDeps {
 /// One channel: its config, schema cache and tables.
 pub struct ChannelTask {
     cfg: ChannelConfig,
+    /// The ownership this task replicates under: every checkpoint write checks it.
+    fence: Fence,
     objects: HashSet<String>,
     deps: ChannelDeps,
     schemas: SchemaCache,
@@ -139,8 +142,9 @@ pub struct ChannelTask {
 }
 
 impl ChannelTask {
-    pub fn new(cfg: ChannelConfig, deps: ChannelDeps) -> ChannelTask {
+    pub fn new(cfg: ChannelConfig, fence: Fence, deps: ChannelDeps) -> ChannelTask {
         ChannelTask {
+            fence,
             objects: cfg.objects.iter().cloned().collect(),
             health: deps.health.channel(&cfg.name),
             cfg,
@@ -201,9 +205,19 @@ impl ChannelTask {
                         "stored replay id refused (past the retention window?); resuming at \
                          LATEST and re-reading the channel's objects since the last checkpoint");
                     telemetry::record_replay_reset(&name);
-                    let client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
-                    checkpoint::to_marker(&client, &self.deps.apply.control_schema, &name).await?;
+                    let mut client = self.deps.pool.get().await.map_err(ReplicaError::from)?;
+                    checkpoint::to_marker(
+                        &mut client,
+                        &self.deps.apply.control_schema,
+                        &self.fence,
+                    )
+                    .await?;
                     continue;
+                }
+                ChannelAction::StepDown => {
+                    tracing::warn!(channel = %name, error = %err,
+                        "another instance took this channel over; this one no longer replicates it");
+                    return Ok(());
                 }
                 ChannelAction::Stop => {
                     tracing::error!(channel = %name, error = %err,
@@ -310,6 +324,7 @@ impl ChannelTask {
         let applier = Applier {
             idle: idle.clone(),
             name: name.clone(),
+            fence: self.fence.clone(),
             objects: self.cfg.objects.clone(),
             pool: self.deps.pool.clone(),
             settings: self.deps.apply.clone(),

@@ -29,6 +29,7 @@ use super::AppliedBatch;
 use super::batch::{Applied, Batch};
 use crate::model::ReplayId;
 use crate::replica::apply::{MergePlan, RecordKeys, execute, lock_objects};
+use crate::replica::ownership::{self, Fence};
 use crate::replica::repair_queue::{self, RepairRequest};
 use crate::replica::{self, ApplySettings, ReplicaError, checkpoint, dead_letters, locks};
 use crate::sync::{AbortOnDrop, SyncError};
@@ -50,6 +51,8 @@ pub(super) enum Work {
 /// The apply side of one `Subscribe` call: commits what the decode side queued, in order.
 pub(super) struct Applier {
     pub(super) name: String,
+    /// The ownership every commit is checked against.
+    pub(super) fence: Fence,
     pub(super) objects: Vec<String>,
     pub(super) pool: deadpool_postgres::Pool,
     pub(super) settings: ApplySettings,
@@ -158,8 +161,14 @@ impl Applier {
     /// Persists a keepalive's topic position (nothing is pending before it) and that the
     /// channel is caught up now.
     async fn keepalive(&mut self, latest: ReplayId) -> Result<(), SyncError> {
-        let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        checkpoint::caught_up(&client, &self.settings.control_schema, &self.name, &latest).await?;
+        let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+        checkpoint::caught_up(
+            &mut client,
+            &self.settings.control_schema,
+            &self.fence,
+            &latest,
+        )
+        .await?;
         if !latest.0.is_empty() {
             self.committed = Some(latest);
         }
@@ -186,6 +195,7 @@ impl Applier {
         self.health.applying();
         let job = BatchJob {
             name: self.name.clone(),
+            fence: self.fence.clone(),
             objects: self.objects.clone(),
             pool: self.pool.clone(),
             settings: self.settings.clone(),
@@ -335,6 +345,7 @@ struct Committed {
 /// What a batch's task needs: cheap clones of the apply side's handles.
 struct BatchJob {
     name: String,
+    fence: Fence,
     objects: Vec<String>,
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
@@ -418,16 +429,22 @@ impl BatchJob {
             replay_id: last.clone(),
             commit_timestamp_ms: b.last_commit_ms,
         };
+        let fence = &self.fence;
         match &after {
-            None => checkpoint::save(&tx, &settings.control_schema, name, &cp).await?,
+            None => checkpoint::save(&tx, &settings.control_schema, fence, &cp).await?,
             Some(from) => {
-                if !checkpoint::advance(&tx, &settings.control_schema, name, from, &cp).await? {
+                if !checkpoint::advance(&tx, &settings.control_schema, fence, from, &cp).await? {
                     return Err(SyncError::CheckpointMoved {
                         channel: name.clone(),
                         expected: from.clone(),
                     });
                 }
             }
+        }
+        if settings.audit_batches {
+            let first = applied.replay_ids.first().map(|r| r.0.as_slice());
+            let n = applied.replay_ids.len();
+            ownership::audit_batch(&tx, &settings.control_schema, fence, first, &last.0, n).await?;
         }
         let statements_took = started.elapsed();
         tx.commit()

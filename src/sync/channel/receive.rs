@@ -221,7 +221,7 @@ impl ChannelTask {
             replay_id: ReplayId::default(),
             commit_timestamp_ms: Some(subscribed_at),
         };
-        checkpoint::save(&tx, &settings.control_schema, &self.cfg.name, &marker).await?;
+        checkpoint::save(&tx, &settings.control_schema, &self.fence, &marker).await?;
         tx.commit()
             .await
             .map_err(ReplicaError::pg("commit start-up repairs"))?;
