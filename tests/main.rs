@@ -27,6 +27,7 @@ mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;
 mod end_to_end;
+mod ha;
 mod layering;
 mod merge_properties;
 mod randomized;

@@ -6,7 +6,9 @@
 use super::setup::Setup;
 use crate::config::Config;
 use crate::model::EVENT_RETENTION_SECS;
-use crate::replica::{ReplicaError, checkpoint, dead_letters, migrate, repair_queue, sync_state};
+use crate::replica::{
+    ReplicaError, checkpoint, dead_letters, migrate, ownership, repair_queue, sync_state,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt;
@@ -34,6 +36,18 @@ pub struct ChannelStatus {
     /// Seconds left before the checkpoint falls out of the 72-hour retention; when it does,
     /// the next start resubscribes at LATEST and repairs the objects since then.
     pub retention_headroom_seconds: Option<i64>,
+    /// The instance that owns the channel, while its lease runs (`None`: no live owner).
+    pub owner: Option<Owner>,
+}
+
+/// Which instance replicates a channel.
+#[derive(Debug, Clone, Serialize)]
+pub struct Owner {
+    pub host: String,
+    pub pid: i32,
+    pub instance: String,
+    /// The fencing epoch: how many times the channel changed hands.
+    pub epoch: i64,
 }
 
 impl ChannelStatus {
@@ -46,6 +60,7 @@ impl ChannelStatus {
             last_event_committed_at: None,
             checkpoint_updated_at: None,
             retention_headroom_seconds: None,
+            owner: None,
         }
     }
 }
@@ -120,11 +135,33 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
             checkpoint_updated_at: Some(updated),
             retention_headroom_seconds: (!replay.is_empty())
                 .then(|| EVENT_RETENTION_SECS - (now - basis).num_seconds()),
+            owner: None,
         });
     }
     for c in configured {
         if !report.channels.iter().any(|s| s.channel == c) {
             report.channels.push(ChannelStatus::not_started(c));
+        }
+    }
+    if state.has(7) {
+        for lease in ownership::leases(&client, control).await? {
+            let (false, Some(instance), Some(host), Some(pid)) =
+                (lease.expired, lease.instance, lease.host, lease.pid)
+            else {
+                continue;
+            };
+            if let Some(c) = report
+                .channels
+                .iter_mut()
+                .find(|c| c.channel == lease.channel)
+            {
+                c.owner = Some(Owner {
+                    host,
+                    pid,
+                    instance,
+                    epoch: lease.epoch,
+                });
+            }
         }
     }
     report.repairs = repair_queue::summary(&client, control, state.has(5))
@@ -175,17 +212,22 @@ impl fmt::Display for StatusReport {
         let now = self.checked_at;
         writeln!(f, "channels:")?;
         for c in &self.channels {
-            let note = if c.configured {
+            let configured = if c.configured {
                 ""
             } else {
                 " (no longer configured)"
             };
+            let note = configured;
+            let owner = match &c.owner {
+                Some(o) => format!("; owned by {} pid {} (epoch {})", o.host, o.pid, o.epoch),
+                None => "; no live owner".to_string(),
+            };
             match &c.replay_id {
-                None => writeln!(f, "  {}{note}: no checkpoint yet", c.channel)?,
+                None => writeln!(f, "  {}{note}: no checkpoint yet{owner}", c.channel)?,
                 Some(replay) => writeln!(
                     f,
                     "  {}{note}: replay {replay}; last event {}; checkpoint moved {}; \
-                     retention headroom {}",
+                     retention headroom {}{owner}",
                     c.channel,
                     ago(c.last_event_committed_at, now),
                     ago(c.checkpoint_updated_at, now),
