@@ -10,8 +10,14 @@
 //! - every alert has a severity and says what it means and what to do; every panel has a
 //!   title and a query.
 //!
+//! - the systemd units (`systemd/*.service`, `*.timer`) pass `systemd-analyze verify` without
+//!   a word of warning, run on the built binary; every service's exposure in `systemd-analyze
+//!   security --offline=true` is at most [`MAX_EXPOSURE`]; every service loads the same
+//!   credentials.
+//!
 //! promtool comes with Debian's `prometheus` package (`.ci/run` installs it). Without it the
-//! promtool tests fail, unless `SFMIRROR_SKIP_PROMTOOL=1` says to skip them.
+//! promtool tests fail, unless `SFMIRROR_SKIP_PROMTOOL=1` says to skip them. Likewise
+//! systemd-analyze (Debian's `systemd` package) and `SFMIRROR_SKIP_SYSTEMD_ANALYZE=1`.
 
 use sfmirror::telemetry::{Kind, METRICS, PROCESS_METRICS};
 use std::collections::BTreeSet;
@@ -404,4 +410,235 @@ fn dashboard_panels_have_titles_and_queries() {
         with_queries >= 10,
         "only {with_queries} panels with queries"
     );
+}
+
+// ---- systemd units ----
+
+const SYSTEMD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
+
+/// Where the units expect the binary (the README's install step puts it there).
+const INSTALLED_BINARY: &str = "/usr/local/bin/sfmirror";
+
+/// The highest overall exposure `systemd-analyze security` may give a shipped service.
+const MAX_EXPOSURE: f64 = 2.0;
+
+/// The credentials every service loads: `$CREDENTIALS_DIRECTORY/<name>` for each that the
+/// operator provides.
+const CREDENTIALS: [&str; 7] = [
+    "client_secret",
+    "private_key",
+    "refresh_token",
+    "access_token",
+    "password",
+    "replica_password",
+    "replica_url",
+];
+
+/// The unit files under `systemd/` (services and timers), by file name.
+fn unit_files() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(SYSTEMD)
+        .unwrap_or_else(|e| panic!("reading {SYSTEMD}: {e}"))
+        .map(|entry| entry.expect("a directory entry").file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".service") || name.ends_with(".timer"))
+        .collect();
+    names.sort();
+    assert!(
+        names.iter().any(|n| n == "sfmirror.service"),
+        "no sfmirror.service in {SYSTEMD}: {names:?}"
+    );
+    names
+}
+
+/// The name a unit file is checked under: a template (`name@.service`) becomes the instance
+/// `name@demo.service`, as `systemctl start` would name it.
+fn instance_name(file: &str) -> String {
+    file.replacen("@.", "@demo.", 1)
+}
+
+/// The units copied into a fresh directory under their instance names, each `ExecStart=`
+/// pointing at the binary this build made (verify checks that the command exists and is
+/// executable). Returns the directory and the staged files.
+fn staged_units(purpose: &str) -> (PathBuf, Vec<PathBuf>) {
+    let dir = std::env::temp_dir().join(format!("sfmirror-units-{purpose}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the staging directory");
+    let mut staged = Vec::new();
+    for file in unit_files() {
+        let text = read(&Path::new(SYSTEMD).join(&file));
+        if file.ends_with(".service") {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("ExecStart={INSTALLED_BINARY} "))),
+                "{file}: ExecStart= runs {INSTALLED_BINARY}"
+            );
+        }
+        let path = dir.join(instance_name(&file));
+        std::fs::write(
+            &path,
+            text.replace(INSTALLED_BINARY, env!("CARGO_BIN_EXE_sfmirror")),
+        )
+        .expect("writing a staged unit");
+        staged.push(path);
+    }
+    (dir, staged)
+}
+
+/// Runs systemd-analyze with `args` and returns whether it succeeded and what it printed
+/// (stdout, then stderr). `None`: it is missing and the environment says to skip.
+fn systemd_analyze(args: &[&str]) -> Option<(bool, String)> {
+    let output = match Command::new("systemd-analyze")
+        .args(args)
+        .env("SYSTEMD_COLORS", "0")
+        .env_remove("SYSTEMD_LOG_LEVEL")
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::env::var("SFMIRROR_SKIP_SYSTEMD_ANALYZE").is_ok_and(|v| v == "1") {
+                eprintln!(
+                    "systemd-analyze not installed; skipped (SFMIRROR_SKIP_SYSTEMD_ANALYZE=1)"
+                );
+                return None;
+            }
+            panic!(
+                "systemd-analyze is not installed: install Debian's `systemd` package \
+                 (systemd 252 or later), or set SFMIRROR_SKIP_SYSTEMD_ANALYZE=1 to skip the \
+                 checks of the units under systemd/"
+            );
+        }
+        Err(e) => panic!("running systemd-analyze: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some((output.status.success(), text))
+}
+
+/// The overall exposure `systemd-analyze security` reports for one unit
+/// (`→ Overall exposure level for x.service: 1.1 OK 🙂`).
+fn overall_exposure(report: &str) -> Option<f64> {
+    let line = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level for"))?;
+    let (_, value) = line.rsplit_once(": ")?;
+    value.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn the_overall_exposure_is_read_from_the_report() {
+    let report = "✗ UMask=    Files created by service are world-readable by default    0.1\n\
+                  \n\
+                  → Overall exposure level for sfmirror@demo.service: 8.5 EXPOSED 🙁\n";
+    assert_eq!(overall_exposure(report), Some(8.5));
+    assert_eq!(
+        overall_exposure("→ Overall exposure level for a.service: 1.1 OK 🙂"),
+        Some(1.1)
+    );
+    assert_eq!(overall_exposure("Failed to load unit"), None);
+}
+
+#[test]
+fn systemd_units_pass_verify_without_a_warning() {
+    let (dir, staged) = staged_units("verify");
+    let mut args = vec!["verify"];
+    args.extend(
+        staged
+            .iter()
+            .map(|p| p.to_str().expect("a UTF-8 temp path")),
+    );
+    let result = systemd_analyze(&args);
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some((ok, text)) = result else { return };
+    // verify exits 0 on unknown keys and settings newer than the installed systemd: any
+    // output at all is a finding.
+    assert!(
+        ok && text.trim().is_empty(),
+        "systemd-analyze verify on {} said:\n{text}",
+        staged
+            .iter()
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
+#[test]
+fn systemd_services_are_hardened() {
+    let (dir, staged) = staged_units("security");
+    let mut exposures = Vec::new();
+    let mut reports = Vec::new();
+    for unit in staged
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+    {
+        let path = unit.to_str().expect("a UTF-8 temp path");
+        let Some((ok, report)) = systemd_analyze(&["security", "--offline=true", path]) else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        let name = unit
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let exposure = overall_exposure(&report);
+        if !ok || exposure.is_none_or(|e| e > MAX_EXPOSURE) {
+            reports.push(format!("{name}:\n{report}"));
+        }
+        exposures.push((name, exposure));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(exposures.len() >= 4, "too few services: {exposures:?}");
+    assert!(
+        reports.is_empty(),
+        "every service under systemd/ must have an overall exposure of at most \
+         {MAX_EXPOSURE}: {exposures:?}\n\n{}",
+        reports.join("\n")
+    );
+}
+
+#[test]
+fn every_service_loads_the_same_credentials() {
+    for file in unit_files().iter().filter(|f| f.ends_with(".service")) {
+        let text = read(&Path::new(SYSTEMD).join(file));
+        let ids: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("LoadCredential="))
+            .map(|v| v.split(':').next().unwrap_or(v))
+            .collect();
+        assert_eq!(ids, CREDENTIALS, "{file}: LoadCredential= ids");
+        // A source without a slash is looked up in the credential store and skipped when
+        // missing; an absolute path would fail the start without its file.
+        for line in text.lines().filter(|l| l.starts_with("LoadCredential=")) {
+            let source = line.split_once(':').map(|(_, s)| s).unwrap_or("");
+            assert!(
+                !source.is_empty() && !source.contains('/'),
+                "{file}: {line}: the source must be a credential store name"
+            );
+        }
+    }
+}
+
+#[test]
+fn daemon_services_are_notify_units_that_stop_on_a_configuration_error() {
+    for file in ["sfmirror.service", "sfmirror@.service"] {
+        let text = read(&Path::new(SYSTEMD).join(file));
+        for line in [
+            "Type=notify",
+            "WatchdogSec=5min",
+            "Restart=on-failure",
+            // 78 (EX_CONFIG): what a restart cannot fix.
+            "RestartPreventExitStatus=78",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{file} lacks {line}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ExecStart=") && l.contains(" run --config ")),
+            "{file} runs `sfmirror run`"
+        );
+    }
 }

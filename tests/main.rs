@@ -14,7 +14,8 @@
 //! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 //! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
-//!   against the metrics `telemetry` exports.
+//!   against the metrics `telemetry` exports; the systemd units under `systemd/`, checked with
+//!   systemd-analyze.
 
 mod common;
 
