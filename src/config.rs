@@ -274,6 +274,16 @@ fn default_pool_size() -> usize {
     8
 }
 
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is this machine:
+/// `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
 /// An object that no configured channel carries.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown object `{object}`: the configured channels carry {configured}")]
@@ -495,6 +505,9 @@ impl Config {
         if r.url.is_empty() {
             return Err(invalid("replica.url", "must not be empty"));
         }
+        crate::replica::conninfo::ConnInfo::parse(r.url.expose())
+            .and_then(|info| info.pg_config())
+            .map_err(|e| invalid("replica.url", e.0))?;
         for (key, name) in [
             ("replica.schema", &r.schema),
             ("replica.control_schema", &r.control_schema),
@@ -673,6 +686,27 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(err.contains("unknown_key"), "{err}");
+    }
+
+    #[test]
+    fn the_replica_sslmode_is_checked() {
+        let text = GOOD.replace(
+            "postgres://postgres@127.0.0.1/test",
+            "postgres://postgres:hunter2@127.0.0.1/test?sslmode=verify_full",
+        );
+        let err = Config::from_toml(&text)
+            .expect_err("bad sslmode")
+            .to_string();
+        assert!(
+            err.contains("replica.url") && err.contains("`verify_full`"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let text = GOOD.replace(
+            "postgres://postgres@127.0.0.1/test",
+            "host=db.example user=u sslmode=verify-full sslrootcert=/etc/ca.pem",
+        );
+        Config::from_toml(&text).expect("verify-full with a root file");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
 //! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
+//! - `tls`: the replica connection's `sslmode`s against a cluster with TLS on.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 //! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
 //!   against the metrics `telemetry` exports.
@@ -34,4 +35,5 @@ mod setup;
 mod signals;
 mod snapshot;
 mod streaming;
+mod tls;
 mod verify;
