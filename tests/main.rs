@@ -12,6 +12,7 @@
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
 //! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
+//! - `privileges`: the README's least-privilege roles, run as written.
 //! - `tls`: the replica connection's `sslmode`s against a cluster with TLS on.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 //! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
@@ -30,6 +31,7 @@ mod emulator_rest;
 mod end_to_end;
 mod layering;
 mod merge_properties;
+mod privileges;
 mod randomized;
 mod setup;
 mod signals;
