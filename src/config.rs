@@ -334,6 +334,30 @@ fn default_pool_size() -> usize {
     8
 }
 
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is this machine:
+/// `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
+/// Checks that a Salesforce URL is https, or http to this machine (an emulator). The error
+/// says what is wrong with it; the caller adds what would leak.
+pub fn check_salesforce_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if parsed.host_str().is_some_and(is_loopback_host) => Ok(()),
+        "http" => Err(format!(
+            "`{url}` is not https (http is accepted only for localhost, 127.0.0.0/8 or ::1)"
+        )),
+        _ => Err(format!("`{url}` is not an https URL")),
+    }
+}
+
 /// An object that no configured channel carries.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown object `{object}`: the configured channels carry {configured}")]
@@ -518,12 +542,30 @@ impl Config {
     /// Checks everything that can be checked without the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let sf = &self.salesforce;
-        for (key, url) in [
-            ("salesforce.login_url", sf.login_url.as_str()),
-            ("salesforce.pubsub_endpoint", sf.pubsub_endpoint.as_str()),
+        for (key, url, carries) in [
+            (
+                "salesforce.login_url",
+                Some(sf.login_url.as_str()),
+                "the client secret, password or signed assertion",
+            ),
+            (
+                "salesforce.pubsub_endpoint",
+                Some(sf.pubsub_endpoint.as_str()),
+                "the access token and every change event",
+            ),
+            (
+                "salesforce.instance_url",
+                sf.instance_url.as_deref(),
+                "the access token and every record",
+            ),
         ] {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(invalid(key, format!("`{url}` is not an http(s) URL")));
+            if let Some(url) = url {
+                check_salesforce_url(url).map_err(|message| {
+                    invalid(
+                        key,
+                        format!("{message}: {carries} would travel in plaintext"),
+                    )
+                })?;
             }
         }
         if sf.api_version.parse::<f32>().is_err() || !sf.api_version.contains('.') {
@@ -602,6 +644,9 @@ impl Config {
                 "must be set (or replica.url_file, or the replica_url credential)",
             ));
         }
+        crate::replica::conninfo::ConnInfo::parse(r.url.expose())
+            .and_then(|info| info.pg_config())
+            .map_err(|e| invalid("replica.url", e.0))?;
         for (key, name) in [
             ("replica.schema", &r.schema),
             ("replica.control_schema", &r.control_schema),
@@ -783,6 +828,74 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(err.contains("unknown_key"), "{err}");
+    }
+
+    #[test]
+    fn salesforce_urls_must_be_https_unless_loopback() {
+        for (key, line) in [
+            (
+                "salesforce.login_url",
+                "login_url = \"http://login.example.com\"",
+            ),
+            (
+                "salesforce.pubsub_endpoint",
+                "pubsub_endpoint = \"http://api.pubsub.example.com:7443\"",
+            ),
+            (
+                "salesforce.instance_url",
+                "instance_url = \"http://na1.example.my.salesforce.com\"",
+            ),
+        ] {
+            let text = GOOD.replace("[replica]", &format!("{line}\n[replica]"));
+            let err = Config::from_toml(&text).expect_err(key).to_string();
+            assert!(
+                err.contains(key) && err.contains("not https") && err.contains("plaintext"),
+                "{err}"
+            );
+        }
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3",
+            "http://localhost:1234/",
+            "http://[::1]:443",
+            "https://login.example.com",
+        ] {
+            let text = GOOD.replace(
+                "[replica]",
+                &format!(
+                    "login_url = \"{url}\"\npubsub_endpoint = \"{url}\"\n\
+                     instance_url = \"{url}\"\n[replica]"
+                ),
+            );
+            Config::from_toml(&text).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        let text = GOOD.replace("[replica]", "login_url = \"ftp://x\"\n[replica]");
+        let err = Config::from_toml(&text).expect_err("ftp").to_string();
+        assert!(err.contains("salesforce.login_url"), "{err}");
+        assert!(!is_loopback_host("128.0.0.1"));
+        assert!(!is_loopback_host("localhost.example.com"));
+        assert!(is_loopback_host("LOCALHOST") && is_loopback_host("[::1]"));
+    }
+
+    #[test]
+    fn the_replica_sslmode_is_checked() {
+        let text = GOOD.replace(
+            "postgres://postgres@127.0.0.1/test",
+            "postgres://postgres:hunter2@127.0.0.1/test?sslmode=verify_full",
+        );
+        let err = Config::from_toml(&text)
+            .expect_err("bad sslmode")
+            .to_string();
+        assert!(
+            err.contains("replica.url") && err.contains("`verify_full`"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let text = GOOD.replace(
+            "postgres://postgres@127.0.0.1/test",
+            "host=db.example user=u sslmode=verify-full sslrootcert=/etc/ca.pem",
+        );
+        Config::from_toml(&text).expect("verify-full with a root file");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
 //! - `signals`: metrics, readiness and systemd notifications, seen from outside the process.
+//! - `privileges`: the README's least-privilege roles, run as written.
+//! - `tls`: the replica connection's `sslmode`s against a cluster with TLS on.
 //! - `layering`: the layout rules of `src/lib.rs`, checked on the source text.
 //! - `deploy`: the alert rules and dashboard under `deploy/`, checked with promtool and
 //!   against the metrics `telemetry` exports; the systemd units under `systemd/`, checked with
@@ -31,9 +33,11 @@ mod end_to_end;
 mod ha;
 mod layering;
 mod merge_properties;
+mod privileges;
 mod randomized;
 mod setup;
 mod signals;
 mod snapshot;
 mod streaming;
+mod tls;
 mod verify;

@@ -63,19 +63,18 @@ pub async fn migrate(
     )
     .await
     .map_err(ReplicaError::pg("migration lock"))?;
+    ensure_schema(&tx, control_schema).await?;
+    ensure_schema(&tx, data_schema).await?;
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {ctl};
-         CREATE SCHEMA IF NOT EXISTS {data};
-         CREATE TABLE IF NOT EXISTS {ctl}.migrations (
+        "CREATE TABLE IF NOT EXISTS {ctl}.migrations (
              version    integer PRIMARY KEY,
              name       text NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now()
-         );",
-        data = quote(data_schema)
+         );"
     ))
     .await
     .map_err(ReplicaError::pg(format!(
-        "create schemas {control_schema}, {data_schema}"
+        "create table {control_schema}.migrations"
     )))?;
     let rows = tx
         .query(&format!("SELECT version FROM {ctl}.migrations"), &[])
@@ -127,6 +126,63 @@ pub async fn migrate(
         );
     }
     Ok(ran)
+}
+
+/// Makes sure `schema` exists and this role may use it and create tables in it. A schema
+/// that exists is not created again: `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the
+/// database even then, which a role given pre-created schemas does not have.
+async fn ensure_schema(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<(), ReplicaError> {
+    let found = tx
+        .query_opt(
+            "SELECT has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE'),
+                    current_user::text
+             FROM pg_namespace WHERE nspname = $1",
+            &[&schema],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("look up schema {schema}")))?;
+    let Some(row) = found else {
+        return tx
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+            .await
+            .map_err(|e| match e.code() {
+                Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    ReplicaError::Schema {
+                        object: format!("schema {schema}"),
+                        message: format!(
+                            "does not exist, and this role may not create it (no CREATE on \
+                             the database): create it for this role, e.g. CREATE SCHEMA \
+                             {schema} AUTHORIZATION <role>, or grant CREATE on the database \
+                             (see \"Least privilege\" in the README)"
+                        ),
+                    }
+                }
+                _ => ReplicaError::Postgres {
+                    context: format!("create schema {schema}"),
+                    error: e,
+                },
+            });
+    };
+    let (usage, create, role): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+    let missing: Vec<&str> = [("USAGE", usage), ("CREATE", create)]
+        .into_iter()
+        .filter(|(_, has)| !has)
+        .map(|(privilege, _)| privilege)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ReplicaError::Schema {
+        object: format!("schema {schema}"),
+        message: format!(
+            "role {role} lacks {} on it: GRANT USAGE, CREATE ON SCHEMA {schema} TO {role} (or \
+             make the role its owner)",
+            missing.join(" and ")
+        ),
+    })
 }
 
 /// How far a control schema is migrated, read without changing anything.

@@ -13,12 +13,15 @@
 //!   included), [`dead_letters`], [`sync_state`] (per-object snapshot bookkeeping).
 //! - [`keys`]: verify's read of a table's keys; [`locks`]: the advisory locks writers
 //!   coordinate with.
+//! - [`conninfo`]: `replica.url`'s `sslmode` and `sslrootcert`; [`tls`]: the TLS sessions
+//!   and certificate checks they ask for.
 //!
 //! This module consumes [`crate::model`] values and never talks to Salesforce.
 
 pub mod apply;
 pub mod binary;
 pub mod checkpoint;
+pub mod conninfo;
 pub mod dead_letters;
 pub mod keys;
 pub mod locks;
@@ -28,6 +31,7 @@ pub mod repair_queue;
 pub mod schema;
 pub mod snapshot;
 pub mod sync_state;
+pub mod tls;
 
 use crate::config::{DeleteMode, ReplicaConfig};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -132,6 +136,11 @@ pub fn postgres_message(e: &tokio_postgres::Error) -> String {
 fn pool_message(e: &deadpool_postgres::PoolError) -> String {
     use deadpool_postgres::PoolError;
     match e {
+        PoolError::Backend(e) if server_refused_tls(e) => format!(
+            "cannot connect: {}; replica.url's sslmode requires TLS: enable ssl on the server \
+             or change sslmode",
+            postgres_message(e)
+        ),
         PoolError::Backend(e) => format!("cannot connect: {}", postgres_message(e)),
         PoolError::Timeout(_) => {
             "no connection became free in time (pool_size too small, or the server is slow)"
@@ -148,6 +157,11 @@ fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     if e.is_closed() {
         return true;
+    }
+    // A certificate refused, or a server without TLS when the mode insists: the next attempt
+    // meets the same server.
+    if tls_error(e).is_some_and(tls::TlsError::is_definite) || server_refused_tls(e) {
+        return false;
     }
     match e.code() {
         // The connection settings cannot work (a password the server asks for and the URL
@@ -183,6 +197,31 @@ fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The TLS failure behind a connection error, if that is what it was.
+fn tls_error(e: &tokio_postgres::Error) -> Option<&tls::TlsError> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<tls::TlsError>() {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Whether the server declined TLS that the mode requires (tokio-postgres says so only in
+/// words).
+fn server_refused_tls(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.to_string() == "server does not support TLS" {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl From<deadpool_postgres::PoolError> for ReplicaError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         ReplicaError::Pool(e)
@@ -215,7 +254,8 @@ impl ApplySettings {
 }
 
 /// Connects to the replica database: a pool, with one connection opened at once so that an
-/// unreachable server or a refused login fails here rather than at the first use.
+/// unreachable server, a refused login or a refused certificate fails here rather than at
+/// the first use. Warns once when that connection is not encrypted and leaves the machine.
 pub async fn connect(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
     connect_as(cfg, "sfmirror").await
 }
@@ -223,27 +263,65 @@ pub async fn connect(cfg: &ReplicaConfig) -> Result<Pool, ReplicaError> {
 /// [`connect`], with every connection's `application_name` set to `name` (a daemon names its
 /// sessions after its instance, see [`ownership::Instance::application_name`]).
 pub async fn connect_as(cfg: &ReplicaConfig, name: &str) -> Result<Pool, ReplicaError> {
-    let pool = pool(cfg, name)?;
-    drop(pool.get().await?);
-    Ok(pool)
-}
-
-/// A connection pool for the replica database; connections open on first use.
-fn pool(cfg: &ReplicaConfig, application_name: &str) -> Result<Pool, ReplicaError> {
-    let mut pg: tokio_postgres::Config =
-        cfg.url
-            .expose()
-            .parse()
-            .map_err(|e: tokio_postgres::Error| ReplicaError::Url {
-                message: e.to_string(),
-            })?;
-    pg.application_name(application_name);
+    let url_error = |message: String| ReplicaError::Url { message };
+    let info = conninfo::ConnInfo::parse(cfg.url.expose()).map_err(|e| url_error(e.0))?;
+    let mut pg = info.pg_config().map_err(|e| url_error(e.0))?;
+    pg.application_name(name);
     if !cfg.password.is_empty() {
         pg.password(cfg.password.expose());
     }
+    let tls = tls::MakeRustlsConnect::new(&info).map_err(url_error)?;
+    let pool = pool(cfg, pg.clone(), tls.clone())?;
+    drop(pool.get().await?);
+    if tls.handshakes() == 0 && !is_local(&pg) {
+        tracing::warn!(
+            host = %hosts(&pg),
+            sslmode = %info.sslmode,
+            "the replica connection is not encrypted and leaves this machine: rows and \
+             credentials cross the network in plaintext; set sslmode=verify-full in replica.url \
+             (with ssl on at the server)"
+        );
+    }
+    Ok(pool)
+}
+
+/// Whether every host of `pg` is this machine: a Unix socket or a loopback address.
+fn is_local(pg: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    if !pg.get_hostaddrs().is_empty() {
+        return pg.get_hostaddrs().iter().all(|a| a.is_loopback());
+    }
+    pg.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => crate::config::is_loopback_host(name),
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    })
+}
+
+/// The hosts of `pg`, for a log line (never the password).
+fn hosts(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let names: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    names.join(",")
+}
+
+/// A connection pool for the replica database; connections open on first use.
+fn pool(
+    cfg: &ReplicaConfig,
+    pg: tokio_postgres::Config,
+    tls: tls::MakeRustlsConnect,
+) -> Result<Pool, ReplicaError> {
     let manager = Manager::from_config(
         pg,
-        tokio_postgres::NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

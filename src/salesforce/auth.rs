@@ -277,9 +277,10 @@ impl Authenticator {
             .or_else(|| self.cfg.instance_url.clone())
             .ok_or_else(|| SourceError::BadResponse {
                 api: "oauth",
-                url,
+                url: url.clone(),
                 message: "token response has no instance_url".to_string(),
             })?;
+        check_instance_url(&instance_url, &url)?;
         Ok((Secret::new(token.access_token), instance_url))
     }
 
@@ -313,5 +314,50 @@ impl Authenticator {
                 url,
                 message: format!("userinfo: {e}"),
             })
+    }
+}
+
+/// Refuses an `instance_url` from the token endpoint that is not https (http is accepted for a
+/// loopback host, an emulator): every later call would carry the access token in plaintext.
+/// Definite: the next login returns the same URL.
+fn check_instance_url(instance_url: &str, token_url: &str) -> Result<(), SourceError> {
+    crate::config::check_salesforce_url(instance_url).map_err(|message| SourceError::Auth {
+        message: format!(
+            "the token endpoint {token_url} returned instance_url {message}: the access token \
+             would travel in plaintext; check salesforce.login_url and the org's My Domain \
+             settings"
+        ),
+        transient: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_url_must_be_https_unless_loopback() {
+        let token_url = "https://login.example.com/services/oauth2/token";
+        for ok in [
+            "https://na1.example.my.salesforce.com",
+            "http://127.0.0.1:41234",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            check_instance_url(ok, token_url).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "http://na1.example.my.salesforce.com",
+            "http://10.0.0.1",
+            "na1",
+        ] {
+            let err = check_instance_url(bad, token_url).expect_err(bad);
+            assert!(!err.is_transient(), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("instance_url") && text.contains(bad),
+                "{text}"
+            );
+        }
     }
 }

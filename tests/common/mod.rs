@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod tls_cluster;
 pub use daemon::{Daemon, TestConfig, emulator};
 
 use std::path::{Path, PathBuf};
