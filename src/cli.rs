@@ -243,6 +243,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "  logged in: org {} at {}",
                 session.org_id, session.instance_url
             );
+            let pubsub = salesforce.pubsub()?;
+            let mut refused = Vec::new();
+            for ch in &cfg.channels {
+                match pubsub.get_topic(&ch.name).await {
+                    Ok(topic) if topic.can_subscribe => {
+                        println!("  channel {}: may be subscribed to", ch.name)
+                    }
+                    Ok(_) => refused.push(format!(
+                        "{}: this user may not subscribe to it (Pub/Sub says can_subscribe = \
+                         false)",
+                        ch.name
+                    )),
+                    // Unreachable, or refused for a reason a retry may fix: exit 1.
+                    Err(e) if e.is_transient() => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("asking Pub/Sub about {}", ch.name)));
+                    }
+                    Err(e) => refused.push(format!("{}: {e}", ch.name)),
+                }
+            }
+            if !refused.is_empty() {
+                return Err(ChannelsRefused(refused).into());
+            }
             Ok(())
         }
         Command::Backfill {
@@ -448,7 +471,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<UnknownObject>() {
             return EX_USAGE;
         }
-        if cause.is::<ConfigError>() {
+        if cause.is::<ConfigError>() || cause.is::<ChannelsRefused>() {
             return EX_CONFIG;
         }
         if let Some(e) = cause.downcast_ref::<SyncError>() {
@@ -491,6 +514,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
     1
 }
+
+/// Channels the org refuses (`check`): no such topic, or no permission to subscribe.
+#[derive(Debug, thiserror::Error)]
+#[error("channel(s) refused by the org:\n  {}", .0.join("\n  "))]
+pub struct ChannelsRefused(pub Vec<String>);
 
 /// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.
 fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

@@ -393,10 +393,18 @@ async fn exit_codes_tell_systemd_what_a_restart_can_fix() {
     let (code, stderr) = run_to_end(&["check"], &unreachable, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
 
-    // Every channel refused by the org: the daemon exits 78 by itself.
+    // A good configuration passes check, which names each channel.
+    let (code, stderr) = run_to_end(&["check"], &good, &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // Every channel refused by the org: check says so and exits 78, and the daemon exits 78
+    // by itself.
     let no_topic = common::TestConfig::new(&emulator, &db.url)
         .channel("/data/NoSuchThingChangeEvent", &["Account"])
         .toml();
+    let (code, stderr) = run_to_end(&["check"], &no_topic, &[]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("/data/NoSuchThingChangeEvent"), "{stderr}");
     let (code, stderr) = run_to_end(&["run"], &no_topic, &[]).await;
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("topic"), "{stderr}");

@@ -412,3 +412,65 @@ async fn killing_the_owners_database_sessions_loses_and_doubles_nothing() {
     b.stop().await;
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_never_got_ready_makes_the_next_one_wait() {
+    let db = TestDb::create().await;
+    let emulator = common::emulator().await;
+    // Pub/Sub unreachable: the daemon retries (a transient error) and never gets ready.
+    let text = common::TestConfig::new(&emulator, &db.url)
+        .channel(ACCOUNTS, &["Account"])
+        .pubsub_endpoint("http://127.0.0.1:1")
+        .toml();
+    let dir = std::env::temp_dir().join(format!("sfm-start-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("sfmirror.toml");
+    std::fs::write(&config, text).expect("config");
+    let failed = async || -> i32 {
+        let client = db.client().await;
+        client
+            .query_opt("SELECT failed FROM sfmirror.start_attempts", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+            .unwrap_or(0)
+    };
+    let first = Process::start(&config, "first");
+    common::wait_for(
+        "the first start counted",
+        Duration::from_secs(60),
+        async || failed().await == 1,
+    )
+    .await;
+    first.stop().await;
+    let second = Process::start(&config, "second");
+    common::wait_for(
+        "the second start counted",
+        Duration::from_secs(60),
+        async || failed().await == 2,
+    )
+    .await;
+    common::wait_for(
+        "the second start's wait",
+        Duration::from_secs(30),
+        async || second.log().contains("did not get ready; waiting"),
+    )
+    .await;
+    second.stop().await;
+
+    // A start that gets ready clears the count.
+    let good = common::TestConfig::new(&emulator, &db.url)
+        .channel(ACCOUNTS, &["Account"])
+        .toml();
+    std::fs::write(&config, good).expect("config");
+    let third = Process::start(&config, "third");
+    common::wait_for(
+        "a good start to clear the count",
+        Duration::from_secs(60),
+        async || failed().await == 0,
+    )
+    .await;
+    third.stop().await;
+    emulator.stop().await;
+}

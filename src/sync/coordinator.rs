@@ -70,11 +70,15 @@ impl Coordinator {
                     channels: self.channels.len(),
                 });
             }
-            if let Err(e) = self.round(&mut owned, &shutdown).await {
-                tracing::warn!(error = %e, "ownership round failed; owned channels go on, \
-                    and a former owner's commits stay fenced");
-            } else {
-                self.health.settled();
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            match self.round(&mut owned, &shutdown).await {
+                Err(e) => tracing::warn!(error = %e, "ownership round failed; owned channels go \
+                    on, and a former owner's commits stay fenced"),
+                // A round cut short by shutdown did not decide what this instance owns.
+                Ok(()) if shutdown.is_cancelled() => {}
+                Ok(()) => self.health.settled(),
             }
             if !reported_ready && self.health.started() {
                 reported_ready = self.record_good_start().await;
