@@ -358,6 +358,17 @@ pub fn check_salesforce_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// The secret in the file at `path` (surrounding whitespace trimmed), read for `key`.
+fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|text| Secret::new(text.trim()))
+        .map_err(|source| ConfigError::SecretFile {
+            key: key.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// An object that no configured channel carries.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown object `{object}`: the configured channels carry {configured}")]
@@ -489,51 +500,38 @@ impl Config {
             ),
         ] {
             if let Some(path) = file {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-                        key: key.to_string(),
-                        path: path.clone(),
-                        source,
-                    })?;
-                *target = Secret::new(text.trim());
+                *target = read_secret(key, path)?;
             }
         }
         Ok(())
     }
 
-    /// Fills the secrets still unset from systemd's credentials directory `dir` (see
-    /// [`CREDENTIALS`]); names that are absent are skipped.
+    /// Fills the secrets still unset from systemd's credentials directory `dir`, each of
+    /// [`CREDENTIALS`] whose file is there.
     pub fn read_credentials(&mut self, dir: &Path) -> Result<(), ConfigError> {
         let sf = &mut self.salesforce;
-        if sf.private_key_file.is_none() {
-            let path = dir.join("private_key");
-            if path.is_file() {
-                sf.private_key_file = Some(path);
-            }
-        }
         let r = &mut self.replica;
-        for (name, target) in [
-            ("client_secret", &mut sf.client_secret),
-            ("refresh_token", &mut sf.refresh_token),
-            ("access_token", &mut sf.access_token),
-            ("password", &mut sf.password),
-            ("replica_password", &mut r.password),
-            ("replica_url", &mut r.url),
-        ] {
-            if !target.is_empty() {
+        for (name, _) in CREDENTIALS {
+            let path = dir.join(name);
+            if !path.is_file() {
                 continue;
             }
-            let path = dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => *target = Secret::new(text.trim()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(ConfigError::SecretFile {
-                        key: format!("credential {name}"),
-                        path,
-                        source,
-                    });
+            let target = match *name {
+                // A key file: the flow reads it by path.
+                "private_key" => {
+                    sf.private_key_file.get_or_insert(path);
+                    continue;
                 }
+                "client_secret" => &mut sf.client_secret,
+                "refresh_token" => &mut sf.refresh_token,
+                "access_token" => &mut sf.access_token,
+                "password" => &mut sf.password,
+                "replica_password" => &mut r.password,
+                "replica_url" => &mut r.url,
+                _ => continue,
+            };
+            if target.is_empty() {
+                *target = read_secret(&format!("credential {name}"), &path)?;
             }
         }
         Ok(())

@@ -261,25 +261,27 @@ async fn run_daemon_briefly(extra: &[&str], envs: &[(&str, &str)]) -> (Option<i3
     let cfg = common::TestConfig::new(&emulator, &db.url)
         .channel("/data/AccountChangeEvent", &["Account"])
         .toml();
-    let path = tmp(&format!("run-{}.toml", rand::random::<u32>()));
-    std::fs::write(&path, cfg).expect("write config");
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"));
-    cmd.args(extra)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .env_remove("SFMIRROR_LOG_FORMAT")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn sfmirror run");
+    let out = run_until_subscribed(&emulator, &cfg, extra, envs).await;
+    emulator.stop().await;
+    out
+}
+
+/// Runs `sfmirror <extra> run` with the config `toml` and `envs` until it has subscribed to
+/// `emulator`, stops it with SIGTERM, and returns its exit code and stderr.
+async fn run_until_subscribed(
+    emulator: &sfmirror::emulator::Emulator,
+    toml: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let before = emulator.subscription_count();
+    let run: Vec<&str> = extra.iter().copied().chain(["run"]).collect();
+    let child = spawn_with_config(&run, toml, envs);
     let pid = child.id().expect("pid");
     common::wait_for(
         "the daemon's subscription",
         std::time::Duration::from_secs(60),
-        async || emulator.subscription_count() >= 1,
+        async || emulator.subscription_count() > before,
     )
     .await;
     let killed = Command::new("kill")
@@ -288,7 +290,6 @@ async fn run_daemon_briefly(extra: &[&str], envs: &[(&str, &str)]) -> (Option<i3
         .expect("kill");
     assert!(killed.success());
     let out = child.wait_with_output().await.expect("wait");
-    emulator.stop().await;
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -339,16 +340,17 @@ async fn logs_fit_the_journal_and_log_shippers() {
     }
 }
 
-/// Runs `sfmirror <args> --config <toml>` to its end (at most two minutes) with `envs`, and
-/// returns its exit code and stderr.
-async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option<i32>, String) {
-    let path = tmp(&format!("end-{}.toml", rand::random::<u32>()));
+/// Starts `sfmirror <args> --config FILE`, FILE holding `toml`, with `envs` on a clean log
+/// and credentials environment; stderr is piped.
+fn spawn_with_config(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> tokio::process::Child {
+    let path = tmp(&format!("run-{}.toml", rand::random::<u32>()));
     std::fs::write(&path, toml).expect("write config");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"));
     cmd.args(args)
         .arg("--config")
         .arg(&path)
         .env_remove("RUST_LOG")
+        .env_remove("SFMIRROR_LOG_FORMAT")
         .env_remove("CREDENTIALS_DIRECTORY")
         .kill_on_drop(true)
         .stderr(std::process::Stdio::piped())
@@ -356,7 +358,13 @@ async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().expect("spawn sfmirror");
+    cmd.spawn().expect("spawn sfmirror")
+}
+
+/// Runs `sfmirror <args> --config <toml>` to its end (at most two minutes) with `envs`, and
+/// returns its exit code and stderr.
+async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let child = spawn_with_config(args, toml, envs);
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         child.wait_with_output(),
@@ -437,33 +445,13 @@ async fn secrets_come_from_the_credentials_directory_and_are_never_logged() {
     ] {
         std::fs::write(dir.join(name), format!("{value}\n")).expect("write credential");
     }
-    let path = tmp(&format!("cred-{}.toml", rand::random::<u32>()));
-    std::fs::write(&path, &toml).expect("write config");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfmirror"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "trace")
-        .env("CREDENTIALS_DIRECTORY", &dir)
-        .kill_on_drop(true)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn sfmirror run");
-    let pid = child.id().expect("pid");
-    common::wait_for(
-        "the daemon's subscription with credentials from the directory",
-        std::time::Duration::from_secs(60),
-        async || emulator.subscription_count() >= 1,
-    )
-    .await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let out = child.wait_with_output().await.expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let dir_s = dir.display().to_string();
+    let envs = [
+        ("RUST_LOG", "trace"),
+        ("CREDENTIALS_DIRECTORY", dir_s.as_str()),
+    ];
+    let (code, stderr) = run_until_subscribed(&emulator, &toml, &[], &envs).await;
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("sfmirror running"), "{stderr}");
     for (what, value) in [
         ("client secret", secret.as_str()),

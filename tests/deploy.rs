@@ -422,17 +422,14 @@ const INSTALLED_BINARY: &str = "/usr/local/bin/sfmirror";
 /// The highest overall exposure `systemd-analyze security` may give a shipped service.
 const MAX_EXPOSURE: f64 = 2.0;
 
-/// The credentials every service loads: `$CREDENTIALS_DIRECTORY/<name>` for each that the
-/// operator provides.
-const CREDENTIALS: [&str; 7] = [
-    "client_secret",
-    "private_key",
-    "refresh_token",
-    "access_token",
-    "password",
-    "replica_password",
-    "replica_url",
-];
+/// The credentials every service loads: the names the daemon reads from
+/// `$CREDENTIALS_DIRECTORY` ([`sfmirror::config::CREDENTIALS`]).
+fn credentials() -> Vec<&'static str> {
+    sfmirror::config::CREDENTIALS
+        .iter()
+        .map(|(name, _)| *name)
+        .collect()
+}
 
 /// The unit files under `systemd/` (services and timers), by file name.
 fn unit_files() -> Vec<String> {
@@ -609,7 +606,7 @@ fn every_service_loads_the_same_credentials() {
             .filter_map(|l| l.strip_prefix("LoadCredential="))
             .map(|v| v.split(':').next().unwrap_or(v))
             .collect();
-        assert_eq!(ids, CREDENTIALS, "{file}: LoadCredential= ids");
+        assert_eq!(ids, credentials(), "{file}: LoadCredential= ids");
         // A source without a slash is looked up in the credential store and skipped when
         // missing; an absolute path would fail the start without its file.
         for line in text.lines().filter(|l| l.starts_with("LoadCredential=")) {

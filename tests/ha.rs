@@ -201,11 +201,17 @@ async fn wait_in_sync(emulator: &Emulator, db: &TestDb, objects: &[&str]) {
 }
 
 fn write_config(emulator: &Emulator, db: &TestDb, channels: &[(&str, &[&str])]) -> PathBuf {
-    let text = common::TestConfig::new(emulator, &db.url)
-        .channels(channels)
-        .takeover_secs(takeover_secs())
-        .audit()
-        .toml();
+    config_file(
+        &common::TestConfig::new(emulator, &db.url)
+            .channels(channels)
+            .takeover_secs(takeover_secs())
+            .audit()
+            .toml(),
+    )
+}
+
+/// `text` in a `sfmirror.toml` of a fresh directory (the processes' logs go beside it).
+fn config_file(text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "sfm-ha-{}-{}",
         std::process::id(),
@@ -422,10 +428,7 @@ async fn a_start_that_never_got_ready_makes_the_next_one_wait() {
         .channel(ACCOUNTS, &["Account"])
         .pubsub_endpoint("http://127.0.0.1:1")
         .toml();
-    let dir = std::env::temp_dir().join(format!("sfm-start-{}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("sfmirror.toml");
-    std::fs::write(&config, text).expect("config");
+    let config = config_file(&text);
     let failed = async || -> i32 {
         let client = db.client().await;
         client

@@ -142,6 +142,33 @@ pub struct Lease {
     pub expired: bool,
 }
 
+/// The columns [`Lease::from_row`] reads, in its order.
+const LEASE_COLUMNS: &str =
+    "channel, epoch, instance, host, pid, expires_at <= clock_timestamp() AS expired";
+
+impl Lease {
+    fn from_row(r: &tokio_postgres::Row) -> Lease {
+        Lease {
+            channel: r.get(0),
+            epoch: r.get(1),
+            instance: r.get(2),
+            host: r.get(3),
+            pid: r.get(4),
+            expired: r.get(5),
+        }
+    }
+
+    /// Whether instance `me` may take this channel: the lease ran out, was never held, is
+    /// already `me`'s, or its owner is gone (`owner_gone`, a process of this host that no
+    /// longer runs).
+    pub fn takeable(&self, me: &str, owner_gone: impl Fn(&Lease) -> bool) -> bool {
+        self.expired
+            || self.instance.is_none()
+            || self.instance.as_deref() == Some(me)
+            || owner_gone(self)
+    }
+}
+
 /// Every channel's lease.
 pub async fn leases(
     client: &impl deadpool_postgres::GenericClient,
@@ -150,25 +177,14 @@ pub async fn leases(
     let rows = client
         .query(
             &format!(
-                "SELECT channel, epoch, instance, host, pid, expires_at <= clock_timestamp()
-                 FROM {}.channel_leases ORDER BY channel",
+                "SELECT {LEASE_COLUMNS} FROM {}.channel_leases ORDER BY channel",
                 quote(control_schema)
             ),
             &[],
         )
         .await
         .map_err(ReplicaError::pg("read channel leases"))?;
-    Ok(rows
-        .iter()
-        .map(|r| Lease {
-            channel: r.get(0),
-            epoch: r.get(1),
-            instance: r.get(2),
-            host: r.get(3),
-            pid: r.get(4),
-            expired: r.get(5),
-        })
-        .collect())
+    Ok(rows.iter().map(Lease::from_row).collect())
 }
 
 /// What one heartbeat found.
@@ -256,14 +272,13 @@ pub enum Take {
     },
     /// Its lease is held (renewed meanwhile, or by a live instance).
     Held,
-    /// Its lease ran out but its row is locked by a transaction of `instance` that did not
-    /// end within the lock timeout: that instance is frozen or cut off mid-batch.
-    Blocked { instance: Option<String> },
+    /// Its lease ran out but its row is locked by a transaction of its former owner that did
+    /// not end within the lock timeout: that instance is frozen or cut off mid-batch.
+    Blocked,
 }
 
-/// Takes `channel` for `me` if its lease has run out, or if `stale_owner` says its owner is
-/// gone (a process of this host that no longer runs). Waits at most `lock_wait` for a former
-/// owner's batch to end.
+/// Takes `channel` for `me` if its lease is [`Lease::takeable`] (with `owner_gone`). Waits at
+/// most `lock_wait` for a former owner's batch to end.
 pub async fn take(
     client: &mut deadpool_postgres::Client,
     control_schema: &str,
@@ -271,7 +286,7 @@ pub async fn take(
     channel: &str,
     ttl: Duration,
     lock_wait: Duration,
-    stale_owner: impl Fn(&Lease) -> bool,
+    owner_gone: impl Fn(&Lease) -> bool,
 ) -> Result<Take, ReplicaError> {
     let ctl = quote(control_schema);
     client
@@ -290,37 +305,22 @@ pub async fn take(
     )
     .await
     .map_err(ReplicaError::pg("set the takeover's lock timeout"))?;
-    let row = match tx
+    let lease = match tx
         .query_one(
             &format!(
-                "SELECT channel, epoch, instance, host, pid, expires_at <= clock_timestamp()
-                 FROM {ctl}.channel_leases WHERE channel = $1 FOR UPDATE"
+                "SELECT {LEASE_COLUMNS} FROM {ctl}.channel_leases WHERE channel = $1 FOR UPDATE"
             ),
             &[&channel],
         )
         .await
     {
-        Ok(row) => row,
+        Ok(row) => Lease::from_row(&row),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-            drop(tx);
-            let instance = leases(&*client, control_schema)
-                .await?
-                .into_iter()
-                .find(|l| l.channel == channel)
-                .and_then(|l| l.instance);
-            return Ok(Take::Blocked { instance });
+            return Ok(Take::Blocked);
         }
         Err(e) => return Err(ReplicaError::pg(format!("lock the lease of {channel}"))(e)),
     };
-    let lease = Lease {
-        channel: row.get(0),
-        epoch: row.get(1),
-        instance: row.get(2),
-        host: row.get(3),
-        pid: row.get(4),
-        expired: row.get(5),
-    };
-    if !lease.expired && lease.instance.as_deref() != Some(&me.id) && !stale_owner(&lease) {
+    if !lease.takeable(&me.id, owner_gone) {
         return Ok(Take::Held);
     }
     let ttl_ms = ttl.as_millis() as i64;

@@ -38,10 +38,19 @@ struct Owned {
     epoch: i64,
     stop: CancellationToken,
     /// `None` once the task ended with an error needing operator action (the lease is kept,
-    /// so no other instance subscribes in vain).
-    /// Aborted when dropped: no channel task outlives the daemon's future (an embedding
-    /// application or a test that drops it mid-way).
+    /// so no other instance subscribes in vain). Aborted when dropped: no channel task
+    /// outlives the daemon's future (an embedding application or a test that drops it).
     task: Option<AbortOnDrop<Result<(), SyncError>>>,
+}
+
+impl Owned {
+    /// Stops the channel's task and waits for it to end.
+    async fn end(self) {
+        self.stop.cancel();
+        if let Some(mut task) = self.task {
+            let _ = (&mut task.0).await;
+        }
+    }
 }
 
 /// Runs the channels this instance owns until `shutdown`.
@@ -51,8 +60,6 @@ pub struct Coordinator {
     pub deps: ChannelDeps,
     pub ha: HaConfig,
     pub health: Health,
-    /// This host's name, for its start-attempt count.
-    pub host: String,
 }
 
 impl Coordinator {
@@ -61,10 +68,10 @@ impl Coordinator {
     /// action ([`SyncError::AllChannelsStopped`]).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SyncError> {
         let mut owned: BTreeMap<String, Owned> = BTreeMap::new();
-        let mut stopped = 0usize;
         let mut reported_ready = false;
         let result = loop {
-            stopped += self.reap(&mut owned).await;
+            self.reap(&mut owned).await;
+            let stopped = owned.values().filter(|o| o.task.is_none()).count();
             if stopped == self.channels.len() && !self.channels.is_empty() {
                 break Err(SyncError::AllChannelsStopped {
                     channels: self.channels.len(),
@@ -92,10 +99,9 @@ impl Coordinator {
         result
     }
 
-    /// Collects channel tasks that ended: stepped down (taken over), or stopped by an error.
-    /// Returns how many stopped by an error now.
-    async fn reap(&self, owned: &mut BTreeMap<String, Owned>) -> usize {
-        let mut stopped = 0;
+    /// Collects channel tasks that ended: stepped down (taken over), or stopped by an error
+    /// (their task is then `None`).
+    async fn reap(&self, owned: &mut BTreeMap<String, Owned>) {
         let mut gone = Vec::new();
         for (name, o) in owned.iter_mut() {
             let Some(task) = o.task.as_mut() else {
@@ -110,12 +116,10 @@ impl Coordinator {
                 Ok(Err(e)) => {
                     tracing::debug!(channel = %name, error = %e, "channel task ended");
                     o.task = None;
-                    stopped += 1;
                 }
                 Err(e) => {
                     tracing::error!(channel = %name, error = %e, "channel task panicked");
                     o.task = None;
-                    stopped += 1;
                 }
             }
         }
@@ -123,7 +127,6 @@ impl Coordinator {
             owned.remove(&name);
             self.health.release(&name);
         }
-        stopped
     }
 
     /// One tick: heartbeat and renewals, channels lost, channels taken.
@@ -147,15 +150,12 @@ impl Coordinator {
                 "another instance took this channel over (this one missed renewing its lease): \
                  no longer replicating it");
             if let Some(o) = owned.remove(&channel) {
-                o.stop.cancel();
-                if let Some(mut task) = o.task {
-                    let _ = (&mut task.0).await;
-                }
+                o.end().await;
             }
             self.health.release(&channel);
         }
         let total = self.channels.len();
-        let live = beat.live_instances.max(1) as usize;
+        let live = beat.live_instances as usize;
         let quota = total.div_ceil(live);
         if owned.len() >= quota || shutdown.is_cancelled() {
             return Ok(());
@@ -169,11 +169,7 @@ impl Coordinator {
                 continue;
             }
             let lease = leases.iter().find(|l| l.channel == ch.name);
-            let free = match lease {
-                None => true,
-                Some(l) => l.expired || l.instance.is_none() || self.owner_gone(l),
-            };
-            if !free {
+            if lease.is_some_and(|l| !l.takeable(&self.me.id, |l| self.owner_gone(l))) {
                 continue;
             }
             let taken = ownership::take(
@@ -193,8 +189,12 @@ impl Coordinator {
                     owned.insert(ch.name.clone(), self.spawn(ch, epoch, shutdown));
                 }
                 Take::Held => {}
-                Take::Blocked { instance } => {
-                    let Some(instance) = instance else { continue };
+                Take::Blocked => {
+                    // Its former owner, as read above (a lease row that did not exist then
+                    // cannot be held by a stuck transaction).
+                    let Some(instance) = lease.and_then(|l| l.instance.clone()) else {
+                        continue;
+                    };
                     tracing::warn!(channel = %ch.name, owner = %instance,
                         "the channel's former owner holds its lease row in a transaction that \
                          does not end (frozen, or cut off mid-batch): ending its sessions");
@@ -211,10 +211,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Whether `lease`'s owner is a process of this host that no longer runs.
+    /// Whether `lease`'s owner is another process of this host that no longer runs.
     fn owner_gone(&self, lease: &ownership::Lease) -> bool {
-        lease.instance.as_deref() != Some(self.me.id.as_str())
-            && lease.host.as_deref() == Some(self.host.as_str())
+        lease.host.as_deref() == Some(self.me.host.as_str())
             && lease
                 .pid
                 .is_some_and(|pid| pid != self.me.pid && !ownership::process_alive(pid))
@@ -244,7 +243,7 @@ impl Coordinator {
         let Ok(client) = self.deps.pool.get().await else {
             return false;
         };
-        ownership::started(&client, &self.deps.apply.control_schema, &self.host)
+        ownership::started(&client, &self.deps.apply.control_schema, &self.me.host)
             .await
             .is_ok()
     }
@@ -254,10 +253,7 @@ impl Coordinator {
     async fn stop_all(&self, owned: BTreeMap<String, Owned>) {
         let mut channels = Vec::new();
         for (name, o) in owned {
-            o.stop.cancel();
-            if let Some(mut task) = o.task {
-                let _ = (&mut task.0).await;
-            }
+            o.end().await;
             channels.push(name);
         }
         let released = match self.deps.pool.get().await {

@@ -102,7 +102,6 @@ pub async fn run(
 
     tracing::info!(channels = cfg.channels.len(), instance = %me.id, "sfmirror running");
     let coordinator = Coordinator {
-        host: me.host.clone(),
         me,
         channels: cfg.channels.clone(),
         deps,

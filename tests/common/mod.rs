@@ -93,26 +93,53 @@ fn run_pg(bin: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn private_cluster() -> String {
+    let port = start_cluster(
+        "sfmirror-test-pg",
+        "-c max_connections=200 -c fsync=off",
+        |_| true,
+        |_| {},
+    );
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
+}
+
+/// Starts (or finds running) a private cluster in `$TMPDIR/<name>`, shared by the test
+/// processes of a run under a file lock and reused by later runs, and returns its port.
+/// `options` are more server options (`{root}` stands for the cluster's directory).
+/// `prepared` says whether the directory holds what the server needs (certificates); when it
+/// does not, a running server is stopped and `prepare` writes them before it starts again.
+pub(crate) fn start_cluster(
+    name: &str,
+    options: &str,
+    prepared: impl Fn(&Path) -> bool,
+    prepare: impl Fn(&Path),
+) -> u16 {
     let bin = pg_bin_dir();
-    let root = std::env::temp_dir().join("sfmirror-test-pg");
+    let root = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&root).expect("create cluster dir");
-    if is_root() {
-        let _ = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&root)
-            .status();
-    }
-    let lock = std::fs::File::create(std::env::temp_dir().join("sfmirror-test-pg.lock"))
+    let lock = std::fs::File::create(std::env::temp_dir().join(format!("{name}.lock")))
         .expect("lock file");
     lock.lock().expect("lock the cluster");
     let data = root.join("data");
-    let port_file = root.join("port");
     let data_s = data.to_string_lossy().to_string();
+    let port_file = root.join("port");
+    let ready = prepared(&root);
     let running = data.join("PG_VERSION").exists()
         && run_pg(&bin.join("pg_ctl"), &["status", "-D", &data_s])
             .status
             .success();
-    if !running {
+    if running && !ready {
+        let _ = run_pg(&bin.join("pg_ctl"), &["stop", "-D", &data_s, "-m", "fast"]);
+    }
+    if !running || !ready {
+        if !ready {
+            prepare(&root);
+        }
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&root)
+                .status();
+        }
         if !data.join("PG_VERSION").exists() {
             let out = run_pg(
                 &bin.join("initdb"),
@@ -132,20 +159,27 @@ fn private_cluster() -> String {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
+        let root_s = root.display().to_string();
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off",
-            root.display()
+            "-p {port} -k {root_s} -c listen_addresses=127.0.0.1 {}",
+            options.replace("{root}", &root_s)
         );
         let log = root.join("server.log").to_string_lossy().to_string();
         let out = run_pg(
             &bin.join("pg_ctl"),
             &["start", "-D", &data_s, "-w", "-l", &log, "-o", &opts],
         );
-        assert!(out.status.success(), "pg_ctl start failed: {out:?}");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {out:?}; see {log}"
+        );
         std::fs::write(&port_file, port.to_string()).expect("write port");
     }
-    let port = std::fs::read_to_string(&port_file).expect("cluster port");
-    format!("postgres://postgres@127.0.0.1:{}/postgres", port.trim())
+    std::fs::read_to_string(&port_file)
+        .expect("cluster port")
+        .trim()
+        .parse()
+        .expect("port number")
 }
 
 /// A database of its own for one test; dropped when the value is dropped.

@@ -7,13 +7,12 @@
 //! by later runs together with its certificates. It is started even when `DATABASE_URL` is
 //! set: that server's TLS set-up is not ours to know.
 
-use super::{is_root, pg_bin_dir, run_pg};
+use super::start_cluster;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 /// The running TLS cluster.
@@ -73,78 +72,21 @@ fn write_certificates(root: &Path) {
 }
 
 fn start() -> TlsCluster {
-    let bin = pg_bin_dir();
-    let root = std::env::temp_dir().join("sfmirror-test-pg-tls");
-    std::fs::create_dir_all(&root).expect("create cluster dir");
-    let lock = std::fs::File::create(std::env::temp_dir().join("sfmirror-test-pg-tls.lock"))
-        .expect("lock file");
-    lock.lock().expect("lock the cluster");
-    let data = root.join("data");
-    let data_s = data.to_string_lossy().to_string();
-    let port_file = root.join("port");
-    let has_certificates = ["ca.pem", "server.crt", "server.key"]
-        .iter()
-        .all(|f| root.join(f).exists());
-    let running = data.join("PG_VERSION").exists()
-        && run_pg(&bin.join("pg_ctl"), &["status", "-D", &data_s])
-            .status
-            .success();
-    if running && !has_certificates {
-        let _ = run_pg(&bin.join("pg_ctl"), &["stop", "-D", &data_s, "-m", "fast"]);
-    }
-    if !running || !has_certificates {
-        if !has_certificates {
-            write_certificates(&root);
-        }
-        if is_root() {
-            let _ = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&root)
-                .status();
-        }
-        if !data.join("PG_VERSION").exists() {
-            let out = run_pg(
-                &bin.join("initdb"),
-                &[
-                    "-D",
-                    &data_s,
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                ],
-            );
-            assert!(out.status.success(), "initdb failed: {out:?}");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let opts = format!(
-            "-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=50 \
-             -c fsync=off -c ssl=on -c ssl_cert_file={root}/server.crt \
-             -c ssl_key_file={root}/server.key",
-            root = root.display()
-        );
-        let log = root.join("server.log").to_string_lossy().to_string();
-        let out = run_pg(
-            &bin.join("pg_ctl"),
-            &["start", "-D", &data_s, "-w", "-l", &log, "-o", &opts],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start (ssl=on) failed: {out:?}; see {log}"
-        );
-        std::fs::write(&port_file, port.to_string()).expect("write port");
-    }
-    let port = std::fs::read_to_string(&port_file)
-        .expect("cluster port")
-        .trim()
-        .parse()
-        .expect("port number");
+    let port = start_cluster(
+        "sfmirror-test-pg-tls",
+        "-c max_connections=50 -c fsync=off -c ssl=on -c ssl_cert_file={root}/server.crt \
+         -c ssl_key_file={root}/server.key",
+        |root| {
+            ["ca.pem", "server.crt", "server.key"]
+                .iter()
+                .all(|f| root.join(f).exists())
+        },
+        write_certificates,
+    );
     TlsCluster {
         port,
-        ca_file: root.join("ca.pem"),
+        ca_file: std::env::temp_dir()
+            .join("sfmirror-test-pg-tls")
+            .join("ca.pem"),
     }
 }
