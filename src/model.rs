@@ -28,6 +28,17 @@ pub struct ObjectDescribe {
     pub fields: Vec<FieldDescribe>,
 }
 
+/// Fields whose value Salesforce derives from other records or the viewing user and never
+/// sends in change events ("Change Event Fields" in the object reference names LastActivityDate
+/// and PhotoUrl as examples; the last viewed/referenced dates are per-user). The emulator leaves
+/// them out of events and the replica re-reads them like formulas.
+pub const DERIVED_FIELDS_NOT_IN_CHANGE_EVENTS: &[&str] = &[
+    "LastActivityDate",
+    "LastViewedDate",
+    "LastReferencedDate",
+    "PhotoUrl",
+];
+
 /// One field of a describe response (the keys sfmirror and the emulator use).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -49,6 +60,10 @@ pub struct FieldDescribe {
     pub nillable: bool,
     #[serde(default)]
     pub calculated: bool,
+    /// The formula of a formula field; absent for roll-up summary fields, which are also
+    /// `calculated` but are stored and sent in change events like ordinary fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calculated_formula: Option<String>,
     #[serde(default)]
     pub compound_field_name: Option<String>,
     #[serde(default)]
@@ -67,6 +82,21 @@ impl FieldDescribe {
     /// The field's type as sfmirror understands it.
     pub fn kind(&self) -> FieldType {
         FieldType::from_describe(&self.field_type)
+    }
+
+    /// A formula field: calculated from a formula (a roll-up summary is calculated without one).
+    pub fn is_formula(&self) -> bool {
+        self.calculated
+            && self
+                .calculated_formula
+                .as_deref()
+                .is_some_and(|f| !f.trim().is_empty())
+    }
+
+    /// A field whose value change events never carry: formulas, and the fields Salesforce
+    /// documents as derived from other records ([`DERIVED_FIELDS_NOT_IN_CHANGE_EVENTS`]).
+    pub fn is_derived(&self) -> bool {
+        self.is_formula() || DERIVED_FIELDS_NOT_IN_CHANGE_EVENTS.contains(&self.name.as_str())
     }
 }
 
@@ -149,6 +179,13 @@ impl ObjectDescribe {
             || self.fields.iter().any(|f| {
                 f.name != field.name && f.compound_field_name.as_deref() == Some(&field.name)
             })
+    }
+
+    /// Whether `field` is a person-name compound `Name` (Contact, Lead, User, person accounts):
+    /// named by its components' `compoundFieldName` and holding a value of its own, which the
+    /// replica keeps in a `name` column beside the components.
+    pub fn is_person_name(&self, field: &FieldDescribe) -> bool {
+        field.name == "Name" && !field.kind().is_compound() && self.is_compound_parent(field)
     }
 
     /// The component of compound field `parent` that a change event calls `sub`
