@@ -26,6 +26,7 @@ mod backfill;
 mod cli;
 mod conformance;
 mod deploy;
+mod derived;
 mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;

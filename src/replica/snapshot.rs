@@ -11,10 +11,10 @@
 //! chunk takes the staging path, so the guard still decides every row that meets another.
 //!
 //! Versions. A snapshot row reflects the record as of the read, which is at least its
-//! `SystemModstamp` and at least the moment Salesforce answered minus one second (its `Date`
-//! header has whole seconds; the caller passes that floor). A row is stored with the larger of
-//! the two, so stream changes committed before the read are recognised as already included,
-//! and later ones still apply.
+//! `SystemModstamp` and at least the read's floor: the `Date` of an answer Salesforce gave
+//! before the read was asked for (the caller passes it; see `salesforce::rest`). A row is
+//! stored with the larger of the two, so stream changes committed before the read are
+//! recognised as already included (no re-read), and later ones still apply.
 //!
 //! Why a snapshot can never undo a newer change (invariant 3): the merge replaces a row only
 //! when the row's version is not newer than the snapshot's. A row it leaves alone because the
@@ -184,8 +184,7 @@ pub struct SnapshotOutcome {
 }
 
 /// Applies `rows` of `table` inside `tx`. `read_floor_ms` is a time in Salesforce's clock
-/// that the read certainly happened after (the answer's `Date` minus a second, or a Bulk
-/// job's creation), if known.
+/// that the read certainly happened after, if known.
 pub async fn apply_snapshot(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,

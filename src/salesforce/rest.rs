@@ -4,6 +4,15 @@
 //! the session once and repeats the call. Error envelopes (`[{"errorCode","message"}]`) become
 //! [`SourceError::Status`] naming the URL and Salesforce's code. `Sforce-Limit-Info` feeds the
 //! API usage gauge.
+//!
+//! # Read floors
+//!
+//! Snapshot merges need a time, in Salesforce's clock, that a read certainly happened after
+//! (see `replica::snapshot`). A response's `Date` has whole seconds and says when it was
+//! *answered*, not when the rows were read: a slow query read them earlier. What is certain is
+//! that a request sent after an answer arrived is served after that answer's `Date`. The client
+//! keeps the latest `Date` it received, and each read returns the one known when it was sent,
+//! so floors need neither a guessed slack nor agreement between Salesforce's clock and ours.
 
 use super::SourceError;
 use super::auth::Authenticator;
@@ -11,12 +20,15 @@ use crate::model::ObjectDescribe;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 #[derive(Clone)]
 pub struct RestClient {
     auth: Arc<Authenticator>,
     http: reqwest::Client,
     api_version: String,
+    /// The latest `Date` (epoch ms) of any answer received; `i64::MIN` before the first.
+    answered_ms: Arc<AtomicI64>,
 }
 
 #[derive(Deserialize)]
@@ -33,7 +45,15 @@ impl RestClient {
             auth,
             http,
             api_version: api_version.to_string(),
+            answered_ms: Arc::new(AtomicI64::new(i64::MIN)),
         }
+    }
+
+    /// A time in Salesforce's clock that anything read by a request sent from now on is read
+    /// after: the latest answer's `Date`. `None` before any answer carried one.
+    pub fn read_floor_ms(&self) -> Option<i64> {
+        let ms = self.answered_ms.load(Ordering::Acquire);
+        (ms != i64::MIN).then_some(ms)
     }
 
     pub fn auth(&self) -> &Arc<Authenticator> {
@@ -91,6 +111,7 @@ impl RestClient {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<QueryPage, SourceError> {
+        let floor = self.read_floor_ms();
         let reply = self
             .send("query", reqwest::Method::GET, path, query, None, &[])
             .await?;
@@ -101,20 +122,23 @@ impl RestClient {
                 message: e.to_string(),
             })?;
         page.read_at_ms = response_date_ms(&reply.headers);
+        page.read_floor_ms = floor;
         Ok(page)
     }
 
     /// sObject Collections retrieve: the records of `ids` (at most 2,000) with `fields`, in
     /// the order of `ids`; `None` where the id does not exist or is deleted. Also returns
-    /// when Salesforce answered (its `Date` header), if it said.
+    /// the read's floor ([`RestClient::read_floor_ms`] as the request was sent) and when
+    /// Salesforce answered (its `Date`).
     pub async fn retrieve(
         &self,
         object: &str,
         ids: &[String],
         fields: &[String],
-    ) -> Result<(Vec<Option<serde_json::Value>>, Option<i64>), SourceError> {
+    ) -> Result<Retrieved, SourceError> {
         let path = format!("{}/composite/sobjects/{object}", self.data_path());
         let body = serde_json::json!({ "ids": ids, "fields": fields });
+        let read_floor_ms = self.read_floor_ms();
         let reply = self
             .send(
                 "composite",
@@ -131,7 +155,11 @@ impl RestClient {
                 url: path.clone(),
                 message: e.to_string(),
             })?;
-        Ok((records, response_date_ms(&reply.headers)))
+        Ok(Retrieved {
+            records,
+            read_floor_ms,
+            answered_ms: response_date_ms(&reply.headers),
+        })
     }
 
     /// Sends a JSON request and parses the JSON answer, renewing the session once if refused.
@@ -197,6 +225,9 @@ impl RestClient {
             let status = resp.status().as_u16();
             crate::telemetry::record_salesforce_request(api, status);
             record_limits(resp.headers());
+            if let Some(ms) = response_date_ms(resp.headers()) {
+                self.answered_ms.fetch_max(ms, Ordering::AcqRel);
+            }
             let resp_headers = resp.headers().clone();
             let bytes = resp.bytes().await.map_err(|source| SourceError::Http {
                 api,
@@ -238,6 +269,17 @@ pub struct Reply {
     pub body: bytes::Bytes,
 }
 
+/// What an sObject Collections retrieve returned.
+#[derive(Debug)]
+pub struct Retrieved {
+    /// One per requested id, in order; `None` where it does not exist or is deleted.
+    pub records: Vec<Option<serde_json::Value>>,
+    /// A time the read certainly happened after, if known (see the module doc).
+    pub read_floor_ms: Option<i64>,
+    /// When Salesforce answered (its `Date`, whole seconds), if it said.
+    pub answered_ms: Option<i64>,
+}
+
 /// One page of a query answer.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -251,6 +293,9 @@ pub struct QueryPage {
     /// When Salesforce answered (its `Date` header, whole seconds), if it said.
     #[serde(skip)]
     pub read_at_ms: Option<i64>,
+    /// A time the page's rows were certainly read after, if known (see the module doc).
+    #[serde(skip)]
+    pub read_floor_ms: Option<i64>,
 }
 
 /// Epoch ms of a response's `Date` header (Salesforce's clock, whole seconds).

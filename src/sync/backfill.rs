@@ -630,6 +630,7 @@ impl Runner {
                     .apply_chunk(
                         table,
                         &chunk.rows,
+                        chunk.read_floor_ms,
                         plan.started_ms,
                         recorded_job.as_deref(),
                         locator,
@@ -678,14 +679,16 @@ impl Runner {
         &self,
         table: &TableSchema,
         rows: &[SnapshotRow],
+        read_floor_ms: Option<i64>,
         started_ms: i64,
         job_id: Option<&str>,
         locator: Option<&str>,
     ) -> Result<usize, BackfillError> {
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
         let tx = replica::begin(&mut client, &format!("snapshot of {}", table.object)).await?;
-        // Rows carry SystemModstamp; records the stream moved past come back as re-reads.
-        let outcome = apply_snapshot(&tx, &self.settings, table, rows, None).await?;
+        // A row is as new as the later of its SystemModstamp and the read's floor; records the
+        // stream changed after the read began come back as re-reads.
+        let outcome = apply_snapshot(&tx, &self.settings, table, rows, read_floor_ms).await?;
         repair_queue::enqueue(
             &tx,
             &self.settings.control_schema,

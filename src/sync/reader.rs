@@ -22,9 +22,10 @@
 //!
 //! # Chunks and read floors
 //!
-//! Every chunk carries a read floor: a time no later than when Salesforce read its rows
-//! (the answer's `Date` minus a second; for Bulk, the count's, taken before the job was
-//! created). A snapshot row whose version is older than the floor is known to be current as
+//! Every chunk carries a read floor: a time in Salesforce's clock no later than when it read
+//! the chunk's rows. It is the `Date` of an answer received before the read was asked for
+//! (`RestClient::read_floor_ms`): for a REST query, before its first page (later pages may come
+//! from a cursor opened then); for Bulk, before the job was created. A snapshot row whose version is older than the floor is known to be current as
 //! of the floor, which is what the merge's guard needs to tell a stale read from a record
 //! the stream has moved past. The last chunk is marked `last` (it may be empty), so a caller
 //! can finish its work in the transaction of the last rows.
@@ -36,7 +37,7 @@ use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::{CsvLayout, SnapshotRow, row_from_json};
 use crate::salesforce::SourceError;
 use crate::salesforce::bulk::{self, BulkClient, Operation, ResultChunk};
-use crate::salesforce::rest::{QueryPage, RestClient};
+use crate::salesforce::rest::RestClient;
 use crate::salesforce::soql::Query;
 use std::future::Future;
 use std::sync::Arc;
@@ -230,7 +231,8 @@ impl OrgReader {
             .await?;
         tracing::info!(object = decode.object(), records = counted.records, job = %job.id,
             "reading over Bulk API 2.0");
-        let floor = counted.read_at_ms.map(|ms| ms - 1000);
+        // The job was created after the count's answer arrived, and runs after its creation.
+        let floor = counted.read_at_ms;
         Ok(self.read_job(job.id, None, opts.chunk_rows, floor, decode))
     }
 
@@ -361,10 +363,6 @@ pub fn min_floor(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     }
 }
 
-fn page_floor(page: &QueryPage) -> Option<i64> {
-    page.read_at_ms.map(|ms| ms - 1000)
-}
-
 /// Pages of a REST query gathered into chunks of `chunk_rows`.
 async fn read_rest<D: Decode>(
     rest: RestClient,
@@ -379,7 +377,8 @@ async fn read_rest<D: Decode>(
             .run(decode.object(), "query", || rest.query_page(&soql, true))
             .await?;
         let mut rows = Vec::with_capacity(chunk_rows.min(page.records.len().max(1)));
-        let mut floor = page_floor(&page);
+        // Every page was read after what the first page's request knew of.
+        let floor = page.read_floor_ms;
         loop {
             for record in &page.records {
                 rows.push(decode.record(record)?);
@@ -393,7 +392,6 @@ async fn read_rest<D: Decode>(
                     if tx.send(Ok(chunk)).await.is_err() {
                         return Ok(());
                     }
-                    floor = page_floor(&page);
                 }
             }
             if page.done {
@@ -408,7 +406,6 @@ async fn read_rest<D: Decode>(
             page = retry
                 .run(decode.object(), "query", || rest.query_more(&next))
                 .await?;
-            floor = min_floor(floor, page_floor(&page));
         }
         let chunk = Chunk {
             rows,

@@ -306,8 +306,9 @@ impl RepairWorker {
             })
             .collect();
         let fields = snapshot_fields(&table);
-        let (found, answered_ms) = self.reader.rest().retrieve(object, &ids, &fields).await?;
-        let mut read_floor = answered_ms.map(|ms| ms - 1000);
+        let retrieved = self.reader.rest().retrieve(object, &ids, &fields).await?;
+        let mut read_floor = retrieved.read_floor_ms;
+        let found = retrieved.records;
         let mut rows = Vec::new();
         let mut missing = Vec::new();
         for (id, rec) in ids.iter().zip(found) {
