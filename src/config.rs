@@ -78,6 +78,33 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub ha: HaConfig,
+    /// Per-object settings (`[objects.Account]`), for objects some channel carries.
+    #[serde(default)]
+    pub objects: std::collections::BTreeMap<String, ObjectConfig>,
+}
+
+/// Settings of one replicated object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectConfig {
+    /// How its derived columns (formulas, person-name `name`, fields never sent in change
+    /// events) are kept fresh.
+    pub derived_refresh: DerivedRefresh,
+}
+
+/// How an object's derived columns are kept fresh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DerivedRefresh {
+    /// Re-read the changed records' derived fields after every change (coalesced over
+    /// `sync.derived_refresh_window_secs`), and sweep the object every
+    /// `sync.derived_sweep_interval_secs` for formulas that read other records or the clock.
+    #[default]
+    OnChange,
+    /// Only the scheduled sweep.
+    Sweep,
+    /// Never: derived columns hold what the last snapshot read.
+    Off,
 }
 
 /// Several instances with one configuration: how fast a standby takes over.
@@ -256,6 +283,17 @@ pub struct SyncConfig {
     /// Rows per Bulk result chunk of an entity repair; each chunk commits in its own
     /// transaction and renews the repair's lease.
     pub repair_chunk_rows: u32,
+    /// How long changed records wait before their derived columns are re-read: all records of
+    /// an object changed within one window are read together (2,000 per API call).
+    pub derived_refresh_window_secs: u64,
+    /// How often each object's derived columns are swept (read for every record); 0 turns the
+    /// sweep off for every object.
+    pub derived_sweep_interval_secs: u64,
+    /// How often `/limits` is read for the API and event delivery usage gauges.
+    pub limits_poll_secs: u64,
+    /// How long a channel waits before subscribing again after Salesforce refused it because
+    /// the org's event delivery allocation is spent.
+    pub delivery_limit_retry_secs: u64,
 }
 
 /// Default of `sync.repair_bulk_threshold`.
@@ -275,6 +313,10 @@ impl Default for SyncConfig {
             repair_idle_ms: 1000,
             repair_bulk_threshold: DEFAULT_REPAIR_BULK_THRESHOLD,
             repair_chunk_rows: 10_000,
+            derived_refresh_window_secs: 10,
+            derived_sweep_interval_secs: 86_400,
+            limits_poll_secs: 300,
+            delivery_limit_retry_secs: 3600,
         }
     }
 }
@@ -379,6 +421,14 @@ pub struct UnknownObject {
 
 impl Config {
     /// Every object of every channel, each once, in configuration order.
+    /// How `object`'s derived columns are kept fresh (`[objects.X] derived_refresh`).
+    pub fn derived_refresh(&self, object: &str) -> DerivedRefresh {
+        self.objects
+            .get(object)
+            .map(|o| o.derived_refresh)
+            .unwrap_or_default()
+    }
+
     pub fn objects(&self) -> Vec<String> {
         let mut objects: Vec<String> = Vec::new();
         for ch in &self.channels {
@@ -700,6 +750,27 @@ impl Config {
                     ));
                 }
             }
+        }
+        let configured = self.objects();
+        for object in self.objects.keys() {
+            if !configured.contains(object) {
+                return Err(invalid(
+                    &format!("objects.{object}"),
+                    format!(
+                        "`{object}` is not carried by any channel (configured: {})",
+                        configured.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.sync.derived_refresh_window_secs == 0 {
+            return Err(invalid(
+                "sync.derived_refresh_window_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.sync.limits_poll_secs == 0 {
+            return Err(invalid("sync.limits_poll_secs", "must be at least 1"));
         }
         if self.sync.stale_stream_secs == 0 {
             return Err(invalid("sync.stale_stream_secs", "must be at least 1"));

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "007_channel_ownership",
         include_str!("../../sql/007_channel_ownership.sql"),
     ),
+    (
+        8,
+        "008_derived_refresh",
+        include_str!("../../sql/008_derived_refresh.sql"),
+    ),
 ];
 
 /// Creates the data and control schemas and applies pending migrations. Returns the names of

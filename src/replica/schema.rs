@@ -1,5 +1,11 @@
 //! Tables from describe: one table per object, one column per field (compound fields as their
-//! components), the type map of design.md, and bookkeeping columns prefixed `_sfm_`.
+//! components; a person-name `Name` also as `name`), the type map of design.md, and
+//! bookkeeping columns prefixed `_sfm_`.
+//!
+//! Derived columns (formula fields, a person-name `name`, the fields Salesforce never sends in
+//! change events) are marked: the stream never writes them, re-reads do (`replica::derived`),
+//! and tables that have them carry `_sfm_derived_version`, the Salesforce time of their last
+//! re-read.
 //!
 //! Owns DDL only. New fields add columns (`ADD COLUMN IF NOT EXISTS`); removed fields keep
 //! theirs, so history is never dropped. Text and binary columns compress long values with lz4
@@ -155,6 +161,9 @@ pub struct Column {
     /// The field's API name.
     pub field: String,
     pub pg_type: PgType,
+    /// Change events never carry its value (a formula, a person-name `Name`, a field
+    /// Salesforce derives from other records): it is kept fresh by re-reading it.
+    pub derived: bool,
 }
 
 /// An object's table: columns from describe, and the map from event field paths to columns.
@@ -165,6 +174,8 @@ pub struct TableSchema {
     pub columns: Vec<Column>,
     describe: ObjectDescribe,
     by_field: HashMap<String, usize>,
+    /// Whether any column is derived.
+    has_derived: bool,
     /// Event paths (`Name`, `BillingAddress.Street`) already resolved to a column index.
     resolved: Mutex<HashMap<Arc<str>, Option<usize>>>,
 }
@@ -174,10 +185,13 @@ pub const VERSION_COLUMN: &str = "_sfm_version";
 pub const COMMIT_NUMBER_COLUMN: &str = "_sfm_commit_number";
 pub const DELETED_COLUMN: &str = "_sfm_deleted";
 pub const SYNCED_AT_COLUMN: &str = "_sfm_synced_at";
+/// Salesforce's time (epoch ms, its `Date`) of the derived columns' last re-read; only on
+/// tables with derived columns.
+pub const DERIVED_VERSION_COLUMN: &str = "_sfm_derived_version";
 
 impl TableSchema {
     /// Columns for every field of `describe` except compound parents (their components are
-    /// columns) and `Id` (the primary key `id`).
+    /// columns; a person-name `Name` is a column as well) and `Id` (the primary key `id`).
     pub fn from_describe(describe: ObjectDescribe) -> Result<TableSchema, ReplicaError> {
         let object = describe.name.clone();
         if !is_safe_identifier(&object) {
@@ -189,7 +203,8 @@ impl TableSchema {
         let mut columns = Vec::new();
         let mut by_field = HashMap::new();
         for f in &describe.fields {
-            if describe.is_compound_parent(f) {
+            let person_name = describe.is_person_name(f);
+            if describe.is_compound_parent(f) && !person_name {
                 continue;
             }
             if !is_safe_identifier(&f.name) {
@@ -223,11 +238,13 @@ impl TableSchema {
                 name,
                 field: f.name.clone(),
                 pg_type: PgType::for_field(&f.kind(), f.precision, f.scale),
+                derived: person_name || f.is_derived(),
             });
         }
         Ok(TableSchema {
             table: object.to_ascii_lowercase(),
             object,
+            has_derived: columns.iter().any(|c| c.derived),
             columns,
             describe,
             by_field,
@@ -237,6 +254,38 @@ impl TableSchema {
 
     pub fn describe(&self) -> &ObjectDescribe {
         &self.describe
+    }
+
+    /// Whether any column is derived (re-read after changes, see the module doc).
+    pub fn has_derived(&self) -> bool {
+        self.has_derived
+    }
+
+    /// The same table seen through its derived columns only: what a re-read of them reads
+    /// and writes (same table name, same column names and types).
+    pub fn derived_projection(&self) -> TableSchema {
+        let columns: Vec<Column> = self.columns.iter().filter(|c| c.derived).cloned().collect();
+        let by_field = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.field.clone(), i))
+            .collect();
+        TableSchema {
+            object: self.object.clone(),
+            table: self.table.clone(),
+            has_derived: !columns.is_empty(),
+            columns,
+            describe: self.describe.clone(),
+            by_field,
+            resolved: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The indexes of the derived columns, in column order.
+    pub fn derived_columns(&self) -> Vec<usize> {
+        (0..self.columns.len())
+            .filter(|&i| self.columns[i].derived)
+            .collect()
     }
 
     /// The column an event field path writes, or `None` if describe does not know it.
@@ -286,7 +335,9 @@ impl TableSchema {
             .iter()
             .filter(|c| !existing.contains(&c.name))
             .collect();
-        if !existing.is_empty() && missing.is_empty() {
+        let derived_version_missing =
+            self.has_derived() && !existing.contains(DERIVED_VERSION_COLUMN);
+        if !existing.is_empty() && missing.is_empty() && !derived_version_missing {
             return Ok(Vec::new());
         }
         let added: Vec<String> = if existing.is_empty() {
@@ -311,6 +362,11 @@ impl TableSchema {
                 {DELETED_COLUMN} boolean NOT NULL DEFAULT false,
                 {SYNCED_AT_COLUMN} timestamptz NOT NULL DEFAULT now());\n"
         );
+        if derived_version_missing {
+            sql.push_str(&format!(
+                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_VERSION_COLUMN} bigint;\n"
+            ));
+        }
         for c in missing {
             let toasted = matches!(c.pg_type, PgType::Text | PgType::Bytea);
             sql.push_str(&format!(
@@ -397,7 +453,11 @@ mod tests {
             "Invoice__c",
         ] {
             let d = load(name);
-            let parents = d.fields.iter().filter(|f| d.is_compound_parent(f)).count();
+            let parents = d
+                .fields
+                .iter()
+                .filter(|f| d.is_compound_parent(f) && !d.is_person_name(f))
+                .count();
             let t = TableSchema::from_describe(d.clone()).expect("maps");
             assert_eq!(t.columns.len() + parents + 1, d.fields.len(), "{name}");
         }
@@ -421,6 +481,44 @@ mod tests {
         assert_eq!(col("IsDeleted").pg_type, PgType::Boolean);
         assert!(t.column_for(&Arc::from("NoSuchField")).is_none());
         assert!(t.column_for(&Arc::from("BillingAddress")).is_none());
+    }
+
+    #[test]
+    fn a_person_name_is_a_derived_column_beside_its_components() {
+        let t = TableSchema::from_describe(load("Contact")).expect("maps");
+        let col = |f: &str| {
+            let i = t.column_for(&Arc::from(f)).unwrap_or_else(|| panic!("{f}"));
+            t.columns[i].clone()
+        };
+        assert_eq!(col("Name").name, "name");
+        assert!(col("Name").derived);
+        assert_eq!(col("Name.FirstName").name, "firstname");
+        assert!(!col("Name.FirstName").derived);
+        assert!(!col("LastName").derived);
+        // A business account's Name is its own value, sent in events.
+        let a = TableSchema::from_describe(load("Account")).expect("maps");
+        let i = a.column_for(&Arc::from("Name")).expect("name");
+        assert!(!a.columns[i].derived);
+    }
+
+    #[test]
+    fn formulas_are_derived_and_roll_ups_are_not() {
+        let d: ObjectDescribe = serde_json::from_str(
+            r#"{"name":"X__c","fields":[{"name":"Id","type":"id"},
+               {"name":"F__c","type":"currency","calculated":true,"calculatedFormula":"A__c * 2"},
+               {"name":"R__c","type":"currency","calculated":true},
+               {"name":"LastActivityDate","type":"date"},
+               {"name":"A__c","type":"currency"}]}"#,
+        )
+        .expect("parses");
+        let t = TableSchema::from_describe(d).expect("maps");
+        let derived: Vec<&str> = t
+            .derived_columns()
+            .into_iter()
+            .map(|i| t.columns[i].field.as_str())
+            .collect();
+        assert_eq!(derived, ["F__c", "LastActivityDate"]);
+        assert!(t.has_derived());
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn context(table: &TableSchema, what: &str) -> String {
 
 /// Where a COPY row puts the bookkeeping fields around the table's columns.
 #[derive(Clone, Copy, PartialEq)]
-enum Layout {
+pub(super) enum Layout {
     /// The staging table: id, version, deleted, then the columns.
     Stage,
     /// The replica table itself: id, the columns, version, commit number (NULL), deleted.
@@ -359,7 +359,7 @@ enum Layout {
 }
 
 /// Streams `rows` into the COPY `statement` in binary form.
-async fn copy_rows(
+pub(super) async fn copy_rows(
     tx: &deadpool_postgres::Transaction<'_>,
     statement: &str,
     table: &TableSchema,

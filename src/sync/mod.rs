@@ -11,6 +11,9 @@
 //! - [`channel`]: one task per Pub/Sub channel (fetch -> decode -> batch -> apply +
 //!   checkpoint in one transaction).
 //! - [`repair`]: the repair worker, draining the repair queue.
+//! - [`derived`]: the derived-column worker (formulas, person names: re-read after changes,
+//!   swept on a schedule).
+//! - [`limits`]: the org's API and event delivery allocations, read from `/limits`.
 //! - [`reader`]: the org reader every snapshot-shaped read goes through (count, REST or Bulk,
 //!   chunks read ahead, retries, job clean-up).
 //! - [`backfill`], [`verify`], [`status`]: the one-shot commands.
@@ -22,6 +25,8 @@
 pub mod backfill;
 pub mod channel;
 pub mod coordinator;
+pub mod derived;
+pub mod limits;
 pub mod policy;
 pub mod reader;
 pub mod repair;
@@ -142,6 +147,7 @@ impl SyncError {
     pub fn reason(&self) -> &'static str {
         match self {
             SyncError::Source(e) if e.needs_reauth() => "auth",
+            SyncError::Source(e) if e.is_delivery_limit() => "delivery_limit",
             SyncError::Source(_) => "source",
             SyncError::Replica(_) => "replica",
             SyncError::Read(_) => "source",

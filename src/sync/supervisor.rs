@@ -1,6 +1,6 @@
 //! The daemon: builds the shared clients, migrates the control schema, runs the coordinator
-//! (one task per channel this instance owns, see [`super::coordinator`]), the repair worker
-//! and the metrics listener, and stops them all on shutdown.
+//! (one task per channel this instance owns, see [`super::coordinator`]), the repair worker,
+//! the derived-column worker and the metrics listener, and stops them all on shutdown.
 //!
 //! A channel that fails definitely (topic not found, no permission, schema refused) stops
 //! alone and is logged; the others keep replicating. The daemon returns an error only when
@@ -100,6 +100,25 @@ pub async fn run(
         AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
     };
 
+    let mut derived_worker = {
+        let reader = super::reader::OrgReader::new(
+            salesforce.rest.clone(),
+            salesforce.bulk.clone(),
+            cfg.sync.retry_backoff(),
+            shutdown.clone(),
+        );
+        let worker =
+            super::derived::DerivedWorker::new(reader, deps.pool.clone(), deps.apply.clone(), cfg);
+        let stop = shutdown.clone();
+        AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
+    };
+
+    let _limits = AbortOnDrop(tokio::spawn(super::limits::watch(
+        salesforce.rest.clone(),
+        Duration::from_secs(cfg.sync.limits_poll_secs),
+        shutdown.clone(),
+    )));
+
     tracing::info!(channels = cfg.channels.len(), instance = %me.id, "sfmirror running");
     let coordinator = Coordinator {
         me,
@@ -112,6 +131,7 @@ pub async fn run(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     let _ = (&mut repair_worker.0).await;
+    let _ = (&mut derived_worker.0).await;
     if let Some(mut t) = metrics_task {
         let _ = (&mut t.0).await;
     }

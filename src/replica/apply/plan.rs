@@ -30,6 +30,9 @@ pub struct MergePlan {
     pub(super) rounds: Vec<usize>,
     pub(super) events: HashMap<ChangeType, u64>,
     pub(super) repairs: Vec<RepairRequest>,
+    /// Per object with derived columns, the records whose change may have changed them
+    /// (see `replica::derived`).
+    pub(super) derived: HashMap<String, Vec<String>>,
 }
 
 /// The records a plan writes, as hashes of table and id. Two records whose hashes collide
@@ -50,6 +53,17 @@ impl MergePlan {
         &self.repairs
     }
 
+    /// Takes the records whose derived columns the batch's changes call for re-reading, per
+    /// object, each id once.
+    pub fn take_derived(&mut self) -> HashMap<String, Vec<String>> {
+        let mut derived = std::mem::take(&mut self.derived);
+        for ids in derived.values_mut() {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        derived
+    }
+
     /// The records the plan writes.
     pub fn record_keys(&self) -> RecordKeys {
         self.runs
@@ -68,12 +82,14 @@ impl MergePlan {
             rounds: Vec::new(),
             events: HashMap::new(),
             repairs: Vec::new(),
+            derived: HashMap::new(),
         };
         let mut rest = MergePlan {
             runs: Vec::new(),
             rounds: Vec::new(),
             events: self.events,
             repairs: self.repairs,
+            derived: self.derived,
         };
         let mut runs = self.runs.into_iter();
         for size in self.rounds {
@@ -143,6 +159,7 @@ pub fn plan_events(
         rounds: Vec::new(),
         events: HashMap::new(),
         repairs: Vec::new(),
+        derived: HashMap::new(),
     };
     // Each record's folded changes, in order: the first goes out in round 0, the next (one
     // that could not be folded) in round 1, and so on.
@@ -225,6 +242,12 @@ pub fn plan_events(
                     diffs.push(col);
                 }
             }
+        }
+        if kind != OpKind::Delete && table.has_derived() {
+            plan.derived
+                .entry(table.object.clone())
+                .or_default()
+                .extend(h.record_ids.iter().cloned());
         }
         let tkey = table_key(table);
         for (k, id) in h.record_ids.iter().enumerate() {

@@ -1,0 +1,269 @@
+//! Derived columns: the queue of records to re-read, and writing what a re-read returned.
+//!
+//! Derived columns (`schema::Column::derived`: formula fields, a person-name `name`, fields
+//! Salesforce documents as never sent in change events) get no value from the stream, and
+//! their value changes without an event. So every batch that changes a record of such an
+//! object queues the record here, in the batch's own transaction (invariant 1: a crash loses
+//! no obligation), and `sync::derived` re-reads the queued records' derived fields a window
+//! later, many per call.
+//!
+//! Why a re-read cannot undo anything newer:
+//! - It writes only the derived columns, never the stream's own, and never a deleted row.
+//! - Its version is Salesforce's time of the read (the answer's `Date`), kept per row in
+//!   `_sfm_derived_version`, separate from the stream's `_sfm_version`: a re-read replaces
+//!   derived values only when it is not older than the last one applied, so it never loses
+//!   to the stream's millisecond versions and an old read arriving late changes nothing.
+//! - The queue row is removed only if its `seq` is the one the re-read saw: a change that
+//!   arrives while the record is being read re-queues it (new `seq`), and it is read again.
+
+use super::binary;
+use super::schema::{DERIVED_VERSION_COLUMN, TableSchema};
+use super::snapshot::{Layout, SnapshotRow, copy_rows};
+use super::{ApplySettings, ReplicaError, quote};
+use deadpool_postgres::GenericClient;
+
+/// Queues `ids` of `object` for a re-read of their derived columns (each id at most once).
+pub async fn enqueue(
+    tx: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+    ids: &[String],
+) -> Result<(), ReplicaError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ctl = quote(control_schema);
+    tx.execute(
+        &format!(
+            "INSERT INTO {ctl}.derived_refresh AS d (object, record_id)
+             SELECT $1, i FROM (SELECT DISTINCT unnest($2::text[]) AS i) ids
+             ON CONFLICT (object, record_id) DO UPDATE
+             SET seq = EXCLUDED.seq, queued_at = EXCLUDED.queued_at"
+        ),
+        &[&object, &ids],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!(
+        "queue derived re-reads of {object}"
+    )))?;
+    Ok(())
+}
+
+/// A queued record as a re-read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: String,
+    pub seq: i64,
+}
+
+/// Objects with queued re-reads, and how many each.
+pub async fn pending_objects(
+    client: &impl GenericClient,
+    control_schema: &str,
+) -> Result<Vec<(String, i64)>, ReplicaError> {
+    let ctl = quote(control_schema);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT object, count(*) FROM {ctl}.derived_refresh GROUP BY object ORDER BY object"
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("read the derived re-read queue"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Up to `limit` queued records of `object`, oldest first.
+pub async fn queued(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+    limit: i64,
+) -> Result<Vec<Queued>, ReplicaError> {
+    let ctl = quote(control_schema);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT record_id, seq FROM {ctl}.derived_refresh WHERE object = $1
+                 ORDER BY seq LIMIT $2"
+            ),
+            &[&object, &limit],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!(
+            "read the derived re-read queue of {object}"
+        )))?;
+    Ok(rows
+        .iter()
+        .map(|r| Queued {
+            id: r.get(0),
+            seq: r.get(1),
+        })
+        .collect())
+}
+
+/// Removes the queue rows a re-read covered: those still carrying the `seq` it saw.
+pub async fn settle(
+    tx: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+    seen: &[Queued],
+) -> Result<u64, ReplicaError> {
+    let ctl = quote(control_schema);
+    let ids: Vec<&str> = seen.iter().map(|q| q.id.as_str()).collect();
+    let seqs: Vec<i64> = seen.iter().map(|q| q.seq).collect();
+    tx.execute(
+        &format!(
+            "DELETE FROM {ctl}.derived_refresh d USING unnest($2::text[], $3::bigint[]) AS s(id, seq)
+             WHERE d.object = $1 AND d.record_id = s.id AND d.seq = s.seq"
+        ),
+        &[&object, &ids, &seqs],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!(
+        "settle derived re-reads of {object}"
+    )))
+}
+
+/// Writes re-read derived values: `projection` is the table's derived projection
+/// (`TableSchema::derived_projection`) and `rows` its rows; `version_ms` is Salesforce's time
+/// of the read. Returns how many rows were written (deleted rows, rows not in the replica and
+/// rows with a newer re-read are left alone).
+pub async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    projection: &TableSchema,
+    rows: &[SnapshotRow],
+    version_ms: i64,
+) -> Result<u64, ReplicaError> {
+    if rows.is_empty() || projection.columns.is_empty() {
+        return Ok(0);
+    }
+    let target = format!(
+        "{}.{}",
+        quote(&settings.data_schema),
+        quote(&projection.table)
+    );
+    let what = format!("derived columns of {}", projection.object);
+    let stage_cols: Vec<String> = projection
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("c{i} {}", binary::param_type(&c.pg_type)))
+        .collect();
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS _sfm_derived (id text) ON COMMIT DROP;
+         DROP TABLE _sfm_derived;
+         CREATE TEMP TABLE _sfm_derived (id text, v bigint, d boolean, {}) ON COMMIT DROP",
+        stage_cols.join(", ")
+    ))
+    .await
+    .map_err(ReplicaError::pg(format!("{what}: staging table")))?;
+    copy_rows(
+        tx,
+        "COPY _sfm_derived FROM STDIN (FORMAT binary)",
+        projection,
+        rows,
+        None,
+        Layout::Stage,
+    )
+    .await?;
+    let set: Vec<String> = projection
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "{} = {}",
+                quote(&c.name),
+                binary::column_expr(&c.pg_type, &format!("s.c{i}"))
+            )
+        })
+        .collect();
+    tx.execute(
+        &format!(
+            "UPDATE {target} t SET {}, {DERIVED_VERSION_COLUMN} = $1
+             FROM _sfm_derived s
+             WHERE t.id = s.id AND NOT t._sfm_deleted AND NOT s.d
+               AND (t.{DERIVED_VERSION_COLUMN} IS NULL OR t.{DERIVED_VERSION_COLUMN} <= $1)",
+            set.join(", ")
+        ),
+        &[&version_ms],
+    )
+    .await
+    .map_err(ReplicaError::pg(format!("{what}: update")))
+}
+
+/// Notes that a sweep of `object` started now.
+pub async fn sweep_started(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+) -> Result<(), ReplicaError> {
+    let ctl = quote(control_schema);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {ctl}.derived_sweeps (object, started_at) VALUES ($1, now())
+                 ON CONFLICT (object) DO UPDATE SET started_at = now(), error = NULL"
+            ),
+            &[&object],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("record the sweep of {object}")))?;
+    Ok(())
+}
+
+/// Notes how a sweep of `object` ended: `Ok(rows)` or the error it stopped on.
+pub async fn sweep_ended(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+    outcome: Result<i64, String>,
+) -> Result<(), ReplicaError> {
+    let ctl = quote(control_schema);
+    let done = match outcome {
+        Ok(rows) => {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE {ctl}.derived_sweeps SET completed_at = now(), rows = $2,
+                         error = NULL WHERE object = $1"
+                    ),
+                    &[&object, &rows],
+                )
+                .await
+        }
+        Err(error) => {
+            client
+                .execute(
+                    &format!("UPDATE {ctl}.derived_sweeps SET error = $2 WHERE object = $1"),
+                    &[&object, &error],
+                )
+                .await
+        }
+    };
+    done.map_err(ReplicaError::pg(format!("record the sweep of {object}")))?;
+    Ok(())
+}
+
+/// Seconds since `object`'s last sweep started, `None` if it never was.
+pub async fn since_last_sweep(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+) -> Result<Option<f64>, ReplicaError> {
+    let ctl = quote(control_schema);
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT extract(epoch FROM now() - started_at)::float8 FROM {ctl}.derived_sweeps
+                 WHERE object = $1 AND started_at IS NOT NULL"
+            ),
+            &[&object],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("read the sweep of {object}")))?;
+    Ok(row.map(|r| r.get(0)))
+}
