@@ -87,6 +87,7 @@ impl SourceError {
                 code, error_code, ..
             } => {
                 if error_code.ends_with("topic.not.found")
+                    || error_code.ends_with("subscription.limit.exceeded")
                     || error_code.ends_with("permission")
                     || error_code.ends_with("cannot.subscribe")
                     || error_code.ends_with("tenant.license")
@@ -119,6 +120,13 @@ impl SourceError {
             } => *code == tonic::Code::Unauthenticated || error_code.ends_with("auth.error"),
             _ => false,
         }
+    }
+
+    /// Salesforce refused to deliver more events: the org's event delivery allocation (shared
+    /// by every subscriber, counted over a rolling 24 hours) is spent.
+    pub fn is_delivery_limit(&self) -> bool {
+        matches!(self, SourceError::Grpc { error_code, .. }
+            if error_code.ends_with("subscription.limit.exceeded"))
     }
 
     /// The stored replay id was refused (expired past retention or unknown).

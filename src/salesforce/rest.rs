@@ -69,6 +69,18 @@ impl RestClient {
         self.get_json("describe", &path).await
     }
 
+    /// `/services/data/vXX.X/limits`: each of the org's allocations with its `Max` and
+    /// `Remaining`.
+    pub async fn limits(&self) -> Result<Limits, SourceError> {
+        let path = format!("{}/limits", self.data_path());
+        let body: serde_json::Value = self.get_json("limits", &path).await?;
+        Limits::from_json(&body).map_err(|message| SourceError::BadResponse {
+            api: "limits",
+            url: path,
+            message,
+        })
+    }
+
     /// The API version path prefix, `/services/data/vXX.X`.
     pub fn data_path(&self) -> String {
         format!("/services/data/v{}", self.api_version)
@@ -269,6 +281,46 @@ pub struct Reply {
     pub body: bytes::Bytes,
 }
 
+/// One allocation of `/limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max: u64,
+    pub remaining: u64,
+}
+
+impl Limit {
+    /// How much of it is used.
+    pub fn used(&self) -> u64 {
+        self.max.saturating_sub(self.remaining)
+    }
+}
+
+/// The org's allocations by name (`DailyApiRequests`, `DailyDeliveredPlatformEvents`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct Limits(pub std::collections::BTreeMap<String, Limit>);
+
+impl Limits {
+    /// Reads every top-level `{"Max": n, "Remaining": n}` entry; others are skipped (the
+    /// answer has nested per-app entries too). An answer that is not an object is refused.
+    pub fn from_json(body: &serde_json::Value) -> Result<Limits, String> {
+        let map = body
+            .as_object()
+            .ok_or_else(|| format!("expected a JSON object, got {body}"))?;
+        let mut limits = std::collections::BTreeMap::new();
+        for (name, v) in map {
+            let number = |key: &str| v.get(key).and_then(serde_json::Value::as_u64);
+            if let (Some(max), Some(remaining)) = (number("Max"), number("Remaining")) {
+                limits.insert(name.clone(), Limit { max, remaining });
+            }
+        }
+        Ok(Limits(limits))
+    }
+
+    pub fn get(&self, name: &str) -> Option<Limit> {
+        self.0.get(name).copied()
+    }
+}
+
 /// What an sObject Collections retrieve returned.
 #[derive(Debug)]
 pub struct Retrieved {
@@ -348,6 +400,23 @@ pub fn parse_limit_info(value: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_answer() {
+        let body = serde_json::json!({
+            "DailyApiRequests": {"Max": 15000, "Remaining": 14000, "Ant Migration Tool": {"Max": 0, "Remaining": 0}},
+            "DailyDeliveredPlatformEvents": {"Max": 10000, "Remaining": 2500},
+            "Odd": {"Max": "x"},
+        });
+        let l = Limits::from_json(&body).expect("parses");
+        assert_eq!(l.get("DailyApiRequests").map(|x| x.used()), Some(1000));
+        assert_eq!(
+            l.get("DailyDeliveredPlatformEvents").map(|x| x.used()),
+            Some(7500)
+        );
+        assert!(l.get("Odd").is_none());
+        assert!(Limits::from_json(&serde_json::json!([1])).is_err());
+    }
 
     #[test]
     fn limit_info() {

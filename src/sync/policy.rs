@@ -8,6 +8,7 @@
 //! | error | channel | repair |
 //! |---|---|---|
 //! | stored replay id refused (expired, corrupt) | resume at LATEST with repairs | — |
+//! | event delivery allocation spent (`subscription.limit.exceeded`) | wait long (`sync.delivery_limit_retry_secs`), then resubscribe as usual | — |
 //! | another instance took the channel over (fenced) | step down: hand the channel over | — |
 //! | session refused (expired token, `INVALID_SESSION_ID`, gRPC auth error) | log in again, then retry | retry later |
 //! | other transient (network, 5xx, `UNAVAILABLE`, connection loss, deadlock) | retry after backoff | retry later |
@@ -38,6 +39,9 @@ pub enum ChannelAction {
     Stop,
     /// Another instance owns the channel now: end the task without error, unsubscribed.
     StepDown,
+    /// The org's event delivery allocation is spent: stop subscribing for a long while (the
+    /// allocation is counted over a rolling 24 hours), then resubscribe from the checkpoint.
+    WaitForAllocation,
 }
 
 /// The channel's action for `e`.
@@ -48,6 +52,9 @@ pub fn channel(e: &SyncError) -> ChannelAction {
     if let SyncError::Source(s) = e {
         if s.is_replay_rejected() {
             return ChannelAction::ResumeAtLatest;
+        }
+        if s.is_delivery_limit() {
+            return ChannelAction::WaitForAllocation;
         }
         if s.needs_reauth() {
             return ChannelAction::LogInAgain;
@@ -150,6 +157,19 @@ mod tests {
         ] {
             let e = grpc(tonic::Code::InvalidArgument, code);
             assert_eq!(channel(&e), ChannelAction::ResumeAtLatest, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_spent_delivery_allocation_waits_then_resubscribes() {
+        for code in [tonic::Code::ResourceExhausted, tonic::Code::PermissionDenied] {
+            let e = grpc(
+                code,
+                "sfdc.platform.eventbus.grpc.subscription.limit.exceeded",
+            );
+            assert_eq!(channel(&e), ChannelAction::WaitForAllocation);
+            assert_eq!(e.reason(), "delivery_limit");
+            assert!(!e.is_transient(), "not retried on the short backoff");
         }
     }
 

@@ -83,6 +83,8 @@ struct ChannelState {
     caught_up_ms: Option<i64>,
     stopped: Option<String>,
     failing: Option<String>,
+    /// Not subscribing on purpose for a while (a spent delivery allocation), and why.
+    paused: Option<String>,
     /// A batch in flight, and when the apply side last made progress.
     busy: bool,
     last_progress: Option<Instant>,
@@ -180,6 +182,8 @@ impl Health {
             let s = lock(state);
             let problem = if let Some(why) = &s.stopped {
                 Some(format!("stopped: {why}"))
+            } else if let Some(why) = &s.paused {
+                Some(format!("paused: {why}"))
             } else if !s.subscribed_once {
                 Some("not subscribed yet".to_string())
             } else if let Some(since) = s.closed_at.filter(|_| !s.open)
@@ -332,6 +336,7 @@ impl ChannelHealth {
         let caught_up_before = s.responded && !s.pending();
         s.open = true;
         s.subscribed_once = true;
+        s.paused = None;
         s.responded = caught_up_before || position.is_none();
         s.opened_at = Some(Instant::now());
         s.closed_at = None;
@@ -401,6 +406,11 @@ impl ChannelHealth {
     /// Applying failed (the channel resubscribes after its backoff).
     pub fn failing(&self, why: &str) {
         self.state().failing = Some(why.to_string());
+    }
+
+    /// The channel does not subscribe for a while, on purpose: `/readyz` says why.
+    pub fn paused(&self, why: &str) {
+        self.state().paused = Some(why.to_string());
     }
 
     /// The channel stopped for good.

@@ -26,6 +26,7 @@ pub const STREAM_RECONNECTS_TOTAL: &str = "sfmirror_stream_reconnects_total";
 pub const STREAM_CONNECTED: &str = "sfmirror_stream_connected";
 pub const SALESFORCE_REQUESTS_TOTAL: &str = "sfmirror_salesforce_requests_total";
 pub const SALESFORCE_API_USAGE_RATIO: &str = "sfmirror_salesforce_api_usage_ratio";
+pub const EVENT_DELIVERY_USAGE_RATIO: &str = "sfmirror_event_delivery_usage_ratio";
 pub const BACKFILL_ROWS_TOTAL: &str = "sfmirror_backfill_rows_total";
 pub const BUILD_INFO: &str = "sfmirror_build_info";
 pub const REPLAY_RESETS_TOTAL: &str = "sfmirror_replay_resets_total";
@@ -121,7 +122,13 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         SALESFORCE_API_USAGE_RATIO,
         Kind::Gauge,
-        "Share of the org's daily API request allocation used, from Sforce-Limit-Info.",
+        "Share of the org's daily API request allocation used, from Sforce-Limit-Info and /limits.",
+    ),
+    (
+        EVENT_DELIVERY_USAGE_RATIO,
+        Kind::Gauge,
+        "Share of the org's event delivery allocation used (every subscriber's CDC and platform \
+         event deliveries), from /limits, by window (daily, monthly).",
     ),
     (
         BACKFILL_ROWS_TOTAL,
@@ -454,6 +461,14 @@ pub fn record_reconnect(channel: &str, reason: &'static str) {
 pub fn record_salesforce_request(api: &'static str, status: u16) {
     metrics::counter!(SALESFORCE_REQUESTS_TOTAL, "api" => api, "status" => status.to_string())
         .increment(1);
+}
+
+/// Sets the event delivery usage of `window` (`daily`, `monthly`).
+pub fn record_delivery_usage(window: &'static str, used: u64, max: u64) {
+    if max > 0 {
+        metrics::gauge!(EVENT_DELIVERY_USAGE_RATIO, "window" => window)
+            .set(used as f64 / max as f64);
+    }
 }
 
 pub fn record_api_usage(used: u64, max: u64) {

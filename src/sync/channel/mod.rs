@@ -180,6 +180,8 @@ impl ChannelTask {
         let (_, max_delay) = backoff.bounds();
         // Refusals in a row of sessions fresh from a login (see below).
         let mut refused_fresh = 0u32;
+        // Refusals in a row for a spent delivery allocation (the first one is an error).
+        let mut allocation_refusals = 0u32;
         loop {
             let started = Instant::now();
             let result = self.stream(shutdown).await;
@@ -224,8 +226,42 @@ impl ChannelTask {
                         "channel stopped: this error needs operator action; other channels go on");
                     return Err(err);
                 }
+                ChannelAction::WaitForAllocation => {
+                    // A stream that ran a while since the last refusal starts the count over.
+                    if started.elapsed() > max_delay {
+                        allocation_refusals = 0;
+                    }
+                    allocation_refusals += 1;
+                    let wait = Duration::from_secs(self.deps.sync.delivery_limit_retry_secs);
+                    let what = format!(
+                        "Salesforce refuses to deliver events: the org's event delivery \
+                         allocation (DailyDeliveredPlatformEvents, shared by every subscriber \
+                         over a rolling 24 hours) is spent; resubscribing in {} s",
+                        wait.as_secs()
+                    );
+                    self.health.paused(&what);
+                    telemetry::record_reconnect(&name, err.reason());
+                    if allocation_refusals == 1 {
+                        tracing::error!(channel = %name, error = %err, retry_in_secs = wait.as_secs(),
+                            "channel paused: the org's event delivery allocation is spent. \
+                             Find the subscribers using it (sfmirror_event_delivery_usage_ratio, \
+                             Setup > Company Information), stop the ones that are not needed or \
+                             buy more allocation; sfmirror resubscribes by itself and repairs \
+                             what passed out of retention meanwhile");
+                    } else {
+                        tracing::warn!(channel = %name, refusals = allocation_refusals,
+                            retry_in_secs = wait.as_secs(),
+                            "event delivery allocation still spent; waiting again");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
                 ChannelAction::LogInAgain | ChannelAction::Retry => {}
             }
+            allocation_refusals = 0;
             let refused = action == ChannelAction::LogInAgain;
             // A session refused again and again right after logging in is not an expiry: the
             // user may not use the Pub/Sub API, or the session is locked to an address. Logging
