@@ -227,45 +227,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             for ch in &cfg.channels {
                 println!("  channel {} -> {}", ch.name, ch.objects.join(", "));
             }
-            let replica = crate::sync::setup::Setup::connect(&cfg)
-                .await
-                .context("reaching the replica database")?;
-            let client = replica.pool.get().await?;
-            let state =
-                crate::replica::migrate::state(&client, &cfg.replica.control_schema).await?;
-            println!("  replica database reachable; {state}");
-            let salesforce = crate::salesforce::Salesforce::new(&cfg.salesforce)?;
-            let session = salesforce
-                .login()
-                .await
-                .context("logging in to Salesforce")?;
-            println!(
-                "  logged in: org {} at {}",
-                session.org_id, session.instance_url
-            );
-            let pubsub = salesforce.pubsub()?;
-            let mut refused = Vec::new();
-            for ch in &cfg.channels {
-                match pubsub.get_topic(&ch.name).await {
-                    Ok(topic) if topic.can_subscribe => {
-                        println!("  channel {}: may be subscribed to", ch.name)
-                    }
-                    Ok(_) => refused.push(format!(
-                        "{}: this user may not subscribe to it (Pub/Sub says can_subscribe = \
-                         false)",
-                        ch.name
-                    )),
-                    // Unreachable, or refused for a reason a retry may fix: exit 1.
-                    Err(e) if e.is_transient() => {
-                        return Err(anyhow::Error::new(e)
-                            .context(format!("asking Pub/Sub about {}", ch.name)));
-                    }
-                    Err(e) => refused.push(format!("{}: {e}", ch.name)),
-                }
+            let report = crate::sync::check::check(&cfg).await;
+            print!("{report}");
+            if report.wrong() {
+                return Err(CheckFailed { definite: true }.into());
             }
-            if !refused.is_empty() {
-                return Err(ChannelsRefused(refused).into());
+            if report.unreachable() {
+                return Err(CheckFailed { definite: false }.into());
             }
+            println!("all checks passed: `sfmirror run` can start with this configuration");
             Ok(())
         }
         Command::Backfill {
@@ -471,8 +441,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<UnknownObject>() {
             return EX_USAGE;
         }
-        if cause.is::<ConfigError>() || cause.is::<ChannelsRefused>() {
+        if cause.is::<ConfigError>() {
             return EX_CONFIG;
+        }
+        if let Some(f) = cause.downcast_ref::<CheckFailed>() {
+            return if f.definite { EX_CONFIG } else { 1 };
         }
         if let Some(e) = cause.downcast_ref::<SyncError>() {
             return match e {
@@ -515,10 +488,17 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     1
 }
 
-/// Channels the org refuses (`check`): no such topic, or no permission to subscribe.
+/// `check` found something wrong (`definite`, exit 78) or out of reach (exit 1); the findings
+/// are printed above.
 #[derive(Debug, thiserror::Error)]
-#[error("channel(s) refused by the org:\n  {}", .0.join("\n  "))]
-pub struct ChannelsRefused(pub Vec<String>);
+#[error("{}", if *.definite {
+    "check failed: fix what is marked WRONG above"
+} else {
+    "check incomplete: what is marked UNREACHABLE above could not be reached; try again"
+})]
+pub struct CheckFailed {
+    pub definite: bool,
+}
 
 /// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.
 fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

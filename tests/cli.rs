@@ -341,7 +341,7 @@ async fn logs_fit_the_journal_and_log_shippers() {
 }
 
 /// Starts `sfmirror <args> --config FILE`, FILE holding `toml`, with `envs` on a clean log
-/// and credentials environment; stderr is piped.
+/// and credentials environment; stderr and stdout are piped.
 fn spawn_with_config(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> tokio::process::Child {
     let path = tmp(&format!("run-{}.toml", rand::random::<u32>()));
     std::fs::write(&path, toml).expect("write config");
@@ -354,7 +354,7 @@ fn spawn_with_config(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> tokio:
         .env_remove("CREDENTIALS_DIRECTORY")
         .kill_on_drop(true)
         .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
+        .stdout(std::process::Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -362,7 +362,7 @@ fn spawn_with_config(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> tokio:
 }
 
 /// Runs `sfmirror <args> --config <toml>` to its end (at most two minutes) with `envs`, and
-/// returns its exit code and stderr.
+/// returns its exit code and what it printed (stderr, then stdout).
 async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option<i32>, String) {
     let child = spawn_with_config(args, toml, envs);
     let out = tokio::time::timeout(
@@ -374,7 +374,11 @@ async fn run_to_end(args: &[&str], toml: &str, envs: &[(&str, &str)]) -> (Option
     .expect("wait");
     (
         out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ),
     )
 }
 
@@ -416,6 +420,59 @@ async fn exit_codes_tell_systemd_what_a_restart_can_fix() {
     let (code, stderr) = run_to_end(&["run"], &no_topic, &[]).await;
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("topic"), "{stderr}");
+    emulator.stop().await;
+}
+
+/// `check` proves what `run` needs: objects the org has (a typo is named with the closest
+/// real name), a Pub/Sub endpoint it can reach and whose certificate it trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_run_would_trip_on() {
+    let db = common::TestDb::create().await;
+    let emulator = common::emulator().await;
+    let typo = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/ChangeEvents", &["Account", "Contcat"])
+        .toml();
+    let (code, out) = run_to_end(&["check"], &typo, &[]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains("Contcat is not an object of this org; did you mean Contact?"),
+        "{out}"
+    );
+    assert!(out.contains("object Account:"), "{out}");
+
+    // Nothing listens where Pub/Sub should be: a retry may help.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let unreachable = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/AccountChangeEvent", &["Account"])
+        .pubsub_endpoint(&format!("http://127.0.0.1:{port}"))
+        .toml();
+    let (code, out) = run_to_end(&["check"], &unreachable, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("UNREACHABLE: channel /data/AccountChangeEvent"),
+        "{out}"
+    );
+
+    // A Pub/Sub endpoint whose certificate no trusted CA signed: definite.
+    let dir = std::env::temp_dir().join(format!("sfm-check-tls-{}", std::process::id()));
+    let tls = sfmirror::emulator::Emulator::start(sfmirror::emulator::EmulatorConfig {
+        tls_dir: Some(dir.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("a TLS emulator");
+    let untrusted = common::TestConfig::new(&emulator, &db.url)
+        .channel("/data/AccountChangeEvent", &["Account"])
+        .pubsub_endpoint(&tls.pubsub_endpoint)
+        .toml();
+    let (code, out) = run_to_end(&["check"], &untrusted, &[]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("certificate cannot be verified"), "{out}");
+    assert!(out.contains("ca_file"), "{out}");
+    tls.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
     emulator.stop().await;
 }
 

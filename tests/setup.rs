@@ -44,7 +44,18 @@ async fn check_and_connecting_leave_a_fresh_replica_unmigrated() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("not created yet"), "{stdout}");
+    assert!(stdout.contains("would create schema sfmirror"), "{stdout}");
+    assert!(
+        stdout.contains("would create schema salesforce"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "would apply {} migrations",
+            migrate::MIGRATIONS.len()
+        )),
+        "{stdout}"
+    );
     assert!(stdout.contains("logged in"), "{stdout}");
 
     let replica = Setup::connect(&cfg.build()).await.expect("connect");

@@ -190,6 +190,81 @@ async fn ensure_schema(
     })
 }
 
+/// What `migrate` would do, and what would stop it, read without changing anything (for
+/// `sfmirror check`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// What it would do ("would create schema salesforce", "would apply 2 migrations").
+    pub actions: Vec<String>,
+    /// What would make it fail, each with the fix.
+    pub problems: Vec<String>,
+}
+
+/// Reads what migrating `data_schema` and `control_schema` would do as the connected role.
+pub async fn plan(
+    client: &impl deadpool_postgres::GenericClient,
+    data_schema: &str,
+    control_schema: &str,
+) -> Result<Plan, ReplicaError> {
+    let mut plan = Plan::default();
+    let row = client
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'CREATE'), current_user::text,
+                    current_database()::text",
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("read the role's privileges"))?;
+    let (may_create_schema, role, database): (bool, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    for schema in [control_schema, data_schema] {
+        let found = client
+            .query_opt(
+                "SELECT has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')
+                 FROM pg_namespace WHERE nspname = $1",
+                &[&schema],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("look up schema {schema}")))?;
+        match found {
+            None if may_create_schema => plan.actions.push(format!("would create schema {schema}")),
+            None => plan.problems.push(format!(
+                "schema {schema} does not exist and role {role} may not create it: run CREATE \
+                 SCHEMA {schema} AUTHORIZATION {role}, or GRANT CREATE ON DATABASE {database} TO \
+                 {role} (see \"Least privilege\" in the README)"
+            )),
+            Some(row) => {
+                let missing: Vec<&str> = [("USAGE", row.get::<_, bool>(0)), ("CREATE", row.get(1))]
+                    .into_iter()
+                    .filter(|(_, has)| !has)
+                    .map(|(p, _)| p)
+                    .collect();
+                if !missing.is_empty() {
+                    plan.problems.push(format!(
+                        "role {role} lacks {} on schema {schema}: GRANT USAGE, CREATE ON SCHEMA \
+                         {schema} TO {role} (or make the role its owner)",
+                        missing.join(" and ")
+                    ));
+                }
+            }
+        }
+    }
+    match state(client, control_schema).await? {
+        State::Absent { .. } => plan
+            .actions
+            .push(format!("would apply {} migrations", MIGRATIONS.len())),
+        State::Migrated { applied, .. } if applied < MIGRATIONS.len() => plan.actions.push(
+            format!("would apply {} migrations", MIGRATIONS.len() - applied),
+        ),
+        State::Migrated { .. } => {}
+        State::Newer { schema, version } => plan.problems.push(format!(
+            "control schema {schema} was migrated by a newer sfmirror (version {version}): \
+             upgrade this binary"
+        )),
+    }
+    Ok(plan)
+}
+
 /// How far a control schema is migrated, read without changing anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {

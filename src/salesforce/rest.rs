@@ -81,6 +81,21 @@ impl RestClient {
         })
     }
 
+    /// `/services/data/vXX.X/sobjects`: the API names of the org's objects (describeGlobal).
+    pub async fn object_names(&self) -> Result<Vec<String>, SourceError> {
+        #[derive(Deserialize)]
+        struct Global {
+            sobjects: Vec<Named>,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+        }
+        let path = format!("{}/sobjects", self.data_path());
+        let global: Global = self.get_json("describeGlobal", &path).await?;
+        Ok(global.sobjects.into_iter().map(|o| o.name).collect())
+    }
+
     /// The API version path prefix, `/services/data/vXX.X`.
     pub fn data_path(&self) -> String {
         format!("/services/data/v{}", self.api_version)

@@ -16,7 +16,7 @@
 //! - [`limits`]: the org's API and event delivery allocations, read from `/limits`.
 //! - [`reader`]: the org reader every snapshot-shaped read goes through (count, REST or Bulk,
 //!   chunks read ahead, retries, job clean-up).
-//! - [`backfill`], [`verify`], [`status`]: the one-shot commands.
+//! - [`backfill`], [`verify`], [`status`], [`check`]: the one-shot commands.
 //! - [`policy`]: the error policy (what a channel or the repair worker does after an error).
 //!
 //! The error type of a channel task is [`SyncError`]; each part of it says whether a retry
@@ -24,6 +24,7 @@
 
 pub mod backfill;
 pub mod channel;
+pub mod check;
 pub mod coordinator;
 pub mod derived;
 pub mod limits;

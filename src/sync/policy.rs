@@ -162,7 +162,10 @@ mod tests {
 
     #[test]
     fn a_spent_delivery_allocation_waits_then_resubscribes() {
-        for code in [tonic::Code::ResourceExhausted, tonic::Code::PermissionDenied] {
+        for code in [
+            tonic::Code::ResourceExhausted,
+            tonic::Code::PermissionDenied,
+        ] {
             let e = grpc(
                 code,
                 "sfdc.platform.eventbus.grpc.subscription.limit.exceeded",
