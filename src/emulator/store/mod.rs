@@ -46,6 +46,10 @@ pub use schema::{ALL_CHANGES_CHANNEL, object_channel};
 pub use tokens::TokenInfo;
 pub use transaction::{DEFAULT_OVERFLOW_THRESHOLD, TxnReport, TxnStep};
 
+/// The one record id a real org puts in a `GAP_OVERFLOW` header: an all-zero placeholder
+/// naming no record (the event stands for every record the transaction touched).
+pub const OVERFLOW_RECORD_ID: &str = "000000000000000AAA";
+
 /// An error as Salesforce's REST API reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {

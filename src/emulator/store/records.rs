@@ -514,7 +514,8 @@ impl Org {
 
     /// Changes records without an event (as database jobs do), then publishes the gap event
     /// Salesforce sends instead: `GAP_CREATE`, `GAP_UPDATE`, `GAP_DELETE`, `GAP_UNDELETE`, or
-    /// `GAP_OVERFLOW` (no ids). `ids` may be a wildcard like `001*`.
+    /// `GAP_OVERFLOW` (the placeholder id, whatever `ids` says). `ids` may be a wildcard like
+    /// `001*`.
     pub fn gap(
         &self,
         object: &str,
@@ -554,7 +555,7 @@ impl Org {
             }
         }
         let record_ids = if change_type == ChangeType::GapOverflow {
-            Vec::new()
+            vec![super::OVERFLOW_RECORD_ID.to_string()]
         } else {
             ids.to_vec()
         };

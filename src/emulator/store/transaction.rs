@@ -186,7 +186,7 @@ impl Org {
                 &mut data,
                 &def,
                 ChangeType::GapOverflow,
-                Vec::new(),
+                vec![super::OVERFLOW_RECORD_ID.to_string()],
                 &Record::new(),
                 Changes::default(),
                 now,
