@@ -180,6 +180,10 @@ pub enum Command {
         /// deletes and undeletes over Account, Contact and Opportunity) or `N:Obj,Obj`.
         #[arg(long, value_name = "N[:OBJECTS]")]
         backlog: Option<crate::emulator::workload::BacklogSpec>,
+        /// Serve a person-account org: Account gets `IsPersonAccount`, person-name components,
+        /// `Person*` / `__pc` contact fields and the `PersonAccount` record type.
+        #[arg(long)]
+        person_accounts: bool,
     },
     /// Run everything on one command: emulator, replica, daemon and a small workload; print
     /// what was mirrored.
@@ -353,6 +357,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             idle_close_secs,
             overflow_threshold,
             backlog,
+            person_accounts,
         } => {
             let tls_dir = tls.then(|| {
                 tls_dir.unwrap_or_else(|| {
@@ -384,6 +389,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 idle_close: Duration::from_secs(idle_close_secs.max(1)),
                 overflow_threshold,
                 backlog,
+                person_accounts,
             };
             let emulator = Emulator::start(cfg).await?;
             println!("{}", emulator.startup_json());

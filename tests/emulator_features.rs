@@ -15,6 +15,9 @@ use sfmirror::salesforce::event::EventPlan;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// The record id a real org's GAP_OVERFLOW header carries.
+const OVERFLOW_ID: &str = "000000000000000AAA";
+
 /// A bare Pub/Sub client: exactly the requests a test sends, no flow control of our own.
 struct Raw {
     client: PubSubClient<Channel>,
@@ -417,8 +420,11 @@ async fn a_transaction_past_the_threshold_ends_in_one_overflow_event_per_entity(
         .collect();
     assert_eq!(
         overflow,
-        [("Contact", &[][..]), ("Opportunity", &[][..])],
-        "no record ids in overflow events"
+        [
+            ("Contact", &[OVERFLOW_ID.to_string()][..]),
+            ("Opportunity", &[OVERFLOW_ID.to_string()][..])
+        ],
+        "overflow events name the placeholder id, as a real org's do"
     );
     // The silent changes happened in the org all the same.
     let titles: Vec<_> = emulator
@@ -558,5 +564,158 @@ async fn a_backlog_is_built_before_serving() {
     let kinds: std::collections::HashSet<ChangeType> =
         events.iter().map(|(_, e)| e.header.change_type).collect();
     assert!(kinds.contains(&ChangeType::Create) && kinds.contains(&ChangeType::Update));
+    emulator.stop().await;
+}
+
+/// An authenticated request to the emulator's REST API (version 62.0).
+fn rest(emulator: &Emulator, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .request(
+            method,
+            format!("{}/services/data/v62.0{path}", emulator.rest_url),
+        )
+        .bearer_auth(&emulator.access_token)
+}
+
+async fn answer(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(json!(text)))
+}
+
+/// Formula fields are computed whenever a record is read, through every read path, from the
+/// record, its parent and the clock; a write to one is refused, and a formula's value
+/// changing makes no change event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formula_fields_are_computed_on_every_read_and_never_written() {
+    use reqwest::Method;
+    let emulator = common::emulator().await;
+    let org = &emulator.org;
+    assert_eq!(
+        org.unsupported_formulas(),
+        [],
+        "the built-in org's formulas all evaluate"
+    );
+    let now = chrono::DateTime::from_timestamp_millis(org.now_ms()).expect("clock");
+    let due = (now.date_naive() - chrono::Days::new(3)).to_string();
+    let account = org
+        .create(
+            "Account",
+            json!({"Name": "Acme"}).as_object().expect("map"),
+            "",
+        )
+        .expect("account");
+    let invoice = org
+        .create(
+            "Invoice__c",
+            json!({"Name": "INV-1", "Account__c": account, "Status__c": "Sent",
+                   "Total__c": 100.0, "Exchange_Rate__c": 1.5, "Due_Date__c": due})
+            .as_object()
+            .expect("map"),
+            "",
+        )
+        .expect("invoice");
+
+    // REST retrieve.
+    let (status, got) = answer(rest(
+        &emulator,
+        Method::GET,
+        &format!("/sobjects/Invoice__c/{invoice}"),
+    ))
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["Amount_Due__c"], json!(150.0));
+    assert_eq!(got["Summary__c"], "INV-1 (Sent)");
+    assert_eq!(got["Account_Name__c"], "Acme");
+    assert_eq!(got["Days_Overdue__c"], json!(3.0));
+
+    // SOQL, a formula in the WHERE clause too.
+    let soql = "SELECT Id, Account_Name__c, Days_Overdue__c FROM Invoice__c \
+                WHERE Days_Overdue__c > 2";
+    let (status, page) = answer(rest(&emulator, Method::GET, "/query").query(&[("q", soql)])).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["totalSize"], 1, "{page}");
+    assert_eq!(page["records"][0]["Account_Name__c"], "Acme");
+
+    // sObject Collections.
+    let (status, rows) = answer(
+        rest(&emulator, Method::POST, "/composite/sobjects/Invoice__c")
+            .json(&json!({"ids": [invoice], "fields": ["Summary__c", "Amount_Due__c"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows[0]["Summary__c"], "INV-1 (Sent)");
+
+    // The parent changes: the formula follows, and only the Account's event is published.
+    let before = org.bus.counts();
+    org.update(
+        "Account",
+        &account,
+        json!({"Name": "Acme Corp"}).as_object().expect("map"),
+        "",
+    )
+    .expect("update");
+    let after = org.bus.counts();
+    assert_eq!(
+        after["/data/Invoice__ChangeEvent"], before["/data/Invoice__ChangeEvent"],
+        "no event for a formula's new value"
+    );
+    assert_eq!(
+        after["/data/AccountChangeEvent"],
+        before["/data/AccountChangeEvent"] + 1
+    );
+
+    // The clock moves: TODAY() does too.
+    org.advance_clock(2 * 86_400_000);
+
+    // Bulk API 2.0 reads the same values.
+    let (status, job) = answer(rest(&emulator, Method::POST, "/jobs/query").json(&json!({
+        "operation": "query",
+        "query": "SELECT Id, Account_Name__c, Days_Overdue__c FROM Invoice__c"
+    })))
+    .await;
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().expect("job id").to_string();
+    // A job moves one state per poll.
+    for _ in 0..3 {
+        let (_, info) = answer(rest(&emulator, Method::GET, &format!("/jobs/query/{id}"))).await;
+        if info["state"] == "JobComplete" {
+            break;
+        }
+    }
+    let csv = rest(&emulator, Method::GET, &format!("/jobs/query/{id}/results"))
+        .send()
+        .await
+        .expect("results")
+        .text()
+        .await
+        .expect("csv");
+    let row = csv
+        .lines()
+        .find(|l| l.contains(&invoice))
+        .unwrap_or_else(|| panic!("no row for the invoice: {csv}"));
+    let cells: Vec<&str> = row.split(',').map(|c| c.trim_matches('"')).collect();
+    assert_eq!(cells, [invoice.as_str(), "Acme Corp", "5.0"], "{csv}");
+
+    // Writes to a formula are refused as Salesforce refuses them.
+    let (status, err) = answer(
+        rest(
+            &emulator,
+            Method::PATCH,
+            &format!("/sobjects/Invoice__c/{invoice}"),
+        )
+        .json(&json!({"Summary__c": "mine"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err[0]["errorCode"], "INVALID_FIELD_FOR_INSERT_UPDATE");
+    let (status, err) = answer(
+        rest(&emulator, Method::POST, "/sobjects/Invoice__c")
+            .json(&json!({"Name": "INV-2", "Amount_Due__c": 1})),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err[0]["errorCode"], "INVALID_FIELD_FOR_INSERT_UPDATE");
     emulator.stop().await;
 }

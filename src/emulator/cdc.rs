@@ -8,23 +8,22 @@
 
 use super::avro::{avro_type, schema_id};
 use crate::model::time::{date_ms, datetime_ms, time_ms};
-use crate::model::{ChangeType, FieldType, ObjectDescribe};
+use crate::model::{ChangeType, FieldDescribe, FieldType, ObjectDescribe};
 use apache_avro::types::Value as AV;
 use serde_json::{Value as J, json};
 use std::collections::HashSet;
 
-/// Fields Salesforce leaves out of change events: the id (it is in the header), the recycle
-/// bin flag, SystemModstamp, and derived fields.
-const EXCLUDED: &[&str] = &[
-    "Id",
-    "IsDeleted",
-    "SystemModstamp",
-    "LastActivityDate",
-    "LastViewedDate",
-    "LastReferencedDate",
-    "PhotoUrl",
-    "MasterRecordId",
-];
+/// Fields Salesforce leaves out of change events besides the derived ones: the id (it is in
+/// the header), the recycle bin flag, SystemModstamp, and the merge survivor's id. Derived
+/// fields (formulas and [`crate::model::DERIVED_FIELDS_NOT_IN_CHANGE_EVENTS`]) are left out by
+/// [`FieldDescribe::is_derived`], the rule the replica reads too; roll-up summary fields are
+/// calculated but stored, and are sent.
+const EXCLUDED: &[&str] = &["Id", "IsDeleted", "SystemModstamp", "MasterRecordId"];
+
+/// Whether change events carry `f` at all (in the schema, the bitmaps and the values).
+pub fn in_change_events(f: &FieldDescribe) -> bool {
+    !EXCLUDED.contains(&f.name.as_str()) && !f.is_derived()
+}
 
 /// One top-level body field of a change event schema.
 #[derive(Debug, Clone)]
@@ -140,7 +139,7 @@ impl CdcSchema {
         let mut fields: Vec<CdcField> = Vec::new();
         let mut emitted_compounds = HashSet::new();
         for f in &describe.fields {
-            if EXCLUDED.contains(&f.name.as_str()) || f.calculated {
+            if !in_change_events(f) {
                 continue;
             }
             let parent = f
@@ -401,6 +400,44 @@ mod tests {
         assert_eq!(subs[0].1, "BillingStreet");
         assert_eq!(sub_name("Loc__c", "Loc__Latitude__s"), "Latitude");
         assert_eq!(sub_name("Name", "FirstName"), "FirstName");
+    }
+
+    #[test]
+    fn formulas_and_derived_fields_stay_out_roll_ups_go_in() {
+        let mut d = account();
+        let base = d.field("AnnualRevenue").expect("AnnualRevenue").clone();
+        let mut formula = base.clone();
+        formula.name = "Revenue_Per_Head__c".into();
+        formula.calculated = true;
+        formula.calculated_formula = Some("AnnualRevenue / NumberOfEmployees".into());
+        let mut roll_up = base.clone();
+        roll_up.name = "Open_Amount__c".into();
+        roll_up.calculated = true;
+        roll_up.calculated_formula = None;
+        let mut activity = base;
+        activity.name = "LastActivityDate".into();
+        activity.field_type = "date".into();
+        d.fields.extend([formula, roll_up, activity]);
+        let s = CdcSchema::build(&d).expect("builds");
+        let names: Vec<&str> = s.fields.iter().map(|f| f.name()).collect();
+        assert!(!names.contains(&"Revenue_Per_Head__c"), "{names:?}");
+        assert!(!names.contains(&"LastActivityDate"), "{names:?}");
+        assert!(names.contains(&"Open_Amount__c"), "{names:?}");
+        assert!(!s.json.contains("Revenue_Per_Head__c"));
+        // Marking a formula changed sets no bit: only the roll-up's position.
+        let changed: HashSet<String> = ["Revenue_Per_Head__c", "Open_Amount__c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let pos = names
+            .iter()
+            .position(|n| *n == "Open_Amount__c")
+            .expect("roll-up")
+            + 1;
+        assert_eq!(
+            s.bitmap(&changed),
+            [crate::model::bitmap::encode_bits(vec![pos])]
+        );
     }
 
     fn address_subs(d: &ObjectDescribe, parent: &str) -> Vec<String> {

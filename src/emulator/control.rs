@@ -234,7 +234,8 @@ async fn mass_update(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiEr
 /// `{"object", "change_type": "GAP_UPDATE", "ids": [...], "fields": {...}}`: change records
 /// without an event, then send the gap event instead. With GAP_CREATE, `create` (an array of
 /// field objects) creates the records silently first; their ids are returned. GAP_OVERFLOW
-/// takes no ids; `ids: ["001*"]` is a wildcard.
+/// changes the records `ids` names but its event carries only the placeholder id a real org
+/// sends; `ids: ["001*"]` is a wildcard.
 async fn gap(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
     let object = text(&body, "object")?;
     let symbol = text(&body, "change_type")?;

@@ -23,6 +23,7 @@
 //!   `eval`, with the comparison rules in `value`).
 //! - [`store`]: the org itself: objects, records, tokens, the clock; every mutation publishes
 //!   its event (`schema`, `records`, `events`, `transaction`, `tokens`, `ids`).
+//! - [`formula`]: the formula language subset that formula fields are evaluated with.
 //! - [`cdc`]: change event schemas, and payloads with bitmaps.
 //! - [`platform`]: platform event types, their schemas and their checks.
 //! - [`avro`]: what change event and platform event schemas share.
@@ -35,6 +36,7 @@ pub mod bus;
 pub mod cdc;
 pub mod control;
 pub mod diff;
+pub mod formula;
 pub mod http;
 pub mod platform;
 pub mod pubsub;
@@ -75,6 +77,10 @@ pub struct EmulatorConfig {
     pub overflow_threshold: usize,
     /// Change events to generate before serving (a pre-built backlog for benchmarks).
     pub backlog: Option<workload::BacklogSpec>,
+    /// Serve a person-account org: Account is described by `org/PersonAccount.json`
+    /// (`IsPersonAccount`, person-name components, `Person*` and `__pc` contact fields, the
+    /// `PersonAccount` record type), whatever the org definition's own Account is.
+    pub person_accounts: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -90,6 +96,7 @@ impl Default for EmulatorConfig {
             idle_close: Duration::from_secs(70),
             overflow_threshold: store::DEFAULT_OVERFLOW_THRESHOLD,
             backlog: None,
+            person_accounts: false,
         }
     }
 }
@@ -121,6 +128,18 @@ const DEFAULT_ORG: &[(&str, &str)] = &[
         include_str!("org/Order_Shipped__e.json"),
     ),
 ];
+
+/// The Account of a person-account org (`--person-accounts`).
+const PERSON_ACCOUNT: &str = include_str!("org/PersonAccount.json");
+
+/// Makes `definition` a person-account org: its Account (added if it has none) becomes the
+/// person-account describe.
+pub fn with_person_accounts(definition: &mut store::OrgDefinition) -> Result<(), EmulatorError> {
+    let account = parse_describe("<built-in>/PersonAccount.json", PERSON_ACCOUNT)?;
+    definition.describes.retain(|(d, _)| d.name != "Account");
+    definition.describes.insert(0, account);
+    Ok(())
+}
 
 /// Custom channels of the built-in org; an org directory has its own in `channels.json`.
 const DEFAULT_CHANNELS: &str = include_str!("org/channels.json");
@@ -318,7 +337,10 @@ impl Emulator {
         rest: TcpListener,
         grpc: TcpListener,
     ) -> Result<Emulator, EmulatorError> {
-        let definition = load_org(cfg.org_dir.as_deref())?;
+        let mut definition = load_org(cfg.org_dir.as_deref())?;
+        if cfg.person_accounts {
+            with_person_accounts(&mut definition)?;
+        }
         let org = Arc::new(Org::new(definition).map_err(|message| {
             EmulatorError::Org {
                 path: cfg

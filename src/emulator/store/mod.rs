@@ -16,6 +16,8 @@
 //! - `schema`: objects, describes, change event schemas, platform event types, channels, and
 //!   fields added or removed;
 //! - `records`: validation and record CRUD, the recycle bin, gap changes, reads;
+//! - `formulas`: formula fields, evaluated on every read;
+//! - `names`: person names derived from their parts, and person accounts;
 //! - `events`: change capture, one change to one encoded event on the bus, and platform
 //!   event publishing;
 //! - `transaction`: large transactions and the overflow rule;
@@ -23,7 +25,9 @@
 //! - `ids`: the ids the org hands out.
 
 mod events;
+mod formulas;
 mod ids;
+mod names;
 mod records;
 mod schema;
 mod tokens;
@@ -41,10 +45,16 @@ use std::sync::{Arc, Mutex, RwLock};
 /// The 18-character id form, from [`crate::model::id`]; also reachable here, where it used to
 /// live.
 pub use crate::model::id::id18;
+pub use formulas::{FormulaField, UnsupportedFormula};
 pub use ids::new_id;
+pub use names::{PERSON_ACCOUNT_RECORD_TYPE, person_name};
 pub use schema::{ALL_CHANGES_CHANNEL, object_channel};
 pub use tokens::TokenInfo;
 pub use transaction::{DEFAULT_OVERFLOW_THRESHOLD, TxnReport, TxnStep};
+
+/// The one record id a real org puts in a `GAP_OVERFLOW` header: an all-zero placeholder
+/// naming no record (the event stands for every record the transaction touched).
+pub const OVERFLOW_RECORD_ID: &str = "000000000000000AAA";
 
 /// An error as Salesforce's REST API reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +93,11 @@ pub struct ObjectDef {
     pub schema: Arc<CdcSchema>,
     /// Channels that carry this object's events.
     pub channels: Vec<String>,
+    /// Formula fields, evaluated whenever a record is read.
+    pub formulas: Vec<FormulaField>,
+    /// The id of the person-account record type (developer name `PersonAccount`), on an
+    /// Account describe that has one.
+    pub person_record_type: Option<String>,
 }
 
 /// A record: field values in REST JSON form.
@@ -115,6 +130,8 @@ pub struct Org {
     /// Wall-clock ms until which Pub/Sub refuses service (control API).
     refuse_until_ms: AtomicI64,
     data: Mutex<Data>,
+    /// Formula fields that read as null because the emulator cannot evaluate them.
+    unsupported_formulas: RwLock<Vec<UnsupportedFormula>>,
     tokens: RwLock<HashMap<String, TokenInfo>>,
     clock_offset_ms: AtomicI64,
     api_calls: AtomicI64,
@@ -143,6 +160,7 @@ impl Org {
         let mut objects = HashMap::new();
         let mut schemas = HashMap::new();
         let mut event_types = HashMap::new();
+        let mut unsupported = Vec::new();
         let mut channels = vec![ALL_CHANGES_CHANNEL.to_string()];
         for custom in &definition.channels {
             if !schema::is_custom_channel_name(&custom.name) {
@@ -180,6 +198,9 @@ impl Org {
                     .filter(|c| c.members.contains(&describe.name))
                     .map(|c| c.name.clone()),
             );
+            let (formulas, cannot) = formulas::formula_fields(&describe, &raw);
+            let person_record_type = names::person_record_type(&raw);
+            unsupported.extend(cannot);
             objects.insert(
                 describe.name.clone(),
                 Arc::new(ObjectDef {
@@ -187,11 +208,13 @@ impl Org {
                     raw,
                     schema,
                     channels: object_channels,
+                    formulas,
+                    person_record_type,
                 }),
             );
         }
         let org_id = id18("00D5g000004SfMx");
-        Ok(Org {
+        let org = Org {
             org_id,
             user_id: id18("0055g00000AbCdE"),
             username: "admin@sfmirror.emulator".to_string(),
@@ -207,11 +230,15 @@ impl Org {
                 commit_number: 10_000_000_000,
                 ..Default::default()
             }),
+            unsupported_formulas: RwLock::new(Vec::new()),
             tokens: RwLock::new(HashMap::new()),
             clock_offset_ms: AtomicI64::new(0),
             api_calls: AtomicI64::new(0),
             api_limit: 15_000,
-        })
+        };
+        unsupported.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        org.note_unsupported(unsupported);
+        Ok(org)
     }
 
     /// The emulator clock: real time plus what the control API advanced it by.

@@ -33,8 +33,9 @@ pub(super) fn record_in<'a>(
         .map(Arc::make_mut)
 }
 
-/// Sets `values` on `record`; returns the fields whose value changed (and those now null).
-pub(super) fn set_values(record: &mut Record, values: &Record) -> Changes {
+/// Sets `values` on `record`, and what they derive; returns the fields whose value changed
+/// (and those now null).
+pub(super) fn set_values(def: &ObjectDef, record: &mut Record, values: &Record) -> Changes {
     let mut c = Changes::default();
     for (k, v) in values {
         if record.get(k).unwrap_or(&J::Null) != v {
@@ -45,6 +46,7 @@ pub(super) fn set_values(record: &mut Record, values: &Record) -> Changes {
             record.insert(k.clone(), v.clone());
         }
     }
+    c.changed.extend(super::names::derive(def, record));
     c
 }
 
@@ -101,7 +103,8 @@ impl Org {
                     name,
                 ));
             };
-            let allowed = if creating { f.createable } else { f.updateable };
+            // A formula is computed, never written, whatever its describe claims.
+            let allowed = !f.is_formula() && if creating { f.createable } else { f.updateable };
             if !allowed {
                 return Err(ApiError::field(
                     400,
@@ -244,7 +247,7 @@ impl Org {
         input: &Map<String, J>,
     ) -> Result<Record, ApiError> {
         let record = Self::validate(def, input, true)?;
-        let missing: Vec<String> = def
+        let mut missing: Vec<String> = def
             .describe
             .fields
             .iter()
@@ -257,6 +260,7 @@ impl Org {
             })
             .map(|f| f.name.clone())
             .collect();
+        super::names::adjust_required(def, &record, &mut missing);
         if !missing.is_empty() {
             return Err(ApiError {
                 status: 400,
@@ -295,6 +299,7 @@ impl Org {
             };
             record.insert(f.name.clone(), v);
         }
+        super::names::derive(def, &mut record);
         data.records
             .entry(def.describe.name.clone())
             .or_default()
@@ -337,6 +342,7 @@ impl Org {
                 record.insert(k, v);
             }
         }
+        changes.changed.extend(super::names::derive(&def, record));
         // Every update stamps LastModifiedDate and lists it as changed, even when the stamp
         // lands in the same second as the previous write.
         changes.changed.insert("LastModifiedDate".to_string());
@@ -414,15 +420,15 @@ impl Org {
         )
     }
 
-    /// A live (not deleted) record.
+    /// A live (not deleted) record, its formula fields evaluated.
     pub fn get(&self, object: &str, id: &str) -> Result<Record, ApiError> {
-        self.object(object)?;
-        self.data()
-            .records
+        let def = self.object(object)?;
+        let data = self.data();
+        data.records
             .get(object)
             .and_then(|r| r.get(id))
             .filter(|r| !is_deleted(r))
-            .map(|r| Record::clone(r))
+            .map(|r| Record::clone(&self.with_formulas(&data, &def, r)))
             .ok_or_else(|| ApiError::new(404, "NOT_FOUND", "The requested resource does not exist"))
     }
 
@@ -434,13 +440,17 @@ impl Org {
     /// Visits the records of `object` in id order under the org's lock (recycle bin included
     /// when `deleted`), keeping what `f` returns. Records are handed over shared: a query
     /// clones only what it selects, and a Bulk job keeps the `Arc`s themselves (a record is
-    /// copied only if it changes while the job still holds it).
+    /// copied only if it changes while the job still holds it). An object with formula fields
+    /// hands over copies with the formulas evaluated at this instant.
     pub fn scan<T>(
         &self,
         object: &str,
         deleted: bool,
-        f: impl FnMut(&Arc<Record>) -> Option<T>,
+        mut f: impl FnMut(&Arc<Record>) -> Option<T>,
     ) -> Vec<T> {
+        let Ok(def) = self.object(object) else {
+            return Vec::new();
+        };
         let data = self.data();
         let Some(records) = data.records.get(object) else {
             return Vec::new();
@@ -448,7 +458,7 @@ impl Org {
         records
             .values()
             .filter(|r| deleted || !is_deleted(r))
-            .filter_map(f)
+            .filter_map(|r| f(&self.with_formulas(&data, &def, r)))
             .collect()
     }
 
@@ -482,7 +492,7 @@ impl Org {
                     format!("no live record {id}"),
                 ));
             };
-            let mut c = set_values(record, &values);
+            let mut c = set_values(&def, record, &values);
             let body = stamp_update(record, &mut c, &stamp);
             let mut key: Vec<String> = c.changed.iter().cloned().collect();
             key.sort();
@@ -514,7 +524,8 @@ impl Org {
 
     /// Changes records without an event (as database jobs do), then publishes the gap event
     /// Salesforce sends instead: `GAP_CREATE`, `GAP_UPDATE`, `GAP_DELETE`, `GAP_UNDELETE`, or
-    /// `GAP_OVERFLOW` (no ids). `ids` may be a wildcard like `001*`.
+    /// `GAP_OVERFLOW` (the placeholder id, whatever `ids` says). `ids` may be a wildcard like
+    /// `001*`.
     pub fn gap(
         &self,
         object: &str,
@@ -540,6 +551,7 @@ impl Org {
                 for (k, v) in values.iter().flatten() {
                     record.insert(k.clone(), v.clone());
                 }
+                super::names::derive(&def, record);
                 match change_type {
                     ChangeType::GapDelete => {
                         record.insert("IsDeleted".into(), J::Bool(true));
@@ -554,7 +566,7 @@ impl Org {
             }
         }
         let record_ids = if change_type == ChangeType::GapOverflow {
-            Vec::new()
+            vec![super::OVERFLOW_RECORD_ID.to_string()]
         } else {
             ids.to_vec()
         };

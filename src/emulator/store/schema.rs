@@ -206,11 +206,16 @@ impl Org {
         if let Ok(mut s) = self.schemas.write() {
             s.insert(schema_id.clone(), schema.clone());
         }
+        let (formulas, unsupported) = super::formulas::formula_fields(&describe, &raw);
+        let person_record_type = super::names::person_record_type(&raw);
+        self.note_unsupported(unsupported);
         let updated = Arc::new(ObjectDef {
             describe,
             raw,
             schema,
             channels: def.channels.clone(),
+            formulas,
+            person_record_type,
         });
         if let Ok(mut o) = self.objects.write() {
             o.insert(object.to_string(), updated);

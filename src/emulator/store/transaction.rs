@@ -117,7 +117,7 @@ impl Org {
                         let Some(record) = record_in(&mut data, &object, &id, false) else {
                             continue;
                         };
-                        let mut c = set_values(record, &values);
+                        let mut c = set_values(&def, record, &values);
                         if c.changed.is_empty() {
                             continue;
                         }
@@ -186,7 +186,7 @@ impl Org {
                 &mut data,
                 &def,
                 ChangeType::GapOverflow,
-                Vec::new(),
+                vec![super::OVERFLOW_RECORD_ID.to_string()],
                 &Record::new(),
                 Changes::default(),
                 now,

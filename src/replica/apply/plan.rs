@@ -428,3 +428,73 @@ pub(super) fn row_values(
     cols.dedup_by_key(|(c, _)| *c);
     Ok(cols)
 }
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+    use crate::config::DeleteMode;
+    use crate::model::{ChangeHeader, ReplayId};
+
+    fn overflow(record_ids: &[&str]) -> ChangeEvent {
+        ChangeEvent {
+            replay_id: ReplayId::from_u64(9),
+            schema_id: "s".into(),
+            header: ChangeHeader {
+                entity_name: "Account".into(),
+                record_ids: record_ids.iter().map(|s| s.to_string()).collect(),
+                change_type: ChangeType::GapOverflow,
+                change_origin: String::new(),
+                transaction_key: "tk".into(),
+                sequence_number: 1,
+                commit_timestamp: 100_000,
+                commit_number: 1,
+                commit_user: String::new(),
+                changed_fields: vec![],
+                nulled_fields: vec![],
+                diff_fields: vec![],
+            },
+            fields: vec![],
+            schema_fields: Arc::from(Vec::<Arc<str>>::new()),
+        }
+    }
+
+    /// A real org's GAP_OVERFLOW names the placeholder `000000000000000AAA`; older captures
+    /// and the documentation show none. Either way the entity repair covers every record, and
+    /// the placeholder must never become a record repair (it names no record).
+    #[test]
+    fn an_overflow_queues_one_entity_repair_whatever_its_ids() {
+        let path = format!(
+            "{}/src/emulator/org/Account.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("describe file");
+        let table = Arc::new(
+            TableSchema::from_describe(serde_json::from_str(&text).expect("describe"))
+                .expect("table"),
+        );
+        let tables: HashMap<String, Arc<TableSchema>> = [("Account".to_string(), table)].into();
+        let settings = ApplySettings {
+            data_schema: "salesforce".into(),
+            control_schema: "sfmirror".into(),
+            delete_mode: DeleteMode::Soft,
+            repair_margin_ms: 1_000,
+            audit_batches: false,
+        };
+        for ids in [&["000000000000000AAA"][..], &[][..]] {
+            let mut events = vec![overflow(ids)];
+            let plan = plan_events(&settings, &tables, &mut events).expect("plans");
+            assert!(plan.runs.is_empty(), "{ids:?}: no row is written");
+            match plan.repairs() {
+                [
+                    RepairRequest::Entity {
+                        object, since_ms, ..
+                    },
+                ] => {
+                    assert_eq!(object, "Account");
+                    assert_eq!(*since_ms, 99_000);
+                }
+                other => panic!("{ids:?}: want one entity repair, got {other:?}"),
+            }
+        }
+    }
+}
