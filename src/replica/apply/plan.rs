@@ -479,6 +479,7 @@ mod overflow_tests {
             delete_mode: DeleteMode::Soft,
             repair_margin_ms: 1_000,
             audit_batches: false,
+            derived_not_on_change: Default::default(),
         };
         for ids in [&["000000000000000AAA"][..], &[][..]] {
             let mut events = vec![overflow(ids)];
