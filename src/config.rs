@@ -855,6 +855,30 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_annotated_example_loads() {
+        let text = include_str!("../examples/sfmirror.toml");
+        let cfg = Config::from_toml(text).unwrap_or_else(|e| panic!("examples/sfmirror.toml: {e}"));
+        assert_eq!(cfg.derived_refresh("Contact"), DerivedRefresh::OnChange);
+        assert_eq!(cfg.sync.derived_refresh_window_secs, 10);
+    }
+
+    #[test]
+    fn per_object_settings_name_configured_objects() {
+        let mut c = with_channels(&[&["Account"]]);
+        c.objects.insert(
+            "Contcat".to_string(),
+            ObjectConfig {
+                derived_refresh: DerivedRefresh::Off,
+            },
+        );
+        let e = c.validate().expect_err("refused").to_string();
+        assert!(
+            e.contains("objects.Contcat") && e.contains("Account"),
+            "{e}"
+        );
+    }
+
     const GOOD: &str = r#"
         [salesforce]
         auth = "client_credentials"

@@ -253,12 +253,12 @@ fn a_misspelled_or_invented_metric_is_reported() {
     let expr = "rate(sfmirror_events_total[5m]) + sfmirror_replication_lag_secs \
                 + sfmirror_apply_delay_seconds_bucket + sfmirror_events_total_count \
                 + process_resident_memory_bytes + process_rss_bytes \
-                + foo_sfmirror_not_a_name + sfmirror_event_delivery_usage_ratio";
+                + foo_sfmirror_not_a_name + sfmirror_event_delivery_usage_percent";
     assert_eq!(
         unknown_metrics(expr),
         [
             "process_rss_bytes",
-            "sfmirror_event_delivery_usage_ratio",
+            "sfmirror_event_delivery_usage_percent",
             "sfmirror_events_total_count",
             "sfmirror_replication_lag_secs",
         ]

@@ -195,6 +195,28 @@ pub async fn apply(
     .map_err(ReplicaError::pg(format!("{what}: update")))
 }
 
+/// Starts `object`'s sweep schedule at its first sight: the first sweep is due one interval
+/// later (a backfill has just read every derived value; there is nothing to sweep yet).
+/// Returns whether the schedule was new.
+pub async fn schedule_sweeps(
+    client: &impl GenericClient,
+    control_schema: &str,
+    object: &str,
+) -> Result<bool, ReplicaError> {
+    let ctl = quote(control_schema);
+    let n = client
+        .execute(
+            &format!(
+                "INSERT INTO {ctl}.derived_sweeps (object, started_at) VALUES ($1, now())
+                 ON CONFLICT (object) DO NOTHING"
+            ),
+            &[&object],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!("schedule the sweeps of {object}")))?;
+    Ok(n == 1)
+}
+
 /// Notes that a sweep of `object` started now.
 pub async fn sweep_started(
     client: &impl GenericClient,

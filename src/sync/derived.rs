@@ -14,8 +14,9 @@
 //! ```
 //!
 //! The queue coalesces: a record changed a hundred times in a window is read once, and the
-//! cost is ceil(changed records / 2,000) calls per object per window. The sweep catches what
-//! no event on the record announces: formulas reading a parent's fields or the clock
+//! cost is ceil(changed records / 2,000) calls per object per window. The sweep (first due one
+//! interval after the object is first seen, not at every start) catches what no event on the
+//! record announces: formulas reading a parent's fields or the clock
 //! (TODAY, NOW), and fields Salesforce derives from other records.
 //!
 //! # Why it cannot lose or undo anything
@@ -227,7 +228,12 @@ impl DerivedWorker {
         };
         let since = {
             let client = self.pool.get().await.map_err(ReplicaError::from)?;
-            derived::since_last_sweep(&client, &self.settings.control_schema, object).await?
+            let ctl = &self.settings.control_schema;
+            if derived::schedule_sweeps(&client, ctl, object).await? {
+                // First sight: what a backfill or the stream wrote is fresh; sweep later.
+                return Ok(false);
+            }
+            derived::since_last_sweep(&client, ctl, object).await?
         };
         if since.is_some_and(|s| s < every.as_secs_f64()) {
             return Ok(false);
