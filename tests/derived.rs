@@ -235,14 +235,14 @@ async fn derived_columns_are_re_read_after_changes_and_swept() {
         text(&db, parent, &invoice).await.as_deref() == Some("Acme Ltd")
     })
     .await;
-    assert!(
-        count(
-            &db,
-            "SELECT count(*) FROM sfmirror.derived_sweeps WHERE completed_at IS NOT NULL"
-        )
-        .await
-            >= 1
-    );
+    let status = sfmirror::sync::status::status(&cfg).await.expect("status");
+    let invoices = status
+        .derived
+        .iter()
+        .find(|d| d.object == "Invoice__c")
+        .expect("status shows Invoice__c's derived columns");
+    assert!(invoices.last_sweep_completed_at.is_some(), "{status}");
+    assert!(status.to_string().contains("derived columns:"), "{status}");
 
     // A deleted record is never written again by a re-read.
     org.delete("Contact", &contact, "test").expect("delete");

@@ -289,3 +289,47 @@ pub async fn since_last_sweep(
         .map_err(ReplicaError::pg(format!("read the sweep of {object}")))?;
     Ok(row.map(|r| r.get(0)))
 }
+
+/// One object's derived-column state, for `sfmirror status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub object: String,
+    /// Records waiting for a re-read.
+    pub queued: i64,
+    /// When the last sweep completed (epoch ms), and the error the last one stopped on.
+    pub swept_ms: Option<i64>,
+    pub sweep_error: Option<String>,
+}
+
+/// Every object with queued re-reads or a sweep schedule.
+pub async fn summary(
+    client: &impl GenericClient,
+    control_schema: &str,
+) -> Result<Vec<Summary>, ReplicaError> {
+    let ctl = quote(control_schema);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT o.object, coalesce(q.n, 0),
+                        (extract(epoch FROM s.completed_at) * 1000)::bigint, s.error
+                 FROM (SELECT object FROM {ctl}.derived_refresh
+                       UNION SELECT object FROM {ctl}.derived_sweeps) o
+                 LEFT JOIN (SELECT object, count(*) AS n FROM {ctl}.derived_refresh
+                            GROUP BY object) q USING (object)
+                 LEFT JOIN {ctl}.derived_sweeps s USING (object)
+                 ORDER BY o.object"
+            ),
+            &[],
+        )
+        .await
+        .map_err(ReplicaError::pg("read the derived-column state"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Summary {
+            object: r.get(0),
+            queued: r.get(1),
+            swept_ms: r.get(2),
+            sweep_error: r.get(3),
+        })
+        .collect())
+}

@@ -20,6 +20,8 @@ pub struct StatusReport {
     pub repairs: Vec<RepairStatus>,
     pub dead_letters: i64,
     pub objects: Vec<ObjectStatus>,
+    /// Derived columns (formulas, person names): re-reads waiting, last sweep.
+    pub derived: Vec<DerivedStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +91,14 @@ pub struct ObjectStatus {
     pub snapshot_running_since: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Serialize)]
+pub struct DerivedStatus {
+    pub object: String,
+    pub queued: i64,
+    pub last_sweep_completed_at: Option<DateTime<Utc>>,
+    pub last_sweep_error: Option<String>,
+}
+
 /// Reads the status from the replica named in `cfg`.
 pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
     let replica = Setup::connect(cfg).await?;
@@ -100,6 +110,7 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         checked_at: now,
         channels: Vec::new(),
         repairs: Vec::new(),
+        derived: Vec::new(),
         dead_letters: 0,
         objects: Vec::new(),
     };
@@ -178,6 +189,18 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         })
         .collect();
     report.dead_letters = dead_letters::count(&client, control).await?;
+    if state.has(8) {
+        report.derived = crate::replica::derived::summary(&client, control)
+            .await?
+            .into_iter()
+            .map(|d| DerivedStatus {
+                object: d.object,
+                queued: d.queued,
+                last_sweep_completed_at: at(d.swept_ms),
+                last_sweep_error: d.sweep_error,
+            })
+            .collect();
+    }
     report.objects = sync_state::list(&client, control)
         .await?
         .into_iter()
@@ -261,6 +284,22 @@ impl fmt::Display for StatusReport {
             }
         }
         writeln!(f, "dead letters: {}", self.dead_letters)?;
+        if !self.derived.is_empty() {
+            writeln!(f, "derived columns:")?;
+        }
+        for d in &self.derived {
+            write!(
+                f,
+                "  {}: {} re-read(s) waiting; last sweep {}",
+                d.object,
+                d.queued,
+                ago(d.last_sweep_completed_at, now)
+            )?;
+            match &d.last_sweep_error {
+                Some(e) => writeln!(f, "; last sweep failed: {e}")?,
+                None => writeln!(f)?,
+            }
+        }
         if !self.objects.is_empty() {
             writeln!(f, "snapshots:")?;
         }
