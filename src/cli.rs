@@ -181,22 +181,31 @@ pub enum Command {
         #[arg(long, value_name = "N[:OBJECTS]")]
         backlog: Option<crate::emulator::workload::BacklogSpec>,
     },
-    /// Run everything on one command: emulator, replica, daemon and a small workload; print
-    /// what was mirrored.
+    /// The whole product in about a minute, with no server to set up: an emulated org,
+    /// a replica, the daemon as a child process, a workload; merge, gap and overflow repairs,
+    /// a SIGKILL survived, a new field, verify and the daemon's metrics, each shown and checked.
+    ///
+    /// The replica: DATABASE_URL when set; else 127.0.0.1:5432 when it accepts the default
+    /// login (postgres, no password); else a private cluster started with the machine's
+    /// initdb and pg_ctl and removed at the end. Only the schemas `salesforce_demo` and
+    /// `sfmirror_demo` are written (and recreated).
     Demo {
-        /// Postgres to mirror into (schemas `salesforce_demo` and `sfmirror_demo`).
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database_url: String,
-        /// Accounts to create.
-        #[arg(long, default_value_t = 20)]
-        accounts: usize,
-        /// Keep the daemon and a slow workload running until Ctrl-C.
+        /// Postgres to mirror into (only the demo's own schemas are touched).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// Always start a private PostgreSQL cluster, even when a server is available.
+        #[arg(long)]
+        embedded: bool,
+        /// A smaller org and shorter pauses (about 15 s; for tests and CI).
+        #[arg(long)]
+        quick: bool,
+        /// Afterwards, keep the emulator, a workload and the daemon running with a live status
+        /// line until Ctrl-C, and print the config file to use with `status`, `run`, `verify`.
         #[arg(long)]
         follow: bool,
+        /// Logs of the demo and the daemon at info (default: warnings only).
+        #[arg(short, long)]
+        verbose: bool,
     },
 }
 
@@ -426,9 +435,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo {
             database_url,
-            accounts,
+            embedded,
+            quick,
             follow,
-        } => crate::demo::run(&database_url, accounts, follow).await,
+            verbose,
+        } => {
+            crate::demo::run(crate::demo::DemoOptions {
+                database_url,
+                embedded,
+                quick,
+                follow,
+                verbose,
+            })
+            .await
+        }
+    }
+}
+
+impl Cli {
+    /// The log directives this command starts with, before `RUST_LOG`'s: the demo keeps its
+    /// own lines readable by logging only warnings unless `--verbose`.
+    pub fn default_log(&self) -> Option<&'static str> {
+        match self.command {
+            Command::Demo { verbose: false, .. } => Some("warn"),
+            _ => None,
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - `auth`: the OAuth flows.
 //! - `backfill`, `verify`: the one-shot commands over REST and Bulk API 2.0.
 //! - `cli`: the binary as an operator runs it (exit codes, config errors, metrics listener).
+//! - `demo`: `sfmirror demo` end to end in its short mode, as a new user runs it.
 //! - `conformance`: real third-party Salesforce clients from npm against the emulator.
 //! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
@@ -25,6 +26,7 @@ mod auth;
 mod backfill;
 mod cli;
 mod conformance;
+mod demo;
 mod deploy;
 mod emulator_features;
 mod emulator_pubsub;
