@@ -6,7 +6,8 @@
 //! - `auth`: the OAuth flows.
 //! - `backfill`, `verify`: the one-shot commands over REST and Bulk API 2.0.
 //! - `cli`: the binary as an operator runs it (exit codes, config errors, metrics listener).
-//! - `demo`: `sfmirror demo` end to end in its short mode, as a new user runs it.
+//! - `demo`, `init`: the first five minutes: `sfmirror demo` end to end in its short mode,
+//!   and `sfmirror init` writing a first config from the org.
 //! - `conformance`: real third-party Salesforce clients from npm against the emulator.
 //! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
@@ -33,6 +34,7 @@ mod emulator_pubsub;
 mod emulator_rest;
 mod end_to_end;
 mod ha;
+mod init;
 mod layering;
 mod merge_properties;
 mod privileges;
