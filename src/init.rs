@@ -3,7 +3,9 @@
 //! command line, and, when it can log in with them, asks the org which objects it has
 //! (describeGlobal) and Pub/Sub which of their change-event channels this user may subscribe
 //! to (GetTopic), and proposes a channel for each. The text it writes is the text it loaded
-//! to log in, so what `init` checked is what `check` and `run` will read.
+//! to log in, so what `init` checked is what `check` and `run` will read. Secrets are
+//! written only as `*_file` keys, so the file itself can be world-readable, as the systemd
+//! units' dynamic user needs.
 
 use crate::config::{AuthFlow, Config};
 use crate::salesforce::Salesforce;
@@ -125,8 +127,17 @@ pub async fn init(opts: &InitOptions) -> anyhow::Result<String> {
             );
         }
     }
-    write_config(&opts.output, &text)?;
+    // No secret is written inline (they are *_file keys), so the file can be world-readable
+    // as the systemd units' dynamic user needs, unless the replica URL carries a password.
+    let secret = opts.replica_url.as_deref().is_some_and(has_password);
+    write_config(&opts.output, &text, if secret { 0o600 } else { 0o644 })?;
     println!("wrote {}", opts.output.display());
+    if secret {
+        println!(
+            "the replica URL holds a password, so the file is readable by you only; the \
+             systemd units need it world-readable: move the password to replica.password_file"
+        );
+    }
     println!(
         "next: sfmirror check --config {}   (then sfmirror backfill and sfmirror run)",
         opts.output.display()
@@ -379,10 +390,23 @@ fn channels_section(offers: &[Offer]) -> String {
     t
 }
 
-/// Writes `text` readable by this user only (it may hold the replica URL).
-fn write_config(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+/// Whether a libpq URL (`user:password@`) or key=value string (`password=`) holds a
+/// password.
+fn has_password(url: &str) -> bool {
+    if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        return authority
+            .rsplit_once('@')
+            .is_some_and(|(user, _)| user.contains(':'))
+            || url.contains("password=");
+    }
+    url.split_whitespace().any(|kv| kv.starts_with("password="))
+}
+
+/// Writes `text` with permissions `mode`.
+fn write_config(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -390,9 +414,11 @@ fn write_config(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         .create(true)
         .truncate(true)
         .write(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file; an overwritten one (--force) gets it too.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -475,6 +501,16 @@ mod tests {
         assert_eq!(cfg.channels.len(), 1);
         assert!(text.contains("#   Secret__c: no permission"), "{text}");
         assert!(text.contains("# Change this"), "{text}");
+    }
+
+    #[test]
+    fn passwords_in_replica_urls_are_noticed() {
+        assert!(has_password("postgres://u:pw@h/db"));
+        assert!(has_password("postgres://u@h/db?password=pw"));
+        assert!(has_password("host=h user=u password=pw"));
+        assert!(!has_password("postgres://u@h/db"));
+        assert!(!has_password("postgres://h/db?sslmode=require"));
+        assert!(!has_password("host=h user=u"));
     }
 
     #[test]
