@@ -250,7 +250,7 @@ pub enum Command {
         /// Always start a private PostgreSQL cluster, even when a server is available.
         #[arg(long)]
         embedded: bool,
-        /// A smaller org and shorter pauses (about 15 s; for tests and CI).
+        /// A smaller org and shorter pauses (about 10 s; for tests and CI).
         #[arg(long)]
         quick: bool,
         /// Afterwards, keep the emulator, a workload and the daemon running with a live status

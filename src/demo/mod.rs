@@ -46,6 +46,10 @@ impl DemoDir {
         // A directory left by an earlier process with the same pid is stale.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
+        // Traversable by the `postgres` user whatever the umask: as root, the embedded
+        // cluster lives in here and runs as that user. The config inside is mode 0600.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         Ok(DemoDir(dir))
     }
 

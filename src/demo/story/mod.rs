@@ -410,7 +410,7 @@ impl Meter {
                 indicatif::ProgressDrawTarget::stdout(),
             );
             if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "         [{bar:40}] {pos}/{len} rows  {msg}",
+                "         [{bar:30}] {pos}/{len} rows  {msg}",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
@@ -431,7 +431,7 @@ impl Meter {
         let done = state.0;
         if let Some(bar) = &self.bar {
             bar.set_position(done);
-            bar.set_message(format!("{} {}/{}", p.object, p.applied, p.total));
+            bar.set_message(p.object.clone());
             return;
         }
         // Quarters crossed since the last line.

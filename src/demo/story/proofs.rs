@@ -21,11 +21,13 @@ impl Story {
             Some("Hot") => "Warm",
             _ => "Hot",
         };
-        let employees = before
+        // One more than before (an integer column: wrap to 1 at its end).
+        let employees: i32 = before
             .get("numberofemployees")
             .and_then(J::as_i64)
-            .unwrap_or(0)
-            + 1;
+            .and_then(|n| i32::try_from(n).ok())
+            .and_then(|n| n.checked_add(1))
+            .unwrap_or(1);
         self.writer
             .update(
                 "Account",
@@ -45,7 +47,7 @@ impl Story {
                         "SELECT 1 FROM {DATA_SCHEMA}.account WHERE id = $1 AND rating = $2 \
                          AND numberofemployees = $3"
                     ),
-                    &[&writer_id, &rating, &(employees as i32)],
+                    &[&writer_id, &rating, &employees],
                 )
                 .await?;
             Ok(row.is_some())
@@ -389,8 +391,10 @@ impl Story {
             .collect();
         lags.sort_by(|a, b| a.0.cmp(&b.0));
         for (channel, lag) in lags {
-            self.out
-                .line(format!("{} {channel} = {lag}", t::REPLICATION_LAG_SECONDS));
+            self.out.line(format!(
+                "{} {channel} = {lag} s",
+                t::REPLICATION_LAG_SECONDS
+            ));
         }
         let name = t::APPLY_DELAY_SECONDS;
         let show_q = |q: Option<f64>| {
