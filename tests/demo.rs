@@ -185,3 +185,53 @@ async fn follow_keeps_running_with_a_status_line_until_ctrl_c() {
         "the demo's directory is removed"
     );
 }
+
+#[tokio::test]
+async fn the_replica_is_database_url_then_the_local_server_then_a_cluster_of_its_own() {
+    use sfmirror::demo::postgres::{LOCAL_URL, Replica, choose};
+    let dir = std::env::temp_dir().join(format!("sfm-demo-choose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let given = "postgres://someone@db.example:5433/x";
+    match choose(Some(given), false, &dir).await.expect("chooses") {
+        Replica::Given(url) => assert_eq!(url, given),
+        _ => panic!("DATABASE_URL is used when set"),
+    }
+    // Without DATABASE_URL: the local server if it takes the default login, else a cluster.
+    let local = tokio_postgres::connect(LOCAL_URL, tokio_postgres::NoTls)
+        .await
+        .is_ok();
+    let chosen = choose(None, false, &dir).await.expect("chooses");
+    match (&chosen, local) {
+        (Replica::Local(url), true) => assert_eq!(url, LOCAL_URL),
+        (Replica::Embedded(_), false) => {}
+        (_, local) => panic!("with the local server reachable = {local}, chose otherwise"),
+    }
+    drop(chosen);
+    // --embedded: a cluster even though DATABASE_URL is given; it serves, and goes away.
+    let Replica::Embedded(cluster) = choose(Some(given), true, &dir).await.expect("starts") else {
+        panic!("--embedded starts a cluster");
+    };
+    let (client, conn) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
+        .await
+        .expect("the cluster accepts the demo's login");
+    tokio::spawn(conn);
+    let one: i32 = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(one, 1);
+    let root = cluster.root.clone();
+    let url = cluster.url.clone();
+    assert!(root.join("data/PG_VERSION").exists());
+    drop(client);
+    drop(cluster);
+    assert!(!root.exists(), "{} removed", root.display());
+    assert!(
+        tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .is_err(),
+        "the server is stopped"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
