@@ -6,10 +6,15 @@ use super::*;
 impl Story {
     pub(super) fn psql(&self) {
         self.out.step("Look at the replica yourself");
-        let url = self.replica.url();
+        // A password in DATABASE_URL is not echoed: the user has it, a terminal log keeps it.
+        let url = super::postgres::redact(self.replica.url());
         self.out.line(format!(
             "psql '{url}' -c 'SELECT id, name, rating, loyalty_tier__c FROM {DATA_SCHEMA}.account LIMIT 5'"
         ));
+        if url != self.replica.url() {
+            self.out
+                .line("(*** stands for the password of your DATABASE_URL)");
+        }
         self.out.line(format!(
             "(tables: \\dt {DATA_SCHEMA}.*   control tables: \\dt {CONTROL_SCHEMA}.*)"
         ));
