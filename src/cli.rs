@@ -185,22 +185,85 @@ pub enum Command {
         #[arg(long)]
         person_accounts: bool,
     },
-    /// Run everything on one command: emulator, replica, daemon and a small workload; print
-    /// what was mirrored.
+    /// Write a first config file for an org: the login URL and OAuth flow given here and,
+    /// when it can log in with them, a channel for each object whose change-event channel
+    /// this user may subscribe to (describeGlobal, then Pub/Sub GetTopic for each).
+    ///
+    /// Secrets are given as files (--client-secret-file, ...), never inline. Then run
+    /// `sfmirror check --config PATH`.
+    Init {
+        /// The file to write.
+        #[arg(long, short, default_value = "sfmirror.toml")]
+        output: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// https://login.salesforce.com, https://test.salesforce.com, or a My Domain URL.
+        #[arg(long, default_value = "https://login.salesforce.com")]
+        login_url: String,
+        /// The OAuth flow: jwt, client_credentials, refresh_token, password, access_token.
+        #[arg(long, value_parser = parse_auth_flow)]
+        auth: crate::config::AuthFlow,
+        /// The connected app's consumer key.
+        #[arg(long, default_value = "")]
+        client_id: String,
+        /// The integration user (jwt, password).
+        #[arg(long, default_value = "")]
+        username: String,
+        #[arg(long)]
+        private_key_file: Option<PathBuf>,
+        #[arg(long)]
+        client_secret_file: Option<PathBuf>,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[arg(long)]
+        refresh_token_file: Option<PathBuf>,
+        #[arg(long)]
+        access_token_file: Option<PathBuf>,
+        /// The instance an access token belongs to (access_token).
+        #[arg(long)]
+        instance_url: Option<String>,
+        /// The Pub/Sub API endpoint (default: Salesforce's).
+        #[arg(long)]
+        pubsub_endpoint: Option<String>,
+        /// A private CA bundle to trust (PEM).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// The replica's PostgreSQL URL (default: a placeholder to edit).
+        #[arg(long)]
+        replica_url: Option<String>,
+        /// Only propose channels for these objects (repeatable).
+        #[arg(long = "object", value_name = "NAME")]
+        objects: Vec<String>,
+        /// Do not log in: write the Salesforce and replica sections only.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// The whole product in about a minute, with no server to set up: an emulated org,
+    /// a replica, the daemon as a child process, a workload; merge, gap and overflow repairs,
+    /// a SIGKILL survived, a new field, verify and the daemon's metrics, each shown and checked.
+    ///
+    /// The replica: DATABASE_URL when set; else 127.0.0.1:5432 when it accepts the default
+    /// login (postgres, no password); else a private cluster started with the machine's
+    /// initdb and pg_ctl and removed at the end. Only the schemas `salesforce_demo` and
+    /// `sfmirror_demo` are written (and recreated).
     Demo {
-        /// Postgres to mirror into (schemas `salesforce_demo` and `sfmirror_demo`).
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database_url: String,
-        /// Accounts to create.
-        #[arg(long, default_value_t = 20)]
-        accounts: usize,
-        /// Keep the daemon and a slow workload running until Ctrl-C.
+        /// Postgres to mirror into (only the demo's own schemas are touched).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// Always start a private PostgreSQL cluster, even when a server is available.
+        #[arg(long)]
+        embedded: bool,
+        /// A smaller org and shorter pauses (about 10 s; for tests and CI).
+        #[arg(long)]
+        quick: bool,
+        /// Afterwards, keep the emulator, a workload and the daemon running with a live status
+        /// line until Ctrl-C, and print the config file to use with `status`, `run`, `verify`.
         #[arg(long)]
         follow: bool,
+        /// Logs of the demo and the daemon at info (default: warnings only).
+        #[arg(short, long)]
+        verbose: bool,
     },
 }
 
@@ -400,11 +463,73 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             emulator.stop().await;
             Ok(())
         }
+        Command::Init {
+            output,
+            force,
+            login_url,
+            auth,
+            client_id,
+            username,
+            private_key_file,
+            client_secret_file,
+            password_file,
+            refresh_token_file,
+            access_token_file,
+            instance_url,
+            pubsub_endpoint,
+            ca_file,
+            replica_url,
+            objects,
+            offline,
+        } => {
+            let opts = crate::init::InitOptions {
+                output,
+                force,
+                login_url,
+                auth,
+                client_id,
+                username,
+                private_key_file,
+                client_secret_file,
+                password_file,
+                refresh_token_file,
+                access_token_file,
+                instance_url,
+                pubsub_endpoint,
+                ca_file,
+                replica_url,
+                objects,
+                offline,
+            };
+            crate::init::init(&opts).await.map(|_| ())
+        }
         Command::Demo {
             database_url,
-            accounts,
+            embedded,
+            quick,
             follow,
-        } => crate::demo::run(&database_url, accounts, follow).await,
+            verbose,
+        } => {
+            crate::demo::run(crate::demo::DemoOptions {
+                database_url,
+                embedded,
+                quick,
+                follow,
+                verbose,
+            })
+            .await
+        }
+    }
+}
+
+impl Cli {
+    /// The log directives this command starts with, before `RUST_LOG`'s: the demo keeps its
+    /// own lines readable by logging only warnings unless `--verbose`.
+    pub fn default_log(&self) -> Option<&'static str> {
+        match self.command {
+            Command::Demo { verbose: false, .. } => Some("warn"),
+            _ => None,
+        }
     }
 }
 
@@ -504,6 +629,16 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 })]
 pub struct CheckFailed {
     pub definite: bool,
+}
+
+/// Parses an OAuth flow name as the config file spells it (`client_credentials`).
+fn parse_auth_flow(s: &str) -> Result<crate::config::AuthFlow, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+        format!(
+            "`{s}` is not an auth flow: jwt, client_credentials, refresh_token, password, \
+             access_token"
+        )
+    })
 }
 
 /// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.

@@ -22,8 +22,8 @@
 //! - [`config`]: the layered configuration and its validation.
 //! - [`telemetry`]: logs, and every metric with its HELP text.
 //! - [`backoff`]: the one retry schedule every retrying loop uses.
-//! - [`cli`], [`demo`], [`shutdown`]: the command line, the one-command demo, and the signal
-//!   that stops long-running commands.
+//! - [`cli`], [`demo`], [`init`], [`shutdown`]: the command line, the one-command demo, the
+//!   first config file, and the signal that stops long-running commands.
 //!
 //! The allocator (mimalloc, tuned before its first allocation) is set up in a private module
 //! of its own, so every binary linking the crate runs with it.
@@ -41,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod init;
 pub mod model;
 pub mod proto;
 pub mod replica;

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = sfmirror::cli::Cli::parse();
-    sfmirror::telemetry::init_logging_as(cli.log_format);
+    sfmirror::telemetry::init_logging_with(cli.log_format, cli.default_log());
     match sfmirror::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,8 @@
 //! - `auth`: the OAuth flows.
 //! - `backfill`, `verify`: the one-shot commands over REST and Bulk API 2.0.
 //! - `cli`: the binary as an operator runs it (exit codes, config errors, metrics listener).
+//! - `demo`, `init`: the first five minutes: `sfmirror demo` end to end in its short mode,
+//!   and `sfmirror init` writing a first config from the org.
 //! - `conformance`: real third-party Salesforce clients from npm against the emulator.
 //! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
@@ -25,6 +27,7 @@ mod auth;
 mod backfill;
 mod cli;
 mod conformance;
+mod demo;
 mod deploy;
 mod derived;
 mod emulator_features;
@@ -32,6 +35,7 @@ mod emulator_pubsub;
 mod emulator_rest;
 mod end_to_end;
 mod ha;
+mod init;
 mod layering;
 mod merge_properties;
 mod privileges;

@@ -252,8 +252,19 @@ pub fn log_filter(rust_log: Option<&str>) -> String {
 /// Logs to stderr in `format`, filtered by [`log_filter`] of `RUST_LOG`. Colour only on a
 /// terminal: journald and files get plain text.
 pub fn init_logging_as(format: LogFormat) {
+    init_logging_with(format, None);
+}
+
+/// [`init_logging_as`] with `defaults` (directives such as `warn`) read before `RUST_LOG`'s,
+/// which therefore still win.
+pub fn init_logging_with(format: LogFormat, defaults: Option<&str>) {
     use std::io::IsTerminal;
-    let rust_log = std::env::var("RUST_LOG").ok();
+    let env = std::env::var("RUST_LOG").ok();
+    let rust_log = match (defaults, env) {
+        (Some(d), Some(e)) => Some(format!("{d},{e}")),
+        (Some(d), None) => Some(d.to_string()),
+        (None, e) => e,
+    };
     let filter = EnvFilter::try_new(log_filter(rust_log.as_deref()))
         .unwrap_or_else(|_| EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
