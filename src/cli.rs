@@ -184,6 +184,12 @@ pub enum Command {
         /// `Person*` / `__pc` contact fields and the `PersonAccount` record type.
         #[arg(long)]
         person_accounts: bool,
+        /// Events delivered org-wide (every subscriber, every channel) per rolling 24 hours
+        /// past which Subscribe is refused and open streams end with
+        /// `sfdc.platform.eventbus.grpc.subscription.limit.exceeded`. Default: counted and
+        /// reported in `/limits`, never enforced.
+        #[arg(long, value_name = "N")]
+        delivery_allocation: Option<u64>,
     },
     /// Write a first config file for an org: the login URL and OAuth flow given here and,
     /// when it can log in with them, a channel for each object whose change-event channel
@@ -421,6 +427,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             overflow_threshold,
             backlog,
             person_accounts,
+            delivery_allocation,
         } => {
             let tls_dir = tls.then(|| {
                 tls_dir.unwrap_or_else(|| {
@@ -453,6 +460,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 overflow_threshold,
                 backlog,
                 person_accounts,
+                delivery_allocation,
             };
             let emulator = Emulator::start(cfg).await?;
             println!("{}", emulator.startup_json());

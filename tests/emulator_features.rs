@@ -719,3 +719,85 @@ async fn formula_fields_are_computed_on_every_read_and_never_written() {
     assert_eq!(err[0]["errorCode"], "INVALID_FIELD_FOR_INSERT_UPDATE");
     emulator.stop().await;
 }
+
+/// A person-account org, from the built-in flag or from an org directory with such an
+/// Account: person accounts derive their Name, business accounts set it, over REST and SOQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_account_orgs_derive_person_names_over_rest() {
+    use reqwest::Method;
+    let dir = std::env::temp_dir().join(format!("sfmirror-person-org-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("org dir");
+    let org_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/emulator/org");
+    for (from, to) in [
+        ("PersonAccount.json", "Account.json"),
+        ("Contact.json", "Contact.json"),
+    ] {
+        std::fs::copy(org_dir.join(from), dir.join(to)).expect("copy describe");
+    }
+    let flag = EmulatorConfig {
+        person_accounts: true,
+        ..Default::default()
+    };
+    let directory = EmulatorConfig {
+        org_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    for cfg in [flag, directory] {
+        let emulator = Emulator::start(cfg).await.expect("emulator");
+        let (status, describe) =
+            answer(rest(&emulator, Method::GET, "/sobjects/Account/describe")).await;
+        assert_eq!(status, 200, "{describe}");
+        let person_type = describe["recordTypeInfos"]
+            .as_array()
+            .expect("record types")
+            .iter()
+            .find(|rt| rt["developerName"] == "PersonAccount")
+            .and_then(|rt| rt["recordTypeId"].as_str())
+            .expect("a PersonAccount record type")
+            .to_string();
+        let (status, created) = answer(rest(&emulator, Method::POST, "/sobjects/Account").json(
+            &json!({
+                "RecordTypeId": person_type, "Salutation": "Dr.", "FirstName": "Grace",
+                "LastName": "Hopper", "PersonEmail": "grace@example.com"}),
+        ))
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let (status, _) = answer(
+            rest(&emulator, Method::POST, "/sobjects/Account").json(&json!({"Name": "Acme"})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        let soql = "SELECT Name, IsPersonAccount, PersonEmail FROM Account ORDER BY Name";
+        let (status, page) =
+            answer(rest(&emulator, Method::GET, "/query").query(&[("q", soql)])).await;
+        assert_eq!(status, 200, "{page}");
+        let rows: Vec<(String, bool)> = page["records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .map(|r| {
+                (
+                    r["Name"].as_str().expect("Name").to_string(),
+                    r["IsPersonAccount"].as_bool().expect("flag"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("Acme".to_string(), false),
+                ("Grace Hopper".to_string(), true)
+            ]
+        );
+        // A person needs a last name.
+        let (status, err) = answer(
+            rest(&emulator, Method::POST, "/sobjects/Account")
+                .json(&json!({"RecordTypeId": person_type, "FirstName": "Ada"})),
+        )
+        .await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err[0]["errorCode"], "REQUIRED_FIELD_MISSING");
+        emulator.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

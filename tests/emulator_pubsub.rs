@@ -263,3 +263,125 @@ async fn keepalives_carry_the_latest_replay_id() {
     assert!(latest.as_u64() >= events[1].0.as_u64());
     emulator.stop().await;
 }
+
+/// The delivery allocation error as Salesforce sends it: the `error-code` trailer names
+/// `subscription.limit.exceeded`.
+fn assert_limit_exceeded(err: &SourceError) {
+    match err {
+        SourceError::Grpc {
+            code, error_code, ..
+        } => {
+            assert_eq!(*code, tonic::Code::ResourceExhausted, "{err}");
+            assert_eq!(
+                error_code,
+                "sfdc.platform.eventbus.grpc.subscription.limit.exceeded"
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+/// `(Max, Remaining)` of one `/limits` key.
+async fn limit(emulator: &Emulator, key: &str) -> (i64, i64) {
+    let limits: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/services/data/v62.0/limits", emulator.rest_url))
+        .bearer_auth(&emulator.access_token)
+        .send()
+        .await
+        .expect("limits")
+        .json()
+        .await
+        .expect("JSON");
+    (
+        limits[key]["Max"].as_i64().expect("Max"),
+        limits[key]["Remaining"].as_i64().expect("Remaining"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_allocation_is_counted_org_wide_and_enforced() {
+    let emulator = Emulator::start(EmulatorConfig {
+        delivery_allocation: Some(5),
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let (pubsub, _) = client(&emulator).await;
+    create_accounts(&emulator, 3).await;
+    assert_eq!(
+        limit(&emulator, "DailyDeliveredPlatformEvents").await,
+        (5, 5)
+    );
+    let (monthly_max, _) = limit(&emulator, "MonthlyPlatformEventsUsageEntitlement").await;
+    assert!(monthly_max > 0);
+
+    // Two subscribers, two channels: every delivery counts against the one allocation.
+    let mut first = pubsub
+        .subscribe(TOPIC, StartAt::Earliest)
+        .await
+        .expect("subscribe");
+    assert_eq!(read_events(&mut first, 3).await.len(), 3);
+    assert_eq!(
+        limit(&emulator, "DailyDeliveredPlatformEvents").await,
+        (5, 2)
+    );
+    let mut second = pubsub
+        .subscribe("/data/ChangeEvents", StartAt::Earliest)
+        .await
+        .expect("subscribe while 2 remain");
+    // Only the 2 left are delivered, then the stream ends with the limit error.
+    let mut delivered = 0;
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(10), second.next())
+            .await
+            .expect("an answer in time")
+        {
+            Ok(Some(r)) => delivered += r.events.len(),
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(delivered, 2, "nothing past the allocation");
+    assert_limit_exceeded(&err);
+    assert_eq!(
+        limit(&emulator, "DailyDeliveredPlatformEvents").await,
+        (5, 0)
+    );
+
+    // The first stream, still open, ends at its next delivery attempt.
+    create_accounts(&emulator, 1).await;
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(10), first.next())
+            .await
+            .expect("an answer in time")
+        {
+            Ok(Some(r)) => assert!(r.events.is_empty(), "no event past the allocation"),
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_limit_exceeded(&err);
+    // New Subscribe calls are refused.
+    let err = refused(pubsub.subscribe(TOPIC, StartAt::Earliest).await).await;
+    assert_limit_exceeded(&err);
+
+    // The window rolls with the emulator's clock.
+    emulator.org.advance_clock(24 * 3_600_000 + 60_000);
+    assert_eq!(
+        limit(&emulator, "DailyDeliveredPlatformEvents").await,
+        (5, 5)
+    );
+    let mut again = pubsub
+        .subscribe(TOPIC, StartAt::Latest)
+        .await
+        .expect("subscribe after the window rolled");
+    create_accounts(&emulator, 1).await;
+    assert_eq!(read_events(&mut again, 1).await.len(), 1);
+
+    // The control API lifts the allocation at run time.
+    let settings =
+        common::control(&emulator, "settings", json!({"delivery_allocation": null})).await;
+    assert_eq!(settings["delivery_allocation"], serde_json::Value::Null);
+    assert_eq!(emulator.org.delivery_allocation(), None);
+    emulator.stop().await;
+}

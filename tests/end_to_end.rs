@@ -179,19 +179,28 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     // Restart: it must resume strictly after the checkpoint.
     let second = common::Daemon::spawn(&cfg, Some(observed.clone()));
     let expected_hot = 50i64;
+    // The second daemon's repair worker may re-read everything (the first start's queued
+    // re-read) before its channel takes over: the stream's resumption is what is tested, so
+    // wait for a batch of the resumed stream too.
+    let mut seen: Vec<AppliedBatch> = Vec::new();
     wait_for(
         "the replica to catch up",
         Duration::from_secs(60),
         async || {
-            client
-                .query_one(
-                    "SELECT count(*) = 100 AND count(*) FILTER (WHERE rating = 'Hot') = $1
+            while let Ok(b) = batches.try_recv() {
+                seen.push(b);
+            }
+            seen.iter()
+                .any(|b| b.started_after.as_ref() == Some(&checkpoint))
+                && client
+                    .query_one(
+                        "SELECT count(*) = 100 AND count(*) FILTER (WHERE rating = 'Hot') = $1
                  FROM salesforce.account",
-                    &[&expected_hot],
-                )
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false)
+                        &[&expected_hot],
+                    )
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .unwrap_or(false)
         },
     )
     .await;
@@ -201,7 +210,7 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
 
     let subs = emulator.subscriptions();
     let resumed = subs.last().expect("second subscription");
-    assert_eq!(resumed.preset, "CUSTOM");
+    assert_eq!(resumed.preset, "CUSTOM", "{subs:?}");
     assert_eq!(
         resumed.replay_id,
         checkpoint.as_u64(),
@@ -210,6 +219,9 @@ async fn creates_and_updates_reach_postgres_and_a_killed_subscriber_resumes() {
     let cp = checkpoint.as_u64().expect("8-byte replay id");
     let mut after_restart = 0;
     while let Ok(b) = batches.try_recv() {
+        seen.push(b);
+    }
+    for b in &seen {
         if b.started_after.as_ref() == Some(&checkpoint) {
             for r in &b.replay_ids {
                 let r = r.as_u64().expect("8-byte");

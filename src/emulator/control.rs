@@ -116,15 +116,25 @@ async fn transaction(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiEr
     Ok(Json(json!(report)))
 }
 
-/// `{"overflow_threshold": N}`: changes per transaction that still get change events.
+/// `{"overflow_threshold": N}`: changes per transaction that still get change events;
+/// `{"delivery_allocation": N}`: events delivered per rolling 24 hours past which Subscribe
+/// is refused and streams end (`null` lifts it).
 async fn settings(State(st): S, Json(body): Json<J>) -> Result<Json<J>, ApiError> {
     if body.get("overflow_threshold").is_some() {
         st.org
             .set_overflow_threshold(count(&body, "overflow_threshold")?);
     }
-    Ok(Json(
-        json!({"overflow_threshold": st.org.overflow_threshold()}),
-    ))
+    match body.get("delivery_allocation") {
+        None => {}
+        Some(J::Null) => st.org.set_delivery_allocation(None),
+        Some(_) => st
+            .org
+            .set_delivery_allocation(Some(count(&body, "delivery_allocation")? as u64)),
+    }
+    Ok(Json(json!({
+        "overflow_threshold": st.org.overflow_threshold(),
+        "delivery_allocation": st.org.delivery_allocation(),
+    })))
 }
 
 fn count(body: &J, key: &str) -> Result<usize, ApiError> {
@@ -319,6 +329,8 @@ async fn stats(State(st): S) -> Json<J> {
         "tip_replay_id": st.org.bus.tip(),
         "event_channels": st.org.event_channels(),
         "overflow_threshold": st.org.overflow_threshold(),
+        "delivery_allocation": st.org.delivery_allocation(),
+        "delivered_events_daily": st.org.delivery_usage().daily_used,
         "workload": st.workload.status(),
         "now_ms": st.org.now_ms(),
     }))

@@ -81,6 +81,10 @@ pub struct EmulatorConfig {
     /// (`IsPersonAccount`, person-name components, `Person*` and `__pc` contact fields, the
     /// `PersonAccount` record type), whatever the org definition's own Account is.
     pub person_accounts: bool,
+    /// Events delivered org-wide per rolling 24 hours (emulator clock) past which Subscribe
+    /// is refused and open streams end with `subscription.limit.exceeded`; None: counted,
+    /// never enforced.
+    pub delivery_allocation: Option<u64>,
 }
 
 impl Default for EmulatorConfig {
@@ -97,6 +101,7 @@ impl Default for EmulatorConfig {
             overflow_threshold: store::DEFAULT_OVERFLOW_THRESHOLD,
             backlog: None,
             person_accounts: false,
+            delivery_allocation: None,
         }
     }
 }
@@ -377,6 +382,7 @@ impl Emulator {
         let shutdown = CancellationToken::new();
 
         org.set_overflow_threshold(cfg.overflow_threshold);
+        org.set_delivery_allocation(cfg.delivery_allocation);
         if let Some(spec) = &cfg.backlog {
             let built = workload::build_backlog(&org, spec).map_err(|e| EmulatorError::Org {
                 path: "--backlog".to_string(),

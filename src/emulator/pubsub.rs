@@ -5,7 +5,9 @@
 //! keys matched case-insensitively as gRPC lower-cases them). Errors carry Salesforce's
 //! `error-code` trailer. `Subscribe` honours the replay preset of the first request only,
 //! adds `num_requested` to what is outstanding (capped at 100), and sends keepalives with the
-//! latest replay id when there is nothing to deliver.
+//! latest replay id when there is nothing to deliver. Every delivery counts against the
+//! org's delivery allocation; once it is spent, Subscribe is refused and open streams end
+//! with `subscription.limit.exceeded`.
 //!
 //! It serves what the store and the bus hold and must not change records: published platform
 //! events go through the store, which checks them.
@@ -28,6 +30,17 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 const ERROR_PREFIX: &str = "sfdc.platform.eventbus.grpc.";
+
+/// The status of a Subscribe call refused, or a stream ended, because the org's event
+/// delivery allocation is spent. The `error-code` trailer and the message are Salesforce's;
+/// the documentation does not name the gRPC code, RESOURCE_EXHAUSTED is gRPC's for a quota.
+fn delivery_limit_exceeded() -> Status {
+    sf_status(
+        Code::ResourceExhausted,
+        "subscription.limit.exceeded",
+        "You have exceeded the event delivery limit for your org.",
+    )
+}
 const MAX_OUTSTANDING: i32 = 100;
 
 /// A subscription as the emulator saw it (for the control API's stats and tests).
@@ -255,6 +268,9 @@ impl PubSub for PubSubService {
         };
         let topic = first.topic_name.clone();
         self.check_topic(&topic)?;
+        if self.org.deliveries_exhausted() {
+            return Err(delivery_limit_exceeded());
+        }
         if first.num_requested <= 0 {
             return Err(sf_status(
                 Code::InvalidArgument,
@@ -399,9 +415,11 @@ async fn serve_subscription(
     // When the client's credit last ran out: a stream left without credit is closed.
     let mut starved_since: Option<tokio::time::Instant> = None;
     loop {
-        // Deliver what is available, within the credit.
+        // Deliver what is available, within the credit and what is left of the allocation.
         while credits > 0 {
-            let events = org.bus.read_after(&topic, position, credits as usize);
+            let events = org.deliver(credits as u64, |room| {
+                org.bus.read_after(&topic, position, room)
+            });
             let Some(last) = events.last() else { break };
             let last_replay = last.replay;
             let n = events.len() as i32;
@@ -428,6 +446,12 @@ async fn serve_subscription(
                 return;
             }
             position = last_replay;
+        }
+        // Once the org's delivery allocation is spent (by this stream or any other), the
+        // stream ends, after what it could still deliver.
+        if org.deliveries_exhausted() {
+            let _ = tx.send(Err(delivery_limit_exceeded())).await;
+            return;
         }
         if credits > 0 {
             starved_since = None;

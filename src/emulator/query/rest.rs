@@ -422,9 +422,15 @@ pub(super) async fn limits(State(st): S, Path(version): Path<String>) -> Result<
     let jobs = st.jobs_created.load(Ordering::Relaxed);
     let mb = st.result_bytes.load(Ordering::Relaxed) / (1024 * 1024);
     let limit = |max: i64, used: i64| json!({"Max": max, "Remaining": (max - used).max(0)});
+    let deliveries = st.org.delivery_usage();
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     Ok(Json(json!({
         "DailyApiRequests": limit(max, used),
         "DailyBulkApiBatches": limit(15_000, 0),
+        "DailyDeliveredPlatformEvents":
+            limit(count(deliveries.daily_max), count(deliveries.daily_used)),
+        "MonthlyPlatformEventsUsageEntitlement":
+            limit(count(deliveries.monthly_max), count(deliveries.monthly_used)),
         "DailyBulkV2QueryJobs": limit(DAILY_BULK_QUERY_JOBS, jobs),
         "DailyBulkV2QueryFileStorageMB": limit(DAILY_BULK_QUERY_STORAGE_MB, mb),
         "DataStorageMB": limit(5, 0),

@@ -17,6 +17,7 @@
 //!   fields added or removed;
 //! - `records`: validation and record CRUD, the recycle bin, gap changes, reads;
 //! - `formulas`: formula fields, evaluated on every read;
+//! - `deliveries`: events delivered to subscribers, against the delivery allocation;
 //! - `names`: person names derived from their parts, and person accounts;
 //! - `events`: change capture, one change to one encoded event on the bus, and platform
 //!   event publishing;
@@ -24,6 +25,7 @@
 //! - `tokens`: issued access tokens;
 //! - `ids`: the ids the org hands out.
 
+mod deliveries;
 mod events;
 mod formulas;
 mod ids;
@@ -45,6 +47,7 @@ use std::sync::{Arc, Mutex, RwLock};
 /// The 18-character id form, from [`crate::model::id`]; also reachable here, where it used to
 /// live.
 pub use crate::model::id::id18;
+pub use deliveries::{DEFAULT_DAILY_DELIVERIES, DeliveryUsage, MONTHLY_ENTITLEMENT};
 pub use formulas::{FormulaField, UnsupportedFormula};
 pub use ids::new_id;
 pub use names::{PERSON_ACCOUNT_RECORD_TYPE, person_name};
@@ -130,6 +133,8 @@ pub struct Org {
     /// Wall-clock ms until which Pub/Sub refuses service (control API).
     refuse_until_ms: AtomicI64,
     data: Mutex<Data>,
+    /// Events delivered to subscribers, by minute, and the enforced allocation.
+    deliveries: Mutex<deliveries::Deliveries>,
     /// Formula fields that read as null because the emulator cannot evaluate them.
     unsupported_formulas: RwLock<Vec<UnsupportedFormula>>,
     tokens: RwLock<HashMap<String, TokenInfo>>,
@@ -230,6 +235,7 @@ impl Org {
                 commit_number: 10_000_000_000,
                 ..Default::default()
             }),
+            deliveries: Mutex::new(Default::default()),
             unsupported_formulas: RwLock::new(Vec::new()),
             tokens: RwLock::new(HashMap::new()),
             clock_offset_ms: AtomicI64::new(0),
@@ -267,7 +273,8 @@ impl Org {
         self.data.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Empties the org: no records, no stored events, fresh limits (control API reset).
+    /// Empties the org: no records, no stored events, fresh limits and delivery counts
+    /// (control API reset).
     /// Objects, schemas and tokens stay.
     pub fn reset(&self) {
         let mut data = self.data();
@@ -276,6 +283,7 @@ impl Org {
         self.corrupt_remaining.store(0, Ordering::Relaxed);
         self.refuse_until_ms.store(0, Ordering::Relaxed);
         self.api_calls.store(0, Ordering::Relaxed);
+        self.reset_deliveries();
     }
 
     /// Pub/Sub refuses service (UNAVAILABLE) for `ms` of wall-clock time.
