@@ -491,3 +491,88 @@ async fn systemd_hears_ready_status_and_the_watchdog_until_a_channel_is_stuck() 
     let _ = std::fs::remove_file(&socket);
     emulator.stop().await;
 }
+
+/// A spent event delivery allocation, as an operator meets it: the usage gauge from `/limits`
+/// climbs to 1, the refused channel is paused with one ERROR saying what to do and `/readyz`
+/// names it; once the allocation is back, the channel subscribes again by itself and nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_delivery_allocation_pauses_the_channel_until_it_is_back() {
+    let emulator = Emulator::start(EmulatorConfig {
+        keepalive: Duration::from_secs(1),
+        delivery_allocation: Some(30),
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let db = TestDb::create().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let cfg = config(&emulator, &db, port)
+        .sync("limits_poll_secs", 1)
+        .sync("delivery_limit_retry_secs", 3);
+    let daemon = Process::start(&cfg, &[]).await;
+    common::wait_for("readiness", WAIT, async || {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let writer = RestWriter::new(&emulator);
+    for i in 0..50 {
+        writer
+            .create("Account", json!({"Name": format!("account {i}")}))
+            .await
+            .expect("create");
+    }
+    common::wait_for("the channel paused, named by /readyz", WAIT, async || {
+        let (status, body) = readyz(&base).await;
+        status == 503 && body.to_string().contains("paused")
+    })
+    .await;
+    let (_, body) = readyz(&base).await;
+    assert!(body.to_string().contains("DailyDeliveredPlatformEvents"), "{body}");
+    common::wait_for("the usage gauge", WAIT, async || {
+        value(
+            &scrape(&base).await,
+            "sfmirror_event_delivery_usage_ratio{window=\"daily\"}",
+        )
+        .is_some_and(|v| v >= 0.99)
+    })
+    .await;
+    let log = daemon.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("delivery allocation is spent"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one ERROR for the refusal:\n{log}");
+
+    // The allocation comes back (the window rolled over): the channel resumes on its own.
+    reqwest::Client::new()
+        .post(format!("{}/emulator/settings", emulator.rest_url))
+        .json(&json!({"delivery_allocation": null}))
+        .send()
+        .await
+        .expect("settings")
+        .error_for_status()
+        .expect("accepted");
+    common::wait_for("every account replicated after the pause", WAIT, async || {
+        db.client()
+            .await
+            .query_one("SELECT count(*) FROM salesforce.account", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 50)
+    })
+    .await;
+    common::wait_for("ready again", WAIT, async || readyz(&base).await.0 == 200).await;
+    let log = daemon.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("delivery allocation is spent"))
+            .count(),
+        1,
+        "{log}"
+    );
+    daemon.stop().await;
+    emulator.stop().await;
+}
