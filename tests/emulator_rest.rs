@@ -367,16 +367,22 @@ async fn query_errors_use_salesforce_codes() {
     let lower = api.query("query", "SELECT id FROM account").await;
     assert_eq!(lower.status, StatusCode::OK, "{}", lower.body);
 
-    // Unknown API versions are unknown resources.
-    let a = api
-        .send(
-            api.http
-                .get(format!("{}/services/data/v9.0/query", api.base))
-                .bearer_auth(&api.token)
-                .query(&[("q", "SELECT Id FROM Account")]),
-        )
-        .await;
-    a.assert_error(404, "NOT_FOUND");
+    // Retired API versions are gone (410, Salesforce's end-of-life policy); versions newer
+    // than the newest served are unknown resources.
+    for (version, status, code) in [
+        ("v9.0", 410, "UNSUPPORTED_API_VERSION"),
+        ("v99.0", 404, "NOT_FOUND"),
+    ] {
+        let a = api
+            .send(
+                api.http
+                    .get(format!("{}/services/data/{version}/query", api.base))
+                    .bearer_auth(&api.token)
+                    .query(&[("q", "SELECT Id FROM Account")]),
+            )
+            .await;
+        a.assert_error(status, code);
+    }
 
     // Every route needs a session.
     for (method, path) in [

@@ -7,7 +7,8 @@
 //! - `backfill`, `verify`: the one-shot commands over REST and Bulk API 2.0.
 //! - `cli`: the binary as an operator runs it (exit codes, config errors, metrics listener).
 //! - `conformance`: real third-party Salesforce clients from npm against the emulator.
-//! - `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a client sees it.
+//! - `emulator_clients`, `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a
+//!   client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
@@ -26,6 +27,7 @@ mod backfill;
 mod cli;
 mod conformance;
 mod deploy;
+mod emulator_clients;
 mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;

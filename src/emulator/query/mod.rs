@@ -184,14 +184,29 @@ pub fn routes(state: Arc<QueryState>) -> Router {
 type S = State<Arc<QueryState>>;
 type Params = Query<HashMap<String, String>>;
 
-/// The numeric API version of a `vXX.X` path segment; unknown versions are 404 like any
-/// unknown resource.
-fn api_version(version: &str) -> Result<f64, ApiError> {
-    version
+/// The newest API version the emulator serves (Winter '26).
+pub const NEWEST_VERSION: u32 = 65;
+/// The oldest version Salesforce has not retired; older ones answer 410 (Summer '25 retired
+/// 21.0 through 30.0).
+pub const OLDEST_VERSION: u32 = 31;
+
+/// The numeric API version of a `vXX.X` path segment: versions Salesforce has retired answer
+/// 410, versions newer than the newest served are 404 like any unknown resource.
+pub fn api_version(version: &str) -> Result<f64, ApiError> {
+    let v = version
         .strip_prefix('v')
+        .filter(|v| v.contains('.'))
         .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| (20.0..=70.0).contains(v))
-        .ok_or_else(not_found)
+        .filter(|v| *v <= f64::from(NEWEST_VERSION))
+        .ok_or_else(not_found)?;
+    if v < f64::from(OLDEST_VERSION) {
+        return Err(ApiError::new(
+            410,
+            "UNSUPPORTED_API_VERSION",
+            format!("API version {v:.1} is retired and no longer available"),
+        ));
+    }
+    Ok(v)
 }
 
 fn not_found() -> ApiError {
