@@ -728,6 +728,8 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
             ("SFM_INSTANCE_URL", emulator.rest_url.clone()),
             ("SFM_ACCESS_TOKEN", emulator.access_token.clone()),
             ("SFM_API_VERSION", API_VERSION.to_string()),
+            ("SFM_USERNAME", emulator.credentials.username.clone()),
+            ("SFM_PASSWORD", emulator.credentials.password.clone()),
             ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
         ],
     );
@@ -854,6 +856,47 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
         .expect("errors");
     assert_eq!(errors[0]["errorCode"], "MALFORMED_QUERY", "{:?}", errors[0]);
     assert_eq!(errors[1]["errorCode"], "INVALID_FIELD", "{:?}", errors[1]);
+
+    // An error answer (here NOT_FOUND) leaves the connection usable for the next call.
+    let kept = step("keep-alive");
+    assert_eq!(kept["missing"], "NOT_FOUND", "{kept}");
+    assert!(
+        kept["totalSize"].as_u64().is_some_and(|n| n >= 2500),
+        "{kept}"
+    );
+
+    // Upsert by external id: created, then updated, one record.
+    let upsert = step("upsert");
+    assert_eq!(upsert["first"]["success"], true, "{upsert}");
+    assert_eq!(upsert["first"]["created"], true, "{upsert}");
+    assert_eq!(upsert["second"]["created"], false, "{upsert}");
+    let invoice = upsert["first"]["id"].as_str().expect("upserted id");
+    assert_eq!(upsert["second"]["id"], invoice, "{upsert}");
+    let record = org.get("Invoice__c", invoice).expect("upserted invoice");
+    assert_eq!(record["External_Id__c"], "JS-1");
+    assert_eq!(record["Name"], "jsforce upsert again");
+
+    // SOAP login(): a session that REST accepts, the org and user ids; refusals as faults.
+    let soap = step("soap-login");
+    assert_eq!(soap["organizationId"], org.org_id.as_str(), "{soap}");
+    assert_eq!(soap["userId"], org.user_id.as_str(), "{soap}");
+    assert_eq!(soap["instanceUrl"], emulator.rest_url.as_str(), "{soap}");
+    assert!(
+        soap["totalSize"].as_u64().is_some_and(|n| n >= 2500),
+        "{soap}"
+    );
+    assert!(
+        soap["refused"]
+            .as_str()
+            .is_some_and(|m| m.contains("INVALID_LOGIN")),
+        "{soap}"
+    );
+    assert!(
+        soap["retired"]
+            .as_str()
+            .is_some_and(|m| m.contains("UNSUPPORTED_API_VERSION")),
+        "{soap}"
+    );
 
     emulator.stop().await;
     remove_tls_dir(&ca);

@@ -3,7 +3,7 @@
 //! a response.
 //!
 //! It only assembles and points down: what a route does, and the state it needs, belong to
-//! [`super::rest`] (OAuth, versions, sObjects), [`super::query`] (query, sObject Collections,
+//! [`super::rest`] (OAuth, versions, sObjects), [`super::soap`] (SOAP `login()`), [`super::query`] (query, sObject Collections,
 //! limits, Bulk API 2.0) and [`super::control`] (`/emulator/*`); none of those knows the
 //! others or this module. It must not grow behaviour of its own beyond the layers every
 //! request passes:
@@ -20,7 +20,7 @@
 //!   both in the envelope.
 
 use super::store::{ApiError, Org};
-use super::{compression, control, query, rest};
+use super::{compression, control, query, rest, soap};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
@@ -40,7 +40,8 @@ pub fn router(
     let api = rest::session_routes(rest.clone())
         .merge(query::routes(query))
         .route_layer(middleware::from_fn_with_state(org.clone(), require_session));
-    let inner = rest::open_routes(rest)
+    let inner = rest::open_routes(rest.clone())
+        .merge(soap::routes(rest))
         .merge(api)
         .merge(control::routes(control))
         .fallback(unknown_route)

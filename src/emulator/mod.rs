@@ -13,6 +13,7 @@
 //! - [`http`]: the REST listener's routes, put together with their middleware (trailing
 //!   slashes, body draining, error envelopes, the session check, `Sforce-Limit-Info`, `Date`).
 //! - [`compression`]: gzip request bodies and responses.
+//! - [`soap`]: the SOAP partner API's `login()` (up to API 64.0).
 //! - [`rest`]: OAuth (token, revoke, introspect) and the credentials it accepts, identity,
 //!   the version list and index, describe, single-record create / retrieve / update / delete
 //!   by id or external id (upsert), getUpdated / getDeleted.
@@ -43,6 +44,7 @@ pub mod platform;
 pub mod pubsub;
 pub mod query;
 pub mod rest;
+pub mod soap;
 pub mod soql;
 pub mod store;
 pub mod tls;
