@@ -813,7 +813,15 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     assert_eq!(many[0]["BillingAddress"]["city"], "Nice");
 
     // SOQL paging: every record that was live then (the seeded ones and jsforce's).
-    let live_then = sorted_ids(&org.all_records("Account"));
+    // (The Accounts the collections step creates later are not among them.)
+    let later: Vec<J> = step("collections")["created"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r["id"].clone()).collect())
+        .unwrap_or_default();
+    let live_then: Vec<J> = sorted_ids(&org.all_records("Account"))
+        .into_iter()
+        .filter(|id| !later.contains(id))
+        .collect();
     let paged = step("query-page");
     let pages = paged["pages"].as_array().cloned().expect("pages");
     assert_eq!(pages.len(), 2, "2,501 records are two pages: {pages:?}");
@@ -875,6 +883,34 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     let record = org.get("Invoice__c", invoice).expect("upserted invoice");
     assert_eq!(record["External_Id__c"], "JS-1");
     assert_eq!(record["Name"], "jsforce upsert again");
+
+    // sObject Collections: created together, all or none refused together, destroyed.
+    let coll = step("collections");
+    let made: Vec<String> = coll["created"]
+        .as_array()
+        .expect("created")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(made.len(), 2, "{coll}");
+    assert!(
+        coll["rolledBack"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|x| x["success"] == false)),
+        "{coll}"
+    );
+    assert!(
+        coll["destroyed"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|x| x["success"] == true)),
+        "{coll}"
+    );
+    for id in &made {
+        assert_eq!(
+            org.get("Account", id).map_err(|e| e.code),
+            Err("ENTITY_IS_DELETED")
+        );
+    }
 
     // SOAP login(): a session that REST accepts, the org and user ids; refusals as faults.
     let soap = step("soap-login");

@@ -747,3 +747,238 @@ async fn gzip_request_bodies_are_read_and_responses_gzipped_when_asked() {
     .assert_error(400, "INVALID_CONTENT_ENCODING");
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_create_update_and_delete_with_all_or_none() {
+    let (emulator, api) = start().await;
+    let acct = |name: &str| json!({"attributes": {"type": "Account"}, "Name": name});
+    let created = api
+        .json(
+            Method::POST,
+            "/composite/sobjects",
+            &json!({"allOrNone": false, "records": [acct("One"), acct("Two"),
+                    {"attributes": {"type": "Contact"}, "FirstName": "no last name"}]}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.text());
+    let results = created.json();
+    assert_eq!(results[0]["success"], true);
+    assert_eq!(results[1]["success"], true);
+    assert_eq!(results[2]["success"], false);
+    assert_eq!(
+        results[2]["errors"][0]["statusCode"],
+        "REQUIRED_FIELD_MISSING"
+    );
+    let one = results[0]["id"].as_str().expect("id").to_string();
+    let two = results[1]["id"].as_str().expect("id").to_string();
+    // All or none: one bad record, nothing written, the others rolled back.
+    let before = emulator.org.records("Account").len();
+    let refused = api
+        .json(
+            Method::POST,
+            "/composite/sobjects",
+            &json!({"allOrNone": true, "records": [acct("Three"),
+                    {"attributes": {"type": "Account"}, "Nope__c": 1}]}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        refused[0]["errors"][0]["statusCode"],
+        "ALL_OR_NONE_OPERATION_ROLLED_BACK"
+    );
+    assert_eq!(refused[1]["errors"][0]["statusCode"], "INVALID_FIELD");
+    assert_eq!(emulator.org.records("Account").len(), before);
+    // Update, then delete (with one unknown id, all or none: nothing deleted).
+    let updated = api
+        .json(
+            Method::PATCH,
+            "/composite/sobjects",
+            &json!({"records": [{"attributes": {"type": "Account"}, "id": one, "Phone": "1"},
+                                {"attributes": {"type": "Account"}, "id": &two[..15], "Phone": "2"}]}),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.text());
+    assert_eq!(updated.json()[1]["success"], true, "{}", updated.text());
+    assert_eq!(
+        emulator.org.get("Account", &two).expect("two")["Phone"],
+        "2"
+    );
+    let unknown = "001000000000000AAA";
+    let refused = api
+        .send(api.request(
+            Method::DELETE,
+            &format!("/composite/sobjects?ids={one},{unknown}&allOrNone=true"),
+        ))
+        .await
+        .json();
+    assert_eq!(refused[0]["success"], false, "{refused}");
+    assert!(emulator.org.get("Account", &one).is_ok(), "nothing deleted");
+    let deleted = api
+        .send(api.request(
+            Method::DELETE,
+            &format!("/composite/sobjects?ids={one},{two}"),
+        ))
+        .await
+        .json();
+    assert_eq!(
+        deleted,
+        json!([{"id": one, "success": true, "errors": []},
+                               {"id": two, "success": true, "errors": []}])
+    );
+    emulator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_runs_subrequests_with_references_and_batch_and_tree() {
+    let (emulator, api) = start().await;
+    let composite = api
+        .json(
+            Method::POST,
+            "/composite",
+            &json!({"allOrNone": true, "compositeRequest": [
+                {"method": "POST", "url": "/services/data/v62.0/sobjects/Account",
+                 "referenceId": "acct", "body": {"Name": "Composite"}},
+                {"method": "POST", "url": "/services/data/v62.0/sobjects/Contact",
+                 "referenceId": "ct", "body": {"LastName": "Ref", "AccountId": "@{acct.id}"}},
+                {"method": "GET", "url": "/services/data/v62.0/sobjects/Account/@{acct.id}?fields=Name",
+                 "referenceId": "read"},
+                {"method": "GET", "url": "/services/data/v62.0/query?q=SELECT+Id+FROM+Contact+WHERE+AccountId+%3D+%27@{acct.id}%27",
+                 "referenceId": "q"},
+            ]}),
+        )
+        .await;
+    assert_eq!(composite.status, StatusCode::OK, "{}", composite.text());
+    let c = composite.json();
+    let r = &c["compositeResponse"];
+    assert_eq!(r[0]["httpStatusCode"], 201, "{c}");
+    let acct = r[0]["body"]["id"].as_str().expect("account id").to_string();
+    assert_eq!(
+        r[0]["httpHeaders"]["Location"],
+        format!("/services/data/v62.0/sobjects/Account/{acct}").as_str()
+    );
+    assert_eq!(r[1]["httpStatusCode"], 201, "{c}");
+    let contact = r[1]["body"]["id"].as_str().expect("contact id").to_string();
+    assert_eq!(
+        emulator.org.get("Contact", &contact).expect("contact")["AccountId"],
+        acct.as_str()
+    );
+    assert_eq!(r[2]["body"]["Name"], "Composite", "{c}");
+    assert_eq!(r[3]["body"]["records"][0]["Id"], contact.as_str(), "{c}");
+    // allOrNone: the first failure halts the rest.
+    let halted = api
+        .json(
+            Method::POST,
+            "/composite",
+            &json!({"allOrNone": true, "compositeRequest": [
+                {"method": "GET", "url": "/services/data/v62.0/sobjects/Account/001000000000000AAA",
+                 "referenceId": "missing"},
+                {"method": "POST", "url": "/services/data/v62.0/sobjects/Account",
+                 "referenceId": "never", "body": {"Name": "never"}},
+            ]}),
+        )
+        .await
+        .json();
+    let h = &halted["compositeResponse"];
+    assert_eq!(h[0]["httpStatusCode"], 404, "{halted}");
+    assert_eq!(h[0]["body"][0]["errorCode"], "NOT_FOUND");
+    assert_eq!(
+        h[1]["body"][0]["errorCode"], "PROCESSING_HALTED",
+        "{halted}"
+    );
+    // An unresolvable reference.
+    let bad = api
+        .json(
+            Method::POST,
+            "/composite",
+            &json!({"compositeRequest": [
+                {"method": "GET", "url": "/services/data/v62.0/sobjects/Account/@{nope.id}",
+                 "referenceId": "x"}]}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        bad["compositeResponse"][0]["body"][0]["errorCode"],
+        "PROCESSING_HALTED"
+    );
+
+    // Batch: independent subrequests, URLs relative to /services/data.
+    let batch = api
+        .json(
+            Method::POST,
+            "/composite/batch",
+            &json!({"batchRequests": [
+                {"method": "PATCH", "url": format!("v62.0/sobjects/Account/{acct}"),
+                 "richInput": {"Phone": "42"}},
+                {"method": "GET", "url": "v62.0/sobjects/Account/not-an-id"},
+                {"method": "GET", "url": format!("v62.0/sobjects/Account/{acct}?fields=Phone")},
+            ]}),
+        )
+        .await
+        .json();
+    assert_eq!(batch["hasErrors"], true, "{batch}");
+    assert_eq!(batch["results"][0]["statusCode"], 204);
+    assert_eq!(batch["results"][1]["statusCode"], 400);
+    assert_eq!(
+        batch["results"][1]["result"][0]["errorCode"],
+        "MALFORMED_ID"
+    );
+    assert_eq!(batch["results"][2]["result"]["Phone"], "42");
+
+    // Tree: an account with two contacts, all created, ids by reference.
+    let tree = api
+        .json(
+            Method::POST,
+            "/composite/tree/Account",
+            &json!({"records": [{
+                "attributes": {"type": "Account", "referenceId": "a1"}, "Name": "Tree",
+                "Contacts": {"records": [
+                    {"attributes": {"type": "Contact", "referenceId": "c1"}, "LastName": "One"},
+                    {"attributes": {"type": "Contact", "referenceId": "c2"}, "LastName": "Two"}]}
+            }]}),
+        )
+        .await;
+    assert_eq!(tree.status, StatusCode::CREATED, "{}", tree.text());
+    let t = tree.json();
+    assert_eq!(t["hasErrors"], false);
+    let refs: Vec<&str> = t["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["referenceId"].as_str().expect("ref"))
+        .collect();
+    assert_eq!(refs, ["a1", "c1", "c2"]);
+    let tree_acct = t["results"][0]["id"].as_str().expect("id");
+    let c2 = t["results"][2]["id"].as_str().expect("id");
+    assert_eq!(
+        emulator.org.get("Contact", c2).expect("c2")["AccountId"],
+        tree_acct
+    );
+    // One bad child: nothing created.
+    let before = emulator.org.records("Contact").len();
+    let refused = api
+        .json(
+            Method::POST,
+            "/composite/tree/Account",
+            &json!({"records": [{
+                "attributes": {"type": "Account", "referenceId": "a2"}, "Name": "Tree 2",
+                "Contacts": {"records": [
+                    {"attributes": {"type": "Contact", "referenceId": "bad"}, "FirstName": "x"}]}
+            }]}),
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        refused.text()
+    );
+    let r = refused.json();
+    assert_eq!(r["hasErrors"], true);
+    assert_eq!(r["results"][0]["referenceId"], "bad");
+    assert_eq!(
+        r["results"][0]["errors"][0]["statusCode"],
+        "REQUIRED_FIELD_MISSING"
+    );
+    assert_eq!(emulator.org.records("Contact").len(), before);
+    emulator.stop().await;
+}

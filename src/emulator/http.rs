@@ -3,7 +3,8 @@
 //! a response.
 //!
 //! It only assembles and points down: what a route does, and the state it needs, belong to
-//! [`super::rest`] (OAuth, versions, sObjects), [`super::soap`] (SOAP `login()`), [`super::query`] (query, sObject Collections,
+//! [`super::rest`] (OAuth, versions, sObjects), [`super::soap`] (SOAP `login()`),
+//! [`super::composite`] (composite resources), [`super::query`] (query, sObject Collections,
 //! limits, Bulk API 2.0) and [`super::control`] (`/emulator/*`); none of those knows the
 //! others or this module. It must not grow behaviour of its own beyond the layers every
 //! request passes:
@@ -20,7 +21,7 @@
 //!   both in the envelope.
 
 use super::store::{ApiError, Org};
-use super::{compression, control, query, rest, soap};
+use super::{composite, compression, control, query, rest, soap};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
@@ -37,9 +38,16 @@ pub fn router(
     control: Arc<control::ControlState>,
 ) -> Router {
     let org = rest.org.clone();
+    let composite_state = Arc::new(composite::CompositeState {
+        org: org.clone(),
+        api: std::sync::OnceLock::new(),
+    });
     let api = rest::session_routes(rest.clone())
         .merge(query::routes(query))
+        .merge(composite::routes(composite_state.clone()))
         .route_layer(middleware::from_fn_with_state(org.clone(), require_session));
+    // Composite subrequests run through these same routes (session check included).
+    let _ = composite_state.api.set(api.clone());
     let inner = rest::open_routes(rest.clone())
         .merge(soap::routes(rest))
         .merge(api)

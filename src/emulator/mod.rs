@@ -13,6 +13,8 @@
 //! - [`http`]: the REST listener's routes, put together with their middleware (trailing
 //!   slashes, body draining, error envelopes, the session check, `Sforce-Limit-Info`, `Date`).
 //! - [`compression`]: gzip request bodies and responses.
+//! - [`composite`]: sObject Collections create / update / delete, `composite`,
+//!   `composite/batch`, `composite/tree`.
 //! - [`soap`]: the SOAP partner API's `login()` (up to API 64.0).
 //! - [`rest`]: OAuth (token, revoke, introspect) and the credentials it accepts, identity,
 //!   the version list and index, describe, single-record create / retrieve / update / delete
@@ -36,6 +38,7 @@
 pub mod avro;
 pub mod bus;
 pub mod cdc;
+pub mod composite;
 pub mod compression;
 pub mod control;
 pub mod diff;

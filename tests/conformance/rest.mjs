@@ -156,6 +156,19 @@ async function main() {
         .upsert({ Name: 'jsforce upsert again', External_Id__c: 'JS-1' }, 'External_Id__c');
     emit({ step: 'upsert', first: upserted, second: upsertedAgain });
 
+    current = 'collections';
+    // Arrays go through sObject Collections (composite/sobjects).
+    const many2 = await conn.sobject('Account').create(
+        [{ Name: 'jsforce collection 1' }, { Name: 'jsforce collection 2' }],
+        { allOrNone: true }
+    );
+    const rolledBack = await conn.sobject('Account').create(
+        [{ Name: 'jsforce collection 3' }, { No_Such_Field__c: 1 }],
+        { allOrNone: true }
+    );
+    const destroyed = await conn.sobject('Account').destroy(many2.map((r) => r.id));
+    emit({ step: 'collections', created: many2, rolledBack, destroyed });
+
     current = 'soap-login';
     // jsforce's default login(): the SOAP partner API's login() call.
     const soap = new jsforce.Connection({ loginUrl: env('SFM_INSTANCE_URL'), version: env('SFM_API_VERSION') });

@@ -223,6 +223,25 @@ impl Org {
         Ok(out)
     }
 
+    /// Whether [`Org::create`] would accept `input`, creating nothing: all-or-none batches
+    /// check every record before writing any.
+    pub fn check_create(&self, object: &str, input: &Map<String, J>) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        Self::validate_new(&def, input).map(|_| ())
+    }
+
+    /// Whether [`Org::update`] would accept `input` for the live record `id`, changing nothing.
+    pub fn check_update(
+        &self,
+        object: &str,
+        id: &str,
+        input: &Map<String, J>,
+    ) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        Self::validate(&def, input, false)?;
+        self.get(object, id).map(|_| ())
+    }
+
     /// Creates a record; returns its id.
     pub fn create(
         &self,
