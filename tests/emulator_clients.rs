@@ -982,3 +982,47 @@ async fn composite_runs_subrequests_with_references_and_batch_and_tree() {
     assert_eq!(emulator.org.records("Contact").len(), before);
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_queries_take_offset_and_bulk_refuses_it() {
+    let (emulator, api) = start().await;
+    for i in 0..5 {
+        let made = api
+            .json(
+                Method::POST,
+                "/sobjects/Account",
+                &json!({"Name": format!("Off {i}")}),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    }
+    let page = api
+        .send(api.request(Method::GET, "/query/").query(&[(
+            "q",
+            "SELECT Name FROM Account ORDER BY Name DESC LIMIT 2 OFFSET 1",
+        )]))
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    let names: Vec<J> = page.json()["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["Name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Off 3"), json!("Off 2")]);
+    assert_eq!(page.json()["totalSize"], 2);
+    api.send(
+        api.request(Method::GET, "/query")
+            .query(&[("q", "SELECT Name FROM Account OFFSET 2001")]),
+    )
+    .await
+    .assert_error(400, "NUMBER_OUTSIDE_VALID_RANGE");
+    api.json(
+        Method::POST,
+        "/jobs/query",
+        &json!({"operation": "query", "query": "SELECT Name FROM Account OFFSET 1"}),
+    )
+    .await
+    .assert_error(400, "FUNCTIONALITY_NOT_ENABLED");
+    emulator.stop().await;
+}

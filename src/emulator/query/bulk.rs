@@ -252,6 +252,13 @@ pub(super) async fn create_job(
                     "Aggregate queries are not supported in Bulk API 2.0 query: COUNT()",
                 ));
             }
+            if q.offset().is_some() {
+                return Err(ApiError::new(
+                    400,
+                    "FUNCTIONALITY_NOT_ENABLED",
+                    "OFFSET is not supported in Bulk API 2.0 query",
+                ));
+            }
             if let Some(f) = selects_compound(&q, &def) {
                 return Err(ApiError::new(
                     400,

@@ -252,6 +252,8 @@ fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
 fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
     let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| Record::clone(r)));
     q.sort(&mut out);
+    let skip = q.offset().unwrap_or(0);
+    out.drain(..skip.min(out.len()));
     if let Some(n) = q.limit() {
         out.truncate(n);
     }

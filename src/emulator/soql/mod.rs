@@ -14,11 +14,11 @@
 //!
 //! # Supported
 //!
-//! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n]`, with
+//! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n] [OFFSET n]`, with
 //! comparisons, `LIKE`, `IN` / `NOT IN`, `AND` / `OR` / `NOT`, and string, number, boolean,
 //! `null`, date and datetime literals. Anything else that is valid SOQL (GROUP BY,
 //! subqueries, relationship paths, TYPEOF, aggregates, date functions, relative date literals,
-//! OFFSET, ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
+//! ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
 //! silently different answer from the emulator than from Salesforce.
 //!
 //! # Salesforce behaviours reproduced on purpose
@@ -121,8 +121,13 @@ pub struct Query {
     filter: Option<Expr>,
     order: Vec<OrderKey>,
     limit: Option<usize>,
+    /// `OFFSET n`: rows skipped after sorting, before LIMIT.
+    offset: Option<usize>,
     bound: bool,
 }
+
+/// The largest `OFFSET` Salesforce takes.
+pub const MAX_OFFSET: u64 = 2000;
 
 /// Parses `soql` (syntax only: names and literal types are checked by [`Query::bind`]).
 pub fn parse(soql: &str) -> Result<Query, SoqlError> {
@@ -139,6 +144,11 @@ impl Query {
     /// The LIMIT, if any.
     pub fn limit(&self) -> Option<usize> {
         self.limit
+    }
+
+    /// The OFFSET, if any.
+    pub fn offset(&self) -> Option<usize> {
+        self.offset
     }
 
     /// Whether the query has an ORDER BY (otherwise results come in id order).

@@ -5,7 +5,7 @@
 
 use super::lexer::{CmpOp, StrChar, Tok, Token};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
-use super::{Query, SoqlError};
+use super::{MAX_OFFSET, Query, SoqlError};
 
 /// Bounds recursion on parenthesized conditions: deeper input would risk a stack overflow,
 /// which aborts the process rather than failing one request.
@@ -180,7 +180,6 @@ impl Parser {
             "WITH" => "WITH",
             "GROUP" => "GROUP BY",
             "HAVING" => "HAVING",
-            "OFFSET" => "OFFSET",
             "FOR" => "FOR VIEW / FOR REFERENCE / FOR UPDATE",
             "UPDATE" => "UPDATE TRACKING / UPDATE VIEWSTAT",
             _ => return Ok(()),
@@ -259,6 +258,26 @@ impl Parser {
             limit = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
 
+        let mut offset = None;
+        if self.eat_kw("OFFSET") {
+            let t = self.peek().clone();
+            let n = match &t.tok {
+                Tok::Num(text) => text.parse::<u64>().ok(),
+                _ => None,
+            };
+            let Some(n) = n else {
+                return Err(self.unexpected("a non-negative whole number after OFFSET"));
+            };
+            if n > MAX_OFFSET {
+                return Err(SoqlError {
+                    code: "NUMBER_OUTSIDE_VALID_RANGE",
+                    message: format!("Maximum SOQL offset allowed is {MAX_OFFSET}"),
+                });
+            }
+            self.advance();
+            offset = Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+
         self.reject_unsupported_clause()?;
         if self.peek().tok != Tok::Eof {
             return Err(self.unexpected("end of query"));
@@ -270,6 +289,7 @@ impl Parser {
             filter,
             order,
             limit,
+            offset,
             bound: false,
         })
     }

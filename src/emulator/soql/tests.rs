@@ -656,10 +656,6 @@ fn unsupported_features_are_named() {
             "SELECT Id FROM Account WHERE Name = 'a' GROUP BY Name",
             "GROUP BY",
         ),
-        (
-            "SELECT Id FROM Account ORDER BY Name LIMIT 5 OFFSET 10",
-            "OFFSET",
-        ),
         ("SELECT Id FROM Account WITH SECURITY_ENFORCED", "WITH"),
         ("SELECT Id FROM Account FOR UPDATE", "FOR "),
         ("SELECT Id FROM Account USING SCOPE mine", "USING SCOPE"),
@@ -973,4 +969,36 @@ proptest! {
         check_no_panic(&parts.concat());
         check_no_panic(&format!("SELECT Name FROM Account WHERE {}", parts.concat()));
     }
+}
+
+#[test]
+fn offset_skips_sorted_rows_before_limit_up_to_2000() {
+    let all = names("SELECT Name FROM Account ORDER BY Name");
+    assert!(all.len() >= 3, "{all:?}");
+    assert_eq!(
+        names("SELECT Name FROM Account ORDER BY Name OFFSET 1"),
+        all[1..].to_vec()
+    );
+    assert_eq!(
+        names("SELECT Name FROM Account ORDER BY Name LIMIT 1 OFFSET 1"),
+        all[1..2].to_vec()
+    );
+    // Without ORDER BY too (id order), and past the end.
+    let by_id = names("SELECT Name FROM Account");
+    assert_eq!(
+        names("SELECT Name FROM Account LIMIT 2 OFFSET 1"),
+        by_id[1..3].to_vec()
+    );
+    assert!(names("SELECT Name FROM Account OFFSET 2000").is_empty());
+    let e = err("SELECT Name FROM Account OFFSET 2001");
+    assert_eq!(e.code, "NUMBER_OUTSIDE_VALID_RANGE");
+    assert_eq!(
+        err("SELECT Name FROM Account OFFSET x").code,
+        MALFORMED_QUERY
+    );
+    assert_eq!(
+        err("SELECT Name FROM Account OFFSET 1 LIMIT 1").code,
+        MALFORMED_QUERY,
+        "OFFSET comes after LIMIT"
+    );
 }
