@@ -86,8 +86,11 @@ fn too_many(n: usize, max: usize, what: &str) -> ApiError {
     )
 }
 
+/// A record of a collection: its object and its fields.
+type Typed = (String, Map<String, J>);
+
 /// A collection record: its object (`attributes.type`) and its fields.
-fn typed_record(record: &J) -> Result<(String, Map<String, J>), ApiError> {
+fn typed_record(record: &J) -> Result<Typed, ApiError> {
     let object = record
         .get("attributes")
         .and_then(|a| a.get("type"))
@@ -157,8 +160,7 @@ async fn collection_create(
     api_version(&version)?;
     let body = json_body(&headers, &body)?;
     let all_or_none = body.get("allOrNone").and_then(J::as_bool).unwrap_or(false);
-    let items: Vec<Result<(String, Map<String, J>), ApiError>> =
-        records_of(&body)?.iter().map(typed_record).collect();
+    let items: Vec<Result<Typed, ApiError>> = records_of(&body)?.iter().map(typed_record).collect();
     if all_or_none {
         let checks = items
             .iter()
@@ -277,7 +279,9 @@ async fn collection_delete(
         return Err(too_many(ids.len(), MAX_RECORDS, "ids"));
     }
     // An id says its object through its key prefix.
-    let targets: Vec<(String, Result<(String, String), ApiError>)> = ids
+    // (the id as sent, then its object and 18-character id)
+    type Target = (String, Result<(String, String), ApiError>);
+    let targets: Vec<Target> = ids
         .iter()
         .map(|raw| {
             let target = normalize_id(raw)
