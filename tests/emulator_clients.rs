@@ -1026,3 +1026,69 @@ async fn rest_queries_take_offset_and_bulk_refuses_it() {
     .assert_error(400, "FUNCTIONALITY_NOT_ENABLED");
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_date_literals_follow_the_org_clock_in_rest_and_bulk() {
+    let (emulator, api) = start().await;
+    let made = api
+        .json(Method::POST, "/sobjects/Account", &json!({"Name": "Dated"}))
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    assert_eq!(
+        total(&api, "SELECT Id FROM Account WHERE CreatedDate = TODAY").await,
+        1
+    );
+    assert_eq!(
+        total(&api, "SELECT Id FROM Account WHERE CreatedDate = YESTERDAY").await,
+        0
+    );
+    // Two days later on the org's clock.
+    let advanced = api
+        .json(
+            Method::POST,
+            "/emulator/advance-clock",
+            &json!({"seconds": 2 * 86_400}),
+        )
+        .await;
+    assert_eq!(advanced.status, StatusCode::OK, "{}", advanced.text());
+    assert_eq!(
+        total(&api, "SELECT Id FROM Account WHERE CreatedDate = TODAY").await,
+        0
+    );
+    assert_eq!(
+        total(
+            &api,
+            "SELECT Id FROM Account WHERE CreatedDate = N_DAYS_AGO:2"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        total(
+            &api,
+            "SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:3"
+        )
+        .await,
+        1
+    );
+    // Bulk API 2.0 takes them too.
+    let job = api
+        .json(
+            Method::POST,
+            "/jobs/query",
+            &json!({"operation": "query",
+                    "query": "SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:3"}),
+        )
+        .await;
+    assert_eq!(job.status, StatusCode::OK, "{}", job.text());
+    emulator.stop().await;
+}
+
+/// `totalSize` of a REST query.
+async fn total(api: &Api, soql: &str) -> u64 {
+    let a = api
+        .send(api.request(Method::GET, "/query").query(&[("q", soql)]))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{soql}: {}", a.text());
+    a.json()["totalSize"].as_u64().expect("totalSize")
+}

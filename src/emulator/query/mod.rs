@@ -241,7 +241,7 @@ fn find_object(org: &Org, name: &str) -> Option<Arc<ObjectDef>> {
 
 /// Parses and binds `soql`: MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
 fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
-    let mut q = soql::parse(soql).map_err(soql_error)?;
+    let mut q = soql::parse_at(soql, org.now_ms()).map_err(soql_error)?;
     let def =
         find_object(org, &q.object).ok_or_else(|| soql_error(soql::invalid_type(&q.object)))?;
     q.bind(&def.describe).map_err(soql_error)?;

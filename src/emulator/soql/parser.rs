@@ -5,7 +5,7 @@
 
 use super::lexer::{CmpOp, StrChar, Tok, Token};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
-use super::{MAX_OFFSET, Query, SoqlError};
+use super::{MAX_OFFSET, Query, SoqlError, dates};
 
 /// Bounds recursion on parenthesized conditions: deeper input would risk a stack overflow,
 /// which aborts the process rather than failing one request.
@@ -95,6 +95,8 @@ pub(super) struct Parser {
     pub(super) toks: Vec<Token>,
     pub(super) i: usize,
     pub(super) eof: Token,
+    /// The moment relative date literals (`TODAY`) are read at, in epoch ms.
+    pub(super) now_ms: i64,
 }
 
 impl Parser {
@@ -513,6 +515,7 @@ impl Parser {
             Tok::Ident(w) if w.eq_ignore_ascii_case("true") => LitKind::Bool(true),
             Tok::Ident(w) if w.eq_ignore_ascii_case("false") => LitKind::Bool(false),
             Tok::Ident(w) if w.eq_ignore_ascii_case("null") => LitKind::Null,
+            Tok::Ident(w) if dates::kind(w).is_some() => return self.date_literal(w.clone()),
             Tok::Ident(w) if self.peek_n(1).tok == Tok::Other(':') || !is_reserved(w) => {
                 // TODAY, LAST_N_DAYS:7, ...: valid SOQL the subset lacks.
                 return Err(self.unsupported(&format!("date literal or value '{w}'"), t.pos));
@@ -522,6 +525,33 @@ impl Parser {
         };
         self.advance();
         Ok(Lit { kind })
+    }
+
+    /// `TODAY`, `LAST_N_DAYS:7`, ...: the range it stands for at [`Parser::now_ms`].
+    fn date_literal(&mut self, word: String) -> Result<Lit, SoqlError> {
+        let pos = self.peek().pos;
+        self.advance();
+        let mut n = 0;
+        if dates::kind(&word) == Some(true) {
+            if !self.eat(&Tok::Other(':')) {
+                return Err(self.unexpected(&format!("':' and a number after {word}")));
+            }
+            let t = self.peek().clone();
+            n = match &t.tok {
+                Tok::Num(text) => text.parse::<i64>().ok().filter(|n| *n >= 0),
+                _ => None,
+            }
+            .ok_or_else(|| self.unexpected(&format!("a whole number after {word}:")))?;
+            self.advance();
+        }
+        let (start, end) = dates::range(&word, n, self.now_ms).ok_or_else(|| {
+            SoqlError::malformed(format!(
+                "date literal {word} out of range at position {pos}"
+            ))
+        })?;
+        Ok(Lit {
+            kind: LitKind::Range(start, end),
+        })
     }
 
     fn order_list(&mut self) -> Result<Vec<OrderKey>, SoqlError> {

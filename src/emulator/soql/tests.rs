@@ -693,12 +693,8 @@ fn unsupported_features_are_named() {
             "CALENDAR_YEAR()",
         ),
         (
-            "SELECT Id FROM Account WHERE CreatedDate = TODAY",
-            "'TODAY'",
-        ),
-        (
-            "SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:7",
-            "'LAST_N_DAYS'",
+            "SELECT Id FROM Account WHERE CreatedDate = SOMEDAY",
+            "'SOMEDAY'",
         ),
         ("SELECT Id FROM Account WHERE Id IN :ids", "bind variable"),
         ("SELECT Id FROM Account WHERE Name = :name", "bind variable"),
@@ -1000,5 +996,81 @@ fn offset_skips_sorted_rows_before_limit_up_to_2000() {
         err("SELECT Name FROM Account OFFSET 1 LIMIT 1").code,
         MALFORMED_QUERY,
         "OFFSET comes after LIMIT"
+    );
+}
+
+/// Names of the accounts a WHERE clause selects with relative dates read at `now`.
+fn matching_at(where_clause: &str, now: &str) -> Vec<String> {
+    let now_ms = crate::model::time::datetime_ms(now).expect("now");
+    let soql = format!("SELECT Name FROM Account WHERE {where_clause}");
+    let mut q = parse_at(&soql, now_ms).unwrap_or_else(|e| panic!("{soql}: {e}"));
+    q.bind(&account()).unwrap_or_else(|e| panic!("{soql}: {e}"));
+    let data = accounts();
+    let mut n: Vec<String> = q
+        .run(data.iter())
+        .iter()
+        .map(|r| r.get("Name").and_then(J::as_str).unwrap_or("?").to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn relative_date_literals_are_ranges_at_the_given_moment() {
+    // CreatedDate: Acme 2024-01-10, acme corp 2024-01-31, Zeta 2024-02-01, beta 2023-06-01.
+    let now = "2024-02-01T12:00:00.000+0000";
+    assert_eq!(matching_at("CreatedDate = TODAY", now), v(&["Zeta_1%"]));
+    assert_eq!(
+        matching_at("CreatedDate = YESTERDAY", now),
+        v(&["acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate = LAST_MONTH", now),
+        v(&["Acme", "acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate = LAST_N_DAYS:1", now),
+        v(&["Zeta_1%", "acme corp"])
+    );
+    assert_eq!(matching_at("CreatedDate < THIS_YEAR", now), v(&["beta"]));
+    assert_eq!(
+        matching_at("CreatedDate >= LAST_N_DAYS:30", now),
+        v(&["Acme", "Zeta_1%", "acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate > YESTERDAY", now),
+        v(&["Zeta_1%"]),
+        "after the range, not after its start"
+    );
+    assert_eq!(matching_at("CreatedDate != THIS_YEAR", now), v(&["beta"]));
+    assert_eq!(
+        matching_at("CreatedDate IN (TODAY, LAST_YEAR)", now),
+        v(&["Zeta_1%", "beta"])
+    );
+    // Date fields too: LastActivityDate 2024-01-31 (Acme), 2023-12-01 (Zeta), 2024-02-29 (beta).
+    assert_eq!(
+        matching_at("LastActivityDate = LAST_MONTH", now),
+        v(&["Acme"])
+    );
+    assert_eq!(
+        matching_at("LastActivityDate = THIS_MONTH", now),
+        v(&["beta"])
+    );
+    assert_eq!(
+        matching_at("LastActivityDate = LAST_N_MONTHS:3", now),
+        v(&["Acme", "Zeta_1%"])
+    );
+    // Refusals: a text field, a missing number, an unknown literal.
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE Name = TODAY").code,
+        INVALID_FIELD
+    );
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS").code,
+        MALFORMED_QUERY
+    );
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:x").code,
+        MALFORMED_QUERY
     );
 }
