@@ -1092,3 +1092,41 @@ async fn total(api: &Api, soql: &str) -> u64 {
     assert_eq!(a.status, StatusCode::OK, "{soql}: {}", a.text());
     a.json()["totalSize"].as_u64().expect("totalSize")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_function_selects_by_describe_with_its_limit_rule() {
+    let (emulator, api) = start().await;
+    let made = api
+        .json(
+            Method::POST,
+            "/sobjects/Invoice__c",
+            &json!({"Name": "Fields", "External_Id__c": "F-1"}),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    let page = api
+        .send(
+            api.request(Method::GET, "/query")
+                .query(&[("q", "SELECT FIELDS(CUSTOM) FROM Invoice__c LIMIT 10")]),
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    let record = &page.json()["records"][0];
+    assert_eq!(record["External_Id__c"], "F-1", "{record}");
+    assert!(record.get("Name").is_none(), "Name is standard: {record}");
+    let standard = api
+        .send(
+            api.request(Method::GET, "/query")
+                .query(&[("q", "SELECT FIELDS(STANDARD) FROM Invoice__c")]),
+        )
+        .await;
+    assert_eq!(standard.status, StatusCode::OK, "{}", standard.text());
+    assert_eq!(standard.json()["records"][0]["Name"], "Fields");
+    api.send(
+        api.request(Method::GET, "/query")
+            .query(&[("q", "SELECT FIELDS(ALL) FROM Invoice__c")]),
+    )
+    .await
+    .assert_error(400, "MALFORMED_QUERY");
+    emulator.stop().await;
+}

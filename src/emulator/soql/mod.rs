@@ -17,7 +17,8 @@
 //! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n] [OFFSET n]`, with
 //! comparisons, `LIKE`, `IN` / `NOT IN`, `AND` / `OR` / `NOT`, and string, number, boolean,
 //! `null`, date and datetime literals, and relative date literals (`TODAY`, `LAST_N_DAYS:n`,
-//! `THIS_QUARTER`, ...; module `dates`). Anything else that is valid SOQL (GROUP BY,
+//! `THIS_QUARTER`, ...; module `dates`); `FIELDS(ALL | STANDARD | CUSTOM)` in the SELECT list
+//! (the first two with a LIMIT of at most 200). Anything else that is valid SOQL (GROUP BY,
 //! subqueries, relationship paths, TYPEOF, aggregates, date functions, ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
 //! silently different answer from the emulator than from Salesforce.
 //!
@@ -126,6 +127,10 @@ pub struct Query {
     offset: Option<usize>,
     bound: bool,
 }
+
+/// The largest LIMIT a query with `FIELDS(ALL)` or `FIELDS(CUSTOM)` may have (and it must
+/// have one).
+pub const MAX_FIELDS_ROWS: usize = 200;
 
 /// The largest `OFFSET` Salesforce takes.
 pub const MAX_OFFSET: u64 = 2000;

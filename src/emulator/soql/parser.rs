@@ -5,7 +5,7 @@
 
 use super::lexer::{CmpOp, StrChar, Tok, Token};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
-use super::{MAX_OFFSET, Query, SoqlError, dates};
+use super::{MAX_FIELDS_ROWS, MAX_OFFSET, Query, SoqlError, dates};
 
 /// Bounds recursion on parenthesized conditions: deeper input would risk a stack overflow,
 /// which aborts the process rather than failing one request.
@@ -284,6 +284,15 @@ impl Parser {
         if self.peek().tok != Tok::Eof {
             return Err(self.unexpected("end of query"));
         }
+        // FIELDS(ALL) and FIELDS(CUSTOM) are bounded, FIELDS(STANDARD) is not.
+        let bounded = fields
+            .iter()
+            .any(|f| f == "FIELDS(ALL)" || f == "FIELDS(CUSTOM)");
+        if bounded && limit.is_none_or(|n| n > MAX_FIELDS_ROWS) {
+            return Err(SoqlError::malformed(format!(
+                "The SOQL FIELDS function must have a LIMIT of at most {MAX_FIELDS_ROWS}"
+            )));
+        }
         Ok(Query {
             object,
             count_only,
@@ -307,6 +316,27 @@ impl Parser {
                 }
                 Tok::Ident(word) if word.eq_ignore_ascii_case("TYPEOF") => {
                     return Err(self.unsupported("TYPEOF", t.pos));
+                }
+                Tok::Ident(word)
+                    if word.eq_ignore_ascii_case("FIELDS")
+                        && self.peek_n(1).tok == Tok::LParen
+                        && self.peek_n(3).tok == Tok::RParen =>
+                {
+                    let set = match &self.peek_n(2).tok {
+                        Tok::Ident(set) => set.to_ascii_uppercase(),
+                        _ => String::new(),
+                    };
+                    if !["ALL", "STANDARD", "CUSTOM"].contains(&set.as_str()) {
+                        return Err(
+                            self.unexpected("FIELDS(ALL), FIELDS(STANDARD) or FIELDS(CUSTOM)")
+                        );
+                    }
+                    // Expanded from the describe when the query is bound; a field name never
+                    // has parentheses, so the marker cannot clash with one.
+                    fields.push(format!("FIELDS({set})"));
+                    for _ in 0..4 {
+                        self.advance();
+                    }
                 }
                 Tok::Ident(word) if self.peek_n(1).tok == Tok::LParen => {
                     let upper = word.to_ascii_uppercase();

@@ -687,7 +687,6 @@ fn unsupported_features_are_named() {
             "SELECT MAX(AnnualRevenue) FROM Account",
             "aggregate function MAX(AnnualRevenue)",
         ),
-        ("SELECT FIELDS(ALL) FROM Account", "function FIELDS()"),
         (
             "SELECT Id FROM Account WHERE CALENDAR_YEAR(CreatedDate) = 2024",
             "CALENDAR_YEAR()",
@@ -1073,4 +1072,30 @@ fn relative_date_literals_are_ranges_at_the_given_moment() {
         err("SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:x").code,
         MALFORMED_QUERY
     );
+}
+
+#[test]
+fn fields_function_expands_in_describe_order_with_its_limit_rule() {
+    let d = account();
+    let q = bound("SELECT FIELDS(ALL) FROM Account LIMIT 200");
+    let all: Vec<String> = d.fields.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(q.fields, all);
+    let q = bound("SELECT FIELDS(STANDARD) FROM Account");
+    assert!(
+        q.fields
+            .iter()
+            .all(|n| d.field(n).is_some_and(|f| !f.custom))
+    );
+    assert_eq!(q.fields.first().map(String::as_str), Some("Id"));
+    // A field named as well is not selected twice.
+    let q = bound("SELECT Name, FIELDS(STANDARD) FROM Account");
+    assert_eq!(q.fields.iter().filter(|n| *n == "Name").count(), 1);
+    assert_eq!(q.fields.first().map(String::as_str), Some("Name"));
+    for bad in [
+        "SELECT FIELDS(ALL) FROM Account",
+        "SELECT FIELDS(CUSTOM) FROM Account LIMIT 201",
+        "SELECT FIELDS(SOME) FROM Account LIMIT 1",
+    ] {
+        assert_eq!(err(bad).code, MALFORMED_QUERY, "{bad}");
+    }
 }
