@@ -912,6 +912,20 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
         );
     }
 
+    // getUpdated / getDeleted: the live Accounts changed in the window, the deleted ones.
+    let ud = step("updated-deleted");
+    let live = org.records("Account").len() as u64;
+    assert_eq!(ud["updated"].as_u64(), Some(live), "{ud}");
+    assert!(ud["latestDateCovered"].is_string(), "{ud}");
+    let mut gone: Vec<J> = org
+        .all_records("Account")
+        .into_iter()
+        .filter(|r| r.get("IsDeleted") == Some(&J::Bool(true)))
+        .filter_map(|r| r.get("Id").cloned())
+        .collect();
+    gone.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    assert_eq!(ud["deleted"], J::Array(gone), "{ud}");
+
     // SOAP login(): a session that REST accepts, the org and user ids; refusals as faults.
     let soap = step("soap-login");
     assert_eq!(soap["organizationId"], org.org_id.as_str(), "{soap}");

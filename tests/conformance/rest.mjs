@@ -169,6 +169,20 @@ async function main() {
     const destroyed = await conn.sobject('Account').destroy(many2.map((r) => r.id));
     emit({ step: 'collections', created: many2, rolledBack, destroyed });
 
+    current = 'updated-deleted';
+    // getUpdated / getDeleted over the last hour up to the next one (the window's end is cut to
+    // the minute and never after now).
+    const since = new Date(Date.now() - 3600 * 1000);
+    const until = new Date(Date.now() + 3600 * 1000);
+    const upd = await conn.sobject('Account').updated(since, until);
+    const del = await conn.sobject('Account').deleted(since, until);
+    emit({
+        step: 'updated-deleted',
+        updated: upd.ids.length,
+        latestDateCovered: upd.latestDateCovered,
+        deleted: del.deletedRecords.map((r) => r.id).sort()
+    });
+
     current = 'soap-login';
     // jsforce's default login(): the SOAP partner API's login() call.
     const soap = new jsforce.Connection({ loginUrl: env('SFM_INSTANCE_URL'), version: env('SFM_API_VERSION') });
