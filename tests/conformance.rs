@@ -8,9 +8,19 @@
 //! - `jsforce` (rest.mjs) runs describe, record CRUD, SOQL with paging, queryAll, sObject
 //!   Collections retrieve and a Bulk API 2.0 query; its answers must match the org.
 //!
+//! - `simple-salesforce` (PyPI; simple_salesforce_ops.py) runs describe (global, object,
+//!   basic information), limits, create / get (18 and 15 characters) / update / delete,
+//!   upsert and get by external id, query with `query_more` by URL and by locator,
+//!   `query_all`, queryAll of deleted records, getUpdated / getDeleted, a Bulk API 2.0 query
+//!   and the documented errors (NOT_FOUND, MALFORMED_ID, INVALID_FIELD, ENTITY_IS_DELETED,
+//!   300 for several external-id matches).
+//!
 //! The Node dependencies come from the committed lockfile: `npm ci` runs here when
 //! `tests/conformance/node_modules` is missing or older than the lockfile (CI runs it first).
-//! On failure the Node script's stderr is printed.
+//! The Python one is pinned in `requirements.txt` and installed into
+//! `tests/conformance/.venv` (by `.ci/run`, or here when missing); without python3 and its
+//! `venv` module the simple-salesforce test is skipped, saying so, and fails otherwise.
+//! On failure the script's stderr is printed.
 
 use serde_json::{Value as J, json};
 use sfmirror::emulator::{Emulator, EmulatorConfig};
@@ -114,7 +124,8 @@ fn remove_tls_dir(ca_file: &Path) {
     }
 }
 
-/// A running Node script: its stdout as JSON lines, its stderr kept for failure reports.
+/// A running Node (or Python) script: its stdout as JSON lines, its stderr kept for failure
+/// reports.
 struct NodeScript {
     name: &'static str,
     child: Child,
@@ -129,10 +140,15 @@ struct NodeScript {
 impl NodeScript {
     fn spawn(name: &'static str, envs: &[(&str, String)]) -> NodeScript {
         ensure_node_modules();
-        let dir = conformance_dir();
         let mut cmd = Command::new("node");
-        cmd.arg(dir.join(name))
-            .current_dir(&dir)
+        cmd.arg(conformance_dir().join(name));
+        NodeScript::start(cmd, name, envs)
+    }
+
+    /// Runs `cmd` (a script of tests/conformance/ that prints JSON lines) as `name`.
+    fn start(mut cmd: Command, name: &'static str, envs: &[(&str, String)]) -> NodeScript {
+        let dir = conformance_dir();
+        cmd.current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -142,7 +158,7 @@ impl NodeScript {
         }
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `node {name}` (is Node.js on PATH?): {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {name} (is its interpreter on PATH?): {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr_pipe = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::unbounded_channel();
@@ -712,6 +728,8 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
             ("SFM_INSTANCE_URL", emulator.rest_url.clone()),
             ("SFM_ACCESS_TOKEN", emulator.access_token.clone()),
             ("SFM_API_VERSION", API_VERSION.to_string()),
+            ("SFM_USERNAME", emulator.credentials.username.clone()),
+            ("SFM_PASSWORD", emulator.credentials.password.clone()),
             ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
         ],
     );
@@ -795,7 +813,15 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     assert_eq!(many[0]["BillingAddress"]["city"], "Nice");
 
     // SOQL paging: every record that was live then (the seeded ones and jsforce's).
-    let live_then = sorted_ids(&org.all_records("Account"));
+    // (The Accounts the collections step creates later are not among them.)
+    let later: Vec<J> = step("collections")["created"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r["id"].clone()).collect())
+        .unwrap_or_default();
+    let live_then: Vec<J> = sorted_ids(&org.all_records("Account"))
+        .into_iter()
+        .filter(|id| !later.contains(id))
+        .collect();
     let paged = step("query-page");
     let pages = paged["pages"].as_array().cloned().expect("pages");
     assert_eq!(pages.len(), 2, "2,501 records are two pages: {pages:?}");
@@ -839,6 +865,262 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     assert_eq!(errors[0]["errorCode"], "MALFORMED_QUERY", "{:?}", errors[0]);
     assert_eq!(errors[1]["errorCode"], "INVALID_FIELD", "{:?}", errors[1]);
 
+    // An error answer (here NOT_FOUND) leaves the connection usable for the next call.
+    let kept = step("keep-alive");
+    assert_eq!(kept["missing"], "NOT_FOUND", "{kept}");
+    assert!(
+        kept["totalSize"].as_u64().is_some_and(|n| n >= 2500),
+        "{kept}"
+    );
+
+    // Upsert by external id: created, then updated, one record.
+    let upsert = step("upsert");
+    assert_eq!(upsert["first"]["success"], true, "{upsert}");
+    assert_eq!(upsert["first"]["created"], true, "{upsert}");
+    assert_eq!(upsert["second"]["created"], false, "{upsert}");
+    let invoice = upsert["first"]["id"].as_str().expect("upserted id");
+    assert_eq!(upsert["second"]["id"], invoice, "{upsert}");
+    let record = org.get("Invoice__c", invoice).expect("upserted invoice");
+    assert_eq!(record["External_Id__c"], "JS-1");
+    assert_eq!(record["Name"], "jsforce upsert again");
+
+    // sObject Collections: created together, all or none refused together, destroyed.
+    let coll = step("collections");
+    let made: Vec<String> = coll["created"]
+        .as_array()
+        .expect("created")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(made.len(), 2, "{coll}");
+    assert!(
+        coll["rolledBack"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|x| x["success"] == false)),
+        "{coll}"
+    );
+    assert!(
+        coll["destroyed"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|x| x["success"] == true)),
+        "{coll}"
+    );
+    for id in &made {
+        assert_eq!(
+            org.get("Account", id).map_err(|e| e.code),
+            Err("ENTITY_IS_DELETED")
+        );
+    }
+
+    // getUpdated / getDeleted: the live Accounts changed in the window, the deleted ones.
+    let ud = step("updated-deleted");
+    let live = org.records("Account").len() as u64;
+    assert_eq!(ud["updated"].as_u64(), Some(live), "{ud}");
+    assert!(ud["latestDateCovered"].is_string(), "{ud}");
+    let mut gone: Vec<J> = org
+        .all_records("Account")
+        .into_iter()
+        .filter(|r| r.get("IsDeleted") == Some(&J::Bool(true)))
+        .filter_map(|r| r.get("Id").cloned())
+        .collect();
+    gone.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    assert_eq!(ud["deleted"], J::Array(gone), "{ud}");
+
+    // SOAP login(): a session that REST accepts, the org and user ids; refusals as faults.
+    let soap = step("soap-login");
+    assert_eq!(soap["organizationId"], org.org_id.as_str(), "{soap}");
+    assert_eq!(soap["userId"], org.user_id.as_str(), "{soap}");
+    assert_eq!(soap["instanceUrl"], emulator.rest_url.as_str(), "{soap}");
+    assert!(
+        soap["totalSize"].as_u64().is_some_and(|n| n >= 2500),
+        "{soap}"
+    );
+    assert!(
+        soap["refused"]
+            .as_str()
+            .is_some_and(|m| m.contains("INVALID_LOGIN")),
+        "{soap}"
+    );
+    assert!(
+        soap["retired"]
+            .as_str()
+            .is_some_and(|m| m.contains("UNSUPPORTED_API_VERSION")),
+        "{soap}"
+    );
+
+    emulator.stop().await;
+    remove_tls_dir(&ca);
+}
+
+/// The pinned simple-salesforce version (tests/conformance/requirements.txt).
+const SIMPLE_SALESFORCE: &str = "1.12.10";
+
+/// The venv's Python with the pinned simple-salesforce, created when missing; `None` (the
+/// test is skipped) only when this machine has no python3 with `venv`.
+fn python_venv() -> Option<PathBuf> {
+    static ONCE: Mutex<()> = Mutex::new(());
+    let _guard = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = conformance_dir();
+    let python = dir.join(".venv/bin/python");
+    let installed = || {
+        std::process::Command::new(&python)
+            .args([
+                "-c",
+                "import simple_salesforce.__version__ as v; print(v.__version__)",
+            ])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == SIMPLE_SALESFORCE
+            })
+    };
+    if installed() {
+        return Some(python);
+    }
+    let has_venv = std::process::Command::new("python3")
+        .args(["-m", "venv", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_venv {
+        return None;
+    }
+    let run = |cmd: &mut std::process::Command, what: &str| {
+        let out = cmd
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        std::process::Command::new("python3").args(["-m", "venv", ".venv"]),
+        "python3 -m venv tests/conformance/.venv",
+    );
+    run(
+        std::process::Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            "requirements.txt",
+        ]),
+        "pip install -r tests/conformance/requirements.txt",
+    );
+    assert!(
+        installed(),
+        "simple-salesforce {SIMPLE_SALESFORCE} is not importable from the venv after pip install"
+    );
+    Some(python)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_salesforce_everyday_operations_match_the_org() {
+    let Some(python) = python_venv() else {
+        eprintln!(
+            "SKIPPED simple_salesforce_everyday_operations_match_the_org: no python3 with the \
+             venv module on this machine (install python3 and python3-venv to run it)"
+        );
+        return;
+    };
+    let (emulator, ca) = tls_emulator("simple-salesforce").await;
+    // Three pages of 200 for query_more, and the Bulk query's rows.
+    const SEEDED: usize = 450;
+    for i in 0..SEEDED {
+        let record = json!({"Name": format!("Seed {i:04}")});
+        emulator
+            .org
+            .create("Account", record.as_object().expect("object"), ORIGIN)
+            .expect("seed account");
+    }
+    let mut cmd = Command::new(&python);
+    cmd.arg(conformance_dir().join("simple_salesforce_ops.py"));
+    let mut script = NodeScript::start(
+        cmd,
+        "simple_salesforce_ops.py",
+        &[
+            ("SFM_INSTANCE_URL", emulator.rest_url.clone()),
+            ("SFM_CLIENT_ID", emulator.credentials.client_id.clone()),
+            (
+                "SFM_CLIENT_SECRET",
+                emulator.credentials.client_secret.clone(),
+            ),
+            ("SFM_API_VERSION", API_VERSION.to_string()),
+            ("SFM_SEEDED", SEEDED.to_string()),
+            ("REQUESTS_CA_BUNDLE", ca.display().to_string()),
+        ],
+    );
+    let mut steps: BTreeMap<String, J> = BTreeMap::new();
+    while let Some(line) = script
+        .next(Duration::from_secs(180), "simple_salesforce_ops.py steps")
+        .await
+    {
+        let step = line["step"].as_str().unwrap_or("?").to_string();
+        assert!(
+            step != "failed" && step != "?",
+            "simple_salesforce_ops.py failed: {line}"
+        );
+        steps.insert(step, line);
+        if steps.contains_key("done") {
+            break;
+        }
+    }
+    script.finish(Duration::from_secs(20)).await;
+    let step = |name: &str| {
+        steps
+            .get(name)
+            .unwrap_or_else(|| panic!("simple_salesforce_ops.py never reported step {name}"))
+    };
+    for name in [
+        "login",
+        "describe-global",
+        "describe",
+        "basic-info",
+        "limits",
+        "get",
+        "update",
+        "query",
+        "query-more",
+        "query-all",
+        "bulk2",
+        "errors",
+    ] {
+        step(name);
+    }
+    let org = &emulator.org;
+    // What the client wrote is what the org holds.
+    let id = step("create")["id"].as_str().expect("id").to_string();
+    let account = org.get("Account", &id).expect("created account");
+    assert_eq!(account["Name"], "simple-salesforce");
+    assert_eq!(account["Phone"], "555-0199", "the update landed");
+    let invoice_id = step("upsert")["id"]
+        .as_str()
+        .expect("invoice id")
+        .to_string();
+    let invoice = org
+        .get("Invoice__c", &invoice_id)
+        .expect("upserted invoice");
+    assert_eq!(invoice["External_Id__c"], "PY-1");
+    assert_eq!(invoice["Name"], "From Python, again");
+    assert_eq!(step("upsert")["created"], 201);
+    assert_eq!(step("upsert")["updated"], 200);
+    let doomed = step("delete")["id"]
+        .as_str()
+        .expect("deleted id")
+        .to_string();
+    assert_eq!(
+        org.get("Account", &doomed).map_err(|e| e.code),
+        Err("ENTITY_IS_DELETED")
+    );
+    assert_eq!(step("updated-deleted")["deleted"], json!([doomed]));
+    assert_eq!(step("query-all")["records"], SEEDED);
+    assert_eq!(step("bulk2")["rows"], SEEDED);
+    assert_eq!(step("basic-info")["keyPrefix"], "001");
     emulator.stop().await;
     remove_tls_dir(&ca);
 }

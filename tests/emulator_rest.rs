@@ -367,16 +367,22 @@ async fn query_errors_use_salesforce_codes() {
     let lower = api.query("query", "SELECT id FROM account").await;
     assert_eq!(lower.status, StatusCode::OK, "{}", lower.body);
 
-    // Unknown API versions are unknown resources.
-    let a = api
-        .send(
-            api.http
-                .get(format!("{}/services/data/v9.0/query", api.base))
-                .bearer_auth(&api.token)
-                .query(&[("q", "SELECT Id FROM Account")]),
-        )
-        .await;
-    a.assert_error(404, "NOT_FOUND");
+    // Retired API versions are gone (410, Salesforce's end-of-life policy); versions newer
+    // than the newest served are unknown resources.
+    for (version, status, code) in [
+        ("v9.0", 410, "UNSUPPORTED_API_VERSION"),
+        ("v99.0", 404, "NOT_FOUND"),
+    ] {
+        let a = api
+            .send(
+                api.http
+                    .get(format!("{}/services/data/{version}/query", api.base))
+                    .bearer_auth(&api.token)
+                    .query(&[("q", "SELECT Id FROM Account")]),
+            )
+            .await;
+        a.assert_error(status, code);
+    }
 
     // Every route needs a session.
     for (method, path) in [
@@ -610,7 +616,7 @@ async fn bulk_job_runs_through_its_states_and_writes_salesforce_csv() {
 
     let csv = api.get(&results).await;
     assert_eq!(csv.status, StatusCode::OK, "{}", csv.body);
-    assert!(csv.header("content-type").starts_with("text/csv"));
+    assert_eq!(csv.header("content-type"), "text/csv; charset=UTF-8");
     assert_eq!(csv.header("sforce-numberofrecords"), "2");
     assert_eq!(csv.header("sforce-locator"), "null");
     assert_eq!(
@@ -647,6 +653,17 @@ async fn bulk_job_runs_through_its_states_and_writes_salesforce_csv() {
     let listed = api.get("/jobs/query").await.json();
     assert_eq!(listed["done"], true);
     assert_eq!(listed["records"][0]["id"], id.as_str());
+    // The list's filters: every job here is a Parallel V2Query without PK chunking.
+    for (filter, listed_here) in [
+        ("jobType=V2Query", true),
+        ("jobType=V2Ingest", false),
+        ("concurrencyMode=Parallel", true),
+        ("isPkChunkingEnabled=true", false),
+    ] {
+        let page = api.get(&format!("/jobs/query?{filter}")).await.json();
+        let count = page["records"].as_array().map_or(0, Vec::len);
+        assert_eq!(count > 0, listed_here, "{filter}: {page}");
+    }
 
     // A finished job cannot be aborted; it can be deleted, and is then gone.
     api.send(

@@ -10,10 +10,15 @@
 //! # Module map
 //!
 //! From the top down; a module imports only modules listed below it.
-//! - [`http`]: the REST listener's routes, put together with their middleware (the session
-//!   check, `Sforce-Limit-Info`, `Date`).
-//! - [`rest`]: OAuth and the credentials it accepts, the version list, describe, single-record
-//!   create / retrieve / update / delete.
+//! - [`http`]: the REST listener's routes, put together with their middleware (trailing
+//!   slashes, body draining, error envelopes, the session check, `Sforce-Limit-Info`, `Date`).
+//! - [`compression`]: gzip request bodies and responses.
+//! - [`composite`]: sObject Collections create / update / delete, `composite`,
+//!   `composite/batch`, `composite/tree`.
+//! - [`soap`]: the SOAP partner API's `login()` (up to API 64.0).
+//! - [`rest`]: OAuth (token, revoke, introspect) and the credentials it accepts, identity,
+//!   the version list and index, describe, single-record create / retrieve / update / delete
+//!   by id or external id (upsert), getUpdated / getDeleted.
 //! - [`query`]: REST `query` / `queryAll` and sObject Collections retrieve, `limits`, Bulk API
 //!   2.0 query jobs (`rest`, `bulk`, and `csv` for result chunks).
 //! - [`control`]: the `/emulator/*` control API.
@@ -34,6 +39,8 @@
 pub mod avro;
 pub mod bus;
 pub mod cdc;
+pub mod composite;
+pub mod compression;
 pub mod control;
 pub mod diff;
 pub mod formula;
@@ -42,6 +49,7 @@ pub mod platform;
 pub mod pubsub;
 pub mod query;
 pub mod rest;
+pub mod soap;
 pub mod soql;
 pub mod store;
 pub mod tls;

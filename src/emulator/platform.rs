@@ -97,6 +97,19 @@ impl EventType {
                 self.name
             ));
         }
+        // The reader also takes the end of the payload for a null union branch, so a payload
+        // cut just before its last optional fields decodes: written again, the record it
+        // decoded to is longer than what was sent.
+        let complete = apache_avro::to_avro_datum(&self.avro, datum)
+            .map_err(|e| format!("the payload does not match schema {}: {e}", self.schema_id))?;
+        if complete.len() != payload.len() {
+            return Err(format!(
+                "the payload is truncated: a complete {} record is {} bytes, {} were sent",
+                self.name,
+                complete.len(),
+                payload.len()
+            ));
+        }
         Ok(())
     }
 }
@@ -162,5 +175,27 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(t.validate(&longer).is_err());
+        // A payload cut anywhere short of its end is refused, whatever field the cut falls in.
+        for cut in 0..bytes.len() {
+            assert!(
+                t.validate(&bytes[..cut]).is_err(),
+                "a payload cut to {cut} of {} bytes was accepted",
+                bytes.len()
+            );
+        }
+        // Also when the cut removes only trailing optional (union) fields.
+        let nulls = AV::Record(vec![
+            ("CreatedDate".into(), AV::Long(1)),
+            (
+                "CreatedById".into(),
+                AV::String("005000000000001AAA".into()),
+            ),
+            ("Order_Number__c".into(), AV::Union(0, Box::new(AV::Null))),
+            ("Weight__c".into(), AV::Union(0, Box::new(AV::Null))),
+        ]);
+        let bytes = apache_avro::to_avro_datum(&t.avro, nulls).expect("encode");
+        for cut in 0..bytes.len() {
+            assert!(t.validate(&bytes[..cut]).is_err(), "cut to {cut}");
+        }
     }
 }

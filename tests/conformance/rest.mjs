@@ -1,12 +1,14 @@
 // Exercises the REST side with the real jsforce client: describe, record CRUD, SOQL query
-// with paging (queryMore and autoFetch), queryAll, sObject Collections retrieve and a Bulk
-// API 2.0 query. Each step prints one JSON line on stdout, `{"step": ..., ...}`; the Rust test
+// with paging (queryMore and autoFetch), queryAll, sObject Collections retrieve, a Bulk
+// API 2.0 query, upsert by external id, a connection kept alive across an error answer, and
+// the SOAP login() that jsforce's default login uses. Each step prints one JSON line on stdout, `{"step": ..., ...}`; the Rust test
 // checks them against the org. Any failure prints `{"step": "failed", ...}` and exits 1.
 //
 // Environment (set by tests/conformance.rs):
 //   SFM_INSTANCE_URL  https://127.0.0.1:PORT
 //   SFM_ACCESS_TOKEN  an access token the emulator accepts
 //   SFM_API_VERSION   e.g. 62.0
+//   SFM_USERNAME, SFM_PASSWORD  the emulator's user, for jsforce's SOAP login()
 // The emulator's CA comes in through NODE_EXTRA_CA_CERTS (jsforce uses Node's default roots).
 
 import jsforce from 'jsforce';
@@ -133,6 +135,82 @@ async function main() {
         }
     }
     emit({ step: 'errors', errors });
+
+    current = 'keep-alive';
+    // An error answer must leave the connection usable: the next call on it succeeds.
+    let missing = null;
+    try {
+        await conn.sobject('Account').retrieve('001000000000000AAA');
+    } catch (error) {
+        missing = error.errorCode ?? error.name;
+    }
+    const after = await conn.query('SELECT COUNT() FROM Account');
+    emit({ step: 'keep-alive', missing, totalSize: after.totalSize });
+
+    current = 'upsert';
+    const upserted = await conn
+        .sobject('Invoice__c')
+        .upsert({ Name: 'jsforce upsert', External_Id__c: 'JS-1' }, 'External_Id__c');
+    const upsertedAgain = await conn
+        .sobject('Invoice__c')
+        .upsert({ Name: 'jsforce upsert again', External_Id__c: 'JS-1' }, 'External_Id__c');
+    emit({ step: 'upsert', first: upserted, second: upsertedAgain });
+
+    current = 'collections';
+    // Arrays go through sObject Collections (composite/sobjects).
+    const many2 = await conn.sobject('Account').create(
+        [{ Name: 'jsforce collection 1' }, { Name: 'jsforce collection 2' }],
+        { allOrNone: true }
+    );
+    const rolledBack = await conn.sobject('Account').create(
+        [{ Name: 'jsforce collection 3' }, { No_Such_Field__c: 1 }],
+        { allOrNone: true }
+    );
+    const destroyed = await conn.sobject('Account').destroy(many2.map((r) => r.id));
+    emit({ step: 'collections', created: many2, rolledBack, destroyed });
+
+    current = 'updated-deleted';
+    // getUpdated / getDeleted over the last hour up to the next one (the window's end is cut to
+    // the minute and never after now).
+    const since = new Date(Date.now() - 3600 * 1000);
+    const until = new Date(Date.now() + 3600 * 1000);
+    const upd = await conn.sobject('Account').updated(since, until);
+    const del = await conn.sobject('Account').deleted(since, until);
+    emit({
+        step: 'updated-deleted',
+        updated: upd.ids.length,
+        latestDateCovered: upd.latestDateCovered,
+        deleted: del.deletedRecords.map((r) => r.id).sort()
+    });
+
+    current = 'soap-login';
+    // jsforce's default login(): the SOAP partner API's login() call.
+    const soap = new jsforce.Connection({ loginUrl: env('SFM_INSTANCE_URL'), version: env('SFM_API_VERSION') });
+    const userInfo = await soap.login(env('SFM_USERNAME'), env('SFM_PASSWORD'));
+    const viaSoap = await soap.query('SELECT COUNT() FROM Account');
+    let refused = null;
+    try {
+        await new jsforce.Connection({ loginUrl: env('SFM_INSTANCE_URL'), version: env('SFM_API_VERSION') })
+            .login(env('SFM_USERNAME'), 'wrong password');
+    } catch (error) {
+        refused = error.message;
+    }
+    let retired = null;
+    try {
+        await new jsforce.Connection({ loginUrl: env('SFM_INSTANCE_URL'), version: '65.0' })
+            .login(env('SFM_USERNAME'), env('SFM_PASSWORD'));
+    } catch (error) {
+        retired = error.message;
+    }
+    emit({
+        step: 'soap-login',
+        organizationId: userInfo.organizationId,
+        userId: userInfo.id,
+        instanceUrl: soap.instanceUrl,
+        totalSize: viaSoap.totalSize,
+        refused,
+        retired
+    });
 
     emit({ step: 'done' });
 }

@@ -252,6 +252,13 @@ pub(super) async fn create_job(
                     "Aggregate queries are not supported in Bulk API 2.0 query: COUNT()",
                 ));
             }
+            if q.offset().is_some() {
+                return Err(ApiError::new(
+                    400,
+                    "FUNCTIONALITY_NOT_ENABLED",
+                    "OFFSET is not supported in Bulk API 2.0 query",
+                ));
+            }
             if let Some(f) = selects_compound(&q, &def) {
                 return Err(ApiError::new(
                     400,
@@ -314,15 +321,24 @@ pub(super) async fn create_job(
 }
 
 /// `GET .../jobs/query`: every job kept, newest last.
+/// `GET jobs/query`, with the documented filters: `jobType` (every job here is `V2Query`),
+/// `concurrencyMode` (`Parallel`), `isPkChunkingEnabled` (never: the emulator does not
+/// chunk by primary key).
 pub(super) async fn list_jobs(
     State(st): S,
     Path(version): Path<String>,
+    Query(params): Params,
 ) -> Result<Response, ApiError> {
     bulk_version(&version)?;
+    let matches = |key: &str, value: &str| params.get(key).is_none_or(|v| v == value);
+    let listed = matches("jobType", "V2Query")
+        && matches("concurrencyMode", "Parallel")
+        && matches("isPkChunkingEnabled", "false");
     let jobs = st.jobs();
     let records: Vec<JobInfo> = jobs
         .order
         .iter()
+        .filter(|_| listed)
         .filter_map(|id| jobs.map.get(id))
         .map(|j| j.info(&st.org.user_id, true))
         .collect();
@@ -497,7 +513,12 @@ pub(super) async fn job_results(
     .await
     .map_err(internal)?
     .map_err(internal)?;
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "text/csv")], csv).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/csv; charset=UTF-8")],
+        csv,
+    )
+        .into_response();
     let headers = resp.headers_mut();
     headers.insert("sforce-numberofrecords", HeaderValue::from(end - start));
     if let Ok(v) = HeaderValue::from_str(&next) {

@@ -184,14 +184,29 @@ pub fn routes(state: Arc<QueryState>) -> Router {
 type S = State<Arc<QueryState>>;
 type Params = Query<HashMap<String, String>>;
 
-/// The numeric API version of a `vXX.X` path segment; unknown versions are 404 like any
-/// unknown resource.
-fn api_version(version: &str) -> Result<f64, ApiError> {
-    version
+/// The newest API version the emulator serves (Winter '26).
+pub const NEWEST_VERSION: u32 = 65;
+/// The oldest version Salesforce has not retired; older ones answer 410 (Summer '25 retired
+/// 21.0 through 30.0).
+pub const OLDEST_VERSION: u32 = 31;
+
+/// The numeric API version of a `vXX.X` path segment: versions Salesforce has retired answer
+/// 410, versions newer than the newest served are 404 like any unknown resource.
+pub fn api_version(version: &str) -> Result<f64, ApiError> {
+    let v = version
         .strip_prefix('v')
+        .filter(|v| v.contains('.'))
         .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| (20.0..=70.0).contains(v))
-        .ok_or_else(not_found)
+        .filter(|v| *v <= f64::from(NEWEST_VERSION))
+        .ok_or_else(not_found)?;
+    if v < f64::from(OLDEST_VERSION) {
+        return Err(ApiError::new(
+            410,
+            "UNSUPPORTED_API_VERSION",
+            format!("API version {v:.1} is retired and no longer available"),
+        ));
+    }
+    Ok(v)
 }
 
 fn not_found() -> ApiError {
@@ -226,7 +241,7 @@ fn find_object(org: &Org, name: &str) -> Option<Arc<ObjectDef>> {
 
 /// Parses and binds `soql`: MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
 fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
-    let mut q = soql::parse(soql).map_err(soql_error)?;
+    let mut q = soql::parse_at(soql, org.now_ms()).map_err(soql_error)?;
     let def =
         find_object(org, &q.object).ok_or_else(|| soql_error(soql::invalid_type(&q.object)))?;
     q.bind(&def.describe).map_err(soql_error)?;
@@ -237,6 +252,8 @@ fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
 fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
     let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| Record::clone(r)));
     q.sort(&mut out);
+    let skip = q.offset().unwrap_or(0);
+    out.drain(..skip.min(out.len()));
     if let Some(n) = q.limit() {
         out.truncate(n);
     }

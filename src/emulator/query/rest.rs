@@ -163,6 +163,7 @@ async fn run_query(
             let n = org
                 .scan(&q.object, all, |r| q.matches(r).then_some(()))
                 .len();
+            let n = n.saturating_sub(q.offset().unwrap_or(0));
             let n = q.limit().map_or(n, |l| n.min(l));
             return Ok((q, Err(n)));
         }

@@ -97,9 +97,29 @@ impl Query {
         }
         let mut q = self.clone();
         q.object = describe.name.clone();
-        for name in q.fields.iter_mut() {
-            *name = resolve(describe, name)?.name.clone();
+        let mut fields: Vec<String> = Vec::with_capacity(q.fields.len());
+        for name in &q.fields {
+            let set = match name.as_str() {
+                "FIELDS(ALL)" => Some(None),
+                "FIELDS(STANDARD)" => Some(Some(false)),
+                "FIELDS(CUSTOM)" => Some(Some(true)),
+                _ => None,
+            };
+            let Some(custom) = set else {
+                let canonical = resolve(describe, name)?.name.clone();
+                // A field already brought in by FIELDS() is not selected twice.
+                if !fields.contains(&canonical) {
+                    fields.push(canonical);
+                }
+                continue;
+            };
+            for f in &describe.fields {
+                if custom.is_none_or(|c| c == f.custom) && !fields.contains(&f.name) {
+                    fields.push(f.name.clone());
+                }
+            }
         }
+        q.fields = fields;
         if let Some(filter) = q.filter.as_mut() {
             bind_expr(describe, filter)?;
         }

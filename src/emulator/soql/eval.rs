@@ -199,12 +199,14 @@ impl Query {
     /// Filters, sorts and limits `records` (whole records; `project` shapes them).
     pub fn run<'a>(&self, records: impl Iterator<Item = &'a Record>) -> Vec<Record> {
         let matching = records.filter(|r| self.matches(r));
+        let skip = self.offset.unwrap_or(0);
         let mut out: Vec<Record> = match (self.order.is_empty(), self.limit) {
             // Without ORDER BY the first n matches are the answer; stop early.
-            (true, Some(n)) => matching.take(n).cloned().collect(),
+            (true, Some(n)) => matching.take(n.saturating_add(skip)).cloned().collect(),
             _ => matching.cloned().collect(),
         };
         self.sort(&mut out);
+        out.drain(..skip.min(out.len()));
         if let Some(n) = self.limit {
             out.truncate(n);
         }

@@ -14,11 +14,12 @@
 //!
 //! # Supported
 //!
-//! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n]`, with
+//! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n] [OFFSET n]`, with
 //! comparisons, `LIKE`, `IN` / `NOT IN`, `AND` / `OR` / `NOT`, and string, number, boolean,
-//! `null`, date and datetime literals. Anything else that is valid SOQL (GROUP BY,
-//! subqueries, relationship paths, TYPEOF, aggregates, date functions, relative date literals,
-//! OFFSET, ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
+//! `null`, date and datetime literals, and relative date literals (`TODAY`, `LAST_N_DAYS:n`,
+//! `THIS_QUARTER`, ...; module `dates`); `FIELDS(ALL | STANDARD | CUSTOM)` in the SELECT list
+//! (the first two with a LIMIT of at most 200). Anything else that is valid SOQL (GROUP BY,
+//! subqueries, relationship paths, TYPEOF, aggregates, date functions, ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
 //! silently different answer from the emulator than from Salesforce.
 //!
 //! # Salesforce behaviours reproduced on purpose
@@ -40,6 +41,7 @@
 //! Nothing here panics on any input: every index is checked and nesting depth is bounded.
 
 mod bind;
+mod dates;
 mod eval;
 mod lexer;
 mod parser;
@@ -121,24 +123,51 @@ pub struct Query {
     filter: Option<Expr>,
     order: Vec<OrderKey>,
     limit: Option<usize>,
+    /// `OFFSET n`: rows skipped after sorting, before LIMIT.
+    offset: Option<usize>,
     bound: bool,
 }
 
-/// Parses `soql` (syntax only: names and literal types are checked by [`Query::bind`]).
+/// The largest LIMIT a query with `FIELDS(ALL)` or `FIELDS(CUSTOM)` may have (and it must
+/// have one).
+pub const MAX_FIELDS_ROWS: usize = 200;
+
+/// The largest `OFFSET` Salesforce takes.
+pub const MAX_OFFSET: u64 = 2000;
+
+/// Parses `soql` (syntax only: names and literal types are checked by [`Query::bind`]);
+/// relative date literals are read at the wall clock's now.
 pub fn parse(soql: &str) -> Result<Query, SoqlError> {
+    parse_at(soql, chrono::Utc::now().timestamp_millis())
+}
+
+/// Parses `soql` with relative date literals (`TODAY`, `LAST_N_DAYS:7`) read at `now_ms`:
+/// the org's clock, which the control API can move.
+pub fn parse_at(soql: &str, now_ms: i64) -> Result<Query, SoqlError> {
     let toks = lexer::lex(soql)?;
     let eof = lexer::Token {
         tok: lexer::Tok::Eof,
         pos: soql.chars().count() + 1,
         text: String::new(),
     };
-    Parser { toks, i: 0, eof }.query()
+    Parser {
+        toks,
+        i: 0,
+        eof,
+        now_ms,
+    }
+    .query()
 }
 
 impl Query {
     /// The LIMIT, if any.
     pub fn limit(&self) -> Option<usize> {
         self.limit
+    }
+
+    /// The OFFSET, if any.
+    pub fn offset(&self) -> Option<usize> {
+        self.offset
     }
 
     /// Whether the query has an ORDER BY (otherwise results come in id order).

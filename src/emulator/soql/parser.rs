@@ -5,7 +5,7 @@
 
 use super::lexer::{CmpOp, StrChar, Tok, Token};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
-use super::{Query, SoqlError};
+use super::{MAX_FIELDS_ROWS, MAX_OFFSET, Query, SoqlError, dates};
 
 /// Bounds recursion on parenthesized conditions: deeper input would risk a stack overflow,
 /// which aborts the process rather than failing one request.
@@ -95,6 +95,8 @@ pub(super) struct Parser {
     pub(super) toks: Vec<Token>,
     pub(super) i: usize,
     pub(super) eof: Token,
+    /// The moment relative date literals (`TODAY`) are read at, in epoch ms.
+    pub(super) now_ms: i64,
 }
 
 impl Parser {
@@ -180,7 +182,6 @@ impl Parser {
             "WITH" => "WITH",
             "GROUP" => "GROUP BY",
             "HAVING" => "HAVING",
-            "OFFSET" => "OFFSET",
             "FOR" => "FOR VIEW / FOR REFERENCE / FOR UPDATE",
             "UPDATE" => "UPDATE TRACKING / UPDATE VIEWSTAT",
             _ => return Ok(()),
@@ -259,9 +260,38 @@ impl Parser {
             limit = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
 
+        let mut offset = None;
+        if self.eat_kw("OFFSET") {
+            let t = self.peek().clone();
+            let n = match &t.tok {
+                Tok::Num(text) => text.parse::<u64>().ok(),
+                _ => None,
+            };
+            let Some(n) = n else {
+                return Err(self.unexpected("a non-negative whole number after OFFSET"));
+            };
+            if n > MAX_OFFSET {
+                return Err(SoqlError {
+                    code: "NUMBER_OUTSIDE_VALID_RANGE",
+                    message: format!("Maximum SOQL offset allowed is {MAX_OFFSET}"),
+                });
+            }
+            self.advance();
+            offset = Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+
         self.reject_unsupported_clause()?;
         if self.peek().tok != Tok::Eof {
             return Err(self.unexpected("end of query"));
+        }
+        // FIELDS(ALL) and FIELDS(CUSTOM) are bounded, FIELDS(STANDARD) is not.
+        let bounded = fields
+            .iter()
+            .any(|f| f == "FIELDS(ALL)" || f == "FIELDS(CUSTOM)");
+        if bounded && limit.is_none_or(|n| n > MAX_FIELDS_ROWS) {
+            return Err(SoqlError::malformed(format!(
+                "The SOQL FIELDS function must have a LIMIT of at most {MAX_FIELDS_ROWS}"
+            )));
         }
         Ok(Query {
             object,
@@ -270,6 +300,7 @@ impl Parser {
             filter,
             order,
             limit,
+            offset,
             bound: false,
         })
     }
@@ -285,6 +316,27 @@ impl Parser {
                 }
                 Tok::Ident(word) if word.eq_ignore_ascii_case("TYPEOF") => {
                     return Err(self.unsupported("TYPEOF", t.pos));
+                }
+                Tok::Ident(word)
+                    if word.eq_ignore_ascii_case("FIELDS")
+                        && self.peek_n(1).tok == Tok::LParen
+                        && self.peek_n(3).tok == Tok::RParen =>
+                {
+                    let set = match &self.peek_n(2).tok {
+                        Tok::Ident(set) => set.to_ascii_uppercase(),
+                        _ => String::new(),
+                    };
+                    if !["ALL", "STANDARD", "CUSTOM"].contains(&set.as_str()) {
+                        return Err(
+                            self.unexpected("FIELDS(ALL), FIELDS(STANDARD) or FIELDS(CUSTOM)")
+                        );
+                    }
+                    // Expanded from the describe when the query is bound; a field name never
+                    // has parentheses, so the marker cannot clash with one.
+                    fields.push(format!("FIELDS({set})"));
+                    for _ in 0..4 {
+                        self.advance();
+                    }
                 }
                 Tok::Ident(word) if self.peek_n(1).tok == Tok::LParen => {
                     let upper = word.to_ascii_uppercase();
@@ -493,6 +545,7 @@ impl Parser {
             Tok::Ident(w) if w.eq_ignore_ascii_case("true") => LitKind::Bool(true),
             Tok::Ident(w) if w.eq_ignore_ascii_case("false") => LitKind::Bool(false),
             Tok::Ident(w) if w.eq_ignore_ascii_case("null") => LitKind::Null,
+            Tok::Ident(w) if dates::kind(w).is_some() => return self.date_literal(w.clone()),
             Tok::Ident(w) if self.peek_n(1).tok == Tok::Other(':') || !is_reserved(w) => {
                 // TODAY, LAST_N_DAYS:7, ...: valid SOQL the subset lacks.
                 return Err(self.unsupported(&format!("date literal or value '{w}'"), t.pos));
@@ -502,6 +555,33 @@ impl Parser {
         };
         self.advance();
         Ok(Lit { kind })
+    }
+
+    /// `TODAY`, `LAST_N_DAYS:7`, ...: the range it stands for at [`Parser::now_ms`].
+    fn date_literal(&mut self, word: String) -> Result<Lit, SoqlError> {
+        let pos = self.peek().pos;
+        self.advance();
+        let mut n = 0;
+        if dates::kind(&word) == Some(true) {
+            if !self.eat(&Tok::Other(':')) {
+                return Err(self.unexpected(&format!("':' and a number after {word}")));
+            }
+            let t = self.peek().clone();
+            n = match &t.tok {
+                Tok::Num(text) => text.parse::<i64>().ok().filter(|n| *n >= 0),
+                _ => None,
+            }
+            .ok_or_else(|| self.unexpected(&format!("a whole number after {word}:")))?;
+            self.advance();
+        }
+        let (start, end) = dates::range(&word, n, self.now_ms).ok_or_else(|| {
+            SoqlError::malformed(format!(
+                "date literal {word} out of range at position {pos}"
+            ))
+        })?;
+        Ok(Lit {
+            kind: LitKind::Range(start, end),
+        })
     }
 
     fn order_list(&mut self) -> Result<Vec<OrderKey>, SoqlError> {

@@ -656,10 +656,6 @@ fn unsupported_features_are_named() {
             "SELECT Id FROM Account WHERE Name = 'a' GROUP BY Name",
             "GROUP BY",
         ),
-        (
-            "SELECT Id FROM Account ORDER BY Name LIMIT 5 OFFSET 10",
-            "OFFSET",
-        ),
         ("SELECT Id FROM Account WITH SECURITY_ENFORCED", "WITH"),
         ("SELECT Id FROM Account FOR UPDATE", "FOR "),
         ("SELECT Id FROM Account USING SCOPE mine", "USING SCOPE"),
@@ -691,18 +687,13 @@ fn unsupported_features_are_named() {
             "SELECT MAX(AnnualRevenue) FROM Account",
             "aggregate function MAX(AnnualRevenue)",
         ),
-        ("SELECT FIELDS(ALL) FROM Account", "function FIELDS()"),
         (
             "SELECT Id FROM Account WHERE CALENDAR_YEAR(CreatedDate) = 2024",
             "CALENDAR_YEAR()",
         ),
         (
-            "SELECT Id FROM Account WHERE CreatedDate = TODAY",
-            "'TODAY'",
-        ),
-        (
-            "SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:7",
-            "'LAST_N_DAYS'",
+            "SELECT Id FROM Account WHERE CreatedDate = SOMEDAY",
+            "'SOMEDAY'",
         ),
         ("SELECT Id FROM Account WHERE Id IN :ids", "bind variable"),
         ("SELECT Id FROM Account WHERE Name = :name", "bind variable"),
@@ -972,5 +963,139 @@ proptest! {
     fn token_soup_never_panics(parts in proptest::collection::vec(soup_piece(), 0..24)) {
         check_no_panic(&parts.concat());
         check_no_panic(&format!("SELECT Name FROM Account WHERE {}", parts.concat()));
+    }
+}
+
+#[test]
+fn offset_skips_sorted_rows_before_limit_up_to_2000() {
+    let all = names("SELECT Name FROM Account ORDER BY Name");
+    assert!(all.len() >= 3, "{all:?}");
+    assert_eq!(
+        names("SELECT Name FROM Account ORDER BY Name OFFSET 1"),
+        all[1..].to_vec()
+    );
+    assert_eq!(
+        names("SELECT Name FROM Account ORDER BY Name LIMIT 1 OFFSET 1"),
+        all[1..2].to_vec()
+    );
+    // Without ORDER BY too (id order), and past the end.
+    let by_id = names("SELECT Name FROM Account");
+    assert_eq!(
+        names("SELECT Name FROM Account LIMIT 2 OFFSET 1"),
+        by_id[1..3].to_vec()
+    );
+    assert!(names("SELECT Name FROM Account OFFSET 2000").is_empty());
+    let e = err("SELECT Name FROM Account OFFSET 2001");
+    assert_eq!(e.code, "NUMBER_OUTSIDE_VALID_RANGE");
+    assert_eq!(
+        err("SELECT Name FROM Account OFFSET x").code,
+        MALFORMED_QUERY
+    );
+    assert_eq!(
+        err("SELECT Name FROM Account OFFSET 1 LIMIT 1").code,
+        MALFORMED_QUERY,
+        "OFFSET comes after LIMIT"
+    );
+}
+
+/// Names of the accounts a WHERE clause selects with relative dates read at `now`.
+fn matching_at(where_clause: &str, now: &str) -> Vec<String> {
+    let now_ms = crate::model::time::datetime_ms(now).expect("now");
+    let soql = format!("SELECT Name FROM Account WHERE {where_clause}");
+    let mut q = parse_at(&soql, now_ms).unwrap_or_else(|e| panic!("{soql}: {e}"));
+    q.bind(&account()).unwrap_or_else(|e| panic!("{soql}: {e}"));
+    let data = accounts();
+    let mut n: Vec<String> = q
+        .run(data.iter())
+        .iter()
+        .map(|r| r.get("Name").and_then(J::as_str).unwrap_or("?").to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn relative_date_literals_are_ranges_at_the_given_moment() {
+    // CreatedDate: Acme 2024-01-10, acme corp 2024-01-31, Zeta 2024-02-01, beta 2023-06-01.
+    let now = "2024-02-01T12:00:00.000+0000";
+    assert_eq!(matching_at("CreatedDate = TODAY", now), v(&["Zeta_1%"]));
+    assert_eq!(
+        matching_at("CreatedDate = YESTERDAY", now),
+        v(&["acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate = LAST_MONTH", now),
+        v(&["Acme", "acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate = LAST_N_DAYS:1", now),
+        v(&["Zeta_1%", "acme corp"])
+    );
+    assert_eq!(matching_at("CreatedDate < THIS_YEAR", now), v(&["beta"]));
+    assert_eq!(
+        matching_at("CreatedDate >= LAST_N_DAYS:30", now),
+        v(&["Acme", "Zeta_1%", "acme corp"])
+    );
+    assert_eq!(
+        matching_at("CreatedDate > YESTERDAY", now),
+        v(&["Zeta_1%"]),
+        "after the range, not after its start"
+    );
+    assert_eq!(matching_at("CreatedDate != THIS_YEAR", now), v(&["beta"]));
+    assert_eq!(
+        matching_at("CreatedDate IN (TODAY, LAST_YEAR)", now),
+        v(&["Zeta_1%", "beta"])
+    );
+    // Date fields too: LastActivityDate 2024-01-31 (Acme), 2023-12-01 (Zeta), 2024-02-29 (beta).
+    assert_eq!(
+        matching_at("LastActivityDate = LAST_MONTH", now),
+        v(&["Acme"])
+    );
+    assert_eq!(
+        matching_at("LastActivityDate = THIS_MONTH", now),
+        v(&["beta"])
+    );
+    assert_eq!(
+        matching_at("LastActivityDate = LAST_N_MONTHS:3", now),
+        v(&["Acme", "Zeta_1%"])
+    );
+    // Refusals: a text field, a missing number, an unknown literal.
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE Name = TODAY").code,
+        INVALID_FIELD
+    );
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS").code,
+        MALFORMED_QUERY
+    );
+    assert_eq!(
+        err("SELECT Id FROM Account WHERE CreatedDate = LAST_N_DAYS:x").code,
+        MALFORMED_QUERY
+    );
+}
+
+#[test]
+fn fields_function_expands_in_describe_order_with_its_limit_rule() {
+    let d = account();
+    let q = bound("SELECT FIELDS(ALL) FROM Account LIMIT 200");
+    let all: Vec<String> = d.fields.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(q.fields, all);
+    let q = bound("SELECT FIELDS(STANDARD) FROM Account");
+    assert!(
+        q.fields
+            .iter()
+            .all(|n| d.field(n).is_some_and(|f| !f.custom))
+    );
+    assert_eq!(q.fields.first().map(String::as_str), Some("Id"));
+    // A field named as well is not selected twice.
+    let q = bound("SELECT Name, FIELDS(STANDARD) FROM Account");
+    assert_eq!(q.fields.iter().filter(|n| *n == "Name").count(), 1);
+    assert_eq!(q.fields.first().map(String::as_str), Some("Name"));
+    for bad in [
+        "SELECT FIELDS(ALL) FROM Account",
+        "SELECT FIELDS(CUSTOM) FROM Account LIMIT 201",
+        "SELECT FIELDS(SOME) FROM Account LIMIT 1",
+    ] {
+        assert_eq!(err(bad).code, MALFORMED_QUERY, "{bad}");
     }
 }

@@ -15,10 +15,15 @@ use std::cmp::Ordering;
 pub(super) enum LitKind {
     Null,
     Bool(bool),
-    Num { f: f64, i: Option<i64> },
+    Num {
+        f: f64,
+        i: Option<i64>,
+    },
     Str(String),
     Date(i64),
     DateTime(i64),
+    /// A relative date literal (`TODAY`, `LAST_N_DAYS:7`): `[start, end)` in epoch ms.
+    Range(i64, i64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +61,9 @@ pub(super) enum Val {
     Bool(bool),
     /// Epoch milliseconds (dates at 00:00 UTC).
     Ms(i64),
+    /// A relative date literal's `[start, end)`: a value before it is less, in it equal,
+    /// after it greater, so `=`, `<`, `<=`, `>`, `>=` and `IN` read it as Salesforce does.
+    Range(i64, i64),
 }
 
 impl Val {
@@ -64,7 +72,7 @@ impl Val {
             Val::Null => 0,
             Val::Bool(_) => 1,
             Val::Num { .. } => 2,
-            Val::Ms(_) => 3,
+            Val::Ms(_) | Val::Range(..) => 3,
             Val::Text(_) => 4,
             Val::Id(_) => 5,
         }
@@ -81,6 +89,13 @@ pub(super) fn compare(a: &Val, b: &Val) -> Option<Ordering> {
         },
         (Val::Bool(x), Val::Bool(y)) => Some(x.cmp(y)),
         (Val::Ms(x), Val::Ms(y)) => Some(x.cmp(y)),
+        (Val::Ms(x), Val::Range(start, end)) => Some(if x < start {
+            Ordering::Less
+        } else if x >= end {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }),
         _ => None,
     }
 }
@@ -208,7 +223,7 @@ pub(super) fn guess_family(lits: &[Lit]) -> Family {
             LitKind::Num { .. } => Some(Family::Number),
             LitKind::Str(_) => Some(Family::Text),
             LitKind::Date(_) => Some(Family::Date),
-            LitKind::DateTime(_) => Some(Family::DateTime),
+            LitKind::DateTime(_) | LitKind::Range(..) => Some(Family::DateTime),
         })
         .unwrap_or(Family::Text)
 }
@@ -224,6 +239,9 @@ pub(super) fn literal_as(family: Family, lit: &Lit) -> Option<Val> {
         (Family::Bool | Family::Auto, LitKind::Bool(b)) => Some(Val::Bool(*b)),
         (Family::Date, LitKind::Date(ms)) | (Family::DateTime, LitKind::DateTime(ms)) => {
             Some(Val::Ms(*ms))
+        }
+        (Family::Date | Family::DateTime | Family::Auto, LitKind::Range(start, end)) => {
+            Some(Val::Range(*start, *end))
         }
         _ => None,
     }

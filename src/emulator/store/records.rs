@@ -63,6 +63,21 @@ pub(super) fn stamp_update(record: &mut Record, changes: &mut Changes, stamp: &s
         .collect()
 }
 
+/// Why the live record `id` of `object` is not there: ENTITY_IS_DELETED when it is in the
+/// recycle bin, NOT_FOUND when the org never had it.
+pub(super) fn missing(data: &Data, object: &str, id: &str) -> ApiError {
+    let in_bin = data
+        .records
+        .get(object)
+        .and_then(|r| r.get(id))
+        .is_some_and(|r| is_deleted(r));
+    if in_bin {
+        ApiError::new(404, "ENTITY_IS_DELETED", "entity is deleted")
+    } else {
+        ApiError::new(404, "NOT_FOUND", "The requested resource does not exist")
+    }
+}
+
 /// Is the record in the recycle bin?
 fn is_deleted(record: &Record) -> bool {
     record.get("IsDeleted") == Some(&J::Bool(true))
@@ -171,6 +186,23 @@ impl Org {
                     | FieldType::Percent,
                     _,
                 ) => return Err(bad_type()),
+                // A reference holds an id: 15 characters become 18, anything else is
+                // refused as Salesforce refuses it.
+                (FieldType::Reference, J::String(s)) => {
+                    let ok =
+                        matches!(s.len(), 15 | 18) && s.bytes().all(|b| b.is_ascii_alphanumeric());
+                    match s.get(..15).filter(|_| ok) {
+                        Some(id15) => J::String(crate::model::id::id18(id15)),
+                        None => {
+                            return Err(ApiError::field(
+                                400,
+                                "MALFORMED_ID",
+                                format!("{}: id value of incorrect type: {s}", f.label),
+                                &f.name,
+                            ));
+                        }
+                    }
+                }
                 (_, J::String(s)) => {
                     if f.length > 0 && s.chars().count() as i64 > f.length {
                         return Err(ApiError::field(
@@ -192,6 +224,25 @@ impl Org {
             out.insert(f.name.clone(), normalized);
         }
         Ok(out)
+    }
+
+    /// Whether [`Org::create`] would accept `input`, creating nothing: all-or-none batches
+    /// check every record before writing any.
+    pub fn check_create(&self, object: &str, input: &Map<String, J>) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        Self::validate_new(&def, input).map(|_| ())
+    }
+
+    /// Whether [`Org::update`] would accept `input` for the live record `id`, changing nothing.
+    pub fn check_update(
+        &self,
+        object: &str,
+        id: &str,
+        input: &Map<String, J>,
+    ) -> Result<(), ApiError> {
+        let def = self.object(object)?;
+        Self::validate(&def, input, false)?;
+        self.get(object, id).map(|_| ())
     }
 
     /// Creates a record; returns its id.
@@ -320,9 +371,9 @@ impl Org {
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
-        let record = record_in(&mut data, object, id, false).ok_or_else(|| {
-            ApiError::new(404, "NOT_FOUND", "The requested resource does not exist")
-        })?;
+        let Some(record) = record_in(&mut data, object, id, false) else {
+            return Err(missing(&data, object, id));
+        };
         let mut changes = Changes::default();
         let mut diffs: HashMap<String, String> = HashMap::new();
         for (k, v) in values {
@@ -379,8 +430,9 @@ impl Org {
         let mut data = self.data();
         let now = self.now_ms();
         let stamp = format_datetime(now - now % 1000);
-        let record = record_in(&mut data, object, id, false)
-            .ok_or_else(|| ApiError::new(404, "ENTITY_IS_DELETED", "entity is deleted"))?;
+        let Some(record) = record_in(&mut data, object, id, false) else {
+            return Err(missing(&data, object, id));
+        };
         record.insert("IsDeleted".into(), J::Bool(true));
         record.insert("SystemModstamp".into(), J::String(stamp));
         self.publish(
@@ -429,7 +481,7 @@ impl Org {
             .and_then(|r| r.get(id))
             .filter(|r| !is_deleted(r))
             .map(|r| Record::clone(&self.with_formulas(&data, &def, r)))
-            .ok_or_else(|| ApiError::new(404, "NOT_FOUND", "The requested resource does not exist"))
+            .ok_or_else(|| missing(&data, object, id))
     }
 
     /// Every live record of `object`, in id order.

@@ -37,6 +37,14 @@ impl Org {
         self.tokens.read().map(|t| t.len()).unwrap_or(0)
     }
 
+    /// Makes one token invalid (OAuth revoke); whether it was a token the org knew.
+    pub fn revoke_token(&self, token: &str) -> bool {
+        self.tokens
+            .write()
+            .map(|mut t| t.remove(token).is_some())
+            .unwrap_or(false)
+    }
+
     /// Makes every issued token invalid (the control API's "expire tokens").
     pub fn expire_tokens(&self) {
         if let Ok(mut t) = self.tokens.write() {
