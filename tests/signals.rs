@@ -531,7 +531,10 @@ async fn a_spent_delivery_allocation_pauses_the_channel_until_it_is_back() {
     })
     .await;
     let (_, body) = readyz(&base).await;
-    assert!(body.to_string().contains("DailyDeliveredPlatformEvents"), "{body}");
+    assert!(
+        body.to_string().contains("DailyDeliveredPlatformEvents"),
+        "{body}"
+    );
     common::wait_for("the usage gauge", WAIT, async || {
         value(
             &scrape(&base).await,
@@ -556,13 +559,17 @@ async fn a_spent_delivery_allocation_pauses_the_channel_until_it_is_back() {
         .expect("settings")
         .error_for_status()
         .expect("accepted");
-    common::wait_for("every account replicated after the pause", WAIT, async || {
-        db.client()
-            .await
-            .query_one("SELECT count(*) FROM salesforce.account", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 50)
-    })
+    common::wait_for(
+        "every account replicated after the pause",
+        WAIT,
+        async || {
+            db.client()
+                .await
+                .query_one("SELECT count(*) FROM salesforce.account", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 50)
+        },
+    )
     .await;
     common::wait_for("ready again", WAIT, async || readyz(&base).await.0 == 200).await;
     let log = daemon.log();
