@@ -15,6 +15,8 @@
 //!   to the stream's millisecond versions and an old read arriving late changes nothing.
 //! - The queue row is removed only if its `seq` is the one the re-read saw: a change that
 //!   arrives while the record is being read re-queues it (new `seq`), and it is read again.
+//! - It never waits for a row lock: rows a batch holds are skipped (`SKIP LOCKED`) and stay
+//!   queued, so the re-read and the stream cannot deadlock and the stream never waits long.
 
 use super::binary;
 use super::schema::{DERIVED_VERSION_COLUMN, TableSchema};
@@ -103,48 +105,13 @@ pub async fn queued(
         .collect())
 }
 
-/// Removes the queue rows a re-read covered: those still carrying the `seq` it saw.
-pub async fn settle(
-    tx: &impl GenericClient,
-    control_schema: &str,
-    object: &str,
-    seen: &[Queued],
-) -> Result<u64, ReplicaError> {
-    let ctl = quote(control_schema);
-    let ids: Vec<&str> = seen.iter().map(|q| q.id.as_str()).collect();
-    let seqs: Vec<i64> = seen.iter().map(|q| q.seq).collect();
-    tx.execute(
-        &format!(
-            "DELETE FROM {ctl}.derived_refresh d USING unnest($2::text[], $3::bigint[]) AS s(id, seq)
-             WHERE d.object = $1 AND d.record_id = s.id AND d.seq = s.seq"
-        ),
-        &[&object, &ids, &seqs],
-    )
-    .await
-    .map_err(ReplicaError::pg(format!(
-        "settle derived re-reads of {object}"
-    )))
-}
-
-/// Writes re-read derived values: `projection` is the table's derived projection
-/// (`TableSchema::derived_projection`) and `rows` its rows; `version_ms` is Salesforce's time
-/// of the read. Returns how many rows were written (deleted rows, rows not in the replica and
-/// rows with a newer re-read are left alone).
-pub async fn apply(
+/// Copies `rows` of `projection` into the transaction's staging table `_sfm_derived`, and
+/// returns the `SET` list that writes its values to the table's derived columns.
+async fn stage(
     tx: &deadpool_postgres::Transaction<'_>,
-    settings: &ApplySettings,
     projection: &TableSchema,
     rows: &[SnapshotRow],
-    version_ms: i64,
-) -> Result<u64, ReplicaError> {
-    if rows.is_empty() || projection.columns.is_empty() {
-        return Ok(0);
-    }
-    let target = format!(
-        "{}.{}",
-        quote(&settings.data_schema),
-        quote(&projection.table)
-    );
+) -> Result<String, ReplicaError> {
     let what = format!("derived columns of {}", projection.object);
     let stage_cols: Vec<String> = projection
         .columns
@@ -181,18 +148,111 @@ pub async fn apply(
             )
         })
         .collect();
+    Ok(set.join(", "))
+}
+
+/// The guard of a re-read's write: a live row, a record read as live, and no newer re-read.
+const GUARD: &str = "NOT t._sfm_deleted AND NOT s.d AND \
+    (t._sfm_derived_version IS NULL OR t._sfm_derived_version <= $1)";
+
+/// Writes swept derived values: `projection` is the table's derived projection
+/// (`TableSchema::derived_projection`) and `rows` its rows; `version_ms` is Salesforce's time
+/// of the read (a lower bound). Returns how many rows were written. Rows a batch holds locked
+/// are skipped rather than waited for: the re-read never waits on the stream, so the two can
+/// never deadlock, and a skipped row is being changed (its change queues a re-read, or the
+/// next sweep reads it).
+pub async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    projection: &TableSchema,
+    rows: &[SnapshotRow],
+    version_ms: i64,
+) -> Result<u64, ReplicaError> {
+    if rows.is_empty() || projection.columns.is_empty() {
+        return Ok(0);
+    }
+    let target = format!(
+        "{}.{}",
+        quote(&settings.data_schema),
+        quote(&projection.table)
+    );
+    let set = stage(tx, projection, rows).await?;
     tx.execute(
         &format!(
-            "UPDATE {target} t SET {}, {DERIVED_VERSION_COLUMN} = $1
+            "WITH r AS (SELECT t.id FROM {target} t JOIN _sfm_derived s ON t.id = s.id
+                        FOR UPDATE OF t SKIP LOCKED)
+             UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1
              FROM _sfm_derived s
-             WHERE t.id = s.id AND NOT t._sfm_deleted AND NOT s.d
-               AND (t.{DERIVED_VERSION_COLUMN} IS NULL OR t.{DERIVED_VERSION_COLUMN} <= $1)",
-            set.join(", ")
+             WHERE t.id = s.id AND t.id IN (SELECT id FROM r) AND {GUARD}"
         ),
         &[&version_ms],
     )
     .await
-    .map_err(ReplicaError::pg(format!("{what}: update")))
+    .map_err(ReplicaError::pg(format!(
+        "derived columns of {}: update",
+        projection.object
+    )))
+}
+
+/// Writes re-read derived values of the `queued` records (as [`apply`]) and removes the queue
+/// rows the read covered: those still carrying the `seq` it saw, whose row was written or is
+/// not in the replica. Queue rows and table rows that a batch holds locked are skipped, not
+/// waited for (so this never deadlocks with the stream), and stay queued for the next window.
+/// Returns (rows written, queue rows removed).
+pub async fn refresh(
+    tx: &deadpool_postgres::Transaction<'_>,
+    settings: &ApplySettings,
+    projection: &TableSchema,
+    rows: &[SnapshotRow],
+    version_ms: i64,
+    queued: &[Queued],
+) -> Result<(u64, u64), ReplicaError> {
+    let target = format!(
+        "{}.{}",
+        quote(&settings.data_schema),
+        quote(&projection.table)
+    );
+    let ctl = quote(&settings.control_schema);
+    let object = &projection.object;
+    let set = stage(tx, projection, rows).await?;
+    let write = if projection.columns.is_empty() {
+        "SELECT NULL::text AS id WHERE false".to_string()
+    } else {
+        format!(
+            "UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1
+             FROM _sfm_derived s
+             WHERE t.id = s.id AND t.id IN (SELECT id FROM r) AND {GUARD}
+             RETURNING t.id"
+        )
+    };
+    let ids: Vec<&str> = queued.iter().map(|q| q.id.as_str()).collect();
+    let seqs: Vec<i64> = queued.iter().map(|q| q.seq).collect();
+    let row = tx
+        .query_one(
+            &format!(
+                "WITH q AS (SELECT d.record_id FROM {ctl}.derived_refresh d
+                            JOIN unnest($3::text[], $4::bigint[]) AS s(id, seq)
+                              ON d.record_id = s.id AND d.seq = s.seq
+                            WHERE d.object = $2
+                            FOR UPDATE OF d SKIP LOCKED),
+                      r AS (SELECT t.id FROM {target} t WHERE t.id IN (SELECT record_id FROM q)
+                            FOR UPDATE OF t SKIP LOCKED),
+                      u AS ({write}),
+                      gone AS (DELETE FROM {ctl}.derived_refresh d
+                               WHERE d.object = $2 AND d.record_id IN (SELECT record_id FROM q)
+                                 AND (d.record_id IN (SELECT id FROM r)
+                                      OR NOT EXISTS (SELECT 1 FROM {target} t2
+                                                     WHERE t2.id = d.record_id))
+                               RETURNING 1)
+                 SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM gone)"
+            ),
+            &[&version_ms, object, &ids, &seqs],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!(
+            "derived columns of {object}: re-read"
+        )))?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
 }
 
 /// Starts `object`'s sweep schedule at its first sight: the first sweep is due one interval

@@ -176,6 +176,9 @@ pub struct TableSchema {
     by_field: HashMap<String, usize>,
     /// Whether any column is derived.
     has_derived: bool,
+    /// Whether a change to a record can change a derived column of its own (a formula, a
+    /// person name): then its changes call for a re-read.
+    changes_derive: bool,
     /// Event paths (`Name`, `BillingAddress.Street`) already resolved to a column index.
     resolved: Mutex<HashMap<Arc<str>, Option<usize>>>,
 }
@@ -245,6 +248,10 @@ impl TableSchema {
             table: object.to_ascii_lowercase(),
             object,
             has_derived: columns.iter().any(|c| c.derived),
+            changes_derive: describe
+                .fields
+                .iter()
+                .any(|f| f.is_formula() || describe.is_person_name(f)),
             columns,
             describe,
             by_field,
@@ -261,6 +268,14 @@ impl TableSchema {
         self.has_derived
     }
 
+    /// Whether a record's own changes can change its derived columns (it has a formula or a
+    /// person name), so that its changes are followed by a re-read. Fields Salesforce derives
+    /// from other records (LastActivityDate) change with those records, not this one: the
+    /// sweep keeps them, and a re-read made for a formula refreshes them too.
+    pub fn changes_derive(&self) -> bool {
+        self.changes_derive
+    }
+
     /// The same table seen through its derived columns only: what a re-read of them reads
     /// and writes (same table name, same column names and types).
     pub fn derived_projection(&self) -> TableSchema {
@@ -274,6 +289,7 @@ impl TableSchema {
             object: self.object.clone(),
             table: self.table.clone(),
             has_derived: !columns.is_empty(),
+            changes_derive: self.changes_derive,
             columns,
             describe: self.describe.clone(),
             by_field,
@@ -518,7 +534,12 @@ mod tests {
             .map(|i| t.columns[i].field.as_str())
             .collect();
         assert_eq!(derived, ["F__c", "LastActivityDate"]);
-        assert!(t.has_derived());
+        assert!(t.has_derived() && t.changes_derive());
+        // Fields derived from other records alone are swept, not re-read after changes.
+        let account = TableSchema::from_describe(load("Account")).expect("maps");
+        assert!(account.has_derived() && !account.changes_derive());
+        let contact = TableSchema::from_describe(load("Contact")).expect("maps");
+        assert!(contact.changes_derive());
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!  count + REST or Bulk API 2.0 read of Id and the derived fields ──> replica::derived::apply
 //! ```
 //!
+//! While a channel catches up a backlog (more than a window behind), passes wait: the stream's
+//! changes come first, and a record the backlog changes many times is read once, after it.
+//!
 //! The queue coalesces: a record changed a hundred times in a window is read once, and the
 //! cost is ceil(changed records / 2,000) calls per object per window. The sweep (first due one
 //! interval after the object is first seen, not at every start) catches what no event on the
@@ -57,6 +60,8 @@ pub struct DerivedWorker {
     /// Sweeps at or below this many records read over REST, above it over Bulk API 2.0.
     read: ReadOptions,
     tables: HashMap<String, (Arc<TableSchema>, Instant)>,
+    /// The daemon's channels: re-reads wait while one catches up a backlog.
+    health: Option<crate::telemetry::health::Health>,
 }
 
 /// What one pass did.
@@ -96,7 +101,15 @@ impl DerivedWorker {
                 chunk_rows: sync.repair_chunk_rows,
             },
             tables: HashMap::new(),
+            health: None,
         }
+    }
+
+    /// Re-reads wait while a channel of `health` is catching up: the stream's own changes
+    /// come first, and records changed many times during a backlog are then read once.
+    pub fn with_health(mut self, health: crate::telemetry::health::Health) -> DerivedWorker {
+        self.health = Some(health);
+        self
     }
 
     /// Runs until `shutdown`: a pass every window.
@@ -105,6 +118,13 @@ impl DerivedWorker {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.window) => {}
+            }
+            if self
+                .health
+                .as_ref()
+                .is_some_and(|h| h.catching_up(self.window))
+            {
+                continue;
             }
             self.pass().await;
         }
@@ -192,18 +212,17 @@ impl DerivedWorker {
             }
             let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
             let tx = replica::begin(&mut client, "derived re-read").await?;
-            let written = match version_ms {
-                Some(v) => derived::apply(&tx, &self.settings, &projection, &rows, v).await?,
-                // An answer without a `Date` cannot be ordered against other reads: write
-                // nothing rather than guess, and leave the records queued.
-                None => {
-                    return Err(SyncError::BadAnswer {
-                        channel: object.to_string(),
-                        message: "sObject Collections answered without a Date header".to_string(),
-                    });
-                }
+            // An answer without a `Date` cannot be ordered against other reads: write
+            // nothing rather than guess, and leave the records queued.
+            let Some(version_ms) = version_ms.or(projection.columns.is_empty().then_some(0)) else {
+                return Err(SyncError::BadAnswer {
+                    channel: object.to_string(),
+                    message: "sObject Collections answered without a Date header".to_string(),
+                });
             };
-            derived::settle(&tx, &ctl, object, &queued).await?;
+            let (written, settled) =
+                derived::refresh(&tx, &self.settings, &projection, &rows, version_ms, &queued)
+                    .await?;
             tx.commit()
                 .await
                 .map_err(ReplicaError::pg("commit derived re-read"))?;
@@ -211,10 +230,12 @@ impl DerivedWorker {
                 object,
                 queued = queued.len(),
                 written,
+                settled,
                 "derived columns re-read"
             );
-            total += queued.len() as u64;
-            if (queued.len() as i64) < RETRIEVE_MAX_IDS {
+            total += settled;
+            // Records a batch held locked stay queued for the next window.
+            if (queued.len() as i64) < RETRIEVE_MAX_IDS || settled == 0 {
                 return Ok(total);
             }
         }

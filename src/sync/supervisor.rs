@@ -108,7 +108,8 @@ pub async fn run(
             shutdown.clone(),
         );
         let worker =
-            super::derived::DerivedWorker::new(reader, deps.pool.clone(), deps.apply.clone(), cfg);
+            super::derived::DerivedWorker::new(reader, deps.pool.clone(), deps.apply.clone(), cfg)
+                .with_health(health.clone());
         let stop = shutdown.clone();
         AbortOnDrop(tokio::spawn(async move { worker.run(stop).await }))
     };

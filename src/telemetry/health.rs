@@ -255,6 +255,17 @@ impl Health {
         super::record_ready(self.readiness().ready);
     }
 
+    /// Whether a channel with an open stream is more than `behind` behind (catching up a
+    /// backlog). Channels without a stream (paused, stopped, disconnected) do not count: work
+    /// that waits for the stream to catch up must not wait for ever on one that is down.
+    pub fn catching_up(&self, behind: Duration) -> bool {
+        let now = now_ms();
+        lock(&self.inner.channels).values().any(|state| {
+            let s = lock(state);
+            s.open && self.lag_secs(&s, now) > behind.as_secs_f64()
+        })
+    }
+
     fn lag_secs(&self, s: &ChannelState, now: i64) -> f64 {
         if s.caught_up() {
             return 0.0;

@@ -243,7 +243,7 @@ pub fn plan_events(
                 }
             }
         }
-        if kind != OpKind::Delete && table.has_derived() {
+        if kind != OpKind::Delete && table.changes_derive() {
             plan.derived
                 .entry(table.object.clone())
                 .or_default()
