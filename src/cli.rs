@@ -197,54 +197,7 @@ pub enum Command {
     ///
     /// Secrets are given as files (--client-secret-file, ...), never inline. Then run
     /// `sfmirror check --config PATH`.
-    Init {
-        /// The file to write.
-        #[arg(long, short, default_value = "sfmirror.toml")]
-        output: PathBuf,
-        /// Overwrite the file if it exists.
-        #[arg(long)]
-        force: bool,
-        /// https://login.salesforce.com, https://test.salesforce.com, or a My Domain URL.
-        #[arg(long, default_value = "https://login.salesforce.com")]
-        login_url: String,
-        /// The OAuth flow: jwt, client_credentials, refresh_token, password, access_token.
-        #[arg(long, value_parser = parse_auth_flow)]
-        auth: crate::config::AuthFlow,
-        /// The connected app's consumer key.
-        #[arg(long, default_value = "")]
-        client_id: String,
-        /// The integration user (jwt, password).
-        #[arg(long, default_value = "")]
-        username: String,
-        #[arg(long)]
-        private_key_file: Option<PathBuf>,
-        #[arg(long)]
-        client_secret_file: Option<PathBuf>,
-        #[arg(long)]
-        password_file: Option<PathBuf>,
-        #[arg(long)]
-        refresh_token_file: Option<PathBuf>,
-        #[arg(long)]
-        access_token_file: Option<PathBuf>,
-        /// The instance an access token belongs to (access_token).
-        #[arg(long)]
-        instance_url: Option<String>,
-        /// The Pub/Sub API endpoint (default: Salesforce's).
-        #[arg(long)]
-        pubsub_endpoint: Option<String>,
-        /// A private CA bundle to trust (PEM).
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// The replica's PostgreSQL URL (default: a placeholder to edit).
-        #[arg(long)]
-        replica_url: Option<String>,
-        /// Only propose channels for these objects (repeatable).
-        #[arg(long = "object", value_name = "NAME")]
-        objects: Vec<String>,
-        /// Do not log in: write the Salesforce and replica sections only.
-        #[arg(long)]
-        offline: bool,
-    },
+    Init(crate::init::InitOptions),
     /// The whole product in about a minute, with no server to set up: an emulated org,
     /// a replica, the daemon as a child process, a workload; merge, gap and overflow repairs,
     /// a SIGKILL survived, a new field, verify and the daemon's metrics, each shown and checked.
@@ -471,46 +424,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             emulator.stop().await;
             Ok(())
         }
-        Command::Init {
-            output,
-            force,
-            login_url,
-            auth,
-            client_id,
-            username,
-            private_key_file,
-            client_secret_file,
-            password_file,
-            refresh_token_file,
-            access_token_file,
-            instance_url,
-            pubsub_endpoint,
-            ca_file,
-            replica_url,
-            objects,
-            offline,
-        } => {
-            let opts = crate::init::InitOptions {
-                output,
-                force,
-                login_url,
-                auth,
-                client_id,
-                username,
-                private_key_file,
-                client_secret_file,
-                password_file,
-                refresh_token_file,
-                access_token_file,
-                instance_url,
-                pubsub_endpoint,
-                ca_file,
-                replica_url,
-                objects,
-                offline,
-            };
-            crate::init::init(&opts).await.map(|_| ())
-        }
+        Command::Init(opts) => crate::init::init(&opts).await.map(|_| ()),
         Command::Demo {
             database_url,
             embedded,
@@ -640,15 +554,6 @@ pub struct CheckFailed {
 }
 
 /// Parses an OAuth flow name as the config file spells it (`client_credentials`).
-fn parse_auth_flow(s: &str) -> Result<crate::config::AuthFlow, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-        format!(
-            "`{s}` is not an auth flow: jwt, client_credentials, refresh_token, password, \
-             access_token"
-        )
-    })
-}
-
 /// Parses an RFC 3339 time (`2024-05-01T00:00:00Z`) for `--since`.
 fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)

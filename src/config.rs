@@ -163,6 +163,20 @@ pub enum AuthFlow {
     AccessToken,
 }
 
+/// The flow's name as the config file spells it (`client_credentials`), for the command line.
+impl std::str::FromStr for AuthFlow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AuthFlow, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!(
+                "`{s}` is not an auth flow: jwt, client_credentials, refresh_token, password, \
+                 access_token"
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SalesforceConfig {

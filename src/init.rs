@@ -15,28 +15,55 @@ use serde::Deserialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-/// What `sfmirror init` is told.
-#[derive(Debug, Clone)]
+/// What `sfmirror init` is told: its command-line arguments.
+#[derive(Debug, Clone, clap::Args)]
 pub struct InitOptions {
+    /// The file to write.
+    #[arg(long, short, default_value = "sfmirror.toml")]
     pub output: PathBuf,
+    /// Overwrite the file if it exists.
+    #[arg(long)]
     pub force: bool,
+    /// https://login.salesforce.com, https://test.salesforce.com, or a My Domain URL.
+    #[arg(long, default_value = "https://login.salesforce.com")]
     pub login_url: String,
+    /// The OAuth flow: jwt, client_credentials, refresh_token, password, access_token.
+    #[arg(long)]
     pub auth: AuthFlow,
+    /// The connected app's consumer key.
+    #[arg(long, default_value = "")]
     pub client_id: String,
+    /// The integration user (jwt, password).
+    #[arg(long, default_value = "")]
     pub username: String,
+    #[arg(long)]
     pub private_key_file: Option<PathBuf>,
+    #[arg(long)]
     pub client_secret_file: Option<PathBuf>,
+    #[arg(long)]
     pub password_file: Option<PathBuf>,
+    #[arg(long)]
     pub refresh_token_file: Option<PathBuf>,
+    #[arg(long)]
     pub access_token_file: Option<PathBuf>,
+    /// The instance an access token belongs to (access_token).
+    #[arg(long)]
     pub instance_url: Option<String>,
+    /// The Pub/Sub API endpoint (default: Salesforce's).
+    #[arg(long)]
     pub pubsub_endpoint: Option<String>,
+    /// A private CA bundle to trust (PEM).
+    #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// The replica's PostgreSQL URL (default: a placeholder to edit).
+    #[arg(long)]
     pub replica_url: Option<String>,
-    /// Only these objects (default: every object describeGlobal lists that may have change
-    /// events).
+    /// Only propose channels for these objects (repeatable; default: every object
+    /// describeGlobal lists that may have change events).
+    #[arg(long = "object", value_name = "NAME")]
     pub objects: Vec<String>,
-    /// Write the file without logging in.
+    /// Do not log in: write the Salesforce and replica sections only.
+    #[arg(long)]
     pub offline: bool,
 }
 

@@ -20,7 +20,7 @@
 
 use super::binary;
 use super::schema::{DERIVED_VERSION_COLUMN, TableSchema};
-use super::snapshot::{Layout, SnapshotRow, copy_rows};
+use super::snapshot::SnapshotRow;
 use super::{ApplySettings, ReplicaError, quote};
 use deadpool_postgres::GenericClient;
 
@@ -56,24 +56,6 @@ pub async fn enqueue(
 pub struct Queued {
     pub id: String,
     pub seq: i64,
-}
-
-/// Objects with queued re-reads, and how many each.
-pub async fn pending_objects(
-    client: &impl GenericClient,
-    control_schema: &str,
-) -> Result<Vec<(String, i64)>, ReplicaError> {
-    let ctl = quote(control_schema);
-    let rows = client
-        .query(
-            &format!(
-                "SELECT object, count(*) FROM {ctl}.derived_refresh GROUP BY object ORDER BY object"
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg("read the derived re-read queue"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Up to `limit` queued records of `object`, oldest first.
@@ -112,30 +94,7 @@ async fn stage(
     projection: &TableSchema,
     rows: &[SnapshotRow],
 ) -> Result<String, ReplicaError> {
-    let what = format!("derived columns of {}", projection.object);
-    let stage_cols: Vec<String> = projection
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("c{i} {}", binary::param_type(&c.pg_type)))
-        .collect();
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS _sfm_derived (id text) ON COMMIT DROP;
-         DROP TABLE _sfm_derived;
-         CREATE TEMP TABLE _sfm_derived (id text, v bigint, d boolean, {}) ON COMMIT DROP",
-        stage_cols.join(", ")
-    ))
-    .await
-    .map_err(ReplicaError::pg(format!("{what}: staging table")))?;
-    copy_rows(
-        tx,
-        "COPY _sfm_derived FROM STDIN (FORMAT binary)",
-        projection,
-        rows,
-        None,
-        Layout::Stage,
-    )
-    .await?;
+    super::snapshot::stage(tx, "_sfm_derived", projection, rows, None, "").await?;
     let set: Vec<String> = projection
         .columns
         .iter()
@@ -305,27 +264,21 @@ pub async fn sweep_ended(
     outcome: Result<i64, String>,
 ) -> Result<(), ReplicaError> {
     let ctl = quote(control_schema);
-    let done = match outcome {
-        Ok(rows) => {
-            client
-                .execute(
-                    &format!(
-                        "UPDATE {ctl}.derived_sweeps SET completed_at = now(), rows = $2,
-                         error = NULL WHERE object = $1"
-                    ),
-                    &[&object, &rows],
-                )
-                .await
-        }
-        Err(error) => {
-            client
-                .execute(
-                    &format!("UPDATE {ctl}.derived_sweeps SET error = $2 WHERE object = $1"),
-                    &[&object, &error],
-                )
-                .await
-        }
+    let (rows, error) = match outcome {
+        Ok(rows) => (Some(rows), None),
+        Err(error) => (None, Some(error)),
     };
+    let done = client
+        .execute(
+            &format!(
+                "UPDATE {ctl}.derived_sweeps
+                 SET completed_at = CASE WHEN $3::text IS NULL THEN now() ELSE completed_at END,
+                     rows = coalesce($2, rows), error = $3
+                 WHERE object = $1"
+            ),
+            &[&object, &rows, &error],
+        )
+        .await;
     done.map_err(ReplicaError::pg(format!("record the sweep of {object}")))?;
     Ok(())
 }

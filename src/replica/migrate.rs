@@ -141,15 +141,10 @@ async fn ensure_schema(
     schema: &str,
 ) -> Result<(), ReplicaError> {
     let found = tx
-        .query_opt(
-            "SELECT has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE'),
-                    current_user::text
-             FROM pg_namespace WHERE nspname = $1",
-            &[&schema],
-        )
+        .query_opt(SCHEMA_PRIVILEGES, &[&schema])
         .await
         .map_err(ReplicaError::pg(format!("look up schema {schema}")))?;
-    let Some(row) = found else {
+    let Some(missing) = found.as_ref().map(missing) else {
         return tx
             .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
             .await
@@ -171,23 +166,40 @@ async fn ensure_schema(
                 },
             });
     };
-    let (usage, create, role): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
-    let missing: Vec<&str> = [("USAGE", usage), ("CREATE", create)]
-        .into_iter()
-        .filter(|(_, has)| !has)
-        .map(|(privilege, _)| privilege)
-        .collect();
     if missing.is_empty() {
         return Ok(());
     }
+    let role: String = tx
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(ReplicaError::pg("read the role's name"))?
+        .get(0);
     Err(ReplicaError::Schema {
         object: format!("schema {schema}"),
-        message: format!(
-            "role {role} lacks {} on it: GRANT USAGE, CREATE ON SCHEMA {schema} TO {role} (or \
-             make the role its owner)",
-            missing.join(" and ")
-        ),
+        message: lacks(&role, &missing, schema),
     })
+}
+
+/// USAGE and CREATE of the connected role on the schema named `$1` (no row: no such schema).
+const SCHEMA_PRIVILEGES: &str = "SELECT has_schema_privilege(oid, 'USAGE'), \
+     has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = $1";
+
+/// The privileges a [`SCHEMA_PRIVILEGES`] row says the role lacks.
+fn missing(row: &tokio_postgres::Row) -> Vec<&'static str> {
+    [("USAGE", row.get::<_, bool>(0)), ("CREATE", row.get(1))]
+        .into_iter()
+        .filter(|(_, has)| !has)
+        .map(|(privilege, _)| privilege)
+        .collect()
+}
+
+/// What to say of `role` lacking the `missing` privileges on `schema`, with the fix.
+fn lacks(role: &str, missing: &[&str], schema: &str) -> String {
+    format!(
+        "role {role} lacks {} on it: GRANT USAGE, CREATE ON SCHEMA {schema} TO {role} (or make \
+         the role its owner)",
+        missing.join(" and ")
+    )
 }
 
 /// What `migrate` would do, and what would stop it, read without changing anything (for
@@ -219,34 +231,21 @@ pub async fn plan(
         (row.get(0), row.get(1), row.get(2));
     for schema in [control_schema, data_schema] {
         let found = client
-            .query_opt(
-                "SELECT has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')
-                 FROM pg_namespace WHERE nspname = $1",
-                &[&schema],
-            )
+            .query_opt(SCHEMA_PRIVILEGES, &[&schema])
             .await
             .map_err(ReplicaError::pg(format!("look up schema {schema}")))?;
-        match found {
+        match found.as_ref().map(missing) {
             None if may_create_schema => plan.actions.push(format!("would create schema {schema}")),
             None => plan.problems.push(format!(
                 "schema {schema} does not exist and role {role} may not create it: run CREATE \
                  SCHEMA {schema} AUTHORIZATION {role}, or GRANT CREATE ON DATABASE {database} TO \
                  {role} (see \"Least privilege\" in the README)"
             )),
-            Some(row) => {
-                let missing: Vec<&str> = [("USAGE", row.get::<_, bool>(0)), ("CREATE", row.get(1))]
-                    .into_iter()
-                    .filter(|(_, has)| !has)
-                    .map(|(p, _)| p)
-                    .collect();
-                if !missing.is_empty() {
-                    plan.problems.push(format!(
-                        "role {role} lacks {} on schema {schema}: GRANT USAGE, CREATE ON SCHEMA \
-                         {schema} TO {role} (or make the role its owner)",
-                        missing.join(" and ")
-                    ));
-                }
-            }
+            Some(missing) if !missing.is_empty() => plan.problems.push(format!(
+                "schema {schema}: {}",
+                lacks(&role, &missing, schema)
+            )),
+            Some(_) => {}
         }
     }
     match state(client, control_schema).await? {

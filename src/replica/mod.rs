@@ -122,8 +122,14 @@ pub fn postgres_message(e: &tokio_postgres::Error) -> String {
         }
         return text;
     }
+    error_chain(e)
+}
+
+/// An error and its causes in one line (`outer: cause: root`), a cause left out when the text
+/// before already says it.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut cause = std::error::Error::source(e);
+    let mut cause = e.source();
     while let Some(c) = cause {
         let more = c.to_string();
         if !text.contains(&more) {

@@ -223,36 +223,7 @@ pub async fn apply_snapshot(
     } else {
         ""
     };
-    let stage_cols: Vec<String> = table
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let toasted = matches!(c.pg_type, PgType::Text | PgType::Bytea);
-            format!(
-                "c{i} {}{}",
-                binary::param_type(&c.pg_type),
-                if toasted { compression } else { "" }
-            )
-        })
-        .collect();
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS _sfm_stage (id text, v bigint, d boolean) ON COMMIT DROP;
-         DROP TABLE _sfm_stage;
-         CREATE TEMP TABLE _sfm_stage (id text, v bigint, d boolean, {}) ON COMMIT DROP",
-        stage_cols.join(", ")
-    ))
-    .await
-    .map_err(ReplicaError::pg(ctx("staging table")))?;
-    copy_rows(
-        tx,
-        "COPY _sfm_stage FROM STDIN (FORMAT binary)",
-        table,
-        rows,
-        read_floor_ms,
-        Layout::Stage,
-    )
-    .await?;
+    stage(tx, "_sfm_stage", table, rows, read_floor_ms, compression).await?;
     let copied = t0.elapsed();
 
     let newer_tombstone = format!(
@@ -344,6 +315,49 @@ pub async fn apply_snapshot(
     Ok(outcome)
 }
 
+/// (Re)creates the transaction's temporary table `name` (id, version, deleted, then one column
+/// `c<i>` per column of `table`, text and binary ones with `compression`) and copies `rows`
+/// into it in binary form.
+pub(super) async fn stage(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+    table: &TableSchema,
+    rows: &[SnapshotRow],
+    read_floor_ms: Option<i64>,
+    compression: &str,
+) -> Result<(), ReplicaError> {
+    let stage_cols: Vec<String> = table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let toasted = matches!(c.pg_type, PgType::Text | PgType::Bytea);
+            format!(
+                "c{i} {}{}",
+                binary::param_type(&c.pg_type),
+                if toasted { compression } else { "" }
+            )
+        })
+        .collect();
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {name} (id text, v bigint, d boolean) ON COMMIT DROP;
+         DROP TABLE {name};
+         CREATE TEMP TABLE {name} (id text, v bigint, d boolean, {}) ON COMMIT DROP",
+        stage_cols.join(", ")
+    ))
+    .await
+    .map_err(ReplicaError::pg(context(table, "staging table")))?;
+    copy_rows(
+        tx,
+        &format!("COPY {name} FROM STDIN (FORMAT binary)"),
+        table,
+        rows,
+        read_floor_ms,
+        Layout::Stage,
+    )
+    .await
+}
+
 /// What an error of a snapshot of `table` was doing.
 fn context(table: &TableSchema, what: &str) -> String {
     format!("snapshot of {}: {what}", table.object)
@@ -351,7 +365,7 @@ fn context(table: &TableSchema, what: &str) -> String {
 
 /// Where a COPY row puts the bookkeeping fields around the table's columns.
 #[derive(Clone, Copy, PartialEq)]
-pub(super) enum Layout {
+enum Layout {
     /// The staging table: id, version, deleted, then the columns.
     Stage,
     /// The replica table itself: id, the columns, version, commit number (NULL), deleted.
@@ -359,7 +373,7 @@ pub(super) enum Layout {
 }
 
 /// Streams `rows` into the COPY `statement` in binary form.
-pub(super) async fn copy_rows(
+async fn copy_rows(
     tx: &deadpool_postgres::Transaction<'_>,
     statement: &str,
     table: &TableSchema,

@@ -9,7 +9,7 @@
 
 use crate::config::Config;
 use crate::replica::schema::TableSchema;
-use crate::replica::{ReplicaError, migrate};
+use crate::replica::{ReplicaError, error_chain, migrate};
 use crate::salesforce::SourceError;
 use std::fmt;
 
@@ -82,20 +82,6 @@ fn source_finding(report: &mut Report, what: &str, e: &SourceError) {
     } else {
         report.found_wrong(format!("{what}: {text}"));
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
 }
 
 fn replica_finding(report: &mut Report, what: &str, e: &ReplicaError) {

@@ -38,9 +38,8 @@ use crate::replica::schema::TableSchema;
 use crate::replica::snapshot::row_from_json;
 use crate::replica::{self, ApplySettings, ReplicaError, derived};
 use crate::salesforce::soql::Query;
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Most ids sObject Collections retrieve takes in one call.
@@ -59,7 +58,7 @@ pub struct DerivedWorker {
     sweep_every: Option<Duration>,
     /// Sweeps at or below this many records read over REST, above it over Bulk API 2.0.
     read: ReadOptions,
-    tables: HashMap<String, (Arc<TableSchema>, Instant)>,
+    tables: super::DescribedTables,
     /// The daemon's channels: re-reads wait while one catches up a backlog.
     health: Option<crate::telemetry::health::Health>,
 }
@@ -100,7 +99,7 @@ impl DerivedWorker {
                 bulk_threshold: sync.repair_bulk_threshold,
                 chunk_rows: sync.repair_chunk_rows,
             },
-            tables: HashMap::new(),
+            tables: super::DescribedTables::new(DESCRIBE_TTL, "derived columns"),
             health: None,
         }
     }
@@ -158,24 +157,10 @@ impl DerivedWorker {
 
     /// The table of `object` (described again after [`DESCRIBE_TTL`], or when `fresh`).
     async fn table(&mut self, object: &str, fresh: bool) -> Result<Arc<TableSchema>, SyncError> {
-        if !fresh
-            && let Some((t, at)) = self.tables.get(object)
-            && at.elapsed() < DESCRIBE_TTL
-        {
-            return Ok(t.clone());
-        }
-        let describe = self
-            .reader
-            .rest()
-            .describe(object)
-            .await
-            .map_err(SyncError::Source)?;
-        let table = Arc::new(TableSchema::from_describe(describe).map_err(SyncError::Replica)?);
-        let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        super::ensure_table(&client, &self.settings, &table, "derived columns").await?;
+        let rest = self.reader.rest().clone();
         self.tables
-            .insert(object.to_string(), (table.clone(), Instant::now()));
-        Ok(table)
+            .get(&rest, &self.pool, &self.settings, object, fresh)
+            .await
     }
 
     /// Re-reads the derived columns of `object`'s queued records, 2,000 per call; returns how

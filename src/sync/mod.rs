@@ -86,6 +86,61 @@ pub(crate) async fn ensure_table(
     Ok(())
 }
 
+/// Tables as describe has them, each kept for a while: the repair and derived-column workers
+/// describe an object once per `ttl`, not once per call, and prepare its table (adding
+/// columns, see [`ensure_table`]) whenever they describe it.
+pub(crate) struct DescribedTables {
+    ttl: std::time::Duration,
+    /// Named in the repairs [`ensure_table`] queues.
+    origin: &'static str,
+    tables: std::collections::HashMap<
+        String,
+        (
+            std::sync::Arc<crate::replica::schema::TableSchema>,
+            std::time::Instant,
+        ),
+    >,
+}
+
+impl DescribedTables {
+    pub(crate) fn new(ttl: std::time::Duration, origin: &'static str) -> DescribedTables {
+        DescribedTables {
+            ttl,
+            origin,
+            tables: Default::default(),
+        }
+    }
+
+    /// `object`'s table, described afresh when `fresh` or when the one kept is older than the
+    /// ttl.
+    pub(crate) async fn get(
+        &mut self,
+        rest: &crate::salesforce::rest::RestClient,
+        pool: &deadpool_postgres::Pool,
+        settings: &crate::replica::ApplySettings,
+        object: &str,
+        fresh: bool,
+    ) -> Result<std::sync::Arc<crate::replica::schema::TableSchema>, SyncError> {
+        if let Some((t, at)) = self.tables.get(object)
+            && !fresh
+            && at.elapsed() < self.ttl
+        {
+            return Ok(t.clone());
+        }
+        let describe = rest.describe(object).await?;
+        let table = std::sync::Arc::new(crate::replica::schema::TableSchema::from_describe(
+            describe,
+        )?);
+        let client = pool.get().await.map_err(ReplicaError::from)?;
+        ensure_table(&client, settings, &table, self.origin).await?;
+        self.tables.insert(
+            object.to_string(),
+            (table.clone(), std::time::Instant::now()),
+        );
+        Ok(table)
+    }
+}
+
 /// Errors of a channel task: from either side, or from the stream itself.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -58,7 +58,7 @@ pub struct RepairWorker {
     pool: deadpool_postgres::Pool,
     settings: ApplySettings,
     /// Tables from describe, with when they were described (see [`Self::table`]).
-    tables: HashMap<String, (Arc<TableSchema>, std::time::Instant)>,
+    tables: super::DescribedTables,
     idle: Duration,
     /// The fingerprint of the configuration, kept with repairs it parks.
     config: String,
@@ -102,7 +102,7 @@ impl RepairWorker {
             },
             pool,
             settings,
-            tables: HashMap::new(),
+            tables: super::DescribedTables::new(DESCRIBE_TTL, "repair"),
             idle,
             config: String::new(),
             reported: HashSet::new(),
@@ -279,21 +279,10 @@ impl RepairWorker {
     /// `object`'s table as describe has it now: described afresh for an entity repair (`fresh`,
     /// one call beside a whole window of records), and at most [`DESCRIBE_TTL`] old otherwise.
     async fn table(&mut self, object: &str, fresh: bool) -> Result<Arc<TableSchema>, SyncError> {
-        if let Some((t, at)) = self.tables.get(object)
-            && !fresh
-            && at.elapsed() < DESCRIBE_TTL
-        {
-            return Ok(t.clone());
-        }
-        let describe = self.reader.rest().describe(object).await?;
-        let table = Arc::new(TableSchema::from_describe(describe)?);
-        let client = self.pool.get().await.map_err(ReplicaError::from)?;
-        super::ensure_table(&client, &self.settings, &table, "repair").await?;
-        self.tables.insert(
-            object.to_string(),
-            (table.clone(), std::time::Instant::now()),
-        );
-        Ok(table)
+        let rest = self.reader.rest().clone();
+        self.tables
+            .get(&rest, &self.pool, &self.settings, object, fresh)
+            .await
     }
 
     async fn repair_records(&mut self, object: &str, repairs: &[&Repair]) -> Result<(), SyncError> {

@@ -244,10 +244,14 @@ pub fn plan_events(
             }
         }
         if kind != OpKind::Delete && table.changes_derive() {
-            plan.derived
-                .entry(table.object.clone())
-                .or_default()
-                .extend(h.record_ids.iter().cloned());
+            // No new key per event: the object's name is copied once per batch.
+            match plan.derived.get_mut(&table.object) {
+                Some(ids) => ids.extend(h.record_ids.iter().cloned()),
+                None => {
+                    plan.derived
+                        .insert(table.object.clone(), h.record_ids.clone());
+                }
+            }
         }
         let tkey = table_key(table);
         for (k, id) in h.record_ids.iter().enumerate() {
