@@ -218,8 +218,20 @@ async fn derived_columns_are_re_read_after_changes_and_swept() {
     .await;
     let paid = "SELECT paid__c::text FROM salesforce.invoice__c WHERE id = $1";
     assert_eq!(text(&db, paid, &invoice).await.as_deref(), Some("true"));
-    wait_for("the re-read queue drains", WAIT, async || {
-        count(&db, "SELECT count(*) FROM sfmirror.derived_refresh").await == 0
+    wait_for("no record waits for a re-read", WAIT, async || {
+        let waiting = "_sfm_version > coalesce(_sfm_derived_seen, -1) AND NOT _sfm_deleted";
+        count(
+            &db,
+            &format!("SELECT count(*) FROM salesforce.invoice__c WHERE {waiting}"),
+        )
+        .await
+            == 0
+            && count(
+                &db,
+                &format!("SELECT count(*) FROM salesforce.contact WHERE {waiting}"),
+            )
+            .await
+                == 0
     })
     .await;
 
@@ -302,4 +314,204 @@ async fn person_accounts_get_their_derived_name() {
     let flag = "SELECT ispersonaccount::text FROM salesforce.account WHERE id = $1";
     assert_eq!(text(&db, flag, &person).await.as_deref(), Some("true"));
     daemon.stop().await;
+}
+
+/// A fresh replica with the emulator's `Invoice__c` table (four formula fields) and the
+/// settings to write it.
+async fn invoice_table() -> (
+    TestDb,
+    deadpool_postgres::Pool,
+    sfmirror::replica::schema::TableSchema,
+    sfmirror::replica::ApplySettings,
+) {
+    let db = TestDb::create().await;
+    let mut cfg = deadpool_postgres::Config::new();
+    cfg.url = Some(db.url.clone());
+    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+    let mut client = pool.get().await.expect("client");
+    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
+        .await
+        .expect("migrate");
+    let describe: sfmirror::model::ObjectDescribe =
+        serde_json::from_str(include_str!("../src/emulator/org/Invoice__c.json"))
+            .expect("describe");
+    let table = sfmirror::replica::schema::TableSchema::from_describe(describe).expect("table");
+    assert!(table.changes_derive());
+    table.ensure(&client, "salesforce").await.expect("ensure");
+    let settings = sfmirror::replica::ApplySettings {
+        data_schema: "salesforce".to_string(),
+        control_schema: "sfmirror".to_string(),
+        delete_mode: sfmirror::config::DeleteMode::Soft,
+        repair_margin_ms: 0,
+        audit_batches: false,
+    };
+    (db, pool, table, settings)
+}
+
+/// Ids of the rows waiting for a re-read, with the version each waits at, sorted.
+async fn waiting(
+    pool: &deadpool_postgres::Pool,
+    table: &sfmirror::replica::schema::TableSchema,
+) -> Vec<(String, i64)> {
+    let client = pool.get().await.expect("client");
+    let mut w: Vec<(String, i64)> =
+        sfmirror::replica::derived::stale(&client, "salesforce", &table.table, 100)
+            .await
+            .expect("stale")
+            .into_iter()
+            .map(|s| (s.id, s.version))
+            .collect();
+    w.sort();
+    w
+}
+
+/// The obligation to re-read lives in the row: a row the stream wrote waits until a re-read
+/// asked for its version is written, a change applied while the read is under way keeps it
+/// waiting, and records the org no longer has stop waiting without a write.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_re_read_marks_rows_read_only_for_the_version_it_saw() {
+    let (_db, pool, table, settings) = invoice_table().await;
+    let client = pool.get().await.expect("client");
+    // As the stream writes rows: versions, no derived values, nothing about re-reads.
+    client
+        .batch_execute(
+            "INSERT INTO salesforce.invoice__c (id, _sfm_version, paid__c)
+             VALUES ('a01000000000001AAA', 100, false), ('a01000000000002AAA', 100, false),
+                    ('a01000000000003AAA', 100, false)",
+        )
+        .await
+        .expect("stream rows");
+    let before = waiting(&pool, &table).await;
+    assert_eq!(
+        before,
+        vec![
+            ("a01000000000001AAA".to_string(), 100),
+            ("a01000000000002AAA".to_string(), 100),
+            ("a01000000000003AAA".to_string(), 100),
+        ]
+    );
+    let stale = sfmirror::replica::derived::stale(&client, "salesforce", &table.table, 100)
+        .await
+        .expect("stale");
+    // While the read is under way, the stream changes the second record.
+    client
+        .batch_execute(
+            "UPDATE salesforce.invoice__c SET _sfm_version = 200, paid__c = true
+             WHERE id = 'a01000000000002AAA'",
+        )
+        .await
+        .expect("stream change");
+    // The org answers for the first two; the third is gone from it.
+    let projection = table.derived_projection();
+    let rows: Vec<_> = ["a01000000000001AAA", "a01000000000002AAA"]
+        .iter()
+        .map(|id| {
+            sfmirror::replica::snapshot::row_from_json(
+                &projection,
+                &serde_json::json!({"Id": id, "Amount_Due__c": 42, "Summary__c": "read",
+                    "Days_Overdue__c": 3, "Account_Name__c": "Acme"}),
+            )
+            .expect("row")
+        })
+        .collect();
+    let mut client = pool.get().await.expect("client");
+    let tx = client.transaction().await.expect("tx");
+    let (written, settled) =
+        sfmirror::replica::derived::refresh(&tx, &settings, &projection, &rows, 1_000, &stale)
+            .await
+            .expect("refresh");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        (written, settled),
+        (1, 2),
+        "one written, one gone from the org"
+    );
+    assert_eq!(
+        waiting(&pool, &table).await,
+        vec![("a01000000000002AAA".to_string(), 200)],
+        "the record changed during the read waits for another"
+    );
+    let got: Vec<(String, Option<String>, bool)> = client
+        .query(
+            "SELECT id, summary__c, paid__c FROM salesforce.invoice__c ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "a01000000000001AAA".to_string(),
+                Some("read".to_string()),
+                false
+            ),
+            ("a01000000000002AAA".to_string(), None, true),
+            ("a01000000000003AAA".to_string(), None, false),
+        ],
+        "only derived columns are written, and only where the version still held"
+    );
+    // A sweep that began (by Salesforce's clock) after the change covers it.
+    let tx = client.transaction().await.expect("tx");
+    sfmirror::replica::derived::apply(&tx, &settings, &projection, &rows[1..], 2_000)
+        .await
+        .expect("sweep");
+    tx.commit().await.expect("commit");
+    assert!(waiting(&pool, &table).await.is_empty());
+    // A snapshot brings derived values with the record: its rows wait for nothing.
+    let snap = sfmirror::replica::snapshot::row_from_json(
+        &table,
+        &serde_json::json!({"Id": "a01000000000004AAA", "Name": "INV-4", "Paid__c": false,
+            "Summary__c": "INV-4 (Open)", "SystemModstamp": "2026-01-02T02:50:45.000+0000"}),
+    )
+    .expect("snapshot row");
+    let tx = client.transaction().await.expect("tx");
+    sfmirror::replica::snapshot::apply_snapshot(&tx, &settings, &table, &[snap], Some(3_000))
+        .await
+        .expect("snapshot");
+    tx.commit().await.expect("commit");
+    assert!(waiting(&pool, &table).await.is_empty());
+}
+
+/// A replica made before re-reads were marked in the rows: when the table gains the marker,
+/// its rows count as read, and the records the first queue still held wait for a re-read.
+#[tokio::test(flavor = "multi_thread")]
+async fn re_reads_queued_by_an_older_version_are_kept() {
+    let (_db, pool, table, settings) = invoice_table().await;
+    let client = pool.get().await.expect("client");
+    client
+        .batch_execute(
+            "ALTER TABLE salesforce.invoice__c DROP COLUMN _sfm_derived_seen;
+             INSERT INTO salesforce.invoice__c (id, _sfm_version)
+             VALUES ('a01000000000001AAA', 100), ('a01000000000002AAA', 100);
+             INSERT INTO sfmirror.derived_refresh (object, record_id)
+             VALUES ('Invoice__c', 'a01000000000002AAA');",
+        )
+        .await
+        .expect("an older replica");
+    table.ensure(&client, "salesforce").await.expect("ensure");
+    assert!(waiting(&pool, &table).await.is_empty());
+    let moved = sfmirror::replica::derived::adopt_queue(&client, &settings, &table)
+        .await
+        .expect("adopt");
+    assert_eq!(moved, 1);
+    assert_eq!(
+        waiting(&pool, &table).await,
+        vec![("a01000000000002AAA".to_string(), 100)]
+    );
+    assert_eq!(
+        count_in(&client, "SELECT count(*) FROM sfmirror.derived_refresh").await,
+        0
+    );
+}
+
+async fn count_in(client: &deadpool_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }

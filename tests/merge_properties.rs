@@ -332,7 +332,6 @@ async fn converge(
         delete_mode: mode,
         repair_margin_ms: 0,
         audit_batches: false,
-        derived_not_on_change: Default::default(),
     };
     // The daemon applies each channel's stream in its own batches (contiguous parts of that
     // channel's order), and each repair in its own transaction: a batch ends at its size or

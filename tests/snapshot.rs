@@ -264,7 +264,6 @@ async fn fresh(mode: DeleteMode) -> (TestDb, deadpool_postgres::Pool, TableSchem
         delete_mode: mode,
         repair_margin_ms: 0,
         audit_batches: false,
-        derived_not_on_change: Default::default(),
     };
     (db, pool, table, settings)
 }

@@ -1,11 +1,15 @@
-//! Derived columns: the queue of records to re-read, and writing what a re-read returned.
+//! Derived columns: which records wait for a re-read, and writing what a re-read returned.
 //!
 //! Derived columns (`schema::Column::derived`: formula fields, a person-name `name`, fields
 //! Salesforce documents as never sent in change events) get no value from the stream, and
-//! their value changes without an event. So every batch that changes a record of such an
-//! object queues the record here, in the batch's own transaction (invariant 1: a crash loses
-//! no obligation), and `sync::derived` re-reads the queued records' derived fields a window
-//! later, many per call.
+//! their value changes without an event. On an object whose records' own changes move them
+//! (`TableSchema::changes_derive`), the row remembers the stream version its derived columns
+//! were last read for (`_sfm_derived_seen`): a row the stream changed since is waiting for a
+//! re-read, found through a partial index ([`schema::DERIVED_STALE`]). The obligation is
+//! written by the very statement that applies the change, in the batch's transaction
+//! (invariant 1: a crash loses none), at the cost of one index entry and no extra statement;
+//! a record changed a hundred times waits once. `sync::derived` re-reads them a window later,
+//! many per call.
 //!
 //! Why a re-read cannot undo anything newer:
 //! - It writes only the derived columns, never the stream's own, and never a deleted row.
@@ -13,78 +17,90 @@
 //!   `_sfm_derived_version`, separate from the stream's `_sfm_version`: a re-read replaces
 //!   derived values only when it is not older than the last one applied, so it never loses
 //!   to the stream's millisecond versions and an old read arriving late changes nothing.
-//! - The queue row is removed only if its `seq` is the one the re-read saw: a change that
-//!   arrives while the record is being read re-queues it (new `seq`), and it is read again.
-//! - It never waits for a row lock: rows a batch holds are skipped (`SKIP LOCKED`) and stay
-//!   queued, so the re-read and the stream cannot deadlock and the stream never waits long.
+//! - A row counts as read only for the stream version the re-read saw before it asked
+//!   Salesforce: a change the stream applies while the record is being read leaves the row
+//!   waiting, and it is read again. A sweep marks rows read only for changes Salesforce
+//!   committed before the sweep's read began (by Salesforce's clock).
+//! - It never waits for a row lock: rows a batch holds are skipped (`SKIP LOCKED`) and keep
+//!   waiting, so the re-read and the stream cannot deadlock and the stream never waits long.
 
 use super::binary;
-use super::schema::{DERIVED_VERSION_COLUMN, TableSchema};
+use super::schema::{
+    DERIVED_SEEN_COLUMN, DERIVED_STALE, DERIVED_VERSION_COLUMN, TableSchema, VERSION_COLUMN,
+};
 use super::snapshot::SnapshotRow;
 use super::{ApplySettings, ReplicaError, quote};
 use deadpool_postgres::GenericClient;
 
-/// Queues `ids` of `object` for a re-read of their derived columns (each id at most once).
-pub async fn enqueue(
-    tx: &impl GenericClient,
-    control_schema: &str,
-    object: &str,
-    ids: &[String],
-) -> Result<(), ReplicaError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ctl = quote(control_schema);
-    tx.execute(
-        &format!(
-            "INSERT INTO {ctl}.derived_refresh AS d (object, record_id)
-             SELECT $1, i FROM (SELECT DISTINCT unnest($2::text[]) AS i) ids
-             ON CONFLICT (object, record_id) DO UPDATE
-             SET seq = EXCLUDED.seq, queued_at = EXCLUDED.queued_at"
-        ),
-        &[&object, &ids],
-    )
-    .await
-    .map_err(ReplicaError::pg(format!(
-        "queue derived re-reads of {object}"
-    )))?;
-    Ok(())
-}
-
-/// A queued record as a re-read saw it.
+/// A record waiting for a re-read, at the stream version the re-read is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Queued {
+pub struct Stale {
     pub id: String,
-    pub seq: i64,
+    pub version: i64,
 }
 
-/// Up to `limit` queued records of `object`, oldest first.
-pub async fn queued(
+/// Up to `limit` rows of `table` (a table that `changes_derive`) waiting for a re-read.
+pub async fn stale(
     client: &impl GenericClient,
-    control_schema: &str,
-    object: &str,
+    data_schema: &str,
+    table: &str,
     limit: i64,
-) -> Result<Vec<Queued>, ReplicaError> {
-    let ctl = quote(control_schema);
+) -> Result<Vec<Stale>, ReplicaError> {
+    let target = format!("{}.{}", quote(data_schema), quote(table));
     let rows = client
         .query(
-            &format!(
-                "SELECT record_id, seq FROM {ctl}.derived_refresh WHERE object = $1
-                 ORDER BY seq LIMIT $2"
-            ),
-            &[&object, &limit],
+            &format!("SELECT id, {VERSION_COLUMN} FROM {target} WHERE {DERIVED_STALE} LIMIT $1"),
+            &[&limit],
         )
         .await
         .map_err(ReplicaError::pg(format!(
-            "read the derived re-read queue of {object}"
+            "find the rows of {table} waiting for a derived re-read"
         )))?;
     Ok(rows
         .iter()
-        .map(|r| Queued {
+        .map(|r| Stale {
             id: r.get(0),
-            seq: r.get(1),
+            version: r.get(1),
         })
         .collect())
+}
+
+/// Moves what the first queue (migration 008's `derived_refresh`, no longer written) still
+/// holds for `object` into its rows: they wait for a re-read like any changed row. Returns how
+/// many it moved.
+pub async fn adopt_queue(
+    client: &impl GenericClient,
+    settings: &ApplySettings,
+    table: &TableSchema,
+) -> Result<u64, ReplicaError> {
+    let ctl = quote(&settings.control_schema);
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{ctl}.derived_refresh")],
+        )
+        .await
+        .map_err(ReplicaError::pg("look for the first derived re-read queue"))?
+        .get(0);
+    if !exists || !table.changes_derive() {
+        return Ok(0);
+    }
+    let target = format!("{}.{}", quote(&settings.data_schema), quote(&table.table));
+    let object = &table.object;
+    client
+        .execute(
+            &format!(
+                "WITH q AS (DELETE FROM {ctl}.derived_refresh WHERE object = $1
+                            RETURNING record_id)
+                 UPDATE {target} SET {DERIVED_SEEN_COLUMN} = NULL
+                 WHERE id IN (SELECT record_id FROM q)"
+            ),
+            &[object],
+        )
+        .await
+        .map_err(ReplicaError::pg(format!(
+            "move the queued derived re-reads of {object} into its rows"
+        )))
 }
 
 /// Copies `rows` of `projection` into the transaction's staging table `_sfm_derived`, and
@@ -116,9 +132,11 @@ const GUARD: &str = "NOT t._sfm_deleted AND NOT s.d AND \
 
 /// Writes swept derived values: `projection` is the table's derived projection
 /// (`TableSchema::derived_projection`) and `rows` its rows; `version_ms` is Salesforce's time
-/// of the read (a lower bound). Returns how many rows were written. Rows a batch holds locked
-/// are skipped rather than waited for: the re-read never waits on the stream, so the two can
-/// never deadlock, and a skipped row is being changed (its change queues a re-read, or the
+/// before the read began (a lower bound, its `Date`). A row it writes counts as read for its
+/// stream version when Salesforce committed that version before `version_ms`: the read began
+/// after it, so it saw its effect. Returns how many rows were written. Rows a batch holds
+/// locked are skipped rather than waited for: the sweep never waits on the stream, so the two
+/// can never deadlock, and a skipped row is being changed (it then waits for a re-read, or the
 /// next sweep reads it).
 pub async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -135,7 +153,13 @@ pub async fn apply(
         quote(&settings.data_schema),
         quote(&projection.table)
     );
-    let set = stage(tx, projection, rows).await?;
+    let mut set = stage(tx, projection, rows).await?;
+    if projection.changes_derive() {
+        set.push_str(&format!(
+            ", {DERIVED_SEEN_COLUMN} = CASE WHEN t.{VERSION_COLUMN} < $1
+                                       THEN t.{VERSION_COLUMN} ELSE t.{DERIVED_SEEN_COLUMN} END"
+        ));
+    }
     tx.execute(
         &format!(
             "WITH r AS (SELECT t.id FROM {target} t JOIN _sfm_derived s ON t.id = s.id
@@ -153,65 +177,62 @@ pub async fn apply(
     )))
 }
 
-/// Writes re-read derived values of the `queued` records (as [`apply`]) and removes the queue
-/// rows the read covered: those still carrying the `seq` it saw, whose row was written or is
-/// not in the replica. Queue rows and table rows that a batch holds locked are skipped, not
-/// waited for (so this never deadlocks with the stream), and stay queued for the next window.
-/// Returns (rows written, queue rows removed).
+/// Writes the re-read derived values `rows` (as [`apply`]) of the `stale` records, and marks
+/// each of them read for the stream version it had when the read was asked for, if it still
+/// has it: written, read as deleted or missing in the org, or already covered by a newer
+/// read. A row the stream changed since keeps waiting and is read again. Rows a batch holds
+/// locked are skipped, not waited for (so this never deadlocks with the stream), and keep
+/// waiting for the next window. Returns (rows written, rows marked read).
 pub async fn refresh(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
     projection: &TableSchema,
     rows: &[SnapshotRow],
     version_ms: i64,
-    queued: &[Queued],
+    stale: &[Stale],
 ) -> Result<(u64, u64), ReplicaError> {
     let target = format!(
         "{}.{}",
         quote(&settings.data_schema),
         quote(&projection.table)
     );
-    let ctl = quote(&settings.control_schema);
     let object = &projection.object;
     let set = stage(tx, projection, rows).await?;
     let write = if projection.columns.is_empty() {
         "SELECT NULL::text AS id WHERE false".to_string()
     } else {
         format!(
-            "UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1
+            "UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1,
+                                   {DERIVED_SEEN_COLUMN} = t.{VERSION_COLUMN}
              FROM _sfm_derived s
              WHERE t.id = s.id AND t.id IN (SELECT id FROM r) AND {GUARD}
              RETURNING t.id"
         )
     };
-    let ids: Vec<&str> = queued.iter().map(|q| q.id.as_str()).collect();
-    let seqs: Vec<i64> = queued.iter().map(|q| q.seq).collect();
+    let ids: Vec<&str> = stale.iter().map(|q| q.id.as_str()).collect();
+    let versions: Vec<i64> = stale.iter().map(|q| q.version).collect();
     let row = tx
         .query_one(
             &format!(
-                "WITH q AS (SELECT d.record_id FROM {ctl}.derived_refresh d
-                            JOIN unnest($3::text[], $4::bigint[]) AS s(id, seq)
-                              ON d.record_id = s.id AND d.seq = s.seq
-                            WHERE d.object = $2
-                            FOR UPDATE OF d SKIP LOCKED),
-                      r AS (SELECT t.id FROM {target} t WHERE t.id IN (SELECT record_id FROM q)
+                "WITH r AS (SELECT t.id FROM {target} t
+                            JOIN unnest($2::text[], $3::bigint[]) AS s(id, v)
+                              ON t.id = s.id AND t.{VERSION_COLUMN} = s.v
                             FOR UPDATE OF t SKIP LOCKED),
                       u AS ({write}),
-                      gone AS (DELETE FROM {ctl}.derived_refresh d
-                               WHERE d.object = $2 AND d.record_id IN (SELECT record_id FROM q)
-                                 AND (d.record_id IN (SELECT id FROM r)
-                                      OR NOT EXISTS (SELECT 1 FROM {target} t2
-                                                     WHERE t2.id = d.record_id))
+                      rest AS (UPDATE {target} t SET {DERIVED_SEEN_COLUMN} = t.{VERSION_COLUMN}
+                               WHERE t.id IN (SELECT id FROM r)
+                                 AND t.id NOT IN (SELECT id FROM u)
                                RETURNING 1)
-                 SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM gone)"
+                 SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM rest)"
             ),
-            &[&version_ms, object, &ids, &seqs],
+            &[&version_ms, &ids, &versions],
         )
         .await
         .map_err(ReplicaError::pg(format!(
             "derived columns of {object}: re-read"
         )))?;
-    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    let written = row.get::<_, i64>(0) as u64;
+    Ok((written, written + row.get::<_, i64>(1) as u64))
 }
 
 /// Starts `object`'s sweep schedule at its first sight: the first sweep is due one interval
@@ -314,35 +335,60 @@ pub struct Summary {
     pub sweep_error: Option<String>,
 }
 
-/// Every object with queued re-reads or a sweep schedule.
+/// Each of `objects` whose table follows changes with re-reads or that has a sweep schedule.
 pub async fn summary(
     client: &impl GenericClient,
-    control_schema: &str,
+    settings: &ApplySettings,
+    objects: &[String],
 ) -> Result<Vec<Summary>, ReplicaError> {
-    let ctl = quote(control_schema);
-    let rows = client
-        .query(
-            &format!(
-                "SELECT o.object, coalesce(q.n, 0),
-                        (extract(epoch FROM s.completed_at) * 1000)::bigint, s.error
-                 FROM (SELECT object FROM {ctl}.derived_refresh
-                       UNION SELECT object FROM {ctl}.derived_sweeps) o
-                 LEFT JOIN (SELECT object, count(*) AS n FROM {ctl}.derived_refresh
-                            GROUP BY object) q USING (object)
-                 LEFT JOIN {ctl}.derived_sweeps s USING (object)
-                 ORDER BY o.object"
-            ),
-            &[],
-        )
-        .await
-        .map_err(ReplicaError::pg("read the derived-column state"))?;
-    Ok(rows
-        .iter()
-        .map(|r| Summary {
-            object: r.get(0),
-            queued: r.get(1),
-            swept_ms: r.get(2),
-            sweep_error: r.get(3),
-        })
-        .collect())
+    let ctl = quote(&settings.control_schema);
+    let mut out = Vec::new();
+    for object in objects {
+        let table = object.to_ascii_lowercase();
+        let follows: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                                WHERE table_schema = $1 AND table_name = $2
+                                  AND column_name = $3)",
+                &[&settings.data_schema, &table, &DERIVED_SEEN_COLUMN],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("columns of {table}")))?
+            .get(0);
+        let queued: i64 = if follows {
+            let target = format!("{}.{}", quote(&settings.data_schema), quote(&table));
+            client
+                .query_one(
+                    &format!("SELECT count(*) FROM {target} WHERE {DERIVED_STALE}"),
+                    &[],
+                )
+                .await
+                .map_err(ReplicaError::pg(format!(
+                    "count the rows of {table} waiting for a derived re-read"
+                )))?
+                .get(0)
+        } else {
+            0
+        };
+        let sweep = client
+            .query_opt(
+                &format!(
+                    "SELECT (extract(epoch FROM completed_at) * 1000)::bigint, error
+                     FROM {ctl}.derived_sweeps WHERE object = $1"
+                ),
+                &[object],
+            )
+            .await
+            .map_err(ReplicaError::pg(format!("read the sweeps of {object}")))?;
+        if !follows && sweep.is_none() {
+            continue;
+        }
+        out.push(Summary {
+            object: object.clone(),
+            queued,
+            swept_ms: sweep.as_ref().and_then(|r| r.get(0)),
+            sweep_error: sweep.as_ref().and_then(|r| r.get(1)),
+        });
+    }
+    Ok(out)
 }

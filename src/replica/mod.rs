@@ -246,9 +246,6 @@ pub struct ApplySettings {
     pub repair_margin_ms: i64,
     /// Record each committed batch with its owner (`[ha] audit`).
     pub audit_batches: bool,
-    /// Objects whose derived columns are not re-read after changes (`derived_refresh` set to
-    /// `sweep` or `off`); every other object's changes queue re-reads.
-    pub derived_not_on_change: std::collections::HashSet<String>,
 }
 
 impl ApplySettings {
@@ -259,12 +256,6 @@ impl ApplySettings {
             delete_mode: cfg.replica.delete_mode,
             repair_margin_ms: (cfg.sync.repair_margin_secs * 1000) as i64,
             audit_batches: cfg.ha.audit,
-            derived_not_on_change: cfg
-                .objects
-                .iter()
-                .filter(|(_, o)| o.derived_refresh != crate::config::DerivedRefresh::OnChange)
-                .map(|(name, _)| name.clone())
-                .collect(),
         }
     }
 }

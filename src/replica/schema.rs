@@ -191,6 +191,15 @@ pub const SYNCED_AT_COLUMN: &str = "_sfm_synced_at";
 /// Salesforce's time (epoch ms, its `Date`) of the derived columns' last re-read; only on
 /// tables with derived columns.
 pub const DERIVED_VERSION_COLUMN: &str = "_sfm_derived_version";
+/// The stream version (`_sfm_version`) the derived columns were last read for; only on tables
+/// whose records' own changes change derived columns (`changes_derive`). A row whose version
+/// is newer is waiting for a re-read: the obligation lives in the row the change wrote, so it
+/// is as durable as the change and costs the stream no extra write.
+pub const DERIVED_SEEN_COLUMN: &str = "_sfm_derived_seen";
+/// Rows waiting for a re-read of their derived columns. Also the predicate of the partial
+/// index that finds them (same text, so the planner uses it).
+pub const DERIVED_STALE: &str =
+    "_sfm_version > coalesce(_sfm_derived_seen, -1) AND NOT _sfm_deleted";
 
 impl TableSchema {
     /// Columns for every field of `describe` except compound parents (their components are
@@ -353,7 +362,12 @@ impl TableSchema {
             .collect();
         let derived_version_missing =
             self.has_derived() && !existing.contains(DERIVED_VERSION_COLUMN);
-        if !existing.is_empty() && missing.is_empty() && !derived_version_missing {
+        let derived_seen_missing = self.changes_derive() && !existing.contains(DERIVED_SEEN_COLUMN);
+        if !existing.is_empty()
+            && missing.is_empty()
+            && !derived_version_missing
+            && !derived_seen_missing
+        {
             return Ok(Vec::new());
         }
         let added: Vec<String> = if existing.is_empty() {
@@ -381,6 +395,28 @@ impl TableSchema {
         if derived_version_missing {
             sql.push_str(&format!(
                 "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_VERSION_COLUMN} bigint;\n"
+            ));
+        }
+        if derived_seen_missing {
+            // Rows already there when the column comes (a table made before it existed, or
+            // an object that just gained its first formula) count as read for their current
+            // version: a new formula's values come with the read of the new column, and
+            // `replica::derived::adopt_queue` marks what the older queue still held.
+            let index = quote(&format!("{}_sfm_stale", truncate(&self.table, 50)));
+            // Only the task that adds the column marks the rows: another one preparing the
+            // table at the same time fails its ADD COLUMN (and retries, finding it there)
+            // instead of marking rows the stream changed since.
+            sql.push_str(&format!(
+                "DO $sfm$ BEGIN
+                   IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                                  WHERE attrelid = '{table}'::regclass
+                                    AND attname = '{DERIVED_SEEN_COLUMN}' AND NOT attisdropped)
+                   THEN
+                     ALTER TABLE {table} ADD COLUMN {DERIVED_SEEN_COLUMN} bigint;
+                     UPDATE {table} SET {DERIVED_SEEN_COLUMN} = {VERSION_COLUMN};
+                   END IF;
+                 END $sfm$;
+                 CREATE INDEX IF NOT EXISTS {index} ON {table} (id) WHERE {DERIVED_STALE};\n"
             ));
         }
         for c in missing {
@@ -412,6 +448,11 @@ impl TableSchema {
             }
         }
     }
+}
+
+/// At most `max` bytes of the ASCII name `s` (index names stay under Postgres's 63).
+fn truncate(s: &str, max: usize) -> &str {
+    &s[..s.len().min(max)]
 }
 
 /// Whether the server compresses long values with lz4 (Postgres 14 and later, built with it).

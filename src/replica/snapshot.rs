@@ -27,7 +27,7 @@
 use super::ApplySettings;
 use super::binary::{self, COPY_HEADER, put_field};
 use super::repair_queue::RepairRequest;
-use super::schema::{PgType, TableSchema};
+use super::schema::{DERIVED_SEEN_COLUMN, PgType, TableSchema};
 use super::{ReplicaError, quote};
 use crate::config::DeleteMode;
 use crate::model::Value;
@@ -272,6 +272,15 @@ pub async fn apply_snapshot(
         ]
         .map(String::from),
     );
+    // The read brought the derived columns as of its version (a lower bound of the read):
+    // the row does not wait for a re-read of them.
+    if table.changes_derive() {
+        cols.push(DERIVED_SEEN_COLUMN.to_string());
+        select.push("s.v".to_string());
+        set.push(format!(
+            "{DERIVED_SEEN_COLUMN} = EXCLUDED.{DERIVED_SEEN_COLUMN}"
+        ));
+    }
     // One statement merges and finds the rows the stream had already moved past the read
     // (left alone by the guard, newer in the table): those are read again. Only rows the merge
     // did not write are probed.
@@ -390,7 +399,10 @@ async fn copy_rows(
     futures::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     buf.put_slice(COPY_HEADER);
-    let extra = if layout == Layout::Stage { 3 } else { 4 };
+    // The table layout ends with the version the derived columns were read for, where the
+    // table keeps it: the read's own.
+    let seen = layout == Layout::Table && table.changes_derive();
+    let extra = if layout == Layout::Stage { 3 } else { 4 } + usize::from(seen);
     let fields = i16::try_from(n + extra).map_err(|_| ReplicaError::Schema {
         object: table.object.clone(),
         message: format!("{n} columns are more than COPY can send"),
@@ -422,6 +434,10 @@ async fn copy_rows(
                 buf.put_i32(-1);
                 buf.put_i32(1);
                 buf.put_u8(u8::from(r.deleted));
+                if seen {
+                    buf.put_i32(8);
+                    buf.put_i64(version);
+                }
             }
         }
         if buf.len() > 512 * 1024 {
@@ -488,6 +504,9 @@ async fn copy_into_new_records(
     let mut cols = vec!["id".to_string()];
     cols.extend(table.columns.iter().map(|c| quote(&c.name)));
     cols.extend(["_sfm_version", "_sfm_commit_number", "_sfm_deleted"].map(String::from));
+    if table.changes_derive() {
+        cols.push(DERIVED_SEEN_COLUMN.to_string());
+    }
     let statement = format!(
         "COPY {target} ({}) FROM STDIN (FORMAT binary)",
         cols.join(", ")

@@ -4,11 +4,11 @@
 //! # Data flow
 //!
 //! ```text
-//!  channel batch ──(same transaction)──> derived_refresh queue (object, id, seq)
+//!  channel batch: the row's _sfm_version moves past _sfm_derived_seen (same statement)
 //!                                              │  every window (sync.derived_refresh_window_secs)
-//!                                              v
-//!  sObject Collections retrieve (2,000 ids, derived fields only) ──> replica::derived::apply
-//!                                              + settle the queue rows it saw
+//!                                              v  rows waiting, found by a partial index
+//!  sObject Collections retrieve (2,000 ids, derived fields only) ──> replica::derived::refresh
+//!                                              + mark each row read for the version it saw
 //!  every sync.derived_sweep_interval_secs, per object:
 //!  count + REST or Bulk API 2.0 read of Id and the derived fields ──> replica::derived::apply
 //! ```
@@ -16,8 +16,8 @@
 //! While a channel catches up a backlog (more than a window behind), passes wait: the stream's
 //! changes come first, and a record the backlog changes many times is read once, after it.
 //!
-//! The queue coalesces: a record changed a hundred times in a window is read once, and the
-//! cost is ceil(changed records / 2,000) calls per object per window. The sweep (first due one
+//! Waiting coalesces: a record changed a hundred times in a window is read once, and the cost
+//! is ceil(changed records / 2,000) calls per object per window. The sweep (first due one
 //! interval after the object is first seen, not at every start) catches what no event on the
 //! record announces: formulas reading a parent's fields or the clock
 //! (TODAY, NOW), and fields Salesforce derives from other records.
@@ -26,10 +26,10 @@
 //!
 //! It writes only derived columns, under their own version (Salesforce's `Date` of the read;
 //! for a sweep, the `Date` known before the read began), never over a newer re-read or a
-//! deleted row (see `replica::derived`). A queue row is removed in the transaction that writes
-//! what was read, and only if no change re-queued it meanwhile; a crash or a failed call
-//! leaves it queued. A sweep that fails is retried at the next window; one that is killed
-//! half-way wrote only values at least as new as those it replaced.
+//! deleted row (see `replica::derived`). A row is marked read in the transaction that writes
+//! what was read, and only for the stream version it had before the read was asked for; a
+//! crash or a failed call leaves it waiting. A sweep that fails is retried at the next
+//! window; one that is killed half-way wrote only values at least as new as those it replaced.
 
 use super::SyncError;
 use super::reader::{OrgReader, ReadOptions, SnapshotRows};
@@ -61,6 +61,8 @@ pub struct DerivedWorker {
     tables: super::DescribedTables,
     /// The daemon's channels: re-reads wait while one catches up a backlog.
     health: Option<crate::telemetry::health::Health>,
+    /// Objects whose leftovers in the first queue were moved into their rows.
+    adopted: std::collections::HashSet<String>,
 }
 
 /// What one pass did.
@@ -101,6 +103,7 @@ impl DerivedWorker {
             },
             tables: super::DescribedTables::new(DESCRIBE_TTL, "derived columns"),
             health: None,
+            adopted: Default::default(),
         }
     }
 
@@ -138,12 +141,14 @@ impl DerivedWorker {
             if *mode == DerivedRefresh::Off {
                 continue;
             }
-            // Queued records are read whatever the mode: a mode changed from on_change leaves
-            // its queue to drain.
-            match self.refresh(object).await {
-                Ok(n) => done.refreshed += n,
-                Err(e) => tracing::warn!(object = %object, error = %e,
-                    "re-reading derived columns failed; retrying at the next window"),
+            // Changed records are re-read only in on_change mode; otherwise the sweep marks
+            // them read.
+            if *mode == DerivedRefresh::OnChange {
+                match self.refresh(object).await {
+                    Ok(n) => done.refreshed += n,
+                    Err(e) => tracing::warn!(object = %object, error = %e,
+                        "re-reading derived columns failed; retrying at the next window"),
+                }
             }
             match self.sweep_if_due(object).await {
                 Ok(true) => done.swept += 1,
@@ -163,22 +168,41 @@ impl DerivedWorker {
             .await
     }
 
-    /// Re-reads the derived columns of `object`'s queued records, 2,000 per call; returns how
-    /// many records were read.
+    /// Re-reads the derived columns of `object`'s records that the stream changed since
+    /// their last read, 2,000 per call; returns how many records were marked read.
     pub async fn refresh(&mut self, object: &str) -> Result<u64, SyncError> {
-        let ctl = self.settings.control_schema.clone();
+        let table = self.table(object, false).await?;
+        if !table.changes_derive() {
+            return Ok(0);
+        }
+        if self.adopted.insert(object.to_string()) {
+            let client = self.pool.get().await.map_err(ReplicaError::from)?;
+            let moved = derived::adopt_queue(&client, &self.settings, &table).await?;
+            if moved > 0 {
+                tracing::info!(
+                    object,
+                    records = moved,
+                    "re-reads queued by an earlier version moved into their rows"
+                );
+            }
+        }
+        let projection = table.derived_projection();
         let mut total = 0;
         loop {
-            let queued = {
+            let stale = {
                 let client = self.pool.get().await.map_err(ReplicaError::from)?;
-                derived::queued(&client, &ctl, object, RETRIEVE_MAX_IDS).await?
+                derived::stale(
+                    &client,
+                    &self.settings.data_schema,
+                    &table.table,
+                    RETRIEVE_MAX_IDS,
+                )
+                .await?
             };
-            if queued.is_empty() {
+            if stale.is_empty() {
                 return Ok(total);
             }
-            let table = self.table(object, false).await?;
-            let projection = table.derived_projection();
-            let ids: Vec<String> = queued.iter().map(|q| q.id.clone()).collect();
+            let ids: Vec<String> = stale.iter().map(|q| q.id.clone()).collect();
             let mut rows = Vec::new();
             let mut version_ms = None;
             if !projection.columns.is_empty() {
@@ -198,7 +222,7 @@ impl DerivedWorker {
             let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
             let tx = replica::begin(&mut client, "derived re-read").await?;
             // An answer without a `Date` cannot be ordered against other reads: write
-            // nothing rather than guess, and leave the records queued.
+            // nothing rather than guess, and leave the records waiting.
             let Some(version_ms) = version_ms.or(projection.columns.is_empty().then_some(0)) else {
                 return Err(SyncError::BadAnswer {
                     channel: object.to_string(),
@@ -206,21 +230,21 @@ impl DerivedWorker {
                 });
             };
             let (written, settled) =
-                derived::refresh(&tx, &self.settings, &projection, &rows, version_ms, &queued)
+                derived::refresh(&tx, &self.settings, &projection, &rows, version_ms, &stale)
                     .await?;
             tx.commit()
                 .await
                 .map_err(ReplicaError::pg("commit derived re-read"))?;
             tracing::debug!(
                 object,
-                queued = queued.len(),
+                waiting = stale.len(),
                 written,
                 settled,
                 "derived columns re-read"
             );
             total += settled;
-            // Records a batch held locked stay queued for the next window.
-            if (queued.len() as i64) < RETRIEVE_MAX_IDS || settled == 0 {
+            // Rows a batch held locked or changed meanwhile wait for the next window.
+            if (stale.len() as i64) < RETRIEVE_MAX_IDS || settled == 0 {
                 return Ok(total);
             }
         }

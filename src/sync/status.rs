@@ -190,7 +190,8 @@ pub async fn status(cfg: &Config) -> Result<StatusReport, ReplicaError> {
         .collect();
     report.dead_letters = dead_letters::count(&client, control).await?;
     if state.has(8) {
-        report.derived = crate::replica::derived::summary(&client, control)
+        let settings = crate::replica::ApplySettings::from_config(cfg);
+        report.derived = crate::replica::derived::summary(&client, &settings, &cfg.objects())
             .await?
             .into_iter()
             .map(|d| DerivedStatus {
@@ -290,7 +291,7 @@ impl fmt::Display for StatusReport {
         for d in &self.derived {
             write!(
                 f,
-                "  {}: {} re-read(s) waiting; last sweep {}",
+                "  {}: {} record(s) waiting for a re-read; last sweep {}",
                 d.object,
                 d.queued,
                 ago(d.last_sweep_completed_at, now)

@@ -196,7 +196,6 @@ mod tests {
                 since_ms: 0,
                 reason: "gap".into(),
             }],
-            derived: HashMap::new(),
         };
         let keys: RecordKeys = ["A", "D", "Z"]
             .iter()

@@ -30,9 +30,6 @@ pub struct MergePlan {
     pub(super) rounds: Vec<usize>,
     pub(super) events: HashMap<ChangeType, u64>,
     pub(super) repairs: Vec<RepairRequest>,
-    /// Per object with derived columns, the records whose change may have changed them
-    /// (see `replica::derived`).
-    pub(super) derived: HashMap<String, Vec<String>>,
 }
 
 /// The records a plan writes, as hashes of table and id. Two records whose hashes collide
@@ -53,17 +50,6 @@ impl MergePlan {
         &self.repairs
     }
 
-    /// Takes the records whose derived columns the batch's changes call for re-reading, per
-    /// object, each id once.
-    pub fn take_derived(&mut self) -> HashMap<String, Vec<String>> {
-        let mut derived = std::mem::take(&mut self.derived);
-        for ids in derived.values_mut() {
-            ids.sort_unstable();
-            ids.dedup();
-        }
-        derived
-    }
-
     /// The records the plan writes.
     pub fn record_keys(&self) -> RecordKeys {
         self.runs
@@ -82,14 +68,12 @@ impl MergePlan {
             rounds: Vec::new(),
             events: HashMap::new(),
             repairs: Vec::new(),
-            derived: HashMap::new(),
         };
         let mut rest = MergePlan {
             runs: Vec::new(),
             rounds: Vec::new(),
             events: self.events,
             repairs: self.repairs,
-            derived: self.derived,
         };
         let mut runs = self.runs.into_iter();
         for size in self.rounds {
@@ -159,7 +143,6 @@ pub fn plan_events(
         rounds: Vec::new(),
         events: HashMap::new(),
         repairs: Vec::new(),
-        derived: HashMap::new(),
     };
     // Each record's folded changes, in order: the first goes out in round 0, the next (one
     // that could not be folded) in round 1, and so on.
@@ -240,16 +223,6 @@ pub fn plan_events(
                     && cells.iter().any(|(c, v)| *c == col && v.is_some())
                 {
                     diffs.push(col);
-                }
-            }
-        }
-        if kind != OpKind::Delete && table.changes_derive() {
-            // No new key per event: the object's name is copied once per batch.
-            match plan.derived.get_mut(&table.object) {
-                Some(ids) => ids.extend(h.record_ids.iter().cloned()),
-                None => {
-                    plan.derived
-                        .insert(table.object.clone(), h.record_ids.clone());
                 }
             }
         }
@@ -483,7 +456,6 @@ mod overflow_tests {
             delete_mode: DeleteMode::Soft,
             repair_margin_ms: 1_000,
             audit_batches: false,
-            derived_not_on_change: Default::default(),
         };
         for ids in [&["000000000000000AAA"][..], &[][..]] {
             let mut events = vec![overflow(ids)];

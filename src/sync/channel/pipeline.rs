@@ -31,7 +31,7 @@ use crate::model::ReplayId;
 use crate::replica::apply::{MergePlan, RecordKeys, execute, lock_objects};
 use crate::replica::ownership::{self, Fence};
 use crate::replica::repair_queue::{self, RepairRequest};
-use crate::replica::{self, ApplySettings, ReplicaError, checkpoint, dead_letters, derived, locks};
+use crate::replica::{self, ApplySettings, ReplicaError, checkpoint, dead_letters, locks};
 use crate::sync::{AbortOnDrop, SyncError};
 use crate::telemetry;
 use crate::telemetry::health::ChannelHealth;
@@ -365,7 +365,7 @@ impl BatchJob {
         self,
         b: Batch,
         applied: Applied,
-        mut plan: MergePlan,
+        plan: MergePlan,
         last: ReplayId,
         (lock, locked): (i64, oneshot::Sender<()>),
         before: Option<Before>,
@@ -374,7 +374,6 @@ impl BatchJob {
         let name = &self.name;
         let settings = &self.settings;
         let started = Instant::now();
-        let derived = plan.take_derived();
         let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
         // Read committed: the rest of a batch must see what the batch before committed while
         // this transaction ran.
@@ -426,13 +425,6 @@ impl BatchJob {
             dead_letters::record(&tx, &settings.control_schema, name, &letters).await?;
         }
         repair_queue::enqueue(&tx, &settings.control_schema, name, Some(&last), &repairs).await?;
-        // Derived columns of the changed records are read again a window later: queued with
-        // the batch, so the checkpoint never passes a change whose re-read is not durable.
-        for (object, ids) in &derived {
-            if !settings.derived_not_on_change.contains(object) {
-                derived::enqueue(&tx, &settings.control_schema, object, ids).await?;
-            }
-        }
         let cp = checkpoint::Checkpoint {
             replay_id: last.clone(),
             commit_timestamp_ms: b.last_commit_ms,
