@@ -33,10 +33,12 @@
 
 mod bulk;
 mod csv;
+mod exec;
 mod rest;
+mod shape;
 
 use crate::emulator::soql::{self, Query as Soql, SoqlError};
-use crate::emulator::store::{ApiError, ObjectDef, Org, Record, new_id};
+use crate::emulator::store::{ApiError, ObjectDef, Org, new_id};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -239,25 +241,14 @@ fn find_object(org: &Org, name: &str) -> Option<Arc<ObjectDef>> {
     })
 }
 
-/// Parses and binds `soql`: MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
+/// Parses and binds `soql` against the org (relationship paths and subqueries reach its
+/// other objects): MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
 fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
     let mut q = soql::parse_at(soql, org.now_ms()).map_err(soql_error)?;
     let def =
         find_object(org, &q.object).ok_or_else(|| soql_error(soql::invalid_type(&q.object)))?;
-    q.bind(&def.describe).map_err(soql_error)?;
+    q.bind_in(&exec::OrgCatalog(org)).map_err(soql_error)?;
     Ok((q, def))
-}
-
-/// The records `q` selects, filtered, ordered and limited; with `all`, deleted ones too.
-fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
-    let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| Record::clone(r)));
-    q.sort(&mut out);
-    let skip = q.offset().unwrap_or(0);
-    out.drain(..skip.min(out.len()));
-    if let Some(n) = q.limit() {
-        out.truncate(n);
-    }
-    out
 }
 
 fn selects_compound(q: &Soql, def: &ObjectDef) -> Option<String> {
