@@ -97,6 +97,27 @@ async fn relationship_fields_are_nested_records_or_null() {
     assert_eq!(second["records"].as_array().map(Vec::len), Some(50));
     assert_eq!(second["records"][0]["Account"]["Name"], "Beta");
 
+    // A custom relationship: Account__c is Account__r.
+    let invoice = api
+        .post(
+            "/sobjects/Invoice__c",
+            &json!({"Name": "INV-1", "Account__c": acme}),
+        )
+        .await;
+    assert_eq!(invoice.status, StatusCode::CREATED, "{}", invoice.body);
+    let a = api
+        .query(
+            "query",
+            "SELECT Name, Account__r.Name, Account__r.Industry FROM Invoice__c",
+        )
+        .await
+        .json();
+    assert_eq!(a["records"][0]["Account__r"]["Name"], "Acme", "{a}");
+    assert_eq!(
+        a["records"][0]["Account__r"]["attributes"]["type"], "Account",
+        "{a}"
+    );
+
     for (soql, code) in [
         ("SELECT Accounts.Name FROM Contact", "INVALID_FIELD"),
         ("SELECT Account.Nope FROM Contact", "INVALID_FIELD"),
@@ -134,6 +155,24 @@ async fn subqueries_nest_query_results_or_null() {
         J::Null,
         "no children is null"
     );
+
+    // Compound fields of the children come as REST's nested objects.
+    api.send(
+        api.request(Method::PATCH, &format!("/sobjects/Contact/{}", contacts[0]))
+            .json(&json!({"MailingCity": "Lyon"})),
+    )
+    .await;
+    let compound = api
+        .query(
+            "query",
+            "SELECT Name, (SELECT MailingAddress FROM Contacts ORDER BY LastName) FROM Account \
+             WHERE Name = 'Acme'",
+        )
+        .await
+        .json();
+    let kids = &compound["records"][0]["Contacts"]["records"];
+    assert_eq!(kids[0]["MailingAddress"]["city"], "Lyon", "{compound}");
+    assert_eq!(kids[1]["MailingAddress"], J::Null, "{compound}");
 
     let limited = api
         .query(

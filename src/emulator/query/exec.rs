@@ -62,7 +62,22 @@ pub(super) struct Answer {
     pub(super) children: Vec<HashMap<String, Vec<Record>>>,
 }
 
-/// Runs `q` (not `COUNT()`); with `all`, over the recycle bin too.
+/// Compound fields (addresses, locations) of `q` as REST's nested objects, in place.
+fn project_compound(org: &Org, q: &Soql, records: &mut [Record]) {
+    let Some(def) = super::find_object(org, &q.object) else {
+        return;
+    };
+    if super::selects_compound(q, &def).is_none() {
+        return;
+    }
+    for r in records.iter_mut() {
+        let projected = q.project(&def.describe, r);
+        r.extend(projected);
+    }
+}
+
+/// Runs `q` (not `COUNT()`); with `all`, over the recycle bin too. Compound fields come as
+/// REST's nested objects, in the records and their children.
 pub(super) fn run(org: &Org, q: &Soql, all: bool) -> Answer {
     let parents = parents(org, q, all);
     let matched = joined(org, q, all, &parents);
@@ -79,6 +94,7 @@ pub(super) fn run(org: &Org, q: &Soql, all: bool) -> Answer {
     if let Some(n) = q.limit() {
         records.truncate(n);
     }
+    project_compound(org, q, &mut records);
     let ids: HashSet<&str> = records
         .iter()
         .filter_map(|r| r.get("Id").and_then(J::as_str))
@@ -101,6 +117,7 @@ pub(super) fn run(org: &Org, q: &Soql, all: bool) -> Answer {
                 if let Some(n) = c.query.limit() {
                     kids.truncate(n);
                 }
+                project_compound(org, &c.query, kids);
             }
             by_parent
         })

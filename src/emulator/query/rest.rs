@@ -98,13 +98,12 @@ async fn run_query(
     let org = st.org.clone();
     type Answer = (Shape, Result<Vec<Row>, usize>);
     let (shape, rows) = tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
-        let (q, def) = prepare(&org, &soql)?;
+        let (q, _) = prepare(&org, &soql)?;
         let shape = Shape::of(&q);
         if q.count_only {
             return Ok((shape, Err(exec::count(&org, &q, all))));
         }
-        let answer = exec::run(&org, &q, all);
-        let rows = shape.rows(&q, &def, answer);
+        let rows = shape.rows(exec::run(&org, &q, all));
         Ok((shape, Ok(rows)))
     })
     .await

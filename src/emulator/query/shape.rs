@@ -10,7 +10,7 @@
 
 use super::exec::Answer;
 use crate::emulator::soql::{Item, Query as Soql};
-use crate::emulator::store::{ObjectDef, Record};
+use crate::emulator::store::Record;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value as J;
@@ -131,10 +131,8 @@ impl Shape {
         Row { id, cells }
     }
 
-    /// The rows of an answer to `q` (whose shape this is); compound fields become REST's
-    /// nested objects.
-    pub(super) fn rows(&self, q: &Soql, def: &ObjectDef, answer: Answer) -> Vec<Row> {
-        let compound = super::selects_compound(q, def).is_some();
+    /// The rows of an answer (whose query's shape this is).
+    pub(super) fn rows(&self, answer: Answer) -> Vec<Row> {
         let kid_shape = |i: usize| {
             self.columns.iter().find_map(|(_, c)| match c {
                 Column::Children(j, s) if *j == i => Some(s),
@@ -144,12 +142,8 @@ impl Shape {
         let Answer { records, children } = answer;
         records
             .into_iter()
-            .map(|mut record| {
+            .map(|record| {
                 let id = record_id(&record);
-                if compound && !q.is_aggregate() {
-                    let projected = q.project(&def.describe, &record);
-                    record.extend(projected);
-                }
                 let of_child = |i: usize| -> Vec<Row> {
                     let (Some(by_parent), Some(shape)) = (children.get(i), kid_shape(i)) else {
                         return Vec::new();

@@ -237,6 +237,11 @@ impl Query {
             group_by.push((name, family_of(&f.kind())));
         }
         q.group_by = group_by;
+        if q.count_only && !q.group_by.is_empty() {
+            return Err(SoqlError::malformed(
+                "COUNT() cannot be used with GROUP BY: use COUNT(field)",
+            ));
+        }
         if aggregate {
             for f in &q.fields {
                 if !q.group_by.iter().any(|(g, _)| g == f) {

@@ -198,7 +198,10 @@ impl Resolver<'_> {
             .clone()
             .filter(|d| d.describe.name == describe.name)
             .or_else(|| self.catalog.object(&describe.name))
-            .ok_or_else(|| relationship_error(hops[0], &describe.name, "no such relationship"))?;
+            .ok_or_else(|| {
+                let first = hops.first().copied().unwrap_or(path);
+                relationship_error(first, &describe.name, "no such relationship")
+            })?;
         let mut prefix = String::new();
         for hop in hops {
             let (fk, rel, target) = reference(self.catalog, &def, hop)?;

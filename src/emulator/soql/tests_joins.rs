@@ -327,3 +327,73 @@ fn grouping_by_a_relationship_path_names_the_field() {
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1]["Account.Name"], json!("Acme"));
 }
+
+#[test]
+fn count_cannot_be_grouped() {
+    let e = bind_err("SELECT COUNT() FROM Account GROUP BY Name");
+    assert_eq!(e.code, MALFORMED_QUERY);
+    assert!(e.message.contains("COUNT(field)"), "{e}");
+}
+
+/// Fragments of relationship, subquery and aggregate syntax for random input.
+fn soup_piece() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just("SELECT ".to_string()),
+        Just("FROM ".to_string()),
+        Just("Contact ".to_string()),
+        Just("Contacts ".to_string()),
+        Just("Account ".to_string()),
+        Just("Account.Name ".to_string()),
+        Just("Account.Parent.Name ".to_string()),
+        Just("Owner.Name ".to_string()),
+        Just("WHERE ".to_string()),
+        Just("GROUP BY ".to_string()),
+        Just("HAVING ".to_string()),
+        Just("ORDER BY ".to_string()),
+        Just("LIMIT 2 ".to_string()),
+        Just("COUNT(Id) ".to_string()),
+        Just("SUM(NumberOfEmployees) ".to_string()),
+        Just("MAX(Name) m ".to_string()),
+        Just("COUNT() ".to_string()),
+        Just("Name ".to_string()),
+        Just("LastName ".to_string()),
+        Just(", ".to_string()),
+        Just("( ".to_string()),
+        Just(") ".to_string()),
+        Just("= ".to_string()),
+        Just("> ".to_string()),
+        Just("1 ".to_string()),
+        Just("'a' ".to_string()),
+        Just("null ".to_string()),
+        "[ -~]{0,3}",
+    ]
+}
+
+proptest::proptest! {
+    #[test]
+    fn relationship_soup_never_panics(
+        parts in proptest::collection::vec(soup_piece(), 0..24)
+    ) {
+        let catalog = org();
+        let p = parents();
+        for text in [parts.concat(), format!("SELECT Id, {} FROM Contact", parts.concat())] {
+            let Ok(mut q) = parse(&text) else { continue };
+            if q.bind_in(&catalog).is_err() {
+                continue;
+            }
+            let mut data: Vec<Record> = contacts()
+                .into_iter()
+                .map(|mut r| {
+                    q.join(&mut r, &p);
+                    r
+                })
+                .collect();
+            q.sort(&mut data);
+            let _ = q.aggregate(data.iter().filter(|r| q.matches(r)));
+            for item in q.items() {
+                let _ = q.output_key(item);
+            }
+        }
+    }
+}
