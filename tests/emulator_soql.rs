@@ -249,7 +249,22 @@ async fn bulk_takes_relationship_fields_and_refuses_the_rest() {
             contacts[0], contacts[1], contacts[2]
         )
     );
-    assert!(!accounts.is_empty());
+    // Datetimes through a relationship are written like any datetime column.
+    let created = api
+        .create_job(job(
+            "SELECT Account.CreatedDate FROM Contact WHERE Account.Name = 'Acme'",
+        ))
+        .await
+        .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    api.wait_job(&id).await;
+    let csv = api.get(&format!("/jobs/query/{id}/results")).await.body;
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("\"Account.CreatedDate\""));
+    assert!(
+        lines.all(|l| l.ends_with(".000Z\"")),
+        "UTC with Z: {csv} (accounts {accounts:?})"
+    );
 
     // The Bulk API 2.0 guide's list of what a query job does not take.
     for (query, needle) in [

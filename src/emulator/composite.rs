@@ -1,7 +1,8 @@
 //! The composite resources: sObject Collections create / update / delete
 //! (`composite/sobjects`, with `allOrNone`), `composite` (subrequests in order, with
 //! `@{referenceId.path}` references to earlier answers), `composite/batch` (independent
-//! subrequests) and `composite/tree/{Object}` (records with nested children, all or none).
+//! subrequests) and `composite/tree/{Object}` (records with nested children, all or none:
+//! checked first, then created in one transaction).
 //!
 //! It owns the request and response shapes of these resources. Subrequests of `composite`
 //! and `composite/batch` run through the same session routes a client calls ([`CompositeState::api`],
@@ -750,23 +751,45 @@ async fn tree(
             .into_response());
     }
     let origin = origin(&version, &headers);
-    let mut ids: Vec<String> = Vec::with_capacity(flat.len());
-    let mut results = Vec::new();
-    for r in &flat {
-        let mut fields = r.fields.clone();
-        if let Some((parent, field)) = &r.parent {
-            let parent_id = ids.get(*parent).cloned().unwrap_or_default();
-            fields.insert(field.clone(), J::String(parent_id));
-        }
-        let id = st.org.create(&r.object, &fields, &origin)?;
-        results.push(json!({"referenceId": r.reference, "id": id}));
-        ids.push(id);
+    // One transaction: a record that still fails rolls back those created before it.
+    let created = st
+        .org
+        .atomically(async {
+            let mut ids: Vec<String> = Vec::with_capacity(flat.len());
+            let mut results = Vec::new();
+            for r in &flat {
+                let mut fields = r.fields.clone();
+                if let Some((parent, field)) = &r.parent {
+                    let parent_id = ids.get(*parent).cloned().unwrap_or_default();
+                    fields.insert(field.clone(), J::String(parent_id));
+                }
+                match st.org.create(&r.object, &fields, &origin) {
+                    Ok(id) => {
+                        results.push(json!({"referenceId": r.reference, "id": id}));
+                        ids.push(id);
+                    }
+                    Err(e) => {
+                        let failed =
+                            json!({"referenceId": r.reference, "errors": [result_error(&e)]});
+                        return (Err(failed), false);
+                    }
+                }
+            }
+            (Ok(results), true)
+        })
+        .await;
+    match created {
+        Ok(results) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"hasErrors": false, "results": results})),
+        )
+            .into_response()),
+        Err(failed) => Ok((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"hasErrors": true, "results": [failed]})),
+        )
+            .into_response()),
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"hasErrors": false, "results": results})),
-    )
-        .into_response())
 }
 
 #[cfg(test)]
