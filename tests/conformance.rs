@@ -6,14 +6,18 @@
 //!   headers (changed / nulled field names come from its own bitmap decoding) and body values
 //!   must match the emulator's events. It also publishes a platform event and receives it back.
 //! - `jsforce` (rest.mjs) runs describe, record CRUD, SOQL with paging, queryAll, sObject
-//!   Collections retrieve and a Bulk API 2.0 query; its answers must match the org.
+//!   Collections retrieve, a Bulk API 2.0 query, relationship fields, a subquery and an
+//!   aggregate (and Bulk's refusal of GROUP BY), and an all-or-none rollback; its answers
+//!   must match the org and Salesforce's documented shapes.
 //!
 //! - `simple-salesforce` (PyPI; simple_salesforce_ops.py) runs describe (global, object,
 //!   basic information), limits, create / get (18 and 15 characters) / update / delete,
 //!   upsert and get by external id, query with `query_more` by URL and by locator,
 //!   `query_all`, queryAll of deleted records, getUpdated / getDeleted, a Bulk API 2.0 query
 //!   and the documented errors (NOT_FOUND, MALFORMED_ID, INVALID_FIELD, ENTITY_IS_DELETED,
-//!   300 for several external-id matches).
+//!   300 for several external-id matches), relationship fields, a subquery and an aggregate
+//!   (and Bulk's refusal of GROUP BY), and all-or-none rollbacks of sObject Collections and
+//!   composite.
 //!
 //! The Node dependencies come from the committed lockfile: `npm ci` runs here when
 //! `tests/conformance/node_modules` is missing or older than the lockfile (CI runs it first).
@@ -813,11 +817,12 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     assert_eq!(many[0]["BillingAddress"]["city"], "Nice");
 
     // SOQL paging: every record that was live then (the seeded ones and jsforce's).
-    // (The Accounts the collections step creates later are not among them.)
-    let later: Vec<J> = step("collections")["created"]
+    // (The Accounts the relationship and collections steps create later are not among them.)
+    let mut later: Vec<J> = step("collections")["created"]
         .as_array()
         .map(|a| a.iter().map(|r| r["id"].clone()).collect())
         .unwrap_or_default();
+    later.push(step("soql-relations")["parent"].clone());
     let live_then: Vec<J> = sorted_ids(&org.all_records("Account"))
         .into_iter()
         .filter(|id| !later.contains(id))
@@ -845,7 +850,12 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     assert_eq!(all[0]["IsDeleted"], true);
 
     // Bulk API 2.0: the live records, as CSV through jsforce's result locators.
-    let live_now = sorted_ids(&org.records("Account"));
+    // (The parent account of the relationship step is created later.)
+    let parent_then = step("soql-relations")["parent"].clone();
+    let live_now: Vec<J> = sorted_ids(&org.records("Account"))
+        .into_iter()
+        .filter(|id| *id != parent_then)
+        .collect();
     let bulk = step("bulk2-query");
     assert_eq!(bulk["count"], 2500);
     assert_eq!(bulk["ids"], J::Array(live_now));
@@ -883,6 +893,66 @@ async fn jsforce_rest_query_and_bulk_match_the_org() {
     let record = org.get("Invoice__c", invoice).expect("upserted invoice");
     assert_eq!(record["External_Id__c"], "JS-1");
     assert_eq!(record["Name"], "jsforce upsert again");
+
+    // Relationship fields, subqueries and aggregates, shaped as the REST API documents them.
+    let rel = step("soql-relations");
+    let parent = rel["parent"].as_str().expect("parent id").to_string();
+    let related = rel["related"].as_array().cloned().expect("related records");
+    assert_eq!(related.len(), 3, "{rel}");
+    assert_eq!(
+        related[0]["Account"],
+        json!({"attributes": {"type": "Account",
+                              "url": format!("/services/data/v{API_VERSION}/sobjects/Account/{parent}")},
+               "Name": "jsforce parent", "Industry": "Energy"}),
+        "{rel}"
+    );
+    assert_eq!(related[2]["LastName"], "Rel Orphan");
+    assert_eq!(related[2]["Account"], J::Null, "an empty reference is null");
+    let nested = &rel["nested"][0]["Contacts"];
+    assert_eq!(nested["totalSize"], 2, "{rel}");
+    assert_eq!(nested["done"], true);
+    assert_eq!(nested["records"][0]["LastName"], "Rel B");
+    assert_eq!(nested["records"][0]["attributes"]["type"], "Contact");
+    assert_eq!(
+        rel["grouped"],
+        json!([
+            {"attributes": {"type": "AggregateResult"}, "acct": null, "n": 1, "expr0": "Rel Orphan"},
+            {"attributes": {"type": "AggregateResult"}, "acct": "jsforce parent", "n": 2,
+             "expr0": "Rel B"},
+        ]),
+        "{rel}"
+    );
+    let bulk_related = rel["bulkRelated"].as_array().cloned().expect("bulk rows");
+    assert_eq!(bulk_related.len(), 3, "{rel}");
+    assert_eq!(
+        bulk_related
+            .iter()
+            .filter(|r| r["Account.Name"] == "jsforce parent")
+            .count(),
+        2,
+        "Bulk CSV names relationship columns Account.Name: {rel}"
+    );
+    let refused = &rel["bulkRefused"];
+    assert!(
+        refused["errorCode"] == "FUNCTIONALITY_NOT_ENABLED"
+            || refused["name"] == "FUNCTIONALITY_NOT_ENABLED",
+        "Bulk API 2.0 refuses GROUP BY: {rel}"
+    );
+    let rollback = rel["rollback"]
+        .as_array()
+        .cloned()
+        .expect("rollback results");
+    assert_eq!(
+        rollback[0]["errors"][0]["statusCode"], "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+        "{rel}"
+    );
+    assert_eq!(rollback[1]["success"], false, "{rel}");
+    let kept = org.get("Account", &parent).expect("parent");
+    assert_eq!(
+        kept.get("Phone").unwrap_or(&J::Null),
+        &J::Null,
+        "the first update was rolled back"
+    );
 
     // sObject Collections: created together, all or none refused together, destroyed.
     let coll = step("collections");
@@ -1089,6 +1159,8 @@ async fn simple_salesforce_everyday_operations_match_the_org() {
         "query-all",
         "bulk2",
         "errors",
+        "soql-relations",
+        "all-or-none",
     ] {
         step(name);
     }
@@ -1121,6 +1193,24 @@ async fn simple_salesforce_everyday_operations_match_the_org() {
     assert_eq!(step("query-all")["records"], SEEDED);
     assert_eq!(step("bulk2")["rows"], SEEDED);
     assert_eq!(step("basic-info")["keyPrefix"], "001");
+    // What the relationship step created is in the org; what was rolled back is not.
+    let parent = step("soql-relations")["parent"]
+        .as_str()
+        .expect("parent id")
+        .to_string();
+    assert_eq!(
+        org.get("Account", &parent).expect("parent")["Industry"],
+        "Energy"
+    );
+    assert!(
+        org.all_records("Account").iter().all(|r| {
+            !matches!(
+                r["Name"].as_str(),
+                Some("Python rolled back" | "Python composite")
+            )
+        }),
+        "rolled-back accounts are not in the org, not even in the recycle bin"
+    );
     emulator.stop().await;
     remove_tls_dir(&ca);
 }

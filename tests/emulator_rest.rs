@@ -9,26 +9,26 @@ use serde_json::{Value as J, json};
 use sfmirror::demo::RestWriter;
 use sfmirror::emulator::Emulator;
 
-const V: &str = "v62.0";
+pub(crate) const V: &str = "v62.0";
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) token: String,
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
 }
 
 impl Answer {
-    fn json(&self) -> J {
+    pub(crate) fn json(&self) -> J {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -36,7 +36,7 @@ impl Answer {
     }
 
     /// Asserts a Salesforce error: the status and `[{"message", "errorCode"}]`.
-    fn assert_error(&self, status: u16, code: &str) {
+    pub(crate) fn assert_error(&self, status: u16, code: &str) {
         assert_eq!(self.status.as_u16(), status, "{}", self.body);
         let body = self.json();
         let first = &body[0];
@@ -50,7 +50,7 @@ impl Answer {
 }
 
 impl Api {
-    fn new(emulator: &Emulator) -> Api {
+    pub(crate) fn new(emulator: &Emulator) -> Api {
         Api {
             http: reqwest::Client::new(),
             base: emulator.rest_url.clone(),
@@ -58,7 +58,7 @@ impl Api {
         }
     }
 
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+    pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let url = if path.starts_with("/services/") || path.starts_with("/emulator/") {
             format!("{}{path}", self.base)
         } else {
@@ -68,7 +68,7 @@ impl Api {
     }
 
     /// Sends and reads the answer; every answer must carry `Sforce-Limit-Info`.
-    async fn send(&self, req: RequestBuilder) -> Answer {
+    pub(crate) async fn send(&self, req: RequestBuilder) -> Answer {
         let resp = req.send().await.expect("request sent");
         let status = resp.status();
         let headers = resp.headers().clone();
@@ -85,11 +85,11 @@ impl Api {
         }
     }
 
-    async fn get(&self, path: &str) -> Answer {
+    pub(crate) async fn get(&self, path: &str) -> Answer {
         self.send(self.request(Method::GET, path)).await
     }
 
-    async fn query(&self, endpoint: &str, soql: &str) -> Answer {
+    pub(crate) async fn query(&self, endpoint: &str, soql: &str) -> Answer {
         self.send(
             self.request(Method::GET, &format!("/{endpoint}"))
                 .query(&[("q", soql)]),
@@ -97,12 +97,12 @@ impl Api {
         .await
     }
 
-    async fn post(&self, path: &str, body: &J) -> Answer {
+    pub(crate) async fn post(&self, path: &str, body: &J) -> Answer {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
     /// Creates records without events through the control API: fast seeding.
-    async fn seed(&self, object: &str, records: Vec<J>) -> Vec<String> {
+    pub(crate) async fn seed(&self, object: &str, records: Vec<J>) -> Vec<String> {
         let a = self
             .post(
                 "/emulator/gap",
@@ -118,12 +118,12 @@ impl Api {
             .collect()
     }
 
-    async fn create_job(&self, body: J) -> Answer {
+    pub(crate) async fn create_job(&self, body: J) -> Answer {
         self.post("/jobs/query", &body).await
     }
 
     /// Polls the job until JobComplete; returns the states seen.
-    async fn wait_job(&self, id: &str) -> Vec<String> {
+    pub(crate) async fn wait_job(&self, id: &str) -> Vec<String> {
         let mut seen = Vec::new();
         for _ in 0..10 {
             let a = self.get(&format!("/jobs/query/{id}")).await;
@@ -138,7 +138,7 @@ impl Api {
     }
 }
 
-async fn start() -> (Emulator, Api) {
+pub(crate) async fn start() -> (Emulator, Api) {
     let emulator = common::emulator().await;
     let api = Api::new(&emulator);
     (emulator, api)

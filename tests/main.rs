@@ -9,8 +9,8 @@
 //! - `demo`, `init`: the first five minutes: `sfmirror demo` end to end in its short mode,
 //!   and `sfmirror init` writing a first config from the org.
 //! - `conformance`: real third-party Salesforce clients from npm against the emulator.
-//! - `emulator_clients`, `emulator_features`, `emulator_pubsub`, `emulator_rest`: the emulator as a
-//!   client sees it.
+//! - `emulator_clients`, `emulator_features`, `emulator_pubsub`, `emulator_rest`,
+//!   `emulator_soql`, `emulator_transactions`: the emulator as a client sees it.
 //! - `end_to_end`, `streaming`, `randomized`: the daemon replicating, faults and kills.
 //! - `merge_properties`, `snapshot`: the merge against Postgres, by property and by case.
 //! - `setup`: the set-up every command shares, and the error policy at its edges.
@@ -35,6 +35,8 @@ mod emulator_clients;
 mod emulator_features;
 mod emulator_pubsub;
 mod emulator_rest;
+mod emulator_soql;
+mod emulator_transactions;
 mod end_to_end;
 mod ha;
 mod init;

@@ -1,16 +1,16 @@
 //! The composite resources: sObject Collections create / update / delete
 //! (`composite/sobjects`, with `allOrNone`), `composite` (subrequests in order, with
 //! `@{referenceId.path}` references to earlier answers), `composite/batch` (independent
-//! subrequests) and `composite/tree/{Object}` (records with nested children, all or none).
+//! subrequests) and `composite/tree/{Object}` (records with nested children, all or none:
+//! checked first, then created in one transaction).
 //!
 //! It owns the request and response shapes of these resources. Subrequests of `composite`
 //! and `composite/batch` run through the same session routes a client calls ([`CompositeState::api`],
 //! set once the router is built), so each behaves exactly as its standalone resource; they
 //! count as one API call, as Salesforce counts them. Collections and trees write through the
-//! store, checking every record first when the request is all or none.
-//!
-//! Not reproduced: with `allOrNone` in `composite`, subrequests already run are not undone
-//! (the store has no rollback); the ones after a failure are halted, as Salesforce halts them.
+//! store. A request that is all or none runs as one store transaction
+//! ([`Org::atomically`]): when a part fails, what the others changed is undone and their
+//! change events are never published, as Salesforce rolls the transaction back.
 
 use super::query::api_version;
 use super::rest::{json_body, normalize_id, origin};
@@ -136,18 +136,37 @@ fn save_results(results: Vec<(Option<String>, Result<(), ApiError>)>) -> Respons
     Json(out).into_response()
 }
 
-/// With `allOrNone`, the checks of every record; if one fails, every result is a failure
-/// (the failing ones with their error, the others rolled back).
-fn all_or_none_refusal(checks: Vec<(Option<String>, Result<(), ApiError>)>) -> Option<Response> {
-    if checks.iter().all(|(_, r)| r.is_ok()) {
-        return None;
+/// Runs a collection's writes, in order; with `allOrNone` as one transaction that a failure
+/// rolls back: then every result is a failure, the failing ones with their error, the others
+/// `ALL_OR_NONE_OPERATION_ROLLED_BACK` (a rolled-back create has no id).
+async fn run_collection(
+    org: &Org,
+    all_or_none: bool,
+    created: bool,
+    run: impl FnOnce() -> Vec<(Option<String>, Result<(), ApiError>)>,
+) -> Response {
+    if !all_or_none {
+        return save_results(run());
     }
-    Some(save_results(
-        checks
+    let results = org
+        .atomically(async {
+            let results = run();
+            let ok = results.iter().all(|(_, r)| r.is_ok());
+            (results, ok)
+        })
+        .await;
+    if results.iter().all(|(_, r)| r.is_ok()) {
+        return save_results(results);
+    }
+    save_results(
+        results
             .into_iter()
-            .map(|(id, r)| (id, Err(r.err().unwrap_or_else(rolled_back))))
+            .map(|(id, r)| match r {
+                Ok(()) => ((!created).then_some(id).flatten(), Err(rolled_back())),
+                Err(e) => (id, Err(e)),
+            })
             .collect(),
-    ))
+    )
 }
 
 /// `POST composite/sobjects`: creates up to 200 records of any objects, in order.
@@ -161,32 +180,19 @@ async fn collection_create(
     let body = json_body(&headers, &body)?;
     let all_or_none = body.get("allOrNone").and_then(J::as_bool).unwrap_or(false);
     let items: Vec<Result<Typed, ApiError>> = records_of(&body)?.iter().map(typed_record).collect();
-    if all_or_none {
-        let checks = items
-            .iter()
-            .map(|it| {
-                let r = match it {
-                    Ok((object, fields)) => st.org.check_create(object, fields),
-                    Err(e) => Err(e.clone()),
-                };
-                (None, r)
-            })
-            .collect();
-        if let Some(refusal) = all_or_none_refusal(checks) {
-            return Ok(refusal);
-        }
-    }
     let origin = origin(&version, &headers);
-    let results = items
-        .into_iter()
-        .map(
-            |it| match it.and_then(|(o, f)| st.org.create(&o, &f, &origin)) {
-                Ok(id) => (Some(id), Ok(())),
-                Err(e) => (None, Err(e)),
-            },
-        )
-        .collect();
-    Ok(save_results(results))
+    let run = || {
+        items
+            .into_iter()
+            .map(
+                |it| match it.and_then(|(o, f)| st.org.create(&o, &f, &origin)) {
+                    Ok(id) => (Some(id), Ok(())),
+                    Err(e) => (None, Err(e)),
+                },
+            )
+            .collect()
+    };
+    Ok(run_collection(&st.org, all_or_none, true, run).await)
 }
 
 /// `PATCH composite/sobjects`: updates up to 200 records, each with its `id`.
@@ -223,30 +229,17 @@ async fn collection_update(
             (id.or(raw_id.map(str::to_string)), item)
         })
         .collect();
-    if all_or_none {
-        let checks = items
-            .iter()
-            .map(|(id, it)| {
-                let r = match it {
-                    Ok((object, id, fields)) => st.org.check_update(object, id, fields),
-                    Err(e) => Err(e.clone()),
-                };
-                (id.clone(), r)
-            })
-            .collect();
-        if let Some(refusal) = all_or_none_refusal(checks) {
-            return Ok(refusal);
-        }
-    }
     let origin = origin(&version, &headers);
-    let results = items
-        .into_iter()
-        .map(|(id, it)| {
-            let r = it.and_then(|(o, i, f)| st.org.update(&o, &i, &f, &origin));
-            (id, r)
-        })
-        .collect();
-    Ok(save_results(results))
+    let run = || {
+        items
+            .into_iter()
+            .map(|(id, it)| {
+                let r = it.and_then(|(o, i, f)| st.org.update(&o, &i, &f, &origin));
+                (id, r)
+            })
+            .collect()
+    };
+    Ok(run_collection(&st.org, all_or_none, false, run).await)
 }
 
 /// `DELETE composite/sobjects?ids=a,b&allOrNone=true`.
@@ -294,30 +287,17 @@ async fn collection_delete(
             (raw.clone(), target)
         })
         .collect();
-    if all_or_none {
-        let checks = targets
-            .iter()
-            .map(|(raw, t)| {
-                let r = match t {
-                    Ok((object, id)) => st.org.get(object, id).map(|_| ()),
-                    Err(e) => Err(e.clone()),
-                };
-                (Some(raw.clone()), r)
-            })
-            .collect();
-        if let Some(refusal) = all_or_none_refusal(checks) {
-            return Ok(refusal);
-        }
-    }
     let origin = origin(&version, &headers);
-    let results = targets
-        .into_iter()
-        .map(|(raw, t)| {
-            let r = t.and_then(|(o, id)| st.org.delete(&o, &id, &origin));
-            (Some(raw), r)
-        })
-        .collect();
-    Ok(save_results(results))
+    let run = || {
+        targets
+            .into_iter()
+            .map(|(raw, t)| {
+                let r = t.and_then(|(o, id)| st.org.delete(&o, &id, &origin));
+                (Some(raw), r)
+            })
+            .collect()
+    };
+    Ok(run_collection(&st.org, all_or_none, false, run).await)
 }
 
 /// The object whose key prefix starts `id`.
@@ -498,6 +478,44 @@ async fn composite(
     if requests.len() > MAX_SUBREQUESTS {
         return Err(too_many(requests.len(), MAX_SUBREQUESTS, "subrequests"));
     }
+    if !all_or_none {
+        let (out, _) = subrequests(&st, &headers, requests, false).await?;
+        return Ok(Json(json!({"compositeResponse": out})).into_response());
+    }
+    let answer = st
+        .org
+        .atomically(async {
+            let answer = subrequests(&st, &headers, requests, true).await;
+            let ok = matches!(&answer, Ok((_, None)));
+            (answer, ok)
+        })
+        .await;
+    let (mut out, failed) = answer?;
+    if failed.is_some() {
+        // What ran before the failure was rolled back with it.
+        for sub in out.iter_mut() {
+            if sub["httpStatusCode"].as_u64().is_some_and(|s| s < 400) {
+                let reference = sub["referenceId"].as_str().unwrap_or_default().to_string();
+                *sub = halted(
+                    &reference,
+                    "The transaction was rolled back since another operation in the same \
+                     transaction failed."
+                        .to_string(),
+                );
+            }
+        }
+    }
+    Ok(Json(json!({"compositeResponse": out})).into_response())
+}
+
+/// Runs `composite` subrequests in order: their answers, and the reference of the first that
+/// failed when `all_or_none` (the ones after it are halted).
+async fn subrequests(
+    st: &CompositeState,
+    headers: &HeaderMap,
+    requests: &[J],
+    all_or_none: bool,
+) -> Result<(Vec<J>, Option<String>), ApiError> {
     let mut done: HashMap<String, J> = HashMap::new();
     let mut out = Vec::new();
     let mut failed: Option<String> = None;
@@ -542,7 +560,7 @@ async fn composite(
                 continue;
             }
         };
-        let answer = dispatch(&st, &headers, method, &url, sub_body.as_ref()).await;
+        let answer = dispatch(st, headers, method, &url, sub_body.as_ref()).await;
         let mut http_headers = Map::new();
         if let Some(l) = &answer.location {
             http_headers.insert("Location".into(), J::String(l.clone()));
@@ -559,7 +577,7 @@ async fn composite(
             "referenceId": reference,
         }));
     }
-    Ok(Json(json!({"compositeResponse": out})).into_response())
+    Ok((out, failed))
 }
 
 /// `POST composite/batch`: up to 25 independent subrequests (URLs relative to
@@ -733,23 +751,45 @@ async fn tree(
             .into_response());
     }
     let origin = origin(&version, &headers);
-    let mut ids: Vec<String> = Vec::with_capacity(flat.len());
-    let mut results = Vec::new();
-    for r in &flat {
-        let mut fields = r.fields.clone();
-        if let Some((parent, field)) = &r.parent {
-            let parent_id = ids.get(*parent).cloned().unwrap_or_default();
-            fields.insert(field.clone(), J::String(parent_id));
-        }
-        let id = st.org.create(&r.object, &fields, &origin)?;
-        results.push(json!({"referenceId": r.reference, "id": id}));
-        ids.push(id);
+    // One transaction: a record that still fails rolls back those created before it.
+    let created = st
+        .org
+        .atomically(async {
+            let mut ids: Vec<String> = Vec::with_capacity(flat.len());
+            let mut results = Vec::new();
+            for r in &flat {
+                let mut fields = r.fields.clone();
+                if let Some((parent, field)) = &r.parent {
+                    let parent_id = ids.get(*parent).cloned().unwrap_or_default();
+                    fields.insert(field.clone(), J::String(parent_id));
+                }
+                match st.org.create(&r.object, &fields, &origin) {
+                    Ok(id) => {
+                        results.push(json!({"referenceId": r.reference, "id": id}));
+                        ids.push(id);
+                    }
+                    Err(e) => {
+                        let failed =
+                            json!({"referenceId": r.reference, "errors": [result_error(&e)]});
+                        return (Err(failed), false);
+                    }
+                }
+            }
+            (Ok(results), true)
+        })
+        .await;
+    match created {
+        Ok(results) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"hasErrors": false, "results": results})),
+        )
+            .into_response()),
+        Err(failed) => Ok((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"hasErrors": true, "results": [failed]})),
+        )
+            .into_response()),
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"hasErrors": false, "results": results})),
-    )
-        .into_response())
 }
 
 #[cfg(test)]

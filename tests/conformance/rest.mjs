@@ -1,7 +1,8 @@
 // Exercises the REST side with the real jsforce client: describe, record CRUD, SOQL query
 // with paging (queryMore and autoFetch), queryAll, sObject Collections retrieve, a Bulk
-// API 2.0 query, upsert by external id, a connection kept alive across an error answer, and
-// the SOAP login() that jsforce's default login uses. Each step prints one JSON line on stdout, `{"step": ..., ...}`; the Rust test
+// API 2.0 query, upsert by external id, relationship queries, subqueries and aggregates (and
+// what Bulk API 2.0 refuses of them), an all-or-none rollback, a connection kept alive across
+// an error answer, and the SOAP login() that jsforce's default login uses. Each step prints one JSON line on stdout, `{"step": ..., ...}`; the Rust test
 // checks them against the org. Any failure prints `{"step": "failed", ...}` and exits 1.
 //
 // Environment (set by tests/conformance.rs):
@@ -155,6 +156,50 @@ async function main() {
         .sobject('Invoice__c')
         .upsert({ Name: 'jsforce upsert again', External_Id__c: 'JS-1' }, 'External_Id__c');
     emit({ step: 'upsert', first: upserted, second: upsertedAgain });
+
+    current = 'soql-relations';
+    // Relationship fields, a parent-to-child subquery and an aggregate, read through jsforce's
+    // own result handling.
+    const parent = await conn.sobject('Account').create({ Name: 'jsforce parent', Industry: 'Energy' });
+    const kids = await conn.sobject('Contact').create([
+        { LastName: 'Rel A', AccountId: parent.id },
+        { LastName: 'Rel B', AccountId: parent.id },
+        { LastName: 'Rel Orphan' }
+    ], { allOrNone: true });
+    const related = await conn.query(
+        "SELECT Id, LastName, Account.Name, Account.Industry FROM Contact WHERE LastName LIKE 'Rel%' ORDER BY LastName"
+    );
+    const nested = await conn.query(
+        `SELECT Id, Name, (SELECT LastName FROM Contacts ORDER BY LastName DESC) FROM Account WHERE Id = '${parent.id}'`
+    );
+    const grouped = await conn.query(
+        "SELECT Account.Name acct, COUNT(Id) n, MAX(LastName) FROM Contact WHERE LastName LIKE 'Rel%' GROUP BY Account.Name ORDER BY Account.Name"
+    );
+    const bulkRelated = await (
+        await conn.bulk2.query("SELECT Id, Account.Name FROM Contact WHERE LastName LIKE 'Rel%'")
+    ).toArray();
+    let bulkRefused = null;
+    try {
+        await (await conn.bulk2.query('SELECT Name, COUNT(Id) FROM Account GROUP BY Name')).toArray();
+    } catch (error) {
+        bulkRefused = { name: error.name, errorCode: error.errorCode ?? null, message: error.message };
+    }
+    // All or none: the first update is rolled back when the second fails.
+    const rollback = await conn.sobject('Account').update(
+        [{ Id: parent.id, Phone: '555-0111' }, { Id: '001000000000000AAA', Phone: '555-0112' }],
+        { allOrNone: true }
+    );
+    emit({
+        step: 'soql-relations',
+        parent: parent.id,
+        kids: kids.map((k) => k.id),
+        related: related.records,
+        nested: nested.records,
+        grouped: grouped.records,
+        bulkRelated,
+        bulkRefused,
+        rollback
+    });
 
     current = 'collections';
     // Arrays go through sObject Collections (composite/sobjects).

@@ -1,6 +1,7 @@
 """Exercises the emulator with simple-salesforce (PyPI), unmodified, over TLS.
 
-Each step checks the answer against what Salesforce documents and prints one JSON line on
+It also runs relationship queries, a subquery, an aggregate, Bulk API 2.0's refusal of GROUP BY
+and all-or-none rollbacks. Each step checks the answer against what Salesforce documents and prints one JSON line on
 stdout, {"step": ..., ...}; tests/conformance.rs checks that every step ran and compares what
 it reports with the org. Any failure prints {"step": "failed", ...} and exits 1.
 
@@ -198,6 +199,110 @@ def main():
     except SalesforceMoreThanOneRecord as e:
         check(len(e.content) == 2, e.content)
     emit("errors")
+
+    current = "soql-relations"
+    # Relationship fields, a subquery and an aggregate, checked against the shapes the REST
+    # API documents: nested parent records (null for an empty reference), nested query
+    # results (null without children), AggregateResult rows with exprN names.
+    parent = sf.Account.create({"Name": "Python parent", "Industry": "Energy"})["id"]
+    for last in ("Py A", "Py B"):
+        sf.Contact.create({"LastName": last, "AccountId": parent})
+    sf.Contact.create({"LastName": "Py Orphan"})
+    rel = sf.query(
+        "SELECT Id, LastName, Account.Name FROM Contact WHERE LastName LIKE 'Py %' "
+        "ORDER BY LastName"
+    )
+    check(rel["totalSize"] == 3, rel)
+    first = rel["records"][0]
+    check(list(first.keys()) == ["attributes", "Id", "LastName", "Account"], list(first))
+    check(
+        first["Account"]
+        == {
+            "attributes": {
+                "type": "Account",
+                "url": f"/services/data/v{version}/sobjects/Account/{parent}",
+            },
+            "Name": "Python parent",
+        },
+        first,
+    )
+    check(rel["records"][2]["Account"] is None, rel["records"][2])
+    sub = sf.query(
+        "SELECT Name, (SELECT LastName FROM Contacts ORDER BY LastName) FROM Account "
+        f"WHERE Id = '{parent}'"
+    )
+    contacts = sub["records"][0]["Contacts"]
+    check(contacts["totalSize"] == 2 and contacts["done"] is True, contacts)
+    check([c["LastName"] for c in contacts["records"]] == ["Py A", "Py B"], contacts)
+    check(contacts["records"][0]["attributes"]["type"] == "Contact", contacts)
+    childless = sf.query(
+        "SELECT Name, (SELECT Id FROM Contacts) FROM Account WHERE Id = '%s'" % account_id
+    )
+    check(childless["records"][0]["Contacts"] is None, childless)
+    agg = sf.query(
+        "SELECT Account.Name, COUNT(Id) total, MIN(LastName) FROM Contact "
+        "WHERE LastName LIKE 'Py %' GROUP BY Account.Name ORDER BY Account.Name NULLS LAST"
+    )
+    check(
+        agg["records"]
+        == [
+            {"attributes": {"type": "AggregateResult"}, "Name": "Python parent", "total": 2,
+             "expr0": "Py A"},
+            {"attributes": {"type": "AggregateResult"}, "Name": None, "total": 1,
+             "expr0": "Py Orphan"},
+        ],
+        agg,
+    )
+    count = sf.query("SELECT COUNT() FROM Contact WHERE Account.Industry = 'Energy'")
+    check(count["totalSize"] == 2 and count["records"] == [], count)
+    try:
+        list(sf.bulk2.Account.query("SELECT Name, COUNT(Id) FROM Account GROUP BY Name"))
+        raise AssertionError("Bulk API 2.0 ran a GROUP BY")
+    except SalesforceMalformedRequest as e:
+        check(e.content[0]["errorCode"] == "FUNCTIONALITY_NOT_ENABLED", e.content)
+    emit("soql-relations", parent=parent, groups=len(agg["records"]))
+
+    current = "all-or-none"
+    # A later failure rolls back what came before it in the same request.
+    res = sf.restful(
+        "composite/sobjects",
+        method="POST",
+        data=json.dumps(
+            {
+                "allOrNone": True,
+                "records": [
+                    {"attributes": {"type": "Account"}, "Name": "Python rolled back"},
+                    {"attributes": {"type": "Account"}, "Nope__c": 1},
+                ],
+            }
+        ),
+    )
+    check(res[0]["success"] is False, res)
+    check(res[0]["errors"][0]["statusCode"] == "ALL_OR_NONE_OPERATION_ROLLED_BACK", res)
+    check(res[1]["errors"][0]["statusCode"] == "INVALID_FIELD", res)
+    comp = sf.restful(
+        "composite",
+        method="POST",
+        data=json.dumps(
+            {
+                "allOrNone": True,
+                "compositeRequest": [
+                    {"method": "POST", "url": f"/services/data/v{version}/sobjects/Account",
+                     "referenceId": "acct", "body": {"Name": "Python composite"}},
+                    {"method": "POST", "url": f"/services/data/v{version}/sobjects/Contact",
+                     "referenceId": "ct", "body": {"AccountId": "@{acct.id}"}},
+                ],
+            }
+        ),
+    )
+    r = comp["compositeResponse"]
+    check(r[0]["body"][0]["errorCode"] == "PROCESSING_HALTED", r)
+    check(r[1]["body"][0]["errorCode"] == "REQUIRED_FIELD_MISSING", r)
+    left = sf.query(
+        "SELECT COUNT() FROM Account WHERE Name IN ('Python rolled back', 'Python composite')"
+    )
+    check(left["totalSize"] == 0, left)
+    emit("all-or-none", collection=res, composite=r)
 
     emit("done")
 

@@ -1,6 +1,8 @@
-//! Bulk API 2.0 query jobs: create (the query runs at once and its records are kept as they
-//! were), poll (`UploadComplete`, then `InProgress`, then `JobComplete`, one step per poll, so
-//! clients' polling loops run as they would against an org), abort, delete, list, and results
+//! Bulk API 2.0 query jobs: create (the query is checked at once), poll (`UploadComplete`,
+//! then `InProgress`, then `JobComplete`, one step per poll, so clients' polling loops run as
+//! they would against an org; the query runs at the first poll and its records are kept as
+//! they were, or the job is `Failed` with its `errorMessage` when the org can no longer run
+//! it, e.g. a field was removed meanwhile), abort, delete, list, and results
 //! in CSV chunks with `Sforce-Locator` / `Sforce-NumberOfRecords`, each written from the kept
 //! records when asked for, never the whole result at once.
 //!
@@ -10,10 +12,11 @@
 
 use super::csv::{CsvColumn, CsvFormat, CsvKind, DELIMITERS, csv_records};
 use super::{
-    DEFAULT_CHUNK_ROWS, MAX_JOBS, Params, S, api_version, internal, json_response, matching,
-    not_found, prepare, selects_compound, to_json,
+    DEFAULT_CHUNK_ROWS, MAX_JOBS, Params, S, api_version, exec, find_object, internal,
+    json_response, not_found, prepare, selects_compound, to_json,
 };
-use crate::emulator::store::{ApiError, Org, Record};
+use crate::emulator::soql::Query as Soql;
+use crate::emulator::store::{ApiError, ObjectDef, Org, Record};
 use crate::model::FieldType;
 use crate::model::time::format_datetime;
 use axum::body::Bytes;
@@ -45,6 +48,7 @@ enum JobState {
     InProgress,
     JobComplete,
     Aborted,
+    Failed,
 }
 
 impl JobState {
@@ -54,11 +58,15 @@ impl JobState {
             JobState::InProgress => "InProgress",
             JobState::JobComplete => "JobComplete",
             JobState::Aborted => "Aborted",
+            JobState::Failed => "Failed",
         }
     }
 
     fn finished(self) -> bool {
-        matches!(self, JobState::JobComplete | JobState::Aborted)
+        matches!(
+            self,
+            JobState::JobComplete | JobState::Aborted | JobState::Failed
+        )
     }
 }
 
@@ -72,11 +80,15 @@ pub(super) struct Job {
     api_version: f64,
     delimiter: &'static str,
     line_ending: &'static str,
+    /// The query, run at the first poll.
+    soql: String,
     columns: Arc<Vec<CsvColumn>>,
     /// The selected records as they were when the job ran (shared with the org, copied only
     /// if they change meanwhile); columns are read from them when results are fetched.
     rows: Arc<Vec<Arc<Record>>>,
     processing_ms: i64,
+    /// Why a `Failed` job failed.
+    error_message: Option<String>,
 }
 
 /// Job info in Salesforce's key order.
@@ -105,6 +117,8 @@ struct JobInfo<'a> {
     total_processing_time: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     is_pk_chunking_supported: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_message: Option<&'a str>,
 }
 
 impl Job {
@@ -129,6 +143,7 @@ impl Job {
             retries: full.then_some(0),
             total_processing_time: full.then_some(if complete { self.processing_ms } else { 0 }),
             is_pk_chunking_supported: full.then_some(true),
+            error_message: self.error_message.as_deref(),
         }
     }
 }
@@ -240,65 +255,11 @@ pub(super) async fn create_job(
     };
 
     let org = st.org.clone();
-    let started = Instant::now();
-    type Answer = (String, Vec<CsvColumn>, Vec<Arc<Record>>);
-    let (object, columns, rows) =
-        tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
-            let (q, def) = prepare(&org, &soql)?;
-            if q.count_only {
-                return Err(ApiError::new(
-                    400,
-                    "FUNCTIONALITY_NOT_ENABLED",
-                    "Aggregate queries are not supported in Bulk API 2.0 query: COUNT()",
-                ));
-            }
-            if q.offset().is_some() {
-                return Err(ApiError::new(
-                    400,
-                    "FUNCTIONALITY_NOT_ENABLED",
-                    "OFFSET is not supported in Bulk API 2.0 query",
-                ));
-            }
-            if let Some(f) = selects_compound(&q, &def) {
-                return Err(ApiError::new(
-                    400,
-                    "FUNCTIONALITY_NOT_ENABLED",
-                    format!(
-                        "Selecting compound data not supported in Bulk Query: {f} is a compound \
-                     field; query its component fields instead"
-                    ),
-                ));
-            }
-            let columns: Vec<CsvColumn> = q
-                .fields
-                .iter()
-                .map(|name| CsvColumn {
-                    name: name.clone(),
-                    kind: match def.describe.field(name).map(|f| f.kind()) {
-                        Some(FieldType::Datetime) => CsvKind::Datetime,
-                        _ => CsvKind::Plain,
-                    },
-                })
-                .collect();
-            let all = operation == "queryAll";
-            let rows: Vec<Arc<Record>> = if q.has_order() {
-                matching(&org, &q, all).into_iter().map(Arc::new).collect()
-            } else {
-                // Id order, as stored: share the matching records themselves.
-                let mut rows = org.scan(&q.object, all, |r| q.matches(r).then(|| r.clone()));
-                if let Some(n) = q.limit() {
-                    rows.truncate(n);
-                }
-                rows
-            };
-            Ok((q.object, columns, rows))
-        })
+    let checked = soql.clone();
+    let object = tokio::task::spawn_blocking(move || plan(&org, &checked).map(|p| p.0.object))
         .await
         .map_err(internal)??;
-
     st.jobs_created.fetch_add(1, Ordering::Relaxed);
-    st.result_bytes
-        .fetch_add(estimated_bytes(&rows, &columns), Ordering::Relaxed);
     let now = stamp(&st.org);
     let job = Job {
         id: st.new_id("750"),
@@ -310,14 +271,106 @@ pub(super) async fn create_job(
         api_version,
         delimiter: delimiter.0,
         line_ending,
-        columns: Arc::new(columns),
-        rows: Arc::new(rows),
-        processing_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+        soql,
+        columns: Arc::new(Vec::new()),
+        rows: Arc::new(Vec::new()),
+        processing_ms: 0,
+        error_message: None,
     };
     let body = to_json(&job.info(&st.org.user_id, false))?;
     st.jobs()
         .insert(job.id.clone(), job, MAX_JOBS, |j| j.state.finished());
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// Prepares a Bulk query: parsed and bound against the org, refused (400
+/// `FUNCTIONALITY_NOT_ENABLED`) when it uses what Bulk API 2.0 does not take, with its CSV
+/// columns.
+///
+/// What is refused follows the Bulk API 2.0 developer guide ("Understanding Bulk API 2.0
+/// Query", SOQL considerations): GROUP BY, OFFSET and TYPEOF clauses, aggregate functions
+/// such as COUNT(), compound address and geolocation fields, and parent-to-child
+/// relationship queries (child-to-parent relationship fields are supported). The guide gives
+/// no error code; `FUNCTIONALITY_NOT_ENABLED` is the code Salesforce's Bulk query answers
+/// carry for such queries (e.g. "Selecting compound data not supported in Bulk Query").
+fn plan(org: &Org, soql: &str) -> Result<(Soql, Vec<CsvColumn>), ApiError> {
+    let refuse = |what: String| {
+        ApiError::new(
+            400,
+            "FUNCTIONALITY_NOT_ENABLED",
+            format!("{what} not supported in Bulk API 2.0 query"),
+        )
+    };
+    let (q, def) = prepare(org, soql).map_err(|e| {
+        // TYPEOF is valid SOQL the emulator does not parse at all; Bulk refuses it anyway.
+        if e.message.contains("TYPEOF") {
+            refuse("TYPEOF".to_string())
+        } else {
+            e
+        }
+    })?;
+    if let Some(what) = q.bulk_unsupported() {
+        return Err(refuse(what.to_string()));
+    }
+    if q.offset().is_some() {
+        return Err(refuse("OFFSET".to_string()));
+    }
+    if let Some(f) = selects_compound(&q, &def) {
+        return Err(ApiError::new(
+            400,
+            "FUNCTIONALITY_NOT_ENABLED",
+            format!(
+                "Selecting compound data not supported in Bulk Query: {f} is a compound \
+                 field; query its component fields instead"
+            ),
+        ));
+    }
+    let columns: Vec<CsvColumn> = q
+        .fields
+        .iter()
+        .map(|name| CsvColumn {
+            name: name.clone(),
+            kind: match field_type(org, &q, &def, name) {
+                Some(FieldType::Datetime) => CsvKind::Datetime,
+                _ => CsvKind::Plain,
+            },
+        })
+        .collect();
+    Ok((q, columns))
+}
+
+/// The type of a selected field or relationship path (`Account.CreatedDate`).
+fn field_type(org: &Org, q: &Soql, def: &ObjectDef, path: &str) -> Option<FieldType> {
+    let Some((prefix, last)) = path.rsplit_once('.') else {
+        return def.describe.field(path).map(|f| f.kind());
+    };
+    let target = q.joins().iter().find(|j| j.path == prefix)?;
+    let parent = find_object(org, &target.target)?;
+    parent.describe.field(last).map(|f| f.kind())
+}
+
+/// Runs a job's query over the org as it is now: its columns and rows, or why it failed.
+fn execute(
+    org: &Org,
+    soql: &str,
+    all: bool,
+) -> Result<(Vec<CsvColumn>, Vec<Arc<Record>>), ApiError> {
+    let (q, columns) = plan(org, soql)?;
+    let rows: Vec<Arc<Record>> = if q.has_order() || !q.joins().is_empty() {
+        exec::run(org, &q, all)
+            .records
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+    } else {
+        // Id order, as stored: share the matching records themselves.
+        let mut rows = org.scan(&q.object, all, |r| q.matches(r).then(|| r.clone()));
+        if let Some(n) = q.limit() {
+            rows.truncate(n);
+        }
+        rows
+    };
+    Ok((columns, rows))
 }
 
 /// `GET .../jobs/query`: every job kept, newest last.
@@ -352,13 +405,44 @@ pub(super) async fn job_info(
     Path((version, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     bulk_version(&version)?;
+    // The first poll runs the query, outside the jobs' lock.
+    let pending = {
+        let jobs = st.jobs();
+        let job = jobs.map.get(&id).ok_or_else(|| job_not_found(&id))?;
+        (job.state == JobState::UploadComplete)
+            .then(|| (job.soql.clone(), job.operation == "queryAll"))
+    };
+    let ran = match pending {
+        Some((soql, all)) => {
+            let org = st.org.clone();
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || execute(&org, &soql, all))
+                .await
+                .map_err(internal)?;
+            let ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+            Some((result, ms))
+        }
+        None => None,
+    };
     let now = stamp(&st.org);
     let mut jobs = st.jobs();
     let job = jobs.map.get_mut(&id).ok_or_else(|| job_not_found(&id))?;
-    let next = match job.state {
-        JobState::UploadComplete => Some(JobState::InProgress),
-        JobState::InProgress => Some(JobState::JobComplete),
-        JobState::JobComplete | JobState::Aborted => None,
+    let next = match (job.state, ran) {
+        (JobState::UploadComplete, Some((Ok((columns, rows)), ms))) => {
+            st.result_bytes
+                .fetch_add(estimated_bytes(&rows, &columns), Ordering::Relaxed);
+            job.columns = Arc::new(columns);
+            job.rows = Arc::new(rows);
+            job.processing_ms = ms;
+            Some(JobState::InProgress)
+        }
+        (JobState::UploadComplete, Some((Err(e), _))) => {
+            // As Salesforce reports a query that fails while it runs.
+            job.error_message = Some(format!("{}: {}", e.code, e.message));
+            Some(JobState::Failed)
+        }
+        (JobState::InProgress, _) => Some(JobState::JobComplete),
+        _ => None,
     };
     if let Some(state) = next {
         job.state = state;

@@ -9,19 +9,27 @@
 //!   `limits`;
 //! - `bulk`: Bulk API 2.0 query jobs and their result chunks;
 //! - `csv`: how a result chunk is written;
+//! - `exec`: a bound query run over the org (parents for relationship paths, children for
+//!   subqueries, aggregate rows), one object scan at a time;
+//! - `shape`: REST's record layout (nested parents, nested subquery results,
+//!   `AggregateResult`s), written by hand in SELECT order;
 //! - here: the state they share ([`QueryState`]), their routes, and the helpers both use to
 //!   prepare and run a query.
 //!
 //! # Faithful to Salesforce where clients can tell
 //!
 //! - REST records start with `attributes` and then carry the selected fields in SELECT order
-//!   (this crate's `serde_json` sorts object keys, so records are serialized by hand).
+//!   (this crate's `serde_json` sorts object keys, so records are serialized by hand); a
+//!   relationship path is a nested parent record (or `null`), a subquery a nested query
+//!   result (or `null`), an aggregate query's rows `AggregateResult`s.
 //! - A query's result is a snapshot taken at the first call: later pages (`nextRecordsUrl`,
 //!   always under `/query/` even for `queryAll`) and Bulk result chunks do not move when
 //!   records change afterwards.
-//! - Bulk jobs run at creation but are reported `UploadComplete`, then `InProgress` on the
-//!   first poll and `JobComplete` on the next, so clients' polling loops run as they would
-//!   against an org; results are refused until then.
+//! - Bulk jobs check their query at creation (refusing what Bulk API 2.0 refuses) and are
+//!   reported `UploadComplete`; the query runs at the first poll (`InProgress`, or `Failed`
+//!   with its `errorMessage` when the org can no longer run it) and the next poll reports
+//!   `JobComplete`, so clients' polling loops run as they would against an org; results are
+//!   refused until then.
 //! - Bulk results are CSV written as Salesforce writes them: every field quoted, `"` doubled,
 //!   null as an empty field, datetimes in UTC with `Z`. Each chunk is written from the stored
 //!   values when asked for, never the whole result at once.
@@ -33,10 +41,12 @@
 
 mod bulk;
 mod csv;
+mod exec;
 mod rest;
+mod shape;
 
 use crate::emulator::soql::{self, Query as Soql, SoqlError};
-use crate::emulator::store::{ApiError, ObjectDef, Org, Record, new_id};
+use crate::emulator::store::{ApiError, ObjectDef, Org, new_id};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -239,25 +249,14 @@ fn find_object(org: &Org, name: &str) -> Option<Arc<ObjectDef>> {
     })
 }
 
-/// Parses and binds `soql`: MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
+/// Parses and binds `soql` against the org (relationship paths and subqueries reach its
+/// other objects): MALFORMED_QUERY, then INVALID_TYPE, then the binding's errors.
 fn prepare(org: &Org, soql: &str) -> Result<(Soql, Arc<ObjectDef>), ApiError> {
     let mut q = soql::parse_at(soql, org.now_ms()).map_err(soql_error)?;
     let def =
         find_object(org, &q.object).ok_or_else(|| soql_error(soql::invalid_type(&q.object)))?;
-    q.bind(&def.describe).map_err(soql_error)?;
+    q.bind_in(&exec::OrgCatalog(org)).map_err(soql_error)?;
     Ok((q, def))
-}
-
-/// The records `q` selects, filtered, ordered and limited; with `all`, deleted ones too.
-fn matching(org: &Org, q: &Soql, all: bool) -> Vec<Record> {
-    let mut out = org.scan(&q.object, all, |r| q.matches(r).then(|| Record::clone(r)));
-    q.sort(&mut out);
-    let skip = q.offset().unwrap_or(0);
-    out.drain(..skip.min(out.len()));
-    if let Some(n) = q.limit() {
-        out.truncate(n);
-    }
-    out
 }
 
 fn selects_compound(q: &Soql, def: &ObjectDef) -> Option<String> {

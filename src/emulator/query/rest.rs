@@ -5,13 +5,14 @@
 //! later pages (`nextRecordsUrl`, always under `/query/` even for `queryAll`) do not move when
 //! records change afterwards. It reads the org and must not change it.
 
+use super::shape::{Row, RowJson, Shape};
 use super::{
-    MAX_BATCH_SIZE, MAX_CURSORS, MAX_RETRIEVE_IDS, MIN_BATCH_SIZE, Params, S, api_version,
-    find_object, internal, json_response, matching, not_found, prepare, selects_compound,
-    soql_error, to_json,
+    MAX_BATCH_SIZE, MAX_CURSORS, MAX_RETRIEVE_IDS, MIN_BATCH_SIZE, Params, S, api_version, exec,
+    find_object, internal, json_response, not_found, prepare, selects_compound, soql_error,
+    to_json,
 };
-use crate::emulator::soql::{self, Query as Soql};
-use crate::emulator::store::{ApiError, ObjectDef, Record};
+use crate::emulator::soql;
+use crate::emulator::store::ApiError;
 use crate::model::id::id18;
 use axum::Json;
 use axum::body::Bytes;
@@ -19,72 +20,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Value as J, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 const DAILY_BULK_QUERY_JOBS: i64 = 10_000;
 const DAILY_BULK_QUERY_STORAGE_MB: i64 = 976_562;
-
-/// One result row of a REST query or retrieve: the record's id (for `attributes.url`) and
-/// the selected values in SELECT order.
-struct Row {
-    id: String,
-    values: Vec<J>,
-}
-
-/// Takes the selected values out of `record` (compound fields as REST's nested objects).
-fn project_row(q: &Soql, def: &ObjectDef, compound: bool, mut record: Record) -> Row {
-    let id = match record.get("Id") {
-        Some(J::String(s)) => s.clone(),
-        _ => String::new(),
-    };
-    if compound {
-        record = q.project(&def.describe, &record);
-    }
-    let values = q
-        .fields
-        .iter()
-        .map(|f| record.remove(f).unwrap_or(J::Null))
-        .collect();
-    Row { id, values }
-}
-
-/// A record as REST writes it: `attributes` first, then fields in SELECT order.
-struct RecordJson<'a> {
-    object: &'a str,
-    version: &'a str,
-    fields: &'a [String],
-    row: &'a Row,
-}
-
-#[derive(Serialize)]
-struct Attributes<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    url: String,
-}
-
-impl Serialize for RecordJson<'_> {
-    fn serialize<Z: Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
-        let mut map = s.serialize_map(Some(self.fields.len() + 1))?;
-        map.serialize_entry(
-            "attributes",
-            &Attributes {
-                kind: self.object,
-                url: format!(
-                    "/services/data/{}/sobjects/{}/{}",
-                    self.version, self.object, self.row.id
-                ),
-            },
-        )?;
-        for (name, value) in self.fields.iter().zip(&self.row.values) {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
-}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -93,13 +34,12 @@ struct QueryPage<'a> {
     done: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_records_url: Option<String>,
-    records: Vec<RecordJson<'a>>,
+    records: Vec<RowJson<'a>>,
 }
 
 /// A query result kept for its locator: the snapshot taken at the first call.
 pub(super) struct Cursor {
-    object: String,
-    fields: Arc<Vec<String>>,
+    shape: Arc<Shape>,
     rows: Arc<Vec<Row>>,
     batch: usize,
 }
@@ -156,24 +96,15 @@ async fn run_query(
         })?;
     let batch = batch_size(&headers).unwrap_or(MAX_BATCH_SIZE);
     let org = st.org.clone();
-    type Answer = (Soql, Result<Vec<Row>, usize>);
-    let (q, rows) = tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
-        let (q, def) = prepare(&org, &soql)?;
+    type Answer = (Shape, Result<Vec<Row>, usize>);
+    let (shape, rows) = tokio::task::spawn_blocking(move || -> Result<Answer, ApiError> {
+        let (q, _) = prepare(&org, &soql)?;
+        let shape = Shape::of(&q);
         if q.count_only {
-            let n = org
-                .scan(&q.object, all, |r| q.matches(r).then_some(()))
-                .len();
-            let n = n.saturating_sub(q.offset().unwrap_or(0));
-            let n = q.limit().map_or(n, |l| n.min(l));
-            return Ok((q, Err(n)));
+            return Ok((shape, Err(exec::count(&org, &q, all))));
         }
-        let records = matching(&org, &q, all);
-        let compound = selects_compound(&q, &def).is_some();
-        let rows: Vec<Row> = records
-            .into_iter()
-            .map(|r| project_row(&q, &def, compound, r))
-            .collect();
-        Ok((q, Ok(rows)))
+        let rows = shape.rows(exec::run(&org, &q, all));
+        Ok((shape, Ok(rows)))
     })
     .await
     .map_err(internal)??;
@@ -190,8 +121,7 @@ async fn run_query(
         }
     };
     let cursor = Cursor {
-        object: q.object,
-        fields: Arc::new(q.fields),
+        shape: Arc::new(shape),
         rows: Arc::new(rows),
         batch,
     };
@@ -218,11 +148,10 @@ fn render_page(
         next_records_url: locator.map(|l| format!("/services/data/{version}/query/{l}-{end}")),
         records: rows
             .iter()
-            .map(|row| RecordJson {
-                object: &c.object,
-                version,
-                fields: &c.fields,
+            .map(|row| RowJson {
+                shape: &c.shape,
                 row,
+                version,
             })
             .collect(),
     };
@@ -243,8 +172,7 @@ pub(super) async fn query_more(
         let cursors = st.cursors();
         let c = cursors.map.get(id).ok_or_else(invalid)?;
         Cursor {
-            object: c.object.clone(),
-            fields: c.fields.clone(),
+            shape: c.shape.clone(),
             rows: c.rows.clone(),
             batch: c.batch,
         }
@@ -394,22 +322,26 @@ async fn retrieve(
     .map_err(soql_error)?;
     q.bind(&def.describe).map_err(soql_error)?;
     let compound = selects_compound(&q, &def).is_some();
+    let shape = Shape::of(&q);
     let rows: Vec<Option<Row>> = ids
         .iter()
         .map(|id| {
             let id = normalize_id(id)?;
-            let record = st.org.get(&def.describe.name, &id).ok()?;
-            Some(project_row(&q, &def, compound, record))
+            let mut record = st.org.get(&def.describe.name, &id).ok()?;
+            if compound {
+                let projected = q.project(&def.describe, &record);
+                record.extend(projected);
+            }
+            Some(shape.plain_row(&record))
         })
         .collect();
-    let records: Vec<Option<RecordJson>> = rows
+    let records: Vec<Option<RowJson>> = rows
         .iter()
         .map(|r| {
-            r.as_ref().map(|row| RecordJson {
-                object: &def.describe.name,
-                version: &version,
-                fields: &q.fields,
+            r.as_ref().map(|row| RowJson {
+                shape: &shape,
                 row,
+                version: &version,
             })
         })
         .collect();

@@ -7,20 +7,28 @@
 //! # Phases
 //!
 //! A query passes through one module per phase, in order: `lexer` (text to tokens), `parser`
-//! (tokens to a [`Query`] and its syntax tree; syntax only), `bind` ([`Query::bind`]: names
-//! and literal types from the describe) and `eval` (filter, sort, limit, project). `value`
-//! holds the comparison rules that the parser, binding and evaluation share, so that
-//! filters and `ORDER BY` agree.
+//! and `select` (tokens to a [`Query`] and its syntax tree; syntax only), `bind`
+//! ([`Query::bind`] / [`Query::bind_in`]: names and literal types from the describes, with
+//! `relations` resolving relationship names) and `eval` / `aggregate` (join, filter, sort,
+//! limit, project; group and aggregate). `value` holds the comparison rules that the parser,
+//! binding and evaluation share, so that filters, `ORDER BY` and `GROUP BY` agree.
 //!
 //! # Supported
 //!
-//! `SELECT f, ... | COUNT() FROM Object [WHERE ...] [ORDER BY ...] [LIMIT n] [OFFSET n]`, with
-//! comparisons, `LIKE`, `IN` / `NOT IN`, `AND` / `OR` / `NOT`, and string, number, boolean,
-//! `null`, date and datetime literals, and relative date literals (`TODAY`, `LAST_N_DAYS:n`,
-//! `THIS_QUARTER`, ...; module `dates`); `FIELDS(ALL | STANDARD | CUSTOM)` in the SELECT list
-//! (the first two with a LIMIT of at most 200). Anything else that is valid SOQL (GROUP BY,
-//! subqueries, relationship paths, TYPEOF, aggregates, date functions, ...) is rejected with `MALFORMED_QUERY` naming the feature, so a client never gets a
-//! silently different answer from the emulator than from Salesforce.
+//! `SELECT items FROM Object [WHERE ...] [GROUP BY ...] [HAVING ...] [ORDER BY ...]
+//! [LIMIT n] [OFFSET n]`, where items are fields, child-to-parent relationship paths
+//! (`Account.Owner.Name`, up to five levels, by the describes' `relationshipName`),
+//! parent-to-child subqueries (`(SELECT ... FROM Contacts WHERE ... ORDER BY ... LIMIT n)`,
+//! by `childRelationships`), `COUNT()`, aggregates (`COUNT`, `COUNT_DISTINCT`, `SUM`, `AVG`,
+//! `MIN`, `MAX`, with aliases or `exprN` names) and `FIELDS(ALL | STANDARD | CUSTOM)` (the
+//! first two with a LIMIT of at most 200). Conditions: comparisons, `LIKE`, `IN` / `NOT IN`,
+//! `AND` / `OR` / `NOT`, string, number, boolean, `null`, date and datetime literals, and
+//! relative date literals (`TODAY`, `LAST_N_DAYS:n`, `THIS_QUARTER`, ...; module `dates`);
+//! HAVING also on aggregates. A relationship reaches only objects the org has (the built-in
+//! org has no User, so `Owner.Name` is refused), and a polymorphic one the first of its
+//! objects the org has. Anything else that is valid SOQL (TYPEOF, semi-joins, date functions,
+//! GROUP BY ROLLUP, WITH, FOR, ...) is rejected with `MALFORMED_QUERY` naming the feature, so
+//! a client never gets a silently different answer from the emulator than from Salesforce.
 //!
 //! # Salesforce behaviours reproduced on purpose
 //!
@@ -40,16 +48,24 @@
 //!
 //! Nothing here panics on any input: every index is checked and nesting depth is bounded.
 
+mod aggregate;
 mod bind;
 mod dates;
 mod eval;
 mod lexer;
 mod parser;
+mod relations;
+mod select;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_joins;
 mod value;
 
 use parser::{Expr, OrderKey, Parser};
+pub use relations::{Catalog, Join, Parents};
+use select::Agg;
+pub use select::{AggFunc, Child, Item};
 use std::fmt;
 
 pub const MALFORMED_QUERY: &str = "MALFORMED_QUERY";
@@ -118,8 +134,21 @@ pub struct Query {
     pub object: String,
     /// `SELECT COUNT()`: the caller reports `totalSize` and no records.
     pub count_only: bool,
-    /// Selected fields in SELECT order (empty for `COUNT()`); canonical once bound.
+    /// Selected fields and relationship paths (`Account.Name`) in SELECT order (empty for
+    /// `COUNT()`); canonical once bound. A path is also the key its value has in a record
+    /// that [`Query::join`] enriched.
     pub fields: Vec<String>,
+    /// The SELECT list in order: fields, subqueries and aggregates.
+    items: Vec<Item>,
+    /// Parent-to-child subqueries.
+    children: Vec<Child>,
+    /// Aggregates: those of the SELECT list, then those only HAVING or ORDER BY use.
+    aggs: Vec<Agg>,
+    /// Grouped fields (paths) and how their values compare (set by binding).
+    group_by: Vec<(String, value::Family)>,
+    having: Option<Expr>,
+    /// The parent records its relationship paths reach, shallowest first; set by binding.
+    joins: Vec<Join>,
     filter: Option<Expr>,
     order: Vec<OrderKey>,
     limit: Option<usize>,
@@ -155,6 +184,7 @@ pub fn parse_at(soql: &str, now_ms: i64) -> Result<Query, SoqlError> {
         i: 0,
         eof,
         now_ms,
+        aggs: None,
     }
     .query()
 }
@@ -173,5 +203,60 @@ impl Query {
     /// Whether the query has an ORDER BY (otherwise results come in id order).
     pub fn has_order(&self) -> bool {
         !self.order.is_empty()
+    }
+
+    /// The SELECT list in order.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// The parent-to-child subqueries.
+    pub fn children(&self) -> &[Child] {
+        &self.children
+    }
+
+    /// The parent records the query reaches through relationships (empty when it uses none).
+    pub fn joins(&self) -> &[Join] {
+        &self.joins
+    }
+
+    /// An aggregate query: aggregate functions or GROUP BY. Its rows are `AggregateResult`s.
+    pub fn is_aggregate(&self) -> bool {
+        !self.aggs.is_empty() || !self.group_by.is_empty()
+    }
+
+    /// Whether the query uses TYPEOF, GROUP BY, aggregates or subqueries: what Bulk API 2.0
+    /// refuses. The name of the first one, for the error.
+    pub fn bulk_unsupported(&self) -> Option<&'static str> {
+        if !self.group_by.is_empty() {
+            Some("GROUP BY")
+        } else if self.count_only || !self.aggs.is_empty() {
+            Some("Aggregate functions such as COUNT()")
+        } else if !self.children.is_empty() {
+            Some("Parent-to-child relationship queries")
+        } else {
+            None
+        }
+    }
+
+    /// The key a SELECT item's value has in a REST record: an aggregate's alias or `exprN`,
+    /// a grouped field's alias or its own name (the last part of a path), otherwise the
+    /// field's name.
+    pub fn output_key(&self, item: &Item) -> String {
+        match item {
+            Item::Field(path, alias) => alias.clone().unwrap_or_else(|| {
+                if self.is_aggregate() {
+                    path.rsplit('.').next().unwrap_or(path).to_string()
+                } else {
+                    path.clone()
+                }
+            }),
+            Item::Child(i) => self
+                .children
+                .get(*i)
+                .map(|c| c.relationship.clone())
+                .unwrap_or_default(),
+            Item::Agg(i) => self.aggs.get(*i).map(|a| a.key.clone()).unwrap_or_default(),
+        }
     }
 }

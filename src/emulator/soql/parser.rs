@@ -4,6 +4,7 @@
 //! binding. It must not read records or describes.
 
 use super::lexer::{CmpOp, StrChar, Tok, Token};
+use super::select::{Agg, HIDDEN};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
 use super::{MAX_FIELDS_ROWS, MAX_OFFSET, Query, SoqlError, dates};
 
@@ -68,14 +69,12 @@ const RESERVED: &[&str] = &[
     "LIKE", "LIMIT", "NOT", "NULL", "NULLS", "OR", "SELECT", "WHERE", "WITH",
 ];
 
-const AGGREGATES: &[&str] = &["COUNT", "COUNT_DISTINCT", "SUM", "AVG", "MIN", "MAX"];
-
 /// Words that may follow the object name; anything else there would be an alias.
 const CLAUSES: &[&str] = &[
     "WHERE", "ORDER", "LIMIT", "USING", "WITH", "GROUP", "HAVING", "OFFSET", "FOR", "UPDATE",
 ];
 
-fn is_reserved(s: &str) -> bool {
+pub(super) fn is_reserved(s: &str) -> bool {
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s))
 }
 
@@ -97,18 +96,20 @@ pub(super) struct Parser {
     pub(super) eof: Token,
     /// The moment relative date literals (`TODAY`) are read at, in epoch ms.
     pub(super) now_ms: i64,
+    /// While HAVING and ORDER BY are read: the query's aggregates, which they may use.
+    pub(super) aggs: Option<Vec<Agg>>,
 }
 
 impl Parser {
-    fn peek_n(&self, n: usize) -> &Token {
+    pub(super) fn peek_n(&self, n: usize) -> &Token {
         self.toks.get(self.i + n).unwrap_or(&self.eof)
     }
 
-    fn peek(&self) -> &Token {
+    pub(super) fn peek(&self) -> &Token {
         self.peek_n(0)
     }
 
-    fn advance(&mut self) -> Token {
+    pub(super) fn advance(&mut self) -> Token {
         let t = self.peek().clone();
         if self.i < self.toks.len() {
             self.i += 1;
@@ -116,11 +117,11 @@ impl Parser {
         t
     }
 
-    fn is_kw_at(&self, n: usize, kw: &str) -> bool {
+    pub(super) fn is_kw_at(&self, n: usize, kw: &str) -> bool {
         matches!(&self.peek_n(n).tok, Tok::Ident(s) if s.eq_ignore_ascii_case(kw))
     }
 
-    fn is_kw(&self, kw: &str) -> bool {
+    pub(super) fn is_kw(&self, kw: &str) -> bool {
         self.is_kw_at(0, kw)
     }
 
@@ -132,7 +133,7 @@ impl Parser {
         hit
     }
 
-    fn eat(&mut self, tok: &Tok) -> bool {
+    pub(super) fn eat(&mut self, tok: &Tok) -> bool {
         let hit = &self.peek().tok == tok;
         if hit {
             self.advance();
@@ -140,7 +141,7 @@ impl Parser {
         hit
     }
 
-    fn unexpected(&self, expected: &str) -> SoqlError {
+    pub(super) fn unexpected(&self, expected: &str) -> SoqlError {
         let t = self.peek();
         if t.tok == Tok::Eof {
             SoqlError::malformed(format!(
@@ -156,7 +157,7 @@ impl Parser {
         }
     }
 
-    fn unsupported(&self, what: &str, pos: usize) -> SoqlError {
+    pub(super) fn unsupported(&self, what: &str, pos: usize) -> SoqlError {
         SoqlError::malformed(format!(
             "{what} is not supported by the emulator (at position {pos})"
         ))
@@ -180,8 +181,6 @@ impl Parser {
         let what = match word.to_ascii_uppercase().as_str() {
             "USING" => "USING SCOPE",
             "WITH" => "WITH",
-            "GROUP" => "GROUP BY",
-            "HAVING" => "HAVING",
             "FOR" => "FOR VIEW / FOR REFERENCE / FOR UPDATE",
             "UPDATE" => "UPDATE TRACKING / UPDATE VIEWSTAT",
             _ => return Ok(()),
@@ -190,7 +189,7 @@ impl Parser {
     }
 
     /// A plain field name, rejecting by name what the subset lacks in its place.
-    fn field_name(&mut self, expected: &str) -> Result<(String, usize), SoqlError> {
+    pub(super) fn field_name(&mut self, expected: &str) -> Result<(String, usize), SoqlError> {
         let t = self.peek().clone();
         let Tok::Ident(name) = &t.tok else {
             return Err(self.unexpected(expected));
@@ -198,10 +197,7 @@ impl Parser {
         if self.peek_n(1).tok == Tok::LParen {
             return Err(self.unsupported(&format!("function {name}()"), t.pos));
         }
-        if name.contains('.') {
-            return Err(self.unsupported(&format!("relationship field '{name}'"), t.pos));
-        }
-        if is_reserved(name) {
+        if name.split('.').any(is_reserved) {
             return Err(self.unexpected(expected));
         }
         self.advance();
@@ -209,11 +205,35 @@ impl Parser {
     }
 
     pub(super) fn query(&mut self) -> Result<Query, SoqlError> {
+        let q = self.query_body(false)?;
+        self.reject_unsupported_clause()?;
+        if self.peek().tok != Tok::Eof {
+            return Err(self.unexpected("end of query"));
+        }
+        Ok(q)
+    }
+
+    fn whole_number(&mut self, after: &str) -> Result<u64, SoqlError> {
+        let t = self.peek().clone();
+        let n = match &t.tok {
+            Tok::Num(text) => text.parse::<u64>().ok(),
+            _ => None,
+        };
+        let Some(n) = n else {
+            return Err(self.unexpected(&format!("a non-negative whole number after {after}")));
+        };
+        self.advance();
+        Ok(n)
+    }
+
+    /// A query up to its end, or (`nested`, a subquery) up to its closing parenthesis.
+    pub(super) fn query_body(&mut self, nested: bool) -> Result<Query, SoqlError> {
         self.expect_kw("SELECT")?;
-        let (count_only, fields) = self.select_list()?;
+        let select = self.select_list(nested)?;
         self.expect_kw("FROM")?;
         let t = self.peek().clone();
         let object = match &t.tok {
+            // A subquery names a relationship, never a path.
             Tok::Ident(name) if name.contains('.') => {
                 return Err(self.unexpected("an object name"));
             }
@@ -238,54 +258,85 @@ impl Parser {
         };
 
         self.reject_unsupported_clause()?;
+        let mut group_by = Vec::new();
+        if self.is_kw("GROUP") && self.is_kw_at(1, "BY") {
+            let pos = self.peek().pos;
+            if nested {
+                return Err(self.unsupported("GROUP BY in a subquery", pos));
+            }
+            self.advance();
+            self.advance();
+            if self.is_kw("ROLLUP") || self.is_kw("CUBE") {
+                return Err(self.unsupported("GROUP BY ROLLUP / CUBE", pos));
+            }
+            loop {
+                let (name, pos) = self.field_name("a field name")?;
+                if group_by
+                    .iter()
+                    .any(|(g, _): &(String, Family)| g.eq_ignore_ascii_case(&name))
+                {
+                    return Err(SoqlError::malformed(format!(
+                        "duplicate field in GROUP BY: {name} (at position {pos})"
+                    )));
+                }
+                group_by.push((name, Family::Auto));
+                if !self.eat(&Tok::Comma) {
+                    break;
+                }
+            }
+        }
+
+        // HAVING and ORDER BY may use aggregates; a subquery has its own (none).
+        let saved = self.aggs.replace(select.aggs);
+        let having = if self.is_kw("HAVING") {
+            let pos = self.peek().pos;
+            self.advance();
+            if group_by.is_empty() {
+                return Err(SoqlError::malformed(format!(
+                    "HAVING at position {pos} needs a GROUP BY clause"
+                )));
+            }
+            Some(self.condition(0)?)
+        } else {
+            None
+        };
+
+        self.reject_unsupported_clause()?;
         let mut order = Vec::new();
         if self.is_kw("ORDER") && self.is_kw_at(1, "BY") {
             self.advance();
             self.advance();
             order = self.order_list()?;
         }
+        let aggs = std::mem::replace(&mut self.aggs, saved).unwrap_or_default();
 
         self.reject_unsupported_clause()?;
         let mut limit = None;
         if self.eat_kw("LIMIT") {
-            let t = self.peek().clone();
-            let n = match &t.tok {
-                Tok::Num(text) => text.parse::<u64>().ok(),
-                _ => None,
-            };
-            let Some(n) = n else {
-                return Err(self.unexpected("a non-negative whole number after LIMIT"));
-            };
-            self.advance();
+            let n = self.whole_number("LIMIT")?;
             limit = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
 
         let mut offset = None;
-        if self.eat_kw("OFFSET") {
-            let t = self.peek().clone();
-            let n = match &t.tok {
-                Tok::Num(text) => text.parse::<u64>().ok(),
-                _ => None,
-            };
-            let Some(n) = n else {
-                return Err(self.unexpected("a non-negative whole number after OFFSET"));
-            };
+        if self.is_kw("OFFSET") {
+            let pos = self.peek().pos;
+            self.advance();
+            if nested {
+                return Err(self.unsupported("OFFSET in a subquery", pos));
+            }
+            let n = self.whole_number("OFFSET")?;
             if n > MAX_OFFSET {
                 return Err(SoqlError {
                     code: "NUMBER_OUTSIDE_VALID_RANGE",
                     message: format!("Maximum SOQL offset allowed is {MAX_OFFSET}"),
                 });
             }
-            self.advance();
             offset = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
 
-        self.reject_unsupported_clause()?;
-        if self.peek().tok != Tok::Eof {
-            return Err(self.unexpected("end of query"));
-        }
         // FIELDS(ALL) and FIELDS(CUSTOM) are bounded, FIELDS(STANDARD) is not.
-        let bounded = fields
+        let bounded = select
+            .fields
             .iter()
             .any(|f| f == "FIELDS(ALL)" || f == "FIELDS(CUSTOM)");
         if bounded && limit.is_none_or(|n| n > MAX_FIELDS_ROWS) {
@@ -295,96 +346,20 @@ impl Parser {
         }
         Ok(Query {
             object,
-            count_only,
-            fields,
+            count_only: select.count_only,
+            fields: select.fields,
+            items: select.items,
+            children: select.children,
+            aggs,
+            group_by,
+            having,
             filter,
             order,
             limit,
             offset,
+            joins: Vec::new(),
             bound: false,
         })
-    }
-
-    fn select_list(&mut self) -> Result<(bool, Vec<String>), SoqlError> {
-        let mut count_pos: Option<usize> = None;
-        let mut fields: Vec<String> = Vec::new();
-        loop {
-            let t = self.peek().clone();
-            match &t.tok {
-                Tok::LParen => {
-                    return Err(self.unsupported("a subquery in the SELECT list", t.pos));
-                }
-                Tok::Ident(word) if word.eq_ignore_ascii_case("TYPEOF") => {
-                    return Err(self.unsupported("TYPEOF", t.pos));
-                }
-                Tok::Ident(word)
-                    if word.eq_ignore_ascii_case("FIELDS")
-                        && self.peek_n(1).tok == Tok::LParen
-                        && self.peek_n(3).tok == Tok::RParen =>
-                {
-                    let set = match &self.peek_n(2).tok {
-                        Tok::Ident(set) => set.to_ascii_uppercase(),
-                        _ => String::new(),
-                    };
-                    if !["ALL", "STANDARD", "CUSTOM"].contains(&set.as_str()) {
-                        return Err(
-                            self.unexpected("FIELDS(ALL), FIELDS(STANDARD) or FIELDS(CUSTOM)")
-                        );
-                    }
-                    // Expanded from the describe when the query is bound; a field name never
-                    // has parentheses, so the marker cannot clash with one.
-                    fields.push(format!("FIELDS({set})"));
-                    for _ in 0..4 {
-                        self.advance();
-                    }
-                }
-                Tok::Ident(word) if self.peek_n(1).tok == Tok::LParen => {
-                    let upper = word.to_ascii_uppercase();
-                    if upper == "COUNT" && self.peek_n(2).tok == Tok::RParen {
-                        if count_pos.is_some() {
-                            return Err(SoqlError::malformed(format!(
-                                "duplicate COUNT() at position {}",
-                                t.pos
-                            )));
-                        }
-                        count_pos = Some(t.pos);
-                        self.advance();
-                        self.advance();
-                        self.advance();
-                    } else if AGGREGATES.contains(&upper.as_str()) {
-                        let arg = match (&self.peek_n(2).tok, &self.peek_n(3).tok) {
-                            (Tok::Ident(a), Tok::RParen) => a.clone(),
-                            _ => "...".to_string(),
-                        };
-                        return Err(
-                            self.unsupported(&format!("aggregate function {word}({arg})"), t.pos)
-                        );
-                    } else {
-                        return Err(self.unsupported(&format!("function {word}()"), t.pos));
-                    }
-                }
-                _ => {
-                    let (name, pos) = self.field_name("a field name")?;
-                    if fields.iter().any(|f| f.eq_ignore_ascii_case(&name)) {
-                        return Err(SoqlError::malformed(format!(
-                            "duplicate field selected: {name} (at position {pos})"
-                        )));
-                    }
-                    fields.push(name);
-                }
-            }
-            if !self.eat(&Tok::Comma) {
-                break;
-            }
-        }
-        if let Some(pos) = count_pos
-            && !fields.is_empty()
-        {
-            return Err(SoqlError::malformed(format!(
-                "COUNT() at position {pos} cannot be combined with fields in the SELECT list"
-            )));
-        }
-        Ok((count_pos.is_some(), fields))
     }
 
     /// `NOT simple | simple (AND simple)* | simple (OR simple)*`: Salesforce requires
@@ -458,7 +433,7 @@ impl Parser {
     }
 
     fn field_expr(&mut self) -> Result<Cond, SoqlError> {
-        let (field, _) = self.field_name("a field name")?;
+        let field = self.operand()?;
         let t = self.peek().clone();
         match &t.tok {
             Tok::Cmp(op) => {
@@ -584,10 +559,23 @@ impl Parser {
         })
     }
 
+    /// A field, or while HAVING and ORDER BY are read an aggregate call, named by the marker
+    /// binding resolves (`HIDDEN` and the aggregate's index).
+    fn operand(&mut self) -> Result<String, SoqlError> {
+        if self.at_aggregate()
+            && let Some(mut aggs) = self.aggs.take()
+        {
+            let i = self.aggregate_ref(&mut aggs);
+            self.aggs = Some(aggs);
+            return Ok(format!("{HIDDEN}{}", i?));
+        }
+        Ok(self.field_name("a field name")?.0)
+    }
+
     fn order_list(&mut self) -> Result<Vec<OrderKey>, SoqlError> {
         let mut keys = Vec::new();
         loop {
-            let (field, _) = self.field_name("a field name")?;
+            let field = self.operand()?;
             let desc = if self.eat_kw("DESC") {
                 true
             } else {

@@ -102,8 +102,11 @@ impl Org {
             payload.truncate(payload.len() / 2);
             payload.extend_from_slice(&[0xFF, 0xFF, 0xFF]);
         }
-        self.bus
-            .publish(&def.channels, &def.schema.schema_id, payload, now);
+        // An all-or-none request publishes its events once it succeeds.
+        if !super::journal::hold(&def.channels, &def.schema.schema_id, &payload, now) {
+            self.bus
+                .publish(&def.channels, &def.schema.schema_id, payload, now);
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 //! - `events`: change capture, one change to one encoded event on the bus, and platform
 //!   event publishing;
 //! - `transaction`: large transactions and the overflow rule;
+//! - `journal`: all-or-none requests, undone with their events dropped when they fail;
 //! - `tokens`: issued access tokens;
 //! - `ids`: the ids the org hands out.
 
@@ -29,6 +30,7 @@ mod deliveries;
 mod events;
 mod formulas;
 mod ids;
+mod journal;
 mod names;
 mod records;
 mod schema;

@@ -26,6 +26,19 @@ pub(super) fn record_in<'a>(
     id: &str,
     deleted: bool,
 ) -> Option<&'a mut Record> {
+    // In an all-or-none request, the state before goes to its journal (and the record is
+    // then copied on write, so the journal keeps that state).
+    if super::journal::active() {
+        let prior = data
+            .records
+            .get(object)
+            .and_then(|r| r.get(id))
+            .filter(|r| is_deleted(r) == deleted)
+            .cloned();
+        if let Some(prior) = prior {
+            super::journal::touch(data, object, id, Some(prior));
+        }
+    }
     data.records
         .get_mut(object)
         .and_then(|r| r.get_mut(id))
@@ -355,6 +368,7 @@ impl Org {
             .entry(def.describe.name.clone())
             .or_default()
             .insert(id.clone(), Arc::new(record.clone()));
+        super::journal::touch(data, &def.describe.name, &id, None);
         (id, record)
     }
 
