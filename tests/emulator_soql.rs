@@ -277,7 +277,7 @@ async fn bulk_takes_relationship_fields_and_refuses_the_rest() {
         ("SELECT COUNT() FROM Account", "COUNT()"),
         (
             "SELECT Id, (SELECT Id FROM Contacts) FROM Account",
-            "Parent-to-child",
+            "Aggregate Relationships not supported in Bulk V2 Query",
         ),
         (
             "SELECT TYPEOF What WHEN Account THEN Name END FROM Event",

@@ -15,7 +15,7 @@ use super::{
     DEFAULT_CHUNK_ROWS, MAX_JOBS, Params, S, api_version, exec, find_object, internal,
     json_response, not_found, prepare, selects_compound, to_json,
 };
-use crate::emulator::soql::Query as Soql;
+use crate::emulator::soql::{PARENT_TO_CHILD, Query as Soql};
 use crate::emulator::store::{ApiError, ObjectDef, Org, Record};
 use crate::model::FieldType;
 use crate::model::time::format_datetime;
@@ -310,6 +310,14 @@ fn plan(org: &Org, soql: &str) -> Result<(Soql, Vec<CsvColumn>), ApiError> {
         }
     })?;
     if let Some(what) = q.bulk_unsupported() {
+        if what == PARENT_TO_CHILD {
+            // The words Salesforce answers a subquery with, as clients report them.
+            return Err(ApiError::new(
+                400,
+                "FUNCTIONALITY_NOT_ENABLED",
+                "Aggregate Relationships not supported in Bulk V2 Query with CSV content type",
+            ));
+        }
         return Err(refuse(what.to_string()));
     }
     if q.offset().is_some() {

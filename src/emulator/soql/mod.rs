@@ -163,6 +163,8 @@ pub const MAX_FIELDS_ROWS: usize = 200;
 
 /// The largest `OFFSET` Salesforce takes.
 pub const MAX_OFFSET: u64 = 2000;
+/// What [`Query::bulk_unsupported`] names for a query with a parent-to-child subquery.
+pub const PARENT_TO_CHILD: &str = "Parent-to-child relationship queries";
 
 /// Parses `soql` (syntax only: names and literal types are checked by [`Query::bind`]);
 /// relative date literals are read at the wall clock's now.
@@ -233,7 +235,7 @@ impl Query {
         } else if self.count_only || !self.aggs.is_empty() {
             Some("Aggregate functions such as COUNT()")
         } else if !self.children.is_empty() {
-            Some("Parent-to-child relationship queries")
+            Some(PARENT_TO_CHILD)
         } else {
             None
         }
