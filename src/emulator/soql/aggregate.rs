@@ -9,7 +9,7 @@
 //! exactly one row, even over no records.
 
 use super::Query;
-use super::select::{Agg, AggFunc};
+use super::items::{Agg, AggFunc};
 use super::value::{Val, compare, order, value_of};
 use crate::emulator::store::Record;
 use serde_json::Value as J;

@@ -4,9 +4,9 @@
 //! types (`INVALID_FIELD`, `INVALID_QUERY_FILTER_OPERATOR`), as Salesforce checks them. It
 //! must not read records.
 
+use super::items::{Agg, AggFunc, HIDDEN, Item};
 use super::parser::{Cond, CondOp, Expr, shorten};
 use super::relations::{Catalog, NoCatalog, Resolver, child_relationship};
-use super::select::{AggFunc, HIDDEN, Item};
 use super::value::{Family, LitKind, family_of, literal_as, type_name};
 use super::{Query, SoqlError, invalid_type};
 use crate::emulator::store::ObjectDef;
@@ -60,7 +60,7 @@ impl Binder<'_> {
 
     /// Types a condition's literals by the field and checks the operator suits its type.
     /// In HAVING (`aggs` given) a condition may test an aggregate.
-    fn cond(&mut self, c: &mut Cond, aggs: Option<&[super::select::Agg]>) -> Result<(), SoqlError> {
+    fn cond(&mut self, c: &mut Cond, aggs: Option<&[Agg]>) -> Result<(), SoqlError> {
         let (name, kind, family) = match (marker(&c.field), aggs) {
             (Some(i), Some(aggs)) => {
                 let a = aggs
@@ -118,7 +118,7 @@ impl Binder<'_> {
         Ok(())
     }
 
-    fn expr(&mut self, e: &mut Expr, aggs: Option<&[super::select::Agg]>) -> Result<(), SoqlError> {
+    fn expr(&mut self, e: &mut Expr, aggs: Option<&[Agg]>) -> Result<(), SoqlError> {
         match e {
             Expr::Cond(c) => self.cond(c, aggs),
             Expr::And(es) | Expr::Or(es) => es.iter_mut().try_for_each(|e| self.expr(e, aggs)),
@@ -306,11 +306,7 @@ impl Query {
 }
 
 /// In HAVING, a field must be grouped.
-fn check_grouped(
-    e: &Expr,
-    group_by: &[(String, Family)],
-    aggs: &[super::select::Agg],
-) -> Result<(), SoqlError> {
+fn check_grouped(e: &Expr, group_by: &[(String, Family)], aggs: &[Agg]) -> Result<(), SoqlError> {
     match e {
         Expr::Cond(c) => {
             if group_by.iter().any(|(g, _)| *g == c.field) || aggs.iter().any(|a| a.key == c.field)

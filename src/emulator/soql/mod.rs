@@ -52,6 +52,7 @@ mod aggregate;
 mod bind;
 mod dates;
 mod eval;
+mod items;
 mod lexer;
 mod parser;
 mod relations;
@@ -62,10 +63,10 @@ mod tests;
 mod tests_joins;
 mod value;
 
+use items::Agg;
+pub use items::{AggFunc, Child, Item};
 use parser::{Expr, OrderKey, Parser};
 pub use relations::{Catalog, Join, Parents};
-use select::Agg;
-pub use select::{AggFunc, Child, Item};
 use std::fmt;
 
 pub const MALFORMED_QUERY: &str = "MALFORMED_QUERY";

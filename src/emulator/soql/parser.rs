@@ -3,8 +3,8 @@
 //! subset lacks; field names and literal types are checked later, against the describe, by
 //! binding. It must not read records or describes.
 
+use super::items::{Agg, HIDDEN};
 use super::lexer::{CmpOp, StrChar, Tok, Token};
-use super::select::{Agg, HIDDEN};
 use super::value::{Family, Lit, LitKind, Pat, Val, compile_like, guess_family, literal_as};
 use super::{MAX_FIELDS_ROWS, MAX_OFFSET, Query, SoqlError, dates};
 
