@@ -141,15 +141,6 @@ async fn sync_state(db: &TestDb, control: &str, object: &str) -> Option<SyncStat
         })
 }
 
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_object_and_field_type_arrives_over_rest_and_over_bulk() {
     let db = TestDb::create().await;
@@ -168,11 +159,8 @@ async fn every_object_and_field_type_arrives_over_rest_and_over_bulk() {
     assert_no_drift(&emulator, &db, "salesforce", OBJECTS).await;
     // Records in the recycle bin arrive as soft deletions.
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM salesforce.account WHERE _sfm_deleted"
-        )
-        .await,
+        db.count("SELECT count(*) FROM salesforce.account WHERE _sfm_deleted")
+            .await,
         3
     );
     for object in OBJECTS {
@@ -356,7 +344,7 @@ async fn two_hundred_thousand_accounts_over_bulk() {
         N as f64 / secs
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM salesforce.account").await,
+        db.count("SELECT count(*) FROM salesforce.account").await,
         N as i64
     );
     assert_eq!(
@@ -435,7 +423,7 @@ async fn an_interrupted_bulk_backfill_resumes_from_its_locator() {
     assert_eq!(state.job.as_deref(), Some(job.as_str()));
     assert!(state.locator.is_some(), "the next chunk's locator");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM salesforce.account").await,
+        db.count("SELECT count(*) FROM salesforce.account").await,
         100
     );
 

@@ -7,15 +7,6 @@ use sfmirror::emulator::workload;
 use sfmirror::sync::backfill::{self, BackfillOptions};
 use std::time::Duration;
 
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 /// With the daemon running and no workload, a backfill of 10,000 records the stream already
 /// applied reads none of them again: the snapshot's version is the read's time (Salesforce's
 /// `Date`), not the whole-second SystemModstamp that loses to the stream's milliseconds.
@@ -31,7 +22,7 @@ async fn a_backfill_of_records_the_stream_applied_queues_no_repair() {
     wait_for(
         "the stream applies 10,000 accounts",
         Duration::from_secs(120),
-        async || count(&db, "SELECT count(*) FROM salesforce.account").await == 10_000,
+        async || db.count("SELECT count(*) FROM salesforce.account").await == 10_000,
     )
     .await;
     // Salesforce's `Date` has whole seconds: a change in the second the read starts in may
@@ -52,7 +43,7 @@ async fn a_backfill_of_records_the_stream_applied_queues_no_repair() {
         );
     }
     assert_eq!(
-        count(&db, "SELECT count(*) FROM sfmirror.repair_queue").await,
+        db.count("SELECT count(*) FROM sfmirror.repair_queue").await,
         0
     );
 
@@ -219,18 +210,17 @@ async fn derived_columns_are_re_read_after_changes_and_swept() {
     let paid = "SELECT paid__c::text FROM salesforce.invoice__c WHERE id = $1";
     assert_eq!(text(&db, paid, &invoice).await.as_deref(), Some("true"));
     wait_for("no record waits for a re-read", WAIT, async || {
-        let waiting = "_sfm_version > coalesce(_sfm_derived_seen, -1) AND NOT _sfm_deleted";
-        count(
-            &db,
-            &format!("SELECT count(*) FROM salesforce.invoice__c WHERE {waiting}"),
-        )
+        let waiting = sfmirror::replica::schema::DERIVED_STALE;
+        db.count(&format!(
+            "SELECT count(*) FROM salesforce.invoice__c WHERE {waiting}"
+        ))
         .await
             == 0
-            && count(
-                &db,
-                &format!("SELECT count(*) FROM salesforce.contact WHERE {waiting}"),
-            )
-            .await
+            && db
+                .count(&format!(
+                    "SELECT count(*) FROM salesforce.contact WHERE {waiting}"
+                ))
+                .await
                 == 0
     })
     .await;
@@ -259,12 +249,9 @@ async fn derived_columns_are_re_read_after_changes_and_swept() {
     // A deleted record is never written again by a re-read.
     org.delete("Contact", &contact, "test").expect("delete");
     wait_for("the delete", WAIT, async || {
-        count(
-            &db,
-            &format!(
-                "SELECT count(*) FROM salesforce.contact WHERE id = '{contact}' AND _sfm_deleted"
-            ),
-        )
+        db.count(&format!(
+            "SELECT count(*) FROM salesforce.contact WHERE id = '{contact}' AND _sfm_deleted"
+        ))
         .await
             == 1
     })
@@ -324,28 +311,12 @@ async fn invoice_table() -> (
     sfmirror::replica::schema::TableSchema,
     sfmirror::replica::ApplySettings,
 ) {
-    let db = TestDb::create().await;
-    let mut cfg = deadpool_postgres::Config::new();
-    cfg.url = Some(db.url.clone());
-    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
-    let mut client = pool.get().await.expect("client");
-    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
-        .await
-        .expect("migrate");
     let describe: sfmirror::model::ObjectDescribe =
         serde_json::from_str(include_str!("../src/emulator/org/Invoice__c.json"))
             .expect("describe");
-    let table = sfmirror::replica::schema::TableSchema::from_describe(describe).expect("table");
-    assert!(table.changes_derive());
-    table.ensure(&client, "salesforce").await.expect("ensure");
-    let settings = sfmirror::replica::ApplySettings {
-        data_schema: "salesforce".to_string(),
-        control_schema: "sfmirror".to_string(),
-        delete_mode: sfmirror::config::DeleteMode::Soft,
-        repair_margin_ms: 0,
-        audit_batches: false,
-    };
-    (db, pool, table, settings)
+    let replica = crate::common::fresh_replica(describe, sfmirror::config::DeleteMode::Soft).await;
+    assert!(replica.2.changes_derive());
+    replica
 }
 
 /// Ids of the rows waiting for a re-read, with the version each waits at, sorted.
@@ -480,7 +451,7 @@ async fn a_re_read_marks_rows_read_only_for_the_version_it_saw() {
 /// its rows count as read, and the records the first queue still held wait for a re-read.
 #[tokio::test(flavor = "multi_thread")]
 async fn re_reads_queued_by_an_older_version_are_kept() {
-    let (_db, pool, table, settings) = invoice_table().await;
+    let (db, pool, table, settings) = invoice_table().await;
     let client = pool.get().await.expect("client");
     client
         .batch_execute(
@@ -503,15 +474,8 @@ async fn re_reads_queued_by_an_older_version_are_kept() {
         vec![("a01000000000002AAA".to_string(), 100)]
     );
     assert_eq!(
-        count_in(&client, "SELECT count(*) FROM sfmirror.derived_refresh").await,
+        db.count("SELECT count(*) FROM sfmirror.derived_refresh")
+            .await,
         0
     );
-}
-
-async fn count_in(client: &deadpool_postgres::Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }

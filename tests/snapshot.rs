@@ -247,25 +247,8 @@ fn delete_event(id: &str, commit_ms: i64) -> sfmirror::model::ChangeEvent {
 
 /// A fresh replica table and what applying snapshot rows needs.
 async fn fresh(mode: DeleteMode) -> (TestDb, deadpool_postgres::Pool, TableSchema, ApplySettings) {
-    let db = TestDb::create().await;
-    let mut cfg = deadpool_postgres::Config::new();
-    cfg.url = Some(db.url.clone());
-    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
-    let mut client = pool.get().await.expect("client");
-    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
-        .await
-        .expect("migrate");
     let describe: ObjectDescribe = serde_json::from_str(DESCRIBE).expect("describe");
-    let table = TableSchema::from_describe(describe).expect("table");
-    table.ensure(&client, "salesforce").await.expect("ensure");
-    let settings = ApplySettings {
-        data_schema: "salesforce".to_string(),
-        control_schema: "sfmirror".to_string(),
-        delete_mode: mode,
-        repair_margin_ms: 0,
-        audit_batches: false,
-    };
-    (db, pool, table, settings)
+    crate::common::fresh_replica(describe, mode).await
 }
 
 fn rows(table: &TableSchema, ids: &[&str]) -> Vec<sfmirror::replica::snapshot::SnapshotRow> {

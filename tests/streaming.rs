@@ -1506,13 +1506,8 @@ async fn a_batch_moves_the_checkpoint_only_from_where_the_batch_before_committed
     use sfmirror::replica::checkpoint::{self, Checkpoint};
     const CHANNEL: &str = "/data/ChangeEvents";
     let db = TestDb::create().await;
-    let mut cfg = deadpool_postgres::Config::new();
-    cfg.url = Some(db.url.clone());
-    let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+    let pool = db.migrated_pool().await;
     let mut client = pool.get().await.expect("connection");
-    sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
-        .await
-        .expect("migrate");
     let at = |n: u64| Checkpoint {
         replay_id: ReplayId::from_u64(n),
         commit_timestamp_ms: Some(n as i64),

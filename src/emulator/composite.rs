@@ -13,7 +13,7 @@
 //! change events are never published, as Salesforce rolls the transaction back.
 
 use super::query::api_version;
-use super::rest::{json_body, normalize_id, origin};
+use super::rest::{comma_list, json_body, normalize_id, origin};
 use super::store::{ApiError, Org};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -251,16 +251,7 @@ async fn collection_delete(
 ) -> Result<Response, ApiError> {
     api_version(&version)?;
     let all_or_none = params.get("allOrNone").is_some_and(|v| v == "true");
-    let ids: Vec<String> = params
-        .get("ids")
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = comma_list(&params, "ids");
     if ids.is_empty() {
         return Err(ApiError::new(
             400,

@@ -182,7 +182,8 @@ pub async fn apply(
 /// has it: written, read as deleted or missing in the org, or already covered by a newer
 /// read. A row the stream changed since keeps waiting and is read again. Rows a batch holds
 /// locked are skipped, not waited for (so this never deadlocks with the stream), and keep
-/// waiting for the next window. Returns (rows written, rows marked read).
+/// waiting for the next window. `projection` is that of a table that `changes_derive` (it has
+/// derived columns). Returns (rows written, rows marked read).
 pub async fn refresh(
     tx: &deadpool_postgres::Transaction<'_>,
     settings: &ApplySettings,
@@ -198,17 +199,13 @@ pub async fn refresh(
     );
     let object = &projection.object;
     let set = stage(tx, projection, rows).await?;
-    let write = if projection.columns.is_empty() {
-        "SELECT NULL::text AS id WHERE false".to_string()
-    } else {
-        format!(
-            "UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1,
-                                   {DERIVED_SEEN_COLUMN} = t.{VERSION_COLUMN}
-             FROM _sfm_derived s
-             WHERE t.id = s.id AND t.id IN (SELECT id FROM r) AND {GUARD}
-             RETURNING t.id"
-        )
-    };
+    let write = format!(
+        "UPDATE {target} t SET {set}, {DERIVED_VERSION_COLUMN} = $1,
+                               {DERIVED_SEEN_COLUMN} = t.{VERSION_COLUMN}
+         FROM _sfm_derived s
+         WHERE t.id = s.id AND t.id IN (SELECT id FROM r) AND {GUARD}
+         RETURNING t.id"
+    );
     let ids: Vec<&str> = stale.iter().map(|q| q.id.as_str()).collect();
     let versions: Vec<i64> = stale.iter().map(|q| q.version).collect();
     let row = tx

@@ -203,32 +203,32 @@ impl DerivedWorker {
                 return Ok(total);
             }
             let ids: Vec<String> = stale.iter().map(|q| q.id.clone()).collect();
-            let mut rows = Vec::new();
-            let mut version_ms = None;
-            if !projection.columns.is_empty() {
-                let mut fields = vec!["Id".to_string()];
-                fields.extend(projection.columns.iter().map(|c| c.field.clone()));
-                let retrieved = self
-                    .reader
-                    .rest()
-                    .retrieve(object, &ids, &fields)
-                    .await
-                    .map_err(SyncError::Source)?;
-                version_ms = retrieved.answered_ms.or(retrieved.read_floor_ms);
-                for record in retrieved.records.into_iter().flatten() {
-                    rows.push(row_from_json(&projection, &record).map_err(SyncError::Replica)?);
-                }
-            }
-            let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
-            let tx = replica::begin(&mut client, "derived re-read").await?;
+            // A table that follows changes has a formula or a person name: never no fields.
+            let mut fields = vec!["Id".to_string()];
+            fields.extend(projection.columns.iter().map(|c| c.field.clone()));
+            let retrieved = self
+                .reader
+                .rest()
+                .retrieve(object, &ids, &fields)
+                .await
+                .map_err(SyncError::Source)?;
             // An answer without a `Date` cannot be ordered against other reads: write
             // nothing rather than guess, and leave the records waiting.
-            let Some(version_ms) = version_ms.or(projection.columns.is_empty().then_some(0)) else {
+            let Some(version_ms) = retrieved.answered_ms.or(retrieved.read_floor_ms) else {
                 return Err(SyncError::BadAnswer {
                     channel: object.to_string(),
                     message: "sObject Collections answered without a Date header".to_string(),
                 });
             };
+            let rows = retrieved
+                .records
+                .into_iter()
+                .flatten()
+                .map(|record| row_from_json(&projection, &record))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(SyncError::Replica)?;
+            let mut client = self.pool.get().await.map_err(ReplicaError::from)?;
+            let tx = replica::begin(&mut client, "derived re-read").await?;
             let (written, settled) =
                 derived::refresh(&tx, &self.settings, &projection, &rows, version_ms, &stale)
                     .await?;

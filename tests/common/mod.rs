@@ -238,6 +238,55 @@ impl TestDb {
         tokio::spawn(conn);
         client
     }
+
+    /// The one number `sql` selects.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// A pool on this database, with the control schema `sfmirror` migrated (data schema
+    /// `salesforce`).
+    pub async fn migrated_pool(&self) -> deadpool_postgres::Pool {
+        let mut cfg = deadpool_postgres::Config::new();
+        cfg.url = Some(self.url.clone());
+        let pool = cfg.create_pool(None, tokio_postgres::NoTls).expect("pool");
+        let mut client = pool.get().await.expect("connection");
+        sfmirror::replica::migrate::migrate(&mut client, "salesforce", "sfmirror")
+            .await
+            .expect("migrate");
+        pool
+    }
+}
+
+/// A fresh database with `describe`'s table in schema `salesforce` (control schema
+/// `sfmirror`), and the settings that write it in `mode`.
+pub async fn fresh_replica(
+    describe: sfmirror::model::ObjectDescribe,
+    mode: sfmirror::config::DeleteMode,
+) -> (
+    TestDb,
+    deadpool_postgres::Pool,
+    sfmirror::replica::schema::TableSchema,
+    sfmirror::replica::ApplySettings,
+) {
+    let db = TestDb::create().await;
+    let pool = db.migrated_pool().await;
+    let table = sfmirror::replica::schema::TableSchema::from_describe(describe).expect("table");
+    let client = pool.get().await.expect("connection");
+    table.ensure(&client, "salesforce").await.expect("ensure");
+    let settings = sfmirror::replica::ApplySettings {
+        data_schema: "salesforce".to_string(),
+        control_schema: "sfmirror".to_string(),
+        delete_mode: mode,
+        repair_margin_ms: 0,
+        audit_batches: false,
+    };
+    (db, pool, table, settings)
 }
 
 impl Drop for TestDb {

@@ -237,18 +237,7 @@ pub(super) async fn retrieve_get(
     Path((version, object)): Path<(String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    let list = |key: &str| -> Vec<String> {
-        params
-            .get(key)
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let list = |key| crate::emulator::rest::comma_list(&params, key);
     retrieve(st, version, object, list("ids"), list("fields")).await
 }
 

@@ -146,6 +146,21 @@ fn release_name(version: u32) -> String {
     format!("{season} '{year:02}")
 }
 
+/// The items of a comma-separated query parameter (`?ids=a,b`), trimmed, empty ones dropped;
+/// none when the parameter is absent.
+pub fn comma_list(params: &HashMap<String, String>, key: &str) -> Vec<String> {
+    params
+        .get(key)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Form fields of a request: the query string's, then the body's (the body wins), as
 /// Salesforce's token endpoint takes parameters in either.
 fn form_params(query: Option<&str>, body: &[u8]) -> HashMap<String, String> {
